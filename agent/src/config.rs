@@ -1,0 +1,141 @@
+//! Agent configuration: a TOML file (every option) overlaid by command-line
+//! flags. `vigil-agent --print-config` shows the merged result.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::sensor::Feature;
+
+/// Default config file, read when it exists and no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vigil/agent.toml";
+
+/// Every agent option. Field names are the TOML keys.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Write every event as a JSON line here; "-" is stdout.
+    pub events_json: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Kernel BTF file (default /sys/kernel/btf/vmlinux).
+    pub btf_path: Option<PathBuf>,
+    /// How often the agent drains the ring buffer when the kernel has not
+    /// woken it, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Bytes pending in the ring buffer before the kernel wakes the agent.
+    pub wakeup_bytes: u32,
+    /// Ring buffer size in bytes (power of two).
+    pub ring_buffer_bytes: u32,
+    /// Most processes kept in the process tree.
+    pub max_processes: usize,
+    /// Seconds an exited process stays in the tree (for late events).
+    pub exit_grace_secs: u64,
+    /// Hooks to leave off: "file_write", "chmod", "rename", "connect".
+    pub disable: Vec<String>,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            events_json: None,
+            metrics_addr: None,
+            btf_path: None,
+            poll_interval_ms: 10,
+            wakeup_bytes: 256 * 1024,
+            ring_buffer_bytes: 16 * 1024 * 1024,
+            max_processes: 65_536,
+            exit_grace_secs: 30,
+            disable: Vec::new(),
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let cfg: Self =
+            toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values a TOML file or flags could get wrong.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.ring_buffer_bytes.is_power_of_two() && self.ring_buffer_bytes >= 4096,
+            "ring_buffer_bytes must be a power of two of at least 4096, got {}",
+            self.ring_buffer_bytes
+        );
+        anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
+        anyhow::ensure!(self.max_processes >= 16, "max_processes must be >= 16");
+        anyhow::ensure!(
+            matches!(self.log_format.as_str(), "text" | "json"),
+            "log_format must be \"text\" or \"json\", got {:?}",
+            self.log_format
+        );
+        self.disabled_features()?;
+        Ok(())
+    }
+
+    /// The `disable` list as features.
+    pub fn disabled_features(&self) -> anyhow::Result<Vec<Feature>> {
+        self.disable
+            .iter()
+            .map(|s| match s.as_str() {
+                "file_write" => Ok(Feature::FileWrite),
+                "chmod" => Ok(Feature::Chmod),
+                "rename" => Ok(Feature::Rename),
+                "connect" => Ok(Feature::Connect),
+                other => anyhow::bail!(
+                    "unknown hook group {other:?} in disable (known: file_write, chmod, rename, connect; process hooks cannot be disabled)"
+                ),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses_and_unknown_keys_are_refused() {
+        let cfg: AgentConfig = toml::from_str(
+            r#"
+            events_json = "/var/log/vigil/events.jsonl"
+            metrics_addr = "127.0.0.1:9108"
+            poll_interval_ms = 5
+            disable = ["rename"]
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.poll_interval_ms, 5);
+        assert_eq!(cfg.disabled_features().unwrap(), vec![Feature::Rename]);
+        assert!(toml::from_str::<AgentConfig>("nonsense = 1").is_err());
+        let bad = AgentConfig {
+            ring_buffer_bytes: 1000,
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = AgentConfig {
+            disable: vec!["exec".into()],
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn default_round_trips() {
+        let text = toml::to_string(&AgentConfig::default()).unwrap();
+        assert_eq!(toml::from_str::<AgentConfig>(&text).unwrap(), AgentConfig::default());
+    }
+}

@@ -1,0 +1,390 @@
+//! Ring-buffer record -> [`Event`]. Every length is checked: a malformed or
+//! truncated record is an error the caller counts, never a panic.
+
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use vigil_sensor_common as raw;
+use vigil_sensor_common::{EventHeader, EventKind};
+
+use crate::event::{Chmod, Connect, Event, Exec, FileOpen, Payload, Rename};
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its fixed struct or than the lengths it announces.
+    #[error("record truncated: {what} needs {need} bytes, record has {have}")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// The kind field is not a known [`EventKind`].
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    /// The header's size field disagrees with the record length.
+    #[error("record size field says {said} bytes, record has {have}")]
+    SizeMismatch {
+        /// The header's size.
+        said: u32,
+        /// The real length.
+        have: usize,
+    },
+}
+
+/// Reads a `T` from the front of `buf`, or says it is too short.
+fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    if buf.len() < size_of::<T>() {
+        return Err(DecodeError::Truncated {
+            what,
+            need: size_of::<T>(),
+            have: buf.len(),
+        });
+    }
+    // SAFETY: length checked; T is a plain #[repr(C)] integer struct from
+    // vigil-sensor-common for which every bit pattern is valid.
+    Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const T) })
+}
+
+/// The tail slice `[off, off + len)` of a record, or an error.
+fn tail<'a>(
+    buf: &'a [u8],
+    off: usize,
+    len: u32,
+    what: &'static str,
+) -> Result<&'a [u8], DecodeError> {
+    let end = off.checked_add(len as usize).unwrap_or(usize::MAX);
+    buf.get(off..end).ok_or(DecodeError::Truncated {
+        what,
+        need: end,
+        have: buf.len(),
+    })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
+    let hdr: EventHeader = read(buf, "header")?;
+    let kind = EventKind::from_u32(hdr.kind).ok_or(DecodeError::UnknownKind(hdr.kind))?;
+    if hdr.size as usize != buf.len() {
+        return Err(DecodeError::SizeMismatch {
+            said: hdr.size,
+            have: buf.len(),
+        });
+    }
+    let payload = match kind {
+        EventKind::Exec => {
+            let e: raw::ExecEvent = read(buf, "exec")?;
+            let base = size_of::<raw::ExecEvent>();
+            let path = tail(buf, base, e.path_len, "exec path")?;
+            let argv = tail(buf, base + e.path_len as usize, e.argv_len, "exec argv")?;
+            let fname_off = base + e.path_len as usize + e.argv_len as usize;
+            let script = tail(buf, fname_off, e.filename_len, "exec filename")?;
+            let (argv, cut) = split_argv(argv);
+            Payload::Exec(Exec {
+                ppid: e.ppid,
+                euid: e.euid,
+                egid: e.egid,
+                exe: walked_path(path),
+                argv,
+                argv_truncated: cut || e.flags & raw::EXEC_FLAG_ARGV_TRUNCATED != 0,
+                exe_ino: e.exe_ino,
+                exe_dev: e.exe_dev,
+                exe_memfd: e.flags & raw::EXEC_FLAG_MEMFD != 0,
+                exe_deleted: e.flags & raw::EXEC_FLAG_DELETED != 0,
+                script: (e.flags & raw::EXEC_FLAG_SCRIPT != 0).then(|| cstr(script)),
+            })
+        }
+        EventKind::Fork => {
+            let e: raw::ForkEvent = read(buf, "fork")?;
+            Payload::Fork { ppid: e.ppid }
+        }
+        EventKind::Exit => {
+            let e: raw::ExitEvent = read(buf, "exit")?;
+            let sig = (e.exit_code & 0x7f) as u8;
+            if sig == 0 {
+                Payload::Exit {
+                    exit_code: Some((e.exit_code >> 8) as u8),
+                    signal: None,
+                }
+            } else {
+                Payload::Exit {
+                    exit_code: None,
+                    signal: Some(sig),
+                }
+            }
+        }
+        EventKind::Connect => {
+            let e: raw::ConnectEvent = read(buf, "connect")?;
+            let ip = |b: [u8; 16]| -> IpAddr {
+                if e.family == 10 {
+                    IpAddr::V6(Ipv6Addr::from(b))
+                } else {
+                    IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                }
+            };
+            Payload::Connect(Connect {
+                protocol: match e.protocol {
+                    6 => "tcp".into(),
+                    17 => "udp".into(),
+                    p => p.to_string(),
+                },
+                daddr: ip(e.daddr),
+                dport: e.dport,
+                saddr: ip(e.saddr),
+                sport: e.sport,
+                ret: e.ret,
+            })
+        }
+        EventKind::FileOpen => {
+            let e: raw::FileOpenEvent = read(buf, "file_open")?;
+            let path = tail(buf, size_of::<raw::FileOpenEvent>(), e.path_len, "file path")?;
+            Payload::FileOpen(FileOpen {
+                path: walked_path(path),
+                flags: e.open_flags,
+                mode: e.mode,
+                ino: e.ino,
+                dev: e.dev,
+            })
+        }
+        EventKind::Chmod => {
+            let e: raw::ChmodEvent = read(buf, "chmod")?;
+            let base = size_of::<raw::ChmodEvent>();
+            let walked = tail(buf, base, e.base_len, "chmod base")?;
+            let user = tail(buf, base + e.base_len as usize, e.user_len, "chmod path")?;
+            Payload::Chmod(Chmod {
+                path: join(&walked_path(walked), &cstr(user)),
+                mode: e.mode,
+            })
+        }
+        EventKind::Rename => {
+            let e: raw::RenameEvent = read(buf, "rename")?;
+            let mut off = size_of::<raw::RenameEvent>();
+            let walked = tail(buf, off, e.base_len, "rename base")?;
+            off += e.base_len as usize;
+            let new = tail(buf, off, e.new_len, "rename new path")?;
+            off += e.new_len as usize;
+            let old = tail(buf, off, e.old_len, "rename old path")?;
+            let base = walked_path(walked);
+            let old = cstr(old);
+            Payload::Rename(Rename {
+                new_path: join(&base, &cstr(new)),
+                old_path: if e.old_dirfd_differs == 0 {
+                    join(&base, &old)
+                } else {
+                    old
+                },
+            })
+        }
+    };
+    Ok(Event {
+        boot_ns: hdr.boot_ns,
+        tid: hdr.pid,
+        pid: hdr.tgid,
+        uid: hdr.uid,
+        gid: hdr.gid,
+        start_boot_ns: hdr.start_boot_ns,
+        cgroup_id: hdr.cgroup_id,
+        comm: cstr(&hdr.comm),
+        payload,
+    })
+}
+
+/// Text up to the first NUL, lossy UTF-8.
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// A kernel-walked path (leaf first, NUL-terminated components) as "/a/b/c".
+/// Empty input gives an empty string (unknown path).
+pub fn walked_path(b: &[u8]) -> String {
+    if b.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<&[u8]> = b
+        .split(|&c| c == 0)
+        .filter(|p| !p.is_empty() && *p != b"/")
+        .collect();
+    let mut out = String::with_capacity(b.len() + 1);
+    for p in parts.iter().rev() {
+        out.push('/');
+        out.push_str(&String::from_utf8_lossy(p));
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// `user` resolved against `base` (lexically: "." and ".." handled).
+fn join(base: &str, user: &str) -> String {
+    if user.starts_with('/') || base.is_empty() {
+        return normalize(user);
+    }
+    normalize(&format!("{base}/{user}"))
+}
+
+fn normalize(p: &str) -> String {
+    if !p.starts_with('/') {
+        return p.to_string();
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// NUL-separated argv; at most [`raw::ARGV_MAX_ARGS`] entries. Returns
+/// (args, cut).
+fn split_argv(b: &[u8]) -> (Vec<String>, bool) {
+    let b = b.strip_suffix(&[0]).unwrap_or(b);
+    if b.is_empty() {
+        return (Vec::new(), false);
+    }
+    let mut out = Vec::new();
+    for (i, a) in b.split(|&c| c == 0).enumerate() {
+        if i == raw::ARGV_MAX_ARGS {
+            return (out, true);
+        }
+        out.push(String::from_utf8_lossy(a).into_owned());
+    }
+    (out, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: EventKind, size: usize) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            size: size as u32,
+            boot_ns: 1,
+            pid: 10,
+            tgid: 10,
+            uid: 0,
+            gid: 0,
+            start_boot_ns: 5,
+            cgroup_id: 1,
+            comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    fn bytes<T>(v: &T) -> Vec<u8> {
+        // SAFETY: T is a repr(C) POD test value.
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) }.to_vec()
+    }
+
+    fn exec_record(path: &[u8], argv: &[u8]) -> Vec<u8> {
+        let size = size_of::<raw::ExecEvent>() + path.len() + argv.len();
+        let e = raw::ExecEvent {
+            hdr: header(EventKind::Exec, size),
+            ppid: 1,
+            euid: 0,
+            egid: 0,
+            flags: 0,
+            exe_ino: 42,
+            exe_dev: 3,
+            exe_nlink: 1,
+            path_len: path.len() as u32,
+            argv_len: argv.len() as u32,
+            filename_len: 0,
+            _reserved: 0,
+        };
+        let mut v = bytes(&e);
+        v.extend_from_slice(path);
+        v.extend_from_slice(argv);
+        v
+    }
+
+    #[test]
+    fn exec_roundtrip() {
+        let r = exec_record(b"curl\0bin\0usr\0", b"curl\0-s\0http://x/\0");
+        let ev = decode(&r).unwrap();
+        let Payload::Exec(e) = ev.payload else {
+            panic!("not exec")
+        };
+        assert_eq!(e.exe, "/usr/bin/curl");
+        assert_eq!(e.argv, ["curl", "-s", "http://x/"]);
+        assert_eq!(ev.comm, "sh");
+    }
+
+    #[test]
+    fn argv_is_capped_at_16() {
+        let many: Vec<u8> = (0..20).flat_map(|i| format!("a{i}\0").into_bytes()).collect();
+        let ev = decode(&exec_record(b"x\0", &many)).unwrap();
+        let Payload::Exec(e) = ev.payload else {
+            panic!()
+        };
+        assert_eq!(e.argv.len(), 16);
+        assert!(e.argv_truncated);
+    }
+
+    #[test]
+    fn malformed_records_are_errors_not_panics() {
+        let good = exec_record(b"curl\0bin\0usr\0", b"curl\0");
+        // Every truncation of a good record is an error.
+        for n in 0..good.len() {
+            assert!(decode(&good[..n]).is_err(), "prefix of {n} bytes decoded");
+        }
+        // Lengths that point past the end.
+        let mut bad = good.clone();
+        let off = std::mem::offset_of!(raw::ExecEvent, argv_len);
+        bad[off..off + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&bad), Err(DecodeError::Truncated { .. })));
+        // Unknown kind.
+        let mut bad = good.clone();
+        bad[0..4].copy_from_slice(&99u32.to_le_bytes());
+        assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(99)));
+        // Random garbage of many sizes never panics.
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        for len in 0..600 {
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = decode(&buf);
+        }
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(walked_path(b""), "");
+        assert_eq!(walked_path(b"memfd:kworker\0"), "/memfd:kworker");
+        assert_eq!(join("/home/u", "./dashboard/x"), "/home/u/dashboard/x");
+        assert_eq!(join("/home/u", "../v/x"), "/home/v/x");
+        assert_eq!(join("", "rel/x"), "rel/x");
+        assert_eq!(join("/a", "/etc/cron.d/x"), "/etc/cron.d/x");
+    }
+
+    #[test]
+    fn exit_status() {
+        let e = raw::ExitEvent {
+            hdr: header(EventKind::Exit, size_of::<raw::ExitEvent>()),
+            exit_code: 9,
+            _reserved: 0,
+        };
+        let ev = decode(&bytes(&e)).unwrap();
+        assert_eq!(
+            ev.payload,
+            Payload::Exit {
+                exit_code: None,
+                signal: Some(9)
+            }
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Typed, owned events: what the decoder makes of a ring-buffer record.
+//!
+//! These are the agent's internal currency between decode, the process tree
+//! and the sinks. They carry only what the kernel reported; enrichment
+//! (ancestry, workload) is added by [`crate::pipeline`].
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+pub use vigil_sensor_common::EventKind;
+
+/// One kernel event, decoded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// Nanoseconds since boot (CLOCK_BOOTTIME) when the kernel recorded it.
+    pub boot_ns: u64,
+    /// Thread that acted.
+    pub tid: u32,
+    /// Process the event is about (for fork: the new child).
+    pub pid: u32,
+    /// Real uid of the acting task.
+    pub uid: u32,
+    /// Real gid of the acting task.
+    pub gid: u32,
+    /// Start time of `pid` in ns since boot: `(pid, start_boot_ns)` names one process.
+    pub start_boot_ns: u64,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Task comm.
+    pub comm: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+impl Event {
+    /// The kind of the payload.
+    pub fn kind(&self) -> EventKind {
+        match self.payload {
+            Payload::Exec(_) => EventKind::Exec,
+            Payload::Fork { .. } => EventKind::Fork,
+            Payload::Exit { .. } => EventKind::Exit,
+            Payload::Connect(_) => EventKind::Connect,
+            Payload::FileOpen(_) => EventKind::FileOpen,
+            Payload::Chmod(_) => EventKind::Chmod,
+            Payload::Rename(_) => EventKind::Rename,
+        }
+    }
+}
+
+/// Per-kind data.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Payload {
+    /// A process replaced its image.
+    Exec(Exec),
+    /// A new process was created.
+    Fork {
+        /// Its parent.
+        ppid: u32,
+    },
+    /// The last thread of a process exited.
+    Exit {
+        /// Exit status (0-255) if it exited normally.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exit_code: Option<u8>,
+        /// Signal number if a signal ended it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<u8>,
+    },
+    /// connect() on an IP socket.
+    Connect(Connect),
+    /// A regular file opened for writing (first time per process and file).
+    FileOpen(FileOpen),
+    /// Execute/setuid/setgid bits set on a file.
+    Chmod(Chmod),
+    /// A file renamed.
+    Rename(Rename),
+}
+
+/// Exec details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Exec {
+    /// Parent process.
+    pub ppid: u32,
+    /// Effective uid after exec.
+    pub euid: u32,
+    /// Effective gid after exec.
+    pub egid: u32,
+    /// Path of the executable file, as seen from the process's mount namespace.
+    pub exe: String,
+    /// Arguments (at most 16 entries, 1 KiB).
+    pub argv: Vec<String>,
+    /// argv was cut.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub argv_truncated: bool,
+    /// Executable inode number.
+    pub exe_ino: u64,
+    /// Executable device (kernel encoding).
+    pub exe_dev: u32,
+    /// The executable is a memfd.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exe_memfd: bool,
+    /// The executable has no links left (deleted or anonymous).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exe_deleted: bool,
+    /// For a `#!` script: the script path as given to execve (`exe` is then
+    /// the interpreter). Relative paths are resolved against the process's
+    /// cwd by the pipeline when it can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+}
+
+/// Connect details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Connect {
+    /// "tcp", "udp" or the protocol number.
+    pub protocol: String,
+    /// Destination address.
+    pub daddr: IpAddr,
+    /// Destination port.
+    pub dport: u16,
+    /// Source address (unspecified if not bound yet).
+    pub saddr: IpAddr,
+    /// Source port (0 if not bound yet).
+    pub sport: u16,
+    /// connect() result: 0 or -errno (-115, EINPROGRESS, is a normal start).
+    pub ret: i32,
+}
+
+/// File-open details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FileOpen {
+    /// Absolute path in the process's mount namespace.
+    pub path: String,
+    /// open(2) flags.
+    pub flags: u32,
+    /// File mode bits after the open.
+    pub mode: u32,
+    /// Inode number.
+    pub ino: u64,
+    /// Device (kernel encoding).
+    pub dev: u32,
+}
+
+/// Chmod details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Chmod {
+    /// Path of the file (absolute when it could be resolved).
+    pub path: String,
+    /// New mode.
+    pub mode: u32,
+}
+
+/// Rename details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rename {
+    /// Old path (absolute when it could be resolved).
+    pub old_path: String,
+    /// New path (absolute when it could be resolved).
+    pub new_path: String,
+}

@@ -1,0 +1,21 @@
+//! vigil agent: loads the eBPF sensor, keeps a live process tree of the
+//! machine, and reports every event enriched with its process, ancestry and
+//! workload.
+//!
+//! The event path, one direction only (see ARCHITECTURE.md):
+//! kernel ([`sensor`]) -> ring buffer -> [`decode`] -> [`tree`] ->
+//! [`pipeline`] (enrich) -> sinks (JSON lines) ; [`metrics`] observes.
+#![deny(missing_docs)]
+
+pub mod btf;
+pub mod config;
+pub mod decode;
+pub mod event;
+pub mod metrics;
+pub mod pipeline;
+pub mod procscan;
+pub mod runner;
+pub mod sensor;
+pub mod tree;
+pub mod workload;
+pub mod workload_cache;

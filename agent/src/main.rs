@@ -1,0 +1,103 @@
+//! `vigil-agent`: the vigil runtime sensor's agent.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use vigil_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+
+/// vigil runtime security sensor: eBPF process, file and network events,
+/// a live process tree, JSON output and Prometheus metrics.
+#[derive(Parser, Debug)]
+#[command(name = "vigil-agent", version)]
+struct Cli {
+    /// TOML config file (default: /etc/vigil/agent.toml when it exists).
+    #[arg(long, short = 'c', env = "VIGIL_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Write every event as a JSON line to PATH ("-" for stdout).
+    #[arg(long, value_name = "PATH")]
+    events_json: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9108).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Kernel BTF file (default: /sys/kernel/btf/vmlinux).
+    #[arg(long, value_name = "PATH")]
+    btf: Option<PathBuf>,
+    /// Hook groups to leave off (file_write, chmod, rename, connect); repeatable.
+    #[arg(long, value_name = "GROUP")]
+    disable: Vec<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Print the merged configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
+    let mut cfg = match &cli.config {
+        Some(p) => AgentConfig::from_file(p)?,
+        None if std::path::Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            AgentConfig::from_file(std::path::Path::new(DEFAULT_CONFIG_PATH))?
+        }
+        None => AgentConfig::default(),
+    };
+    if let Some(p) = &cli.events_json {
+        cfg.events_json = Some(p.clone());
+    }
+    if let Some(a) = cli.metrics_addr {
+        cfg.metrics_addr = Some(a);
+    }
+    if let Some(b) = &cli.btf {
+        cfg.btf_path = Some(b.clone());
+    }
+    cfg.disable.extend(cli.disable.iter().cloned());
+    if let Some(f) = &cli.log_format {
+        cfg.log_format = f.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let cfg = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vigil-agent: configuration error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", toml::to_string(&cfg).unwrap_or_default());
+        return std::process::ExitCode::SUCCESS;
+    }
+    init_logging(&cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime");
+    let result = rt.and_then(|rt| rt.block_on(vigil_agent::runner::run(cfg)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

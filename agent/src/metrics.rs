@@ -1,0 +1,177 @@
+//! Prometheus metrics: what the agent saw, dropped and holds.
+//!
+//! Kernel counters are absolute totals read from the STATS map; they are
+//! turned into counter increments here so the exposition stays monotonic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use vigil_sensor_common as raw;
+
+use crate::sensor::HookStatus;
+
+/// Label: event kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// exec, fork, exit, connect, file_open, chmod, rename.
+    pub kind: String,
+}
+
+/// Label: hook name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabel {
+    /// e.g. "syscalls/openat".
+    pub hook: String,
+}
+
+/// All agent metrics.
+#[derive(Default)]
+pub struct Metrics {
+    /// Events decoded by the agent, by kind.
+    pub events: Family<KindLabel, Counter>,
+    /// Records the kernel put in the ring buffer, by kind.
+    pub kernel_events: Family<KindLabel, Counter>,
+    /// Records the kernel dropped because the ring buffer was full, by kind.
+    pub kernel_dropped: Family<KindLabel, Counter>,
+    /// Records the decoder refused.
+    pub decode_errors: Counter,
+    /// Processes in the tree.
+    pub tree_size: Gauge,
+    /// Exited processes reaped from the tree.
+    pub tree_reaped: Counter,
+    /// Processes not added because the tree was full of live ones.
+    pub tree_rejected: Counter,
+    /// Highest ring buffer fill seen by the kernel programs, bytes.
+    pub ringbuf_max_fill: Gauge,
+    /// File opens suppressed by in-kernel de-duplication.
+    pub file_dedup: Counter,
+    /// Syscalls not tracked because the in-flight table was full.
+    pub inflight_full: Counter,
+    /// Kernel pointer reads that failed.
+    pub kernel_read_errors: Counter,
+    /// 1 if a hook is attached, 0 if unavailable.
+    pub hook_attached: Family<HookLabel, Gauge>,
+    /// Failures writing event output.
+    pub output_errors: Counter,
+    last_kernel: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Metrics {
+    /// A registry exposing these metrics.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::with_prefix("vigil");
+        r.register("events", "Events decoded by the agent", self.events.clone());
+        r.register(
+            "kernel_events",
+            "Records emitted by the kernel programs",
+            self.kernel_events.clone(),
+        );
+        r.register(
+            "kernel_dropped",
+            "Records dropped in the kernel because the ring buffer was full",
+            self.kernel_dropped.clone(),
+        );
+        r.register("decode_errors", "Malformed records refused by the decoder", self.decode_errors.clone());
+        r.register("process_tree_size", "Processes held in the process tree", self.tree_size.clone());
+        r.register("process_tree_reaped", "Exited processes reaped from the tree", self.tree_reaped.clone());
+        r.register(
+            "process_tree_rejected",
+            "Processes not added because the tree was full",
+            self.tree_rejected.clone(),
+        );
+        r.register(
+            "ringbuf_max_fill_bytes",
+            "Highest ring buffer fill seen by the kernel programs",
+            self.ringbuf_max_fill.clone(),
+        );
+        r.register("file_dedup", "File opens suppressed by in-kernel de-duplication", self.file_dedup.clone());
+        r.register("inflight_full", "Syscalls untracked because the in-flight table was full", self.inflight_full.clone());
+        r.register("kernel_read_errors", "Kernel pointer reads that failed", self.kernel_read_errors.clone());
+        r.register("hook_attached", "1 if the hook is attached, 0 if unavailable", self.hook_attached.clone());
+        r.register("output_errors", "Failures writing event output", self.output_errors.clone());
+        r
+    }
+
+    /// Counts a decoded event.
+    pub fn count_event(&self, kind: raw::EventKind) {
+        self.events
+            .get_or_create(&KindLabel {
+                kind: kind.name().into(),
+            })
+            .inc();
+    }
+
+    /// Records hook status.
+    pub fn set_hooks(&self, hooks: &[HookStatus]) {
+        for h in hooks {
+            self.hook_attached
+                .get_or_create(&HookLabel { hook: h.hook.clone() })
+                .set(h.error.is_none() as i64);
+        }
+    }
+
+    /// Folds in absolute kernel counters (from `Sensor::kernel_stats`).
+    pub fn update_kernel(&self, now: &[u64]) {
+        let mut last = self.last_kernel.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() != now.len() {
+            *last = vec![0; now.len()];
+        }
+        let delta = |slot: u32, last: &mut Vec<u64>| -> u64 {
+            let i = slot as usize;
+            let d = now[i].saturating_sub(last[i]);
+            last[i] = now[i];
+            d
+        };
+        for k in raw::EventKind::ALL {
+            let label = KindLabel {
+                kind: k.name().into(),
+            };
+            self.kernel_events
+                .get_or_create(&label)
+                .inc_by(delta(raw::stat_emitted(k), &mut last));
+            self.kernel_dropped
+                .get_or_create(&label)
+                .inc_by(delta(raw::stat_dropped(k), &mut last));
+        }
+        self.file_dedup.inc_by(delta(raw::STAT_FILE_DEDUP, &mut last));
+        self.inflight_full.inc_by(delta(raw::STAT_STASH_FULL, &mut last));
+        self.kernel_read_errors.inc_by(delta(raw::STAT_READ_ERRORS, &mut last));
+        self.ringbuf_max_fill
+            .set(now[raw::STAT_RINGBUF_MAX_FILL as usize] as i64);
+    }
+}
+
+/// Serves GET /metrics (and /healthz) until the task is dropped.
+pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
+    use axum::{http::header, routing::get, Router};
+    let registry = Arc::new(registry);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (
+                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            body,
+                        ),
+                        Err(e) => ([(header::CONTENT_TYPE, "text/plain")], format!("encoding error: {e}")),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding metrics address {addr}: {e}"))?;
+    tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+    axum::serve(listener, app).await?;
+    Ok(())
+}

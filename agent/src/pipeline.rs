@@ -1,0 +1,254 @@
+//! The agent's event path after the kernel: decode -> process tree ->
+//! enrich -> sinks. One owner (the consumer task) drives it; it never calls
+//! back into the sensor.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tracing::warn;
+
+use crate::decode::decode;
+use crate::event::{Event, Payload};
+use crate::metrics::Metrics;
+use crate::tree::{Ancestor, ProcessTree};
+use crate::workload::Workload;
+use crate::workload_cache::WorkloadCache;
+
+/// The process an event is about, as the tree knows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessView {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Executable path.
+    pub exe: String,
+    /// comm.
+    pub comm: String,
+    /// Arguments.
+    pub argv: Vec<String>,
+    /// Real uid.
+    pub uid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Workload identity.
+    pub workload: Arc<Workload>,
+}
+
+/// An event with its process and ancestry: what sinks receive.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnrichedEvent {
+    /// RFC 3339 wall-clock time of the event.
+    pub time: String,
+    /// The decoded event.
+    #[serde(flatten)]
+    pub event: Event,
+    /// The subject process.
+    pub process: ProcessView,
+    /// Its ancestors, parent first, up to init.
+    pub ancestry: Vec<Ancestor>,
+}
+
+/// A consumer of enriched events.
+pub trait Sink: Send {
+    /// Takes one event. Errors are the sink's to count and report.
+    fn emit(&mut self, ev: &EnrichedEvent);
+    /// Called after each batch.
+    fn flush(&mut self) {}
+}
+
+/// Writes events as JSON lines.
+pub struct JsonLinesSink {
+    out: std::io::BufWriter<Box<dyn Write + Send>>,
+    metrics: Arc<Metrics>,
+    warned: bool,
+}
+
+impl JsonLinesSink {
+    /// To stdout for "-", else appending to the file.
+    pub fn open(path: &std::path::Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let w: Box<dyn Write + Send> = if path.as_os_str() == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| anyhow::anyhow!("opening events output {}: {e}", path.display()))?,
+            )
+        };
+        Ok(Self {
+            out: std::io::BufWriter::with_capacity(256 * 1024, w),
+            metrics,
+            warned: false,
+        })
+    }
+
+    fn fail(&mut self, e: impl std::fmt::Display) {
+        self.metrics.output_errors.inc();
+        if !self.warned {
+            warn!(error = %e, "writing events failed (counted in vigil_output_errors_total)");
+            self.warned = true;
+        }
+    }
+}
+
+impl Sink for JsonLinesSink {
+    fn emit(&mut self, ev: &EnrichedEvent) {
+        let r = serde_json::to_writer(&mut self.out, ev)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.out.write_all(b"\n").map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+    fn flush(&mut self) {
+        if let Err(e) = self.out.flush() {
+            self.fail(e);
+        }
+    }
+}
+
+/// Decode -> tree -> enrich -> sinks.
+pub struct Pipeline {
+    tree: ProcessTree,
+    workloads: WorkloadCache,
+    metrics: Arc<Metrics>,
+    sinks: Vec<Box<dyn Sink>>,
+    /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
+    wall_offset_ns: i128,
+}
+
+impl Pipeline {
+    /// A pipeline over `tree` feeding `sinks`.
+    pub fn new(
+        tree: ProcessTree,
+        workloads: WorkloadCache,
+        metrics: Arc<Metrics>,
+        sinks: Vec<Box<dyn Sink>>,
+    ) -> Self {
+        Self {
+            tree,
+            workloads,
+            metrics,
+            sinks,
+            wall_offset_ns: wall_offset_ns(),
+        }
+    }
+
+    /// The tree (read-only).
+    pub fn tree(&self) -> &ProcessTree {
+        &self.tree
+    }
+
+    /// Handles one ring-buffer record.
+    pub fn handle_record(&mut self, bytes: &[u8]) {
+        match decode(bytes) {
+            Ok(ev) => self.handle_event(ev),
+            Err(e) => {
+                self.metrics.decode_errors.inc();
+                tracing::debug!(error = %e, "malformed record");
+            }
+        }
+    }
+
+    /// Handles one decoded event.
+    pub fn handle_event(&mut self, mut ev: Event) {
+        self.metrics.count_event(ev.kind());
+        let workloads = &mut self.workloads;
+        let is_exit = matches!(ev.payload, Payload::Exit { .. });
+        if let Payload::Exec(x) = &mut ev.payload {
+            if let Some(s) = x.script.as_mut().filter(|s| !s.starts_with('/')) {
+                if let Ok(cwd) = std::fs::read_link(format!("/proc/{}/cwd", ev.pid)) {
+                    *s = cwd.join(&*s).to_string_lossy().into_owned();
+                }
+            }
+        }
+        if !is_exit {
+            self.tree
+                .apply(&ev, &mut |pid, cg| workloads.resolve(pid, cg));
+        }
+        let enriched = self.enrich(ev);
+        for s in &mut self.sinks {
+            s.emit(&enriched);
+        }
+        if is_exit {
+            let workloads = &mut self.workloads;
+            self.tree
+                .apply(&enriched.event, &mut |pid, cg| workloads.resolve(pid, cg));
+        }
+    }
+
+    fn enrich(&mut self, ev: Event) -> EnrichedEvent {
+        let process = match self.tree.get(ev.pid) {
+            Some(p) => ProcessView {
+                pid: p.pid,
+                ppid: p.ppid,
+                exe: p.exe.clone(),
+                comm: ev.comm.clone(),
+                argv: p.argv.clone(),
+                uid: p.uid,
+                euid: p.euid,
+                workload: p.workload.clone(),
+            },
+            None => ProcessView {
+                pid: ev.pid,
+                ppid: 0,
+                exe: String::new(),
+                comm: ev.comm.clone(),
+                argv: Vec::new(),
+                uid: ev.uid,
+                euid: ev.uid,
+                workload: self.workloads.resolve(ev.pid, ev.cgroup_id),
+            },
+        };
+        let ancestry = self.tree.ancestry(ev.pid);
+        EnrichedEvent {
+            time: self.wall_time(ev.boot_ns),
+            event: ev,
+            process,
+            ancestry,
+        }
+    }
+
+    fn wall_time(&self, boot_ns: u64) -> String {
+        let ns = (boot_ns as i128 + self.wall_offset_ns).max(0) as u64;
+        humantime::format_rfc3339_nanos(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+    }
+
+    /// End of a batch: flush sinks.
+    pub fn flush(&mut self) {
+        for s in &mut self.sinks {
+            s.flush();
+        }
+    }
+
+    /// Periodic housekeeping: reap exited processes, publish tree metrics.
+    pub fn tick(&mut self, now: Instant) {
+        self.tree.reap(now);
+        let st = self.tree.stats();
+        self.metrics.tree_size.set(self.tree.len() as i64);
+        let m = &self.metrics;
+        m.tree_reaped.inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
+        m.tree_rejected
+            .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
+    }
+}
+
+/// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns.
+fn wall_offset_ns() -> i128 {
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+        .unwrap_or(0);
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    wall - boot
+}

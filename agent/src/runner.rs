@@ -1,0 +1,124 @@
+//! Wires the agent together and runs it until SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use crate::config::AgentConfig;
+use crate::metrics::{self, Metrics};
+use crate::pipeline::{JsonLinesSink, Pipeline, Sink};
+use crate::sensor::{Sensor, SensorOptions};
+use crate::tree::ProcessTree;
+use crate::workload_cache::WorkloadCache;
+
+/// Most records handled per drain before other work gets a turn.
+const DRAIN_BUDGET: usize = 8192;
+
+/// Runs the agent with `cfg` until a termination signal.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "vigil-agent must run as root: loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"
+        );
+    }
+    let btf = crate::btf::load_kernel_btf(cfg.btf_path.as_deref())?;
+    let offsets = crate::btf::resolve_offsets(&btf)?;
+    drop(btf);
+
+    let metrics = Arc::new(Metrics::default());
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(p) = &cfg.events_json {
+        sinks.push(Box::new(JsonLinesSink::open(p, metrics.clone())?));
+    }
+
+    // Attach first, then scan /proc: a process born in between is in the
+    // ring buffer, so nothing falls in the gap.
+    let sensor = Sensor::load(&SensorOptions {
+        offsets,
+        ring_bytes: cfg.ring_buffer_bytes,
+        wakeup_bytes: cfg.wakeup_bytes,
+        disabled: cfg.disabled_features()?,
+    })?;
+    metrics.set_hooks(&sensor.hooks);
+
+    let mut tree = ProcessTree::new(cfg.max_processes, Duration::from_secs(cfg.exit_grace_secs));
+    let mut workloads = WorkloadCache::new(4096);
+    let n = crate::procscan::bootstrap(&mut tree, &mut workloads).context("scanning /proc")?;
+    info!(processes = n, "process tree bootstrapped from /proc");
+    let mut pipeline = Pipeline::new(tree, workloads, metrics.clone(), sinks);
+
+    let metrics_task = match cfg.metrics_addr {
+        Some(addr) => {
+            // Bind before reporting ready so a bad address is a startup error.
+            let registry = metrics.registry();
+            let listener_check = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding metrics address {addr}"))?;
+            drop(listener_check);
+            Some(tokio::spawn(metrics::serve(addr, registry)))
+        }
+        None => None,
+    };
+
+    let (ring, sensor) = sensor.into_parts();
+    // SAFETY: `ring` owns its fd and moves into the AsyncFd, which drops the
+    // registration before the fd is closed.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?;
+    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    info!("vigil-agent running");
+    eprintln!("vigil-agent: ready");
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut pipeline);
+                guard.clear_ready();
+            }
+            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
+            _ = housekeeping.tick() => {
+                pipeline.tick(Instant::now());
+                if let Ok(stats) = sensor.kernel_stats() {
+                    metrics.update_kernel(&stats);
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("shutting down: draining the ring buffer and detaching");
+    drain(ring.get_mut(), &mut pipeline);
+    if let Ok(stats) = sensor.kernel_stats() {
+        metrics.update_kernel(&stats);
+    }
+    pipeline.flush();
+    drop(ring);
+    drop(sensor); // detaches every program; nothing was pinned
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Handles what is in the ring buffer (bounded per call), then flushes.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    let mut n = 0;
+    while n < DRAIN_BUDGET {
+        let Some(item) = ring.next() else { break };
+        pipeline.handle_record(&item);
+        n += 1;
+    }
+    if n > 0 {
+        pipeline.flush();
+    }
+}

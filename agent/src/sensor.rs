@@ -1,0 +1,298 @@
+//! Loading and attaching the eBPF programs, and reading what they produce.
+//!
+//! The hook table ([`HOOKS`]) is the one place that says which program goes
+//! on which kernel hook and what the agent can do without it. Process
+//! lifecycle hooks are required; the others degrade: a refused hook is
+//! reported (log, `vigil_hook_attached` metric) and the rest carry on.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{RawTracePoint, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use tracing::{debug, info, warn};
+use vigil_sensor_common::{KernelOffsets, SensorConfig, EventKind, STATS_SLOTS};
+
+/// The compiled eBPF object, built by build.rs.
+static SENSOR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-sensor"));
+
+/// What an attachment is for; the unit the agent degrades by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feature {
+    /// exec, fork, exit: required.
+    Process,
+    /// Opens for write/create.
+    FileWrite,
+    /// chmod family.
+    Chmod,
+    /// rename family.
+    Rename,
+    /// connect.
+    Connect,
+}
+
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug)]
+pub enum Attach {
+    /// A raw tracepoint by name.
+    RawTp(&'static str),
+    /// A syscall: `sys_enter_<name>` gets `program`, `sys_exit_<name>` gets
+    /// the shared exit program.
+    Syscall(&'static str),
+}
+
+/// One row of the hook table.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    /// Program name in the object.
+    pub program: &'static str,
+    /// Where it goes.
+    pub attach: Attach,
+    /// What it serves.
+    pub feature: Feature,
+}
+
+const fn sys(program: &'static str, name: &'static str, feature: Feature) -> Hook {
+    Hook {
+        program,
+        attach: Attach::Syscall(name),
+        feature,
+    }
+}
+
+/// Every hook, in attach order.
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: "vigil_fork",
+        attach: Attach::RawTp("sched_process_fork"),
+        feature: Feature::Process,
+    },
+    Hook {
+        program: "vigil_exec",
+        attach: Attach::RawTp("sched_process_exec"),
+        feature: Feature::Process,
+    },
+    Hook {
+        program: "vigil_exit",
+        attach: Attach::RawTp("sched_process_exit"),
+        feature: Feature::Process,
+    },
+    sys("vigil_enter_openat", "openat", Feature::FileWrite),
+    sys("vigil_enter_openat2", "openat2", Feature::FileWrite),
+    sys("vigil_enter_open", "open", Feature::FileWrite),
+    sys("vigil_enter_creat", "creat", Feature::FileWrite),
+    sys("vigil_enter_chmod", "chmod", Feature::Chmod),
+    sys("vigil_enter_fchmodat", "fchmodat", Feature::Chmod),
+    sys("vigil_enter_fchmodat2", "fchmodat2", Feature::Chmod),
+    sys("vigil_enter_fchmod", "fchmod", Feature::Chmod),
+    sys("vigil_enter_rename", "rename", Feature::Rename),
+    sys("vigil_enter_renameat", "renameat", Feature::Rename),
+    sys("vigil_enter_renameat2", "renameat2", Feature::Rename),
+    sys("vigil_enter_connect", "connect", Feature::Connect),
+];
+
+/// The shared syscall-exit program.
+const SYS_EXIT_PROGRAM: &str = "vigil_sys_exit";
+
+/// Outcome of attaching one hook.
+#[derive(Clone, Debug)]
+pub struct HookStatus {
+    /// e.g. "raw_tp/sched_process_exec" or "syscalls/openat".
+    pub hook: String,
+    /// What it serves.
+    pub feature: Feature,
+    /// The error, if it did not attach.
+    pub error: Option<String>,
+}
+
+/// Settings for [`Sensor::load`].
+#[derive(Clone, Debug)]
+pub struct SensorOptions {
+    /// Kernel struct offsets (from BTF).
+    pub offsets: KernelOffsets,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Pending bytes before the kernel wakes the agent.
+    pub wakeup_bytes: u32,
+    /// Features to leave off.
+    pub disabled: Vec<Feature>,
+}
+
+/// The loaded, attached sensor. Dropping it detaches every program; nothing
+/// is pinned.
+pub struct Sensor {
+    _ebpf: Ebpf,
+    /// The event ring buffer.
+    pub ring: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    /// One entry per hook.
+    pub hooks: Vec<HookStatus>,
+}
+
+impl Sensor {
+    /// Loads the programs with `opts`, attaches every hook it can.
+    pub fn load(opts: &SensorOptions) -> anyhow::Result<Self> {
+        ensure_tracefs();
+        raise_memlock();
+        let btf = aya::Btf::from_sys_fs().ok();
+        let config = SensorConfig {
+            agent_tgid: std::process::id(),
+            wakeup_bytes: opts.wakeup_bytes,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
+            .override_global("OFFSETS", &opts.offsets, true)
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .load(SENSOR_OBJ)
+            .context("loading the eBPF object")?;
+
+        let mut hooks = Vec::new();
+        let mut exit_loaded = false;
+        for hook in HOOKS {
+            if opts.disabled.contains(&hook.feature) {
+                continue;
+            }
+            let (name, result) = match hook.attach {
+                Attach::RawTp(tp) => (format!("raw_tp/{tp}"), attach_raw(&mut ebpf, hook.program, tp)),
+                Attach::Syscall(sc) => {
+                    let r = attach_tp(&mut ebpf, hook.program, &format!("sys_enter_{sc}"), &mut false)
+                        .and_then(|()| {
+                            attach_tp(&mut ebpf, SYS_EXIT_PROGRAM, &format!("sys_exit_{sc}"), &mut exit_loaded)
+                        });
+                    (format!("syscalls/{sc}"), r)
+                }
+            };
+            match &result {
+                Ok(()) => debug!(hook = %name, "attached"),
+                Err(e) if hook.feature == Feature::Process => {
+                    bail!("required hook {name} could not be attached: {e:#}")
+                }
+                Err(e) => warn!(hook = %name, error = %format!("{e:#}"), "hook unavailable; carrying on without it"),
+            }
+            hooks.push(HookStatus {
+                hook: name,
+                feature: hook.feature,
+                error: result.err().map(|e| format!("{e:#}")),
+            });
+        }
+        let ok = hooks.iter().filter(|h| h.error.is_none()).count();
+        info!(attached = ok, unavailable = hooks.len() - ok, "sensor loaded");
+
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)
+            .context("EVENTS map")?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)
+            .context("STATS map")?;
+        Ok(Self {
+            _ebpf: ebpf,
+            ring,
+            stats,
+            hooks,
+        })
+    }
+
+    /// Splits into the ring buffer (for the consumer) and the rest.
+    pub fn into_parts(self) -> (RingBuf<MapData>, SensorHandle) {
+        (
+            self.ring,
+            SensorHandle {
+                _ebpf: self._ebpf,
+                stats: self.stats,
+                hooks: self.hooks,
+            },
+        )
+    }
+}
+
+/// The loaded programs without their ring buffer: keeps them attached and
+/// reads the kernel counters. Dropping it detaches everything.
+pub struct SensorHandle {
+    _ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+    /// One entry per hook.
+    pub hooks: Vec<HookStatus>,
+}
+
+impl SensorHandle {
+    /// Kernel-side counters, summed over CPUs, indexed by slot
+    /// (see `vigil_sensor_common::STATS_SLOTS`).
+    pub fn kernel_stats(&self) -> anyhow::Result<Vec<u64>> {
+        let mut out = vec![0u64; STATS_SLOTS as usize];
+        for (slot, v) in out.iter_mut().enumerate() {
+            let per_cpu = self.stats.get(&(slot as u32), 0)?;
+            *v = if slot == vigil_sensor_common::STAT_RINGBUF_MAX_FILL as usize {
+                per_cpu.iter().copied().max().unwrap_or(0)
+            } else {
+                per_cpu.iter().sum()
+            };
+        }
+        Ok(out)
+    }
+}
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> anyhow::Result<()> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing from object"))?
+        .try_into()?;
+    p.load().with_context(|| format!("loading {program}"))?;
+    p.attach(tp).with_context(|| format!("attaching {program} to raw tracepoint {tp}"))?;
+    Ok(())
+}
+
+fn attach_tp(ebpf: &mut Ebpf, program: &str, name: &str, loaded: &mut bool) -> anyhow::Result<()> {
+    let p: &mut TracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing from object"))?
+        .try_into()?;
+    if !*loaded {
+        p.load().with_context(|| format!("loading {program}"))?;
+        *loaded = true;
+    }
+    p.attach("syscalls", name)
+        .with_context(|| format!("attaching {program} to tracepoint syscalls/{name}"))?;
+    Ok(())
+}
+
+/// Syscall tracepoints need tracefs; mount it if nobody has.
+fn ensure_tracefs() {
+    let candidates = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+    if candidates.iter().any(|d| Path::new(d).join("events").exists()) {
+        return;
+    }
+    match nix::mount::mount(
+        Some("tracefs"),
+        "/sys/kernel/tracing",
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        Ok(()) => info!("mounted tracefs at /sys/kernel/tracing"),
+        Err(e) => warn!(error = %e, "tracefs is not mounted and could not be mounted: syscall hooks will be unavailable"),
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use
+/// memcg and ignore it, so failure here is only worth a debug line.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK (harmless on kernels >= 5.11)");
+    }
+}
+
+/// Names of the emitted/dropped kernel counters, for metrics.
+pub fn kind_slots() -> impl Iterator<Item = (EventKind, usize, usize)> {
+    EventKind::ALL.into_iter().map(|k| {
+        (
+            k,
+            vigil_sensor_common::stat_emitted(k) as usize,
+            vigil_sensor_common::stat_dropped(k) as usize,
+        )
+    })
+}

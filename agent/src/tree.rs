@@ -1,0 +1,390 @@
+//! The live process tree: every process's parent, image and workload,
+//! bootstrapped from /proc and kept current by exec/fork/exit events.
+//!
+//! Invariants:
+//! - bounded: at most `max_processes` entries; exited processes are kept for
+//!   a grace period (late events still find their ancestry), then reaped;
+//!   when full, the oldest exited entries go first, and a live process that
+//!   still does not fit is counted in [`TreeStats::rejected`];
+//! - a process is `(pid, start_boot_ns)`: a recycled pid replaces the old entry;
+//! - ancestry walks stop at pid 0/1, at an unknown parent, at a cycle, or after
+//!   [`MAX_ANCESTRY`] steps.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::event::{Event, Payload};
+use crate::workload::Workload;
+
+/// Most ancestors reported for one process.
+pub const MAX_ANCESTRY: usize = 64;
+
+/// What the tree knows about one process.
+#[derive(Clone, Debug)]
+pub struct Process {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Start time, ns since boot (0 if unknown).
+    pub start_boot_ns: u64,
+    /// Executable path ("" if unknown, e.g. kernel threads).
+    pub exe: String,
+    /// Arguments.
+    pub argv: Vec<String>,
+    /// comm.
+    pub comm: String,
+    /// Real uid.
+    pub uid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// cgroup v2 id (0 if unknown).
+    pub cgroup_id: u64,
+    /// Workload identity.
+    pub workload: Arc<Workload>,
+    /// When the exit was seen, if it was.
+    pub exited: Option<Instant>,
+}
+
+/// One ancestor in an event's ancestry.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Ancestor {
+    /// Process id.
+    pub pid: u32,
+    /// Executable path.
+    pub exe: String,
+    /// Arguments.
+    pub argv: Vec<String>,
+}
+
+/// Counters the tree keeps about itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TreeStats {
+    /// Exited processes removed after their grace period or to make room.
+    pub reaped: u64,
+    /// Processes that could not be added because the tree was full of live ones.
+    pub rejected: u64,
+    /// Events about a pid the tree did not know (created from the event).
+    pub unknown_pid: u64,
+}
+
+/// The tree. Single owner: the pipeline's consumer task.
+pub struct ProcessTree {
+    procs: HashMap<u32, Process>,
+    /// Exited pids in exit order, with their start time (to skip recycled pids).
+    exited: VecDeque<(Instant, u32, u64)>,
+    max_processes: usize,
+    grace: Duration,
+    stats: TreeStats,
+    host: Arc<Workload>,
+}
+
+impl ProcessTree {
+    /// An empty tree with the given bounds.
+    pub fn new(max_processes: usize, grace: Duration) -> Self {
+        Self {
+            procs: HashMap::new(),
+            exited: VecDeque::new(),
+            max_processes: max_processes.max(16),
+            grace,
+            stats: TreeStats::default(),
+            host: Arc::new(Workload::from_cgroup_path("/")),
+        }
+    }
+
+    /// Number of processes held (live and in their exit grace period).
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TreeStats {
+        self.stats
+    }
+
+    /// A process by pid.
+    pub fn get(&self, pid: u32) -> Option<&Process> {
+        self.procs.get(&pid)
+    }
+
+    /// Inserts a process found by scanning /proc (bootstrap).
+    pub fn insert(&mut self, p: Process) {
+        if self.make_room(p.pid) {
+            self.procs.insert(p.pid, p);
+        }
+    }
+
+    /// Applies an exec/fork/exit event; other kinds only register an unknown
+    /// pid. `workload_of` resolves the workload of a live pid (reads /proc);
+    /// it is called only when the cgroup changed from the parent's.
+    pub fn apply(&mut self, ev: &Event, workload_of: &mut dyn FnMut(u32, u64) -> Arc<Workload>) {
+        match &ev.payload {
+            Payload::Fork { ppid } => {
+                let parent = self.procs.get(ppid).cloned();
+                let (exe, argv, euid, workload) = match parent {
+                    Some(p) if p.cgroup_id == ev.cgroup_id => (p.exe, p.argv, p.euid, p.workload),
+                    Some(p) => (p.exe, p.argv, p.euid, workload_of(ev.pid, ev.cgroup_id)),
+                    None => (String::new(), Vec::new(), ev.uid, workload_of(ev.pid, ev.cgroup_id)),
+                };
+                self.upsert(Process {
+                    pid: ev.pid,
+                    ppid: *ppid,
+                    start_boot_ns: ev.start_boot_ns,
+                    exe,
+                    argv,
+                    comm: ev.comm.clone(),
+                    uid: ev.uid,
+                    euid,
+                    cgroup_id: ev.cgroup_id,
+                    workload,
+                    exited: None,
+                });
+            }
+            Payload::Exec(x) => {
+                let workload = match self.procs.get(&ev.pid) {
+                    Some(p) if p.cgroup_id == ev.cgroup_id && p.start_boot_ns == ev.start_boot_ns => {
+                        p.workload.clone()
+                    }
+                    _ => match self.procs.get(&x.ppid) {
+                        Some(pp) if pp.cgroup_id == ev.cgroup_id => pp.workload.clone(),
+                        _ => workload_of(ev.pid, ev.cgroup_id),
+                    },
+                };
+                if !self.procs.contains_key(&ev.pid) {
+                    self.stats.unknown_pid += 1;
+                }
+                self.upsert(Process {
+                    pid: ev.pid,
+                    ppid: x.ppid,
+                    start_boot_ns: ev.start_boot_ns,
+                    exe: x.exe.clone(),
+                    argv: x.argv.clone(),
+                    comm: ev.comm.clone(),
+                    uid: ev.uid,
+                    euid: x.euid,
+                    cgroup_id: ev.cgroup_id,
+                    workload,
+                    exited: None,
+                });
+            }
+            Payload::Exit { .. } => {
+                let now = Instant::now();
+                if let Some(p) = self.procs.get_mut(&ev.pid) {
+                    if p.exited.is_none() {
+                        p.exited = Some(now);
+                        self.exited.push_back((now, p.pid, p.start_boot_ns));
+                    }
+                }
+            }
+            _ => {
+                if !self.procs.contains_key(&ev.pid) {
+                    self.stats.unknown_pid += 1;
+                }
+            }
+        }
+    }
+
+    fn upsert(&mut self, p: Process) {
+        if self.procs.contains_key(&p.pid) {
+            self.procs.insert(p.pid, p);
+        } else if self.make_room(p.pid) {
+            self.procs.insert(p.pid, p);
+        }
+    }
+
+    /// Ensures there is room for one more entry; false if the tree is full of
+    /// live processes.
+    fn make_room(&mut self, pid: u32) -> bool {
+        if self.procs.contains_key(&pid) || self.procs.len() < self.max_processes {
+            return true;
+        }
+        while self.procs.len() >= self.max_processes {
+            if !self.reap_one() {
+                self.stats.rejected += 1;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Removes the oldest exited process; false if there is none.
+    fn reap_one(&mut self) -> bool {
+        while let Some((_, pid, start)) = self.exited.pop_front() {
+            if self.remove_if_exited(pid, start) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn remove_if_exited(&mut self, pid: u32, start: u64) -> bool {
+        match self.procs.get(&pid) {
+            Some(p) if p.exited.is_some() && p.start_boot_ns == start => {
+                self.procs.remove(&pid);
+                self.stats.reaped += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes exited processes whose grace period is over. Returns how many.
+    pub fn reap(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(&(t, pid, start)) = self.exited.front() {
+            if now.duration_since(t) < self.grace {
+                break;
+            }
+            self.exited.pop_front();
+            if self.remove_if_exited(pid, start) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The chain of ancestors of `pid`, parent first, up to init.
+    pub fn ancestry(&self, pid: u32) -> Vec<Ancestor> {
+        let mut out = Vec::new();
+        let mut cur = match self.procs.get(&pid) {
+            Some(p) => p.ppid,
+            None => return out,
+        };
+        while cur != 0 && out.len() < MAX_ANCESTRY {
+            let Some(p) = self.procs.get(&cur) else { break };
+            if out.iter().any(|a: &Ancestor| a.pid == cur) || cur == pid {
+                break;
+            }
+            out.push(Ancestor {
+                pid: p.pid,
+                exe: p.exe.clone(),
+                argv: p.argv.clone(),
+            });
+            if p.pid == 1 {
+                break;
+            }
+            cur = p.ppid;
+        }
+        out
+    }
+
+    /// The host workload (shared value).
+    pub fn host_workload(&self) -> Arc<Workload> {
+        self.host.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Exec;
+
+    fn ev(pid: u32, start: u64, payload: Payload) -> Event {
+        Event {
+            boot_ns: 0,
+            tid: pid,
+            pid,
+            uid: 0,
+            gid: 0,
+            start_boot_ns: start,
+            cgroup_id: 7,
+            comm: "x".into(),
+            payload,
+        }
+    }
+
+    fn exec(pid: u32, ppid: u32, exe: &str) -> Event {
+        ev(
+            pid,
+            pid as u64,
+            Payload::Exec(Exec {
+                ppid,
+                euid: 0,
+                egid: 0,
+                exe: exe.into(),
+                argv: vec![exe.into()],
+                argv_truncated: false,
+                exe_ino: 1,
+                exe_dev: 1,
+                exe_memfd: false,
+                exe_deleted: false,
+                script: None,
+            }),
+        )
+    }
+
+    fn wl() -> impl FnMut(u32, u64) -> Arc<Workload> {
+        |_, _| Arc::new(Workload::default())
+    }
+
+    #[test]
+    fn ancestry_follows_forks_and_execs() {
+        let mut t = ProcessTree::new(100, Duration::from_secs(1));
+        let mut w = wl();
+        t.apply(&exec(1, 0, "/sbin/init"), &mut w);
+        t.apply(&ev(10, 10, Payload::Fork { ppid: 1 }), &mut w);
+        t.apply(&exec(10, 1, "/usr/bin/node"), &mut w);
+        t.apply(&ev(11, 11, Payload::Fork { ppid: 10 }), &mut w);
+        t.apply(&exec(11, 10, "/bin/sh"), &mut w);
+        t.apply(&ev(12, 12, Payload::Fork { ppid: 11 }), &mut w);
+        // Before exec the child carries its parent's image.
+        assert_eq!(t.get(12).unwrap().exe, "/bin/sh");
+        t.apply(&exec(12, 11, "/usr/bin/curl"), &mut w);
+        let a: Vec<_> = t.ancestry(12).into_iter().map(|a| (a.pid, a.exe)).collect();
+        assert_eq!(
+            a,
+            [
+                (11, "/bin/sh".to_string()),
+                (10, "/usr/bin/node".to_string()),
+                (1, "/sbin/init".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn exited_are_reaped_after_grace_and_tree_stays_bounded() {
+        let mut t = ProcessTree::new(50, Duration::from_millis(0));
+        let mut w = wl();
+        t.apply(&exec(1, 0, "/sbin/init"), &mut w);
+        for pid in 2..10_000u32 {
+            t.apply(&ev(pid, pid as u64, Payload::Fork { ppid: 1 }), &mut w);
+            t.apply(&exec(pid, 1, "/bin/true"), &mut w);
+            t.apply(
+                &ev(pid, pid as u64, Payload::Exit { exit_code: Some(0), signal: None }),
+                &mut w,
+            );
+            assert!(t.len() <= 50);
+        }
+        t.reap(Instant::now() + Duration::from_millis(1));
+        assert_eq!(t.len(), 1, "only init is left");
+        assert_eq!(t.stats().rejected, 0);
+    }
+
+    #[test]
+    fn full_of_live_processes_rejects_and_counts() {
+        let mut t = ProcessTree::new(16, Duration::from_secs(60));
+        let mut w = wl();
+        for pid in 1..=20u32 {
+            t.apply(&exec(pid, 1, "/bin/sleep"), &mut w);
+        }
+        assert_eq!(t.len(), 16);
+        assert_eq!(t.stats().rejected, 4);
+    }
+
+    #[test]
+    fn ancestry_survives_cycles() {
+        let mut t = ProcessTree::new(100, Duration::from_secs(1));
+        let mut w = wl();
+        t.apply(&exec(5, 6, "/a"), &mut w);
+        t.apply(&exec(6, 5, "/b"), &mut w);
+        assert_eq!(t.ancestry(5).len(), 1);
+    }
+}

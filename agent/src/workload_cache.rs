@@ -1,0 +1,110 @@
+//! cgroup id -> workload identity, bounded.
+//!
+//! A process's workload is read from /proc/PID/cgroup the first time its
+//! cgroup is seen; when the process is already gone, the cgroup v2 directory
+//! whose inode number is the cgroup id is looked up instead.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::workload::Workload;
+
+/// Bounded cache of workloads by cgroup id; identical workloads share one
+/// allocation.
+pub struct WorkloadCache {
+    by_cgroup: HashMap<u64, Arc<Workload>>,
+    interned: HashMap<Workload, Arc<Workload>>,
+    cap: usize,
+    cgroup2_root: Option<PathBuf>,
+    host: Arc<Workload>,
+}
+
+impl WorkloadCache {
+    /// A cache holding at most `cap` cgroups (cleared when full).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            by_cgroup: HashMap::new(),
+            interned: HashMap::new(),
+            cap: cap.max(16),
+            cgroup2_root: find_cgroup2_root(),
+            host: Arc::new(Workload::from_cgroup_path("/")),
+        }
+    }
+
+    /// A shared handle for `w`.
+    pub fn intern(&mut self, w: Workload) -> Arc<Workload> {
+        if let Some(a) = self.interned.get(&w) {
+            return a.clone();
+        }
+        if self.interned.len() >= self.cap {
+            self.interned.clear();
+        }
+        let a = Arc::new(w.clone());
+        self.interned.insert(w, a.clone());
+        a
+    }
+
+    /// The workload of `pid`, whose cgroup v2 id is `cgroup_id`.
+    pub fn resolve(&mut self, pid: u32, cgroup_id: u64) -> Arc<Workload> {
+        if let Some(w) = self.by_cgroup.get(&cgroup_id) {
+            return w.clone();
+        }
+        let w = match Workload::read_for_pid(pid) {
+            Ok(w) => w,
+            Err(_) => match self.path_of_cgroup(cgroup_id) {
+                Some(p) => Workload::from_cgroup_path(&p),
+                None => return self.host.clone(),
+            },
+        };
+        let w = self.intern(w);
+        if self.by_cgroup.len() >= self.cap {
+            self.by_cgroup.clear();
+        }
+        self.by_cgroup.insert(cgroup_id, w.clone());
+        w
+    }
+
+    /// Finds the cgroup v2 directory whose inode is `id` (bounded walk).
+    fn path_of_cgroup(&self, id: u64) -> Option<String> {
+        let root = self.cgroup2_root.as_ref()?;
+        let mut stack = vec![(root.clone(), 0u32)];
+        let mut visited = 0;
+        while let Some((dir, depth)) = stack.pop() {
+            visited += 1;
+            if visited > 20_000 {
+                return None;
+            }
+            let Ok(md) = std::fs::metadata(&dir) else { continue };
+            if md.ino() == id {
+                let rel = dir.strip_prefix(root).ok()?;
+                return Some(format!("/{}", rel.display()));
+            }
+            if depth >= 16 {
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The cgroup2 mount point: /sys/fs/cgroup on unified hosts,
+/// /sys/fs/cgroup/unified on hybrid ones.
+fn find_cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, dst, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dst))
+        })
+        .find(|p| Path::new(p).is_dir())
+}

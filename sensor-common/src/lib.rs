@@ -1,0 +1,439 @@
+//! The bytes that cross the boundary between vigil's eBPF programs and the
+//! agent: the ring-buffer record layouts, the kernel struct offsets the agent
+//! hands to the programs, and the statistics slots.
+//!
+//! Everything here is `#[repr(C)]`, `no_std` and free of pointers, so both
+//! sides agree on every byte. This crate is the single source of truth for
+//! that layout; nothing else may define it.
+//!
+//! # Record layout
+//!
+//! Every ring-buffer record starts with an [`EventHeader`]. Its `kind` says
+//! which fixed struct follows (the header is that struct's first field), and
+//! `size` is the total record length: the fixed struct plus a variable tail
+//! of bytes (paths, argv) whose lengths the fixed struct gives.
+//!
+//! Paths walked in the kernel are encoded leaf first: each component is a
+//! NUL-terminated name, the file's own name first and the top directory last
+//! (`"x\0dashboard\0home\0"` is `/home/dashboard/x`).
+#![no_std]
+#![deny(missing_docs)]
+
+/// Length of `task_struct.comm`.
+pub const TASK_COMM_LEN: usize = 16;
+/// Longest name of one path component the kernel walk copies (NAME_MAX + NUL).
+pub const NAME_MAX_BUF: usize = 256;
+/// Bytes of walked path a record may carry. A power of two: the programs mask
+/// offsets with `PATH_MAX_BYTES - 1` to keep the verifier happy.
+pub const PATH_MAX_BYTES: usize = 4096;
+/// Most path components walked up from a dentry.
+pub const PATH_MAX_DEPTH: u32 = 48;
+/// Bytes of argv captured per exec (power of two).
+pub const ARGV_MAX_BYTES: usize = 1024;
+/// Most argv entries reported per exec (the agent cuts the rest).
+pub const ARGV_MAX_ARGS: usize = 16;
+/// Bytes of a user-supplied path string (chmod, rename) captured (power of two).
+pub const USER_PATH_MAX_BYTES: usize = 512;
+/// Room for a record's variable tail (a power of two, so the programs can
+/// mask lengths with `TAIL_MAX_BYTES - 1`); it holds the largest tail any
+/// record builds.
+pub const TAIL_MAX_BYTES: usize = 8192;
+/// Room for a record's fixed struct in the scratch area; every fixed struct is
+/// smaller.
+pub const FIXED_MAX_BYTES: usize = 128;
+const _: () = assert!(PATH_MAX_BYTES + NAME_MAX_BUF + 2 * USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES);
+const _: () = assert!(
+    PATH_MAX_BYTES + NAME_MAX_BUF + ARGV_MAX_BYTES + USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES
+);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() <= FIXED_MAX_BYTES);
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() <= FIXED_MAX_BYTES);
+
+/// What a record is. The discriminant is `EventHeader::kind`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A process replaced its image (execve/execveat succeeded): [`ExecEvent`].
+    Exec = 1,
+    /// A new process (not a thread) was created: [`ForkEvent`].
+    Fork = 2,
+    /// The last thread of a process exited: [`ExitEvent`].
+    Exit = 3,
+    /// A connect() on an IPv4/IPv6 socket returned: [`ConnectEvent`].
+    Connect = 4,
+    /// A regular file was opened for writing (first time per process and inode): [`FileOpenEvent`].
+    FileOpen = 5,
+    /// A chmod family call set execute, setuid or setgid bits: [`ChmodEvent`].
+    Chmod = 6,
+    /// A rename family call succeeded: [`RenameEvent`].
+    Rename = 7,
+}
+
+/// Number of slots indexed by [`EventKind`] (0 is unused).
+pub const EVENT_KIND_SLOTS: usize = 8;
+
+impl EventKind {
+    /// The kind for a raw header value, if it is one.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Exec,
+            2 => Self::Fork,
+            3 => Self::Exit,
+            4 => Self::Connect,
+            5 => Self::FileOpen,
+            6 => Self::Chmod,
+            7 => Self::Rename,
+            _ => return None,
+        })
+    }
+    /// Stable lower-case name, used in metrics labels and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Fork => "fork",
+            Self::Exit => "exit",
+            Self::Connect => "connect",
+            Self::FileOpen => "file_open",
+            Self::Chmod => "chmod",
+            Self::Rename => "rename",
+        }
+    }
+    /// All kinds, in discriminant order.
+    pub const ALL: [EventKind; 7] = [
+        Self::Exec,
+        Self::Fork,
+        Self::Exit,
+        Self::Connect,
+        Self::FileOpen,
+        Self::Chmod,
+        Self::Rename,
+    ];
+}
+
+/// Common first field of every record: who did it and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// [`EventKind`] as u32.
+    pub kind: u32,
+    /// Total record size in bytes (fixed struct + tail).
+    pub size: u32,
+    /// `bpf_ktime_get_boot_ns()` when the event was recorded.
+    pub boot_ns: u64,
+    /// Thread id of the acting task.
+    pub pid: u32,
+    /// Process id (thread group id) of the subject process.
+    pub tgid: u32,
+    /// Real uid of the acting task.
+    pub uid: u32,
+    /// Real gid of the acting task.
+    pub gid: u32,
+    /// `task_struct.start_boottime` of the subject process's group leader, in
+    /// ns since boot: with `tgid` it names one process across pid reuse, and
+    /// divided by the clock tick it equals field 22 of `/proc/PID/stat`.
+    pub start_boot_ns: u64,
+    /// cgroup v2 id of the acting task.
+    pub cgroup_id: u64,
+    /// `comm` of the acting task (NUL padded).
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Exec flag: the executable is a memfd (`memfd_create`), i.e. fileless.
+pub const EXEC_FLAG_MEMFD: u32 = 1;
+/// Exec flag: the executable's inode has no links left (deleted or anonymous).
+pub const EXEC_FLAG_DELETED: u32 = 1 << 1;
+/// Flag: a walked path was cut at [`PATH_MAX_BYTES`] or [`PATH_MAX_DEPTH`].
+pub const FLAG_PATH_TRUNCATED: u32 = 1 << 2;
+/// Exec flag: argv was cut at [`ARGV_MAX_BYTES`].
+pub const EXEC_FLAG_ARGV_TRUNCATED: u32 = 1 << 3;
+/// Exec flag: the program is a script run through an interpreter
+/// (`#!`): the walked exe is the interpreter, the tail's `filename` is the
+/// script as given to execve.
+pub const EXEC_FLAG_SCRIPT: u32 = 1 << 5;
+/// Flag: the walked dentry is not connected to a mounted tree (pseudo file
+/// systems such as memfd, pipes, anonymous inodes).
+pub const FLAG_PATH_DISCONNECTED: u32 = 1 << 4;
+
+/// A successful exec. Tail: `path_len` bytes of walked exe path, then
+/// `argv_len` bytes of NUL-separated argv, then `filename_len` bytes of the
+/// script path for scripts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    /// Common header; `tgid` is the process that exec'd.
+    pub hdr: EventHeader,
+    /// Parent process id (`real_parent->tgid`).
+    pub ppid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Effective gid.
+    pub egid: u32,
+    /// `EXEC_FLAG_*` / `FLAG_*` bits.
+    pub flags: u32,
+    /// Inode number of the executable file.
+    pub exe_ino: u64,
+    /// Device of the executable's super block (kernel `dev_t` encoding).
+    pub exe_dev: u32,
+    /// Link count of the executable's inode.
+    pub exe_nlink: u32,
+    /// Bytes of walked path in the tail.
+    pub path_len: u32,
+    /// Bytes of argv in the tail (after the path).
+    pub argv_len: u32,
+    /// Bytes of the execve filename argument (NUL terminated) after argv;
+    /// only for scripts ([`EXEC_FLAG_SCRIPT`]), else 0.
+    pub filename_len: u32,
+    /// Reserved.
+    pub _reserved: u32,
+}
+
+/// A new process: the fork/clone of a thread group (threads are not reported).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    /// Header of the *child*: `tgid` and `start_boot_ns` are the child's.
+    pub hdr: EventHeader,
+    /// The child's parent process (`real_parent->tgid`).
+    pub ppid: u32,
+    /// Clone flags are not visible in the tracepoint; reserved.
+    pub _reserved: u32,
+}
+
+/// The last thread of a process exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    /// Header of the exiting process.
+    pub hdr: EventHeader,
+    /// `task_struct.exit_code`: wait(2) status encoding (code << 8 | signal).
+    pub exit_code: u32,
+    /// Reserved for alignment.
+    pub _reserved: u32,
+}
+
+/// A connect() on an IPv4 or IPv6 socket returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// IPPROTO_TCP (6), IPPROTO_UDP (17), ...
+    pub protocol: u16,
+    /// SOCK_STREAM (1), SOCK_DGRAM (2), ...
+    pub sock_type: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// Source port, host order (0 if not bound yet).
+    pub sport: u16,
+    /// Reserved.
+    pub _reserved: u16,
+    /// Return value of connect(): 0, or -errno (-115 EINPROGRESS is normal for
+    /// non-blocking sockets).
+    pub ret: i32,
+    /// Destination address: 4 bytes for IPv4, 16 for IPv6 (network order).
+    pub daddr: [u8; 16],
+    /// Source address, same encoding.
+    pub saddr: [u8; 16],
+}
+
+/// A regular file opened for writing, creating or truncating; reported once
+/// per (process, inode). Tail: `path_len` bytes of walked path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileOpenEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// open(2) flags.
+    pub open_flags: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Inode number.
+    pub ino: u64,
+    /// Device (kernel `dev_t` encoding).
+    pub dev: u32,
+    /// `inode.i_mode` after the open.
+    pub mode: u32,
+    /// Bytes of walked path in the tail.
+    pub path_len: u32,
+    /// Reserved.
+    pub _reserved: u32,
+}
+
+/// A successful chmod/fchmod/fchmodat that sets an execute, setuid or setgid
+/// bit. Tail: `base_len` bytes of walked base path (the file itself for
+/// fchmod, the directory a relative path starts from otherwise, empty for an
+/// absolute path), then `user_len` bytes of the path string as given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ChmodEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// The new mode.
+    pub mode: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Bytes of walked base path.
+    pub base_len: u32,
+    /// Bytes of the user path string (NUL terminated, 0 for fchmod).
+    pub user_len: u32,
+}
+
+/// A successful rename. Tail: `base_len` walked bytes (directory the new
+/// path is relative to, empty if absolute), `new_len` bytes of the new path
+/// as given, `old_len` bytes of the old path as given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RenameEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Non-zero when the old path was given relative to a different
+    /// directory fd than the new one.
+    pub old_dirfd_differs: u32,
+    /// Bytes of walked base path.
+    pub base_len: u32,
+    /// Bytes of new path string.
+    pub new_len: u32,
+    /// Bytes of old path string.
+    pub old_len: u32,
+    /// Reserved.
+    pub _reserved: u32,
+}
+
+/// Kernel struct member offsets, read from BTF by the agent and written into
+/// the programs' read-only data before load. Every field is a byte offset.
+/// This plays the role CO-RE relocations play in C: it follows the running
+/// kernel's layout. Field names are `struct_member`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
+    pub task_mm: u32,
+    pub task_files: u32,
+    pub task_fs: u32,
+    pub task_cred: u32,
+    pub task_signal: u32,
+    pub task_exit_code: u32,
+    pub signal_live: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    pub binprm_file: u32,
+    pub binprm_filename: u32,
+    pub binprm_interp: u32,
+    pub file_f_path: u32,
+    pub file_f_inode: u32,
+    pub file_private_data: u32,
+    pub path_mnt: u32,
+    pub path_dentry: u32,
+    pub dentry_d_parent: u32,
+    pub dentry_d_name: u32,
+    pub qstr_len: u32,
+    pub qstr_name: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub inode_i_mode: u32,
+    pub inode_i_nlink: u32,
+    pub sb_s_dev: u32,
+    pub vfsmount_mnt_root: u32,
+    pub mount_mnt: u32,
+    pub mount_mnt_parent: u32,
+    pub mount_mnt_mountpoint: u32,
+    pub fs_pwd: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub socket_sk: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_num: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+    /// Non-zero once the agent filled the struct; programs emit nothing before.
+    pub valid: u32,
+}
+
+impl KernelOffsets {
+    /// All zero (not yet filled: `valid == 0`).
+    pub const fn zeroed() -> Self {
+        // SAFETY: a struct of u32s; all-zero is a valid value.
+        unsafe { core::mem::zeroed() }
+    }
+}
+
+/// Runtime settings the agent writes into the programs' read-only data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SensorConfig {
+    /// Process id of the agent itself: its own activity is not reported.
+    pub agent_tgid: u32,
+    /// Ring-buffer bytes pending before the kernel wakes the agent; below it
+    /// records are submitted without a wakeup and the agent polls on a timer.
+    /// 0 wakes on every record.
+    pub wakeup_bytes: u32,
+}
+
+impl SensorConfig {
+    /// All zero.
+    pub const fn zeroed() -> Self {
+        Self {
+            agent_tgid: 0,
+            wakeup_bytes: 0,
+        }
+    }
+}
+
+/// Slot layout of the per-CPU statistics array: `[kind * 2]` counts records
+/// emitted, `[kind * 2 + 1]` records dropped because the ring buffer was
+/// full; the slots from [`STAT_BASE_OTHER`] count the rest.
+pub const STATS_SLOTS: u32 = 32;
+/// First slot of the non-per-kind counters.
+pub const STAT_BASE_OTHER: u32 = (EVENT_KIND_SLOTS as u32) * 2;
+/// Syscall entries not tracked because the in-flight table was full.
+pub const STAT_STASH_FULL: u32 = STAT_BASE_OTHER;
+/// Records whose scratch buffer could not be had (should stay 0).
+pub const STAT_NO_SCRATCH: u32 = STAT_BASE_OTHER + 1;
+/// Highest ring-buffer fill seen by a program, in bytes (max, not a sum).
+pub const STAT_RINGBUF_MAX_FILL: u32 = STAT_BASE_OTHER + 2;
+/// File opens suppressed by the per-(process, inode) de-duplication.
+pub const STAT_FILE_DEDUP: u32 = STAT_BASE_OTHER + 3;
+/// Kernel reads that failed (a pointer could not be followed).
+pub const STAT_READ_ERRORS: u32 = STAT_BASE_OTHER + 4;
+
+/// Emitted-records stat slot for a kind.
+pub const fn stat_emitted(kind: EventKind) -> u32 {
+    kind as u32 * 2
+}
+/// Dropped-records stat slot for a kind.
+pub const fn stat_dropped(kind: EventKind) -> u32 {
+    kind as u32 * 2 + 1
+}
+
+/// Value of the per-(process, inode) de-duplication map's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileKey {
+    /// Process start time (with tgid: the process).
+    pub start_boot_ns: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Process id.
+    pub tgid: u32,
+    /// Device.
+    pub dev: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data structs of integers, no padding holes that matter.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::SensorConfig {}
+}

@@ -1,0 +1,809 @@
+//! The programs themselves (bpf target only); see the crate docs.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_ringbuf_output},
+    },
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use vigil_sensor_common::*;
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";
+
+/// Filled by the agent from BTF before load.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
+/// Filled by the agent before load.
+#[unsafe(no_mangle)]
+static CONFIG: SensorConfig = SensorConfig::zeroed();
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+#[repr(C)]
+struct Scratch {
+    fixed: [u8; FIXED_MAX_BYTES],
+    tail: [u8; TAIL_MAX_BYTES],
+    /// The path walk's write offset. Kept in map memory, not a register, so
+    /// the verifier sees an unknown bounded value at every iteration and can
+    /// prune equal states: with a register it would track every possible
+    /// offset and explode.
+    cursor: u64,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Arguments of a syscall in flight, keyed by pid_tgid.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Stash {
+    kind: u64,
+    args: [u64; 4],
+}
+
+const STASH_OPEN: u64 = 1;
+const STASH_CHMOD: u64 = 2;
+const STASH_FCHMOD: u64 = 3;
+const STASH_RENAME: u64 = 4;
+const STASH_CONNECT: u64 = 5;
+
+#[map]
+static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// First write-open per (process, inode): the de-duplication set.
+#[map]
+static FILE_SEEN: LruHashMap<FileKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+// ---- small helpers -------------------------------------------------------
+
+macro_rules! off {
+    ($f:ident) => {{
+        // SAFETY: reading a field of a static; volatile so the loader's value is used.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(OFFSETS.$f)) as u64 };
+        v
+    }};
+}
+
+macro_rules! cfg {
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(CONFIG.$f)) };
+        v
+    }};
+}
+
+const AT_FDCWD: i64 = -100;
+const O_WRONLY: u64 = 0o1;
+const O_RDWR: u64 = 0o2;
+const O_CREAT: u64 = 0o100;
+const O_TRUNC: u64 = 0o1000;
+const WRITE_FLAGS: u64 = O_WRONLY | O_RDWR | O_CREAT | O_TRUNC;
+const S_IFMT: u16 = 0o170000;
+const S_IFREG: u16 = 0o100000;
+const EXEC_MODE_BITS: u64 = 0o6111;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const PATH_MASK: u64 = (PATH_MAX_BYTES - 1) as u64;
+/// Masks a user string length (<= USER_PATH_MAX_BYTES) without losing the maximum.
+const USER_LEN_MASK: u64 = (2 * USER_PATH_MAX_BYTES - 1) as u64;
+const TAIL_MASK: u64 = (TAIL_MAX_BYTES - 1) as u64;
+
+#[inline(always)]
+unsafe fn rd<T>(base: u64, off: u64) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel((base + off) as *const T) }
+}
+
+#[inline(always)]
+fn stat_add(slot: u32, v: u64) {
+    if let Some(p) = STATS.get_ptr_mut(slot) {
+        unsafe { *p += v };
+    }
+}
+
+#[inline(always)]
+fn ready() -> bool {
+    off!(valid) != 0
+}
+
+#[inline(always)]
+fn is_agent(tgid: u32) -> bool {
+    let a: u32 = cfg!(agent_tgid);
+    a != 0 && a == tgid
+}
+
+#[inline(always)]
+fn scratch() -> Option<*mut Scratch> {
+    match SCRATCH.get_ptr_mut(0) {
+        Some(p) => Some(p),
+        None => {
+            stat_add(STAT_NO_SCRATCH, 1);
+            None
+        }
+    }
+}
+
+/// Fills the header for the current task acting on `subject` (a task_struct
+/// pointer whose tgid and start time name the process the record is about).
+#[inline(always)]
+unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, subject: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let leader: u64 = unsafe { rd(subject, off!(task_group_leader)) }.unwrap_or(subject);
+    unsafe {
+        (*h).kind = kind as u32;
+        (*h).size = 0;
+        (*h).boot_ns = bpf_ktime_get_boot_ns();
+        (*h).pid = pid_tgid as u32;
+        (*h).tgid = rd(subject, off!(task_tgid)).unwrap_or((pid_tgid >> 32) as u32);
+        (*h).uid = uid_gid as u32;
+        (*h).gid = (uid_gid >> 32) as u32;
+        (*h).start_boot_ns = rd(leader, off!(task_start_boottime)).unwrap_or(0);
+        (*h).cgroup_id = bpf_get_current_cgroup_id();
+        (*h).comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
+    }
+}
+
+/// Copies the record (fixed part + `tail_len` tail bytes) to the ring buffer.
+#[inline(always)]
+unsafe fn emit(s: *mut Scratch, kind: EventKind, fixed_len: usize, tail_len: u64) {
+    // Move the tail right behind the fixed struct: records are sent as one
+    // contiguous copy of `fixed_len + tail_len` bytes starting at the fixed
+    // struct, so the fixed part is right-aligned against the tail.
+    let tail_len = tail_len & TAIL_MASK;
+    let start = FIXED_MAX_BYTES - fixed_len;
+    let total = fixed_len as u64 + tail_len;
+    unsafe {
+        let base = (s as *mut u8).add(start);
+        (*(base as *mut EventHeader)).size = total as u32;
+        let avail = EVENTS.query(0);
+        let stat_slot = STAT_RINGBUF_MAX_FILL;
+        if let Some(p) = STATS.get_ptr_mut(stat_slot) {
+            if avail > *p {
+                *p = avail;
+            }
+        }
+        let wake: u32 = cfg!(wakeup_bytes);
+        let flags = if avail >= wake as u64 {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        } as u64;
+        let r = bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS) as *mut c_void,
+            base as *mut c_void,
+            total,
+            flags,
+        );
+        if r == 0 {
+            stat_add(stat_emitted(kind), 1);
+        } else {
+            stat_add(stat_dropped(kind), 1);
+        }
+    }
+}
+
+/// Pointer to where the fixed struct `T` must be written so that it ends
+/// right where the tail starts.
+#[inline(always)]
+unsafe fn fixed<T>(s: *mut Scratch) -> *mut T {
+    unsafe { (s as *mut u8).add(FIXED_MAX_BYTES - core::mem::size_of::<T>()) as *mut T }
+}
+
+#[inline(always)]
+unsafe fn tail(s: *mut Scratch) -> *mut u8 {
+    unsafe { (s as *mut u8).add(FIXED_MAX_BYTES) }
+}
+
+/// Walks a (dentry, vfsmount) up to the root of its mount namespace, writing
+/// the names leaf first, NUL-terminated, at `dst`. Returns (bytes, flags).
+#[inline(always)]
+unsafe fn walk_path(s: *mut Scratch, dst: *mut u8, dentry: u64, vfsmnt: u64) -> (u64, u32) {
+    let cursor = unsafe { core::ptr::addr_of_mut!((*s).cursor) };
+    unsafe { core::ptr::write_volatile(cursor, 0) };
+    let mut flags = 0u32;
+    let mut d = dentry;
+    let mut vfs = vfsmnt;
+    let mnt_off = off!(mount_mnt);
+    let mut mnt = vfsmnt.wrapping_sub(mnt_off);
+    let mut i = 0u32;
+    while i < PATH_MAX_DEPTH {
+        i += 1;
+        let Ok(mnt_root) = (unsafe { rd::<u64>(vfs, off!(vfsmount_mnt_root)) }) else {
+            break;
+        };
+        let Ok(parent) = (unsafe { rd::<u64>(d, off!(dentry_d_parent)) }) else {
+            break;
+        };
+        if d == mnt_root {
+            // Root of this mount: cross to the mount point in the parent mount.
+            let Ok(mparent) = (unsafe { rd::<u64>(mnt, off!(mount_mnt_parent)) }) else {
+                break;
+            };
+            if mparent == mnt || mparent == 0 {
+                break;
+            }
+            let Ok(mp) = (unsafe { rd::<u64>(mnt, off!(mount_mnt_mountpoint)) }) else {
+                break;
+            };
+            d = mp;
+            mnt = mparent;
+            vfs = mparent + mnt_off;
+            continue;
+        }
+        let off = unsafe { core::ptr::read_volatile(cursor) };
+        if off > (PATH_MAX_BYTES - NAME_MAX_BUF) as u64 {
+            flags |= FLAG_PATH_TRUNCATED;
+            break;
+        }
+        let Ok(name) = (unsafe { rd::<u64>(d, off!(dentry_d_name) + off!(qstr_name)) }) else {
+            break;
+        };
+        let n = unsafe {
+            bpf_probe_read_kernel_str(
+                dst.add((off & PATH_MASK) as usize) as *mut c_void,
+                NAME_MAX_BUF as u32,
+                name as *const c_void,
+            )
+        };
+        if n <= 0 {
+            stat_add(STAT_READ_ERRORS, 1);
+            break;
+        }
+        unsafe { core::ptr::write_volatile(cursor, off + n as u64) };
+        if parent == d {
+            // A dentry that is its own parent but not a mount root: a pseudo
+            // file (memfd, pipe, anon inode) or a disconnected one.
+            flags |= FLAG_PATH_DISCONNECTED;
+            break;
+        }
+        d = parent;
+        if i == PATH_MAX_DEPTH {
+            flags |= FLAG_PATH_TRUNCATED;
+        }
+    }
+    (unsafe { core::ptr::read_volatile(cursor) }, flags)
+}
+
+/// The struct file for `fd` in `task`'s fd table.
+#[inline(always)]
+unsafe fn fd_file(task: u64, fd: u64) -> Option<u64> {
+    unsafe {
+        let files: u64 = rd(task, off!(task_files)).ok()?;
+        let fdt: u64 = rd(files, off!(files_fdt)).ok()?;
+        let max: u32 = rd(fdt, off!(fdtable_max_fds)).ok()?;
+        if fd >= max as u64 {
+            return None;
+        }
+        let arr: u64 = rd(fdt, off!(fdtable_fd)).ok()?;
+        let file: u64 = rd(arr, fd * 8).ok()?;
+        if file == 0 { None } else { Some(file) }
+    }
+}
+
+#[inline(always)]
+unsafe fn walk_file(s: *mut Scratch, dst: *mut u8, file: u64) -> (u64, u32) {
+    unsafe {
+        let p = off!(file_f_path);
+        let dentry: u64 = rd(file, p + off!(path_dentry)).unwrap_or(0);
+        let mnt: u64 = rd(file, p + off!(path_mnt)).unwrap_or(0);
+        if dentry == 0 || mnt == 0 {
+            return (0, 0);
+        }
+        walk_path(s, dst, dentry, mnt)
+    }
+}
+
+/// Walks the directory a path argument is relative to: nothing for an
+/// absolute path, the cwd for AT_FDCWD, else the directory fd.
+#[inline(always)]
+unsafe fn walk_base(s: *mut Scratch, dst: *mut u8, task: u64, dirfd: i64, user_path: u64) -> (u64, u32) {
+    unsafe {
+        let first: u8 = bpf_probe_read_user(user_path as *const u8).unwrap_or(b'/');
+        if first == b'/' {
+            return (0, 0);
+        }
+        // The syscall's `int dfd` arrives as a 64-bit register: compare its
+        // low 32 bits, sign-extended.
+        let dirfd = dirfd as u32 as i32 as i64;
+        if dirfd == AT_FDCWD {
+            let fs: u64 = match rd(task, off!(task_fs)) {
+                Ok(v) => v,
+                Err(_) => return (0, 0),
+            };
+            let pwd = off!(fs_pwd);
+            let dentry: u64 = rd(fs, pwd + off!(path_dentry)).unwrap_or(0);
+            let mnt: u64 = rd(fs, pwd + off!(path_mnt)).unwrap_or(0);
+            if dentry == 0 || mnt == 0 {
+                return (0, 0);
+            }
+            walk_path(s, dst, dentry, mnt)
+        } else {
+            match fd_file(task, dirfd as u64) {
+                Some(f) => walk_file(s, dst, f),
+                None => (0, 0),
+            }
+        }
+    }
+}
+
+/// Copies a user string of at most USER_PATH_MAX_BYTES; returns bytes incl. NUL.
+#[inline(always)]
+unsafe fn read_user_str(dst: *mut u8, src: u64) -> u64 {
+    let n = unsafe {
+        bpf_probe_read_user_str(
+            dst as *mut c_void,
+            USER_PATH_MAX_BYTES as u32,
+            src as *const c_void,
+        )
+    };
+    if n > 0 { n as u64 } else { 0 }
+}
+
+// ---- process lifecycle -----------------------------------------------------
+
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn vigil_exec(ctx: RawTracePointContext) -> i32 {
+    if !ready() {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    let bprm: u64 = ctx.arg(2);
+    unsafe { on_exec(task, bprm) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_exec(task: u64, bprm: u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if is_agent(tgid) {
+        return;
+    }
+    let Some(s) = scratch() else { return };
+    unsafe {
+        let e: *mut ExecEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Exec, task);
+        let parent: u64 = rd(task, off!(task_real_parent)).unwrap_or(0);
+        (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
+        let cred: u64 = rd(task, off!(task_cred)).unwrap_or(0);
+        (*e).euid = rd(cred, off!(cred_euid)).unwrap_or(u32::MAX);
+        (*e).egid = rd(cred, off!(cred_egid)).unwrap_or(u32::MAX);
+        let mut flags = 0u32;
+        let file: u64 = rd(bprm, off!(binprm_file)).unwrap_or(0);
+        let inode: u64 = rd(file, off!(file_f_inode)).unwrap_or(0);
+        (*e).exe_ino = rd(inode, off!(inode_i_ino)).unwrap_or(0);
+        let sb: u64 = rd(inode, off!(inode_i_sb)).unwrap_or(0);
+        (*e).exe_dev = rd(sb, off!(sb_s_dev)).unwrap_or(0);
+        let nlink: u32 = rd(inode, off!(inode_i_nlink)).unwrap_or(1);
+        (*e).exe_nlink = nlink;
+        if nlink == 0 {
+            flags |= EXEC_FLAG_DELETED;
+        }
+        let t = tail(s);
+        let (plen, pflags) = walk_file(s, t, file);
+        flags |= pflags;
+        if plen >= 7 {
+            let head = core::slice::from_raw_parts(t, 6);
+            if head == b"memfd:" {
+                flags |= EXEC_FLAG_MEMFD;
+            }
+        }
+        let plen = plen & PATH_MASK;
+        (*e).path_len = plen as u32;
+        // argv from the new image's stack.
+        let mm: u64 = rd(task, off!(task_mm)).unwrap_or(0);
+        let start: u64 = rd(mm, off!(mm_arg_start)).unwrap_or(0);
+        let end: u64 = rd(mm, off!(mm_arg_end)).unwrap_or(0);
+        let mut alen = end.wrapping_sub(start);
+        if alen >= ARGV_MAX_BYTES as u64 {
+            alen = ARGV_MAX_BYTES as u64 - 1;
+            flags |= EXEC_FLAG_ARGV_TRUNCATED;
+        }
+        let alen = alen & (ARGV_MAX_BYTES as u64 - 1);
+        let mut got = 0u64;
+        if start != 0 && alen > 0 {
+            let r = aya_ebpf::helpers::generated::bpf_probe_read_user(
+                t.add(plen as usize) as *mut c_void,
+                alen as u32,
+                start as *const c_void,
+            );
+            if r == 0 {
+                got = alen;
+            }
+        }
+        (*e).argv_len = got as u32;
+        // Scripts: bprm->file is the interpreter by now; keep the script path
+        // as given (bprm->interp stops pointing at bprm->filename once a
+        // binfmt handler substituted an interpreter).
+        let filename: u64 = rd(bprm, off!(binprm_filename)).unwrap_or(0);
+        let interp: u64 = rd(bprm, off!(binprm_interp)).unwrap_or(0);
+        let mut flen = 0u64;
+        if filename != 0 && interp != filename {
+            flags |= EXEC_FLAG_SCRIPT;
+            let dst = t.add((plen + (got & (ARGV_MAX_BYTES as u64 - 1))) as usize);
+            let n = bpf_probe_read_kernel_str(
+                dst as *mut c_void,
+                USER_PATH_MAX_BYTES as u32,
+                filename as *const c_void,
+            );
+            if n > 0 {
+                flen = n as u64 & USER_LEN_MASK;
+            }
+        }
+        (*e).filename_len = flen as u32;
+        (*e)._reserved = 0;
+        (*e).flags = flags;
+        emit(s, EventKind::Exec, core::mem::size_of::<ExecEvent>(), plen + got + flen);
+    }
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn vigil_fork(ctx: RawTracePointContext) -> i32 {
+    if !ready() {
+        return 0;
+    }
+    let child: u64 = ctx.arg(1);
+    unsafe { on_fork(child) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_fork(child: u64) {
+    unsafe {
+        let cpid: u32 = rd(child, off!(task_pid)).unwrap_or(0);
+        let ctgid: u32 = rd(child, off!(task_tgid)).unwrap_or(1);
+        if cpid != ctgid {
+            return; // a thread, not a process
+        }
+        if is_agent((bpf_get_current_pid_tgid() >> 32) as u32) {
+            return;
+        }
+        let Some(s) = scratch() else { return };
+        let e: *mut ForkEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Fork, child);
+        let parent: u64 = rd(child, off!(task_real_parent)).unwrap_or(0);
+        (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
+        (*e)._reserved = 0;
+        emit(s, EventKind::Fork, core::mem::size_of::<ForkEvent>(), 0);
+    }
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn vigil_exit(ctx: RawTracePointContext) -> i32 {
+    if !ready() {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    unsafe { on_exit(task) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_exit(task: u64) {
+    unsafe {
+        let signal: u64 = rd(task, off!(task_signal)).unwrap_or(0);
+        let live: i32 = rd(signal, off!(signal_live)).unwrap_or(0);
+        if live != 0 {
+            return; // other threads of the process still run
+        }
+        if is_agent((bpf_get_current_pid_tgid() >> 32) as u32) {
+            return;
+        }
+        let Some(s) = scratch() else { return };
+        let e: *mut ExitEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Exit, task);
+        (*e).exit_code = rd(task, off!(task_exit_code)).unwrap_or(0);
+        (*e)._reserved = 0;
+        emit(s, EventKind::Exit, core::mem::size_of::<ExitEvent>(), 0);
+    }
+}
+
+// ---- syscall entry: filter and stash ------------------------------------------
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn stash(kind: u64, args: [u64; 4]) {
+    if !ready() {
+        return;
+    }
+    let id = bpf_get_current_pid_tgid();
+    if is_agent((id >> 32) as u32) {
+        return;
+    }
+    if INFLIGHT.insert(&id, &Stash { kind, args }, 0).is_err() {
+        stat_add(STAT_STASH_FULL, 1);
+    }
+}
+
+#[inline(always)]
+fn stash_open(flags: u64) {
+    if flags & WRITE_FLAGS != 0 {
+        stash(STASH_OPEN, [flags, 0, 0, 0]);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_openat")]
+pub fn vigil_enter_openat(ctx: TracePointContext) -> u32 {
+    stash_open(arg(&ctx, 2));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_openat2")]
+pub fn vigil_enter_openat2(ctx: TracePointContext) -> u32 {
+    let how = arg(&ctx, 2);
+    let flags: u64 = unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0);
+    stash_open(flags);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_open")]
+pub fn vigil_enter_open(ctx: TracePointContext) -> u32 {
+    stash_open(arg(&ctx, 1));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_creat")]
+pub fn vigil_enter_creat(_ctx: TracePointContext) -> u32 {
+    stash_open(O_CREAT | O_WRONLY | O_TRUNC);
+    0
+}
+
+#[inline(always)]
+fn stash_chmod(dirfd: u64, path: u64, mode: u64) {
+    if mode & EXEC_MODE_BITS != 0 {
+        stash(STASH_CHMOD, [dirfd, path, mode, 0]);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_chmod")]
+pub fn vigil_enter_chmod(ctx: TracePointContext) -> u32 {
+    stash_chmod(AT_FDCWD as u64, arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_fchmodat")]
+pub fn vigil_enter_fchmodat(ctx: TracePointContext) -> u32 {
+    stash_chmod(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_fchmodat2")]
+pub fn vigil_enter_fchmodat2(ctx: TracePointContext) -> u32 {
+    stash_chmod(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_fchmod")]
+pub fn vigil_enter_fchmod(ctx: TracePointContext) -> u32 {
+    let mode = arg(&ctx, 1);
+    if mode & EXEC_MODE_BITS != 0 {
+        stash(STASH_FCHMOD, [arg(&ctx, 0), 0, mode, 0]);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_rename")]
+pub fn vigil_enter_rename(ctx: TracePointContext) -> u32 {
+    let fdcwd = AT_FDCWD as u64;
+    stash(STASH_RENAME, [fdcwd, arg(&ctx, 0), fdcwd, arg(&ctx, 1)]);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_renameat")]
+pub fn vigil_enter_renameat(ctx: TracePointContext) -> u32 {
+    stash(
+        STASH_RENAME,
+        [arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2), arg(&ctx, 3)],
+    );
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_renameat2")]
+pub fn vigil_enter_renameat2(ctx: TracePointContext) -> u32 {
+    stash(
+        STASH_RENAME,
+        [arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2), arg(&ctx, 3)],
+    );
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn vigil_enter_connect(ctx: TracePointContext) -> u32 {
+    let addr = arg(&ctx, 1);
+    let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
+    if family == AF_INET || family == AF_INET6 {
+        stash(STASH_CONNECT, [arg(&ctx, 0), addr, arg(&ctx, 2), 0]);
+    }
+    0
+}
+
+// ---- syscall exit: one program for every stashed call -----------------------------
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(st) = (unsafe { INFLIGHT.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = INFLIGHT.remove(&id);
+    let ret: i64 = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+    let task = unsafe { bpf_get_current_task() };
+    unsafe {
+        match st.kind {
+            STASH_OPEN => on_open(task, ret, st.args[0]),
+            STASH_CHMOD => on_chmod(task, ret, st.args[0] as i64, st.args[1], st.args[2], 0),
+            STASH_FCHMOD => on_chmod(task, ret, 0, 0, st.args[2], st.args[0]),
+            STASH_RENAME => on_rename(task, ret, &st.args),
+            STASH_CONNECT => on_connect(task, ret, &st.args),
+            _ => {}
+        }
+    }
+    0
+}
+
+#[inline(always)]
+unsafe fn on_open(task: u64, ret: i64, open_flags: u64) {
+    if ret < 0 {
+        return;
+    }
+    unsafe {
+        let Some(file) = fd_file(task, ret as u64) else { return };
+        let inode: u64 = match rd(file, off!(file_f_inode)) {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        let mode: u16 = rd(inode, off!(inode_i_mode)).unwrap_or(0);
+        if mode & S_IFMT != S_IFREG {
+            return; // /dev/null, pipes, ttys: not files that can become programs
+        }
+        let ino: u64 = rd(inode, off!(inode_i_ino)).unwrap_or(0);
+        let sb: u64 = rd(inode, off!(inode_i_sb)).unwrap_or(0);
+        let dev: u32 = rd(sb, off!(sb_s_dev)).unwrap_or(0);
+        let leader: u64 = rd(task, off!(task_group_leader)).unwrap_or(task);
+        let key = FileKey {
+            start_boot_ns: rd(leader, off!(task_start_boottime)).unwrap_or(0),
+            ino,
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            dev,
+        };
+        if FILE_SEEN.get_ptr(&key).is_some() {
+            stat_add(STAT_FILE_DEDUP, 1);
+            return;
+        }
+        let _ = FILE_SEEN.insert(&key, &1u8, 0);
+        let Some(s) = scratch() else { return };
+        let e: *mut FileOpenEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::FileOpen, task);
+        (*e).open_flags = open_flags as u32;
+        (*e).ino = ino;
+        (*e).dev = dev;
+        (*e).mode = mode as u32;
+        let (plen, pflags) = walk_file(s, tail(s), file);
+        let plen = plen & PATH_MASK;
+        (*e).flags = pflags;
+        (*e).path_len = plen as u32;
+        (*e)._reserved = 0;
+        emit(s, EventKind::FileOpen, core::mem::size_of::<FileOpenEvent>(), plen);
+    }
+}
+
+#[inline(always)]
+unsafe fn on_chmod(task: u64, ret: i64, dirfd: i64, path: u64, mode: u64, fd: u64) {
+    if ret != 0 {
+        return;
+    }
+    unsafe {
+        let Some(s) = scratch() else { return };
+        let e: *mut ChmodEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Chmod, task);
+        (*e).mode = mode as u32;
+        let t = tail(s);
+        let (blen, flags) = if path == 0 {
+            match fd_file(task, fd) {
+                Some(f) => walk_file(s, t, f),
+                None => (0, 0),
+            }
+        } else {
+            walk_base(s, t, task, dirfd, path)
+        };
+        let blen = blen & PATH_MASK;
+        let ulen = if path == 0 {
+            0
+        } else {
+            read_user_str(t.add(blen as usize), path) & USER_LEN_MASK
+        };
+        (*e).flags = flags;
+        (*e).base_len = blen as u32;
+        (*e).user_len = ulen as u32;
+        emit(s, EventKind::Chmod, core::mem::size_of::<ChmodEvent>(), blen + ulen);
+    }
+}
+
+#[inline(always)]
+unsafe fn on_rename(task: u64, ret: i64, a: &[u64; 4]) {
+    if ret != 0 {
+        return;
+    }
+    unsafe {
+        let Some(s) = scratch() else { return };
+        let e: *mut RenameEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Rename, task);
+        let t = tail(s);
+        let (blen, flags) = walk_base(s, t, task, a[2] as i64, a[3]);
+        let blen = blen & PATH_MASK;
+        let nlen = read_user_str(t.add(blen as usize), a[3]) & USER_LEN_MASK;
+        let olen = read_user_str(t.add((blen + nlen) as usize), a[1]) & USER_LEN_MASK;
+        (*e).flags = flags;
+        (*e).old_dirfd_differs = (a[0] as u32 != a[2] as u32) as u32;
+        (*e).base_len = blen as u32;
+        (*e).new_len = nlen as u32;
+        (*e).old_len = olen as u32;
+        (*e)._reserved = 0;
+        emit(s, EventKind::Rename, core::mem::size_of::<RenameEvent>(), blen + nlen + olen);
+    }
+}
+
+#[inline(always)]
+unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
+    unsafe {
+        let Some(s) = scratch() else { return };
+        let e: *mut ConnectEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Connect, task);
+        let addr = a[1];
+        let family: u16 = bpf_probe_read_user(addr as *const u16).unwrap_or(0);
+        let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
+        (*e).family = family;
+        (*e).dport = u16::from_be(port);
+        (*e).ret = ret as i32;
+        (*e).daddr = [0u8; 16];
+        (*e).saddr = [0u8; 16];
+        if family == AF_INET {
+            let v: [u8; 4] = bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
+            (*e).daddr = [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        } else {
+            (*e).daddr = bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16]);
+        }
+        (*e).protocol = 0;
+        (*e).sock_type = 0;
+        (*e).sport = 0;
+        (*e)._reserved = 0;
+        if let Some(file) = fd_file(task, a[0]) {
+            let sock: u64 = rd(file, off!(file_private_data)).unwrap_or(0);
+            let sk: u64 = rd(sock, off!(socket_sk)).unwrap_or(0);
+            if sk != 0 {
+                (*e).sock_type = rd(sk, off!(sk_type)).unwrap_or(0);
+                (*e).protocol = rd(sk, off!(sk_protocol)).unwrap_or(0);
+                (*e).sport = rd(sk, off!(sk_num)).unwrap_or(0);
+                if family == AF_INET {
+                    let v: [u8; 4] = rd(sk, off!(sk_rcv_saddr)).unwrap_or([0; 4]);
+                    (*e).saddr = [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                } else {
+                    (*e).saddr = rd(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
+                }
+            }
+        }
+        emit(s, EventKind::Connect, core::mem::size_of::<ConnectEvent>(), 0);
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

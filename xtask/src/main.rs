@@ -1,0 +1,246 @@
+//! Developer tasks for vigil: `cargo xtask <command>` (see `cargo xtask --help`).
+
+mod bench;
+mod prom;
+mod setup;
+mod util;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::setup::TracefsPolicy;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run, test and benchmark vigil",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build needs (idempotent)
+    ///
+    /// Checks each item and skips what is present: the nightly toolchain
+    /// (error if missing), its rust-src component, bpf-linker 0.10.3
+    /// (`cargo +nightly install bpf-linker@0.10.3 --locked`, in ~/.cargo/bin)
+    /// and a tracefs mount at /sys/kernel/tracing (mounting needs root).
+    Setup,
+
+    /// Set up, build and run the agent
+    ///
+    /// Runs setup, `cargo build -p vigil-agent` (--release if asked), then
+    /// executes target/{debug,release}/vigil-agent. It must run as root: when
+    /// not root, the agent is started under sudo if available. Arguments after
+    /// `--` go to the agent; default: `--events-json -` (JSON lines on stdout).
+    Run {
+        /// Build and run the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for vigil-agent.
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+
+    /// Build the agent, run all tests, clippy and rustfmt (what CI runs)
+    ///
+    /// Runs setup (plus clippy/rustfmt components), `cargo build -p
+    /// vigil-agent`, `cargo test --workspace` with VIGIL_AGENT_BIN set to the
+    /// absolute path of target/debug/vigil-agent, `cargo clippy --workspace
+    /// --all-targets -- -D warnings` and `cargo fmt --all -- --check`.
+    /// Arguments after `--` are appended to `cargo test` (with `-p`, the
+    /// `--workspace` flag is dropped). Test, clippy and fmt all run even if
+    /// one fails; a summary names the failed steps and the exit code is
+    /// non-zero. The end-to-end tests need root.
+    Test {
+        /// Per-step timeout in minutes (build, test, clippy, fmt); the step's
+        /// process group is killed when it expires.
+        #[arg(long, default_value_t = 45)]
+        step_timeout_mins: u64,
+        /// Extra arguments for `cargo test` (e.g. `-- -- --test-threads=1`).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+
+    /// Exec-storm benchmark of the agent's overhead (needs root)
+    ///
+    /// Builds the agent (release), then runs alternating windows without and
+    /// with the agent while threads spawn and wait for /bin/true as fast as
+    /// they can. The agent runs with `--events-json <out>/events.jsonl
+    /// --metrics-addr 127.0.0.1:<free port>`; the storm starts once its
+    /// /metrics answers. Reports per window and as medians: exec/s without and
+    /// with the agent and their ratio, decoded exec events/s, kernel
+    /// ring-buffer drops, decode errors, agent RSS (max/mean) and CPU (% of one
+    /// core). Prints a table and writes <out>/exec-storm.json. Every wait is
+    /// bounded.
+    Bench(bench::BenchArgs),
+
+    /// Run only the exec-storm generator (no agent, no build)
+    ///
+    /// For calibrating the machine or checking the benchmark's plumbing.
+    Storm {
+        /// Duration in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Generator threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Program to spawn.
+        #[arg(long, default_value = "/bin/true")]
+        program: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(err) = dispatch(cli.command) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(command: Cmd) -> Result<()> {
+    match command {
+        Cmd::Setup => setup::setup(TracefsPolicy::Require),
+        Cmd::Run {
+            release,
+            agent_args,
+        } => run(release, agent_args),
+        Cmd::Test {
+            step_timeout_mins,
+            cargo_test_args,
+        } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
+        Cmd::Bench(args) => bench::bench(args),
+        Cmd::Storm {
+            seconds,
+            threads,
+            program,
+        } => bench::storm_only(seconds, threads, &program),
+    }
+}
+
+fn build_agent(release: bool, timeout: Duration) -> util::StepResult {
+    let mut cmd = util::cargo();
+    cmd.args(["build", "-p", "vigil-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let name = if release {
+        "build agent (release)"
+    } else {
+        "build agent (debug)"
+    };
+    util::run_step(name, &mut cmd, timeout)
+}
+
+fn run(release: bool, agent_args: Vec<String>) -> Result<()> {
+    let root = util::is_root();
+    let sudo = util::which("sudo");
+    if !root && sudo.is_none() {
+        bail!("the agent loads eBPF programs and must run as root, and sudo is not available: run this as root");
+    }
+    setup::setup(TracefsPolicy::BestEffort)?;
+    let step = build_agent(release, Duration::from_secs(45 * 60));
+    if !step.ok {
+        bail!("building vigil-agent failed: {}", step.detail);
+    }
+    let bin = util::agent_bin(release);
+    let args = if agent_args.is_empty() {
+        vec!["--events-json".to_string(), "-".to_string()]
+    } else {
+        agent_args
+    };
+    let mut cmd = if root {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new(sudo.expect("checked above"));
+        c.arg("--").arg(&bin);
+        c
+    };
+    cmd.args(&args);
+    eprintln!(
+        "==> running {}{} (Ctrl-C stops it)",
+        if root { "" } else { "under sudo: " },
+        util::display_cmd(&cmd)
+    );
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot execute {}", bin.display()))
+}
+
+fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
+    if !util::is_root() {
+        eprintln!("warning: not root: the end-to-end tests load eBPF programs and need root");
+    }
+    let mut steps = Vec::new();
+    let setup_start = std::time::Instant::now();
+    let prepared =
+        setup::setup(TracefsPolicy::BestEffort).and_then(|_| setup::ensure_lint_components());
+    steps.push(util::StepResult {
+        name: "setup".into(),
+        ok: prepared.is_ok(),
+        detail: prepared
+            .as_ref()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default(),
+        elapsed: setup_start.elapsed(),
+    });
+    if let Err(err) = prepared {
+        eprintln!("error: {err:#}");
+        return util::summarize(&steps);
+    }
+
+    let build = build_agent(false, step_timeout);
+    let built = build.ok;
+    steps.push(build);
+    if !built {
+        return util::summarize(&steps);
+    }
+
+    let agent = util::agent_bin(false);
+    let mut cmd = util::cargo();
+    cmd.arg("test");
+    // `-p`/`--package` narrows the run: then --workspace would conflict.
+    let narrowed = cargo_test_args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-p" || a.starts_with("--package") || a.starts_with("-p"));
+    if !narrowed {
+        cmd.arg("--workspace");
+    }
+    cmd.args(&cargo_test_args).env("VIGIL_AGENT_BIN", &agent);
+    steps.push(util::run_step("cargo test", &mut cmd, step_timeout));
+    if util::interrupted() {
+        return util::summarize(&steps);
+    }
+
+    let mut cmd = util::cargo();
+    cmd.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    steps.push(util::run_step("cargo clippy", &mut cmd, step_timeout));
+    if util::interrupted() {
+        return util::summarize(&steps);
+    }
+
+    let mut cmd = util::cargo();
+    cmd.args(["fmt", "--all", "--", "--check"]);
+    steps.push(util::run_step("cargo fmt --check", &mut cmd, step_timeout));
+
+    util::summarize(&steps)
+}
