@@ -1,0 +1,242 @@
+//! Helpers for vigil's end-to-end tests: start the real `vigil-agent`
+//! binary (which loads the real eBPF programs into the running kernel), read
+//! its JSON events and its metrics.
+//!
+//! The agent binary comes from `VIGIL_AGENT_BIN` (set by `cargo xtask test`)
+//! or `target/debug/vigil-agent`. Tests need root.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of the agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIGIL_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vigil-agent");
+    assert!(
+        p.exists(),
+        "agent binary not found at {}: run the suite with `cargo xtask test` (it builds the agent first)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test early, with a clear message, when not root.
+pub fn require_root() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "vigil's end-to-end tests load eBPF programs and must run as root"
+    );
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A unique marker string for this test run.
+pub fn marker(tag: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("vigil-{tag}-{}-{t}", std::process::id())
+}
+
+/// A running agent; stopped with SIGINT on drop.
+pub struct Agent {
+    child: Option<Child>,
+    /// Directory holding the agent's output.
+    pub dir: tempfile::TempDir,
+    /// The JSON lines events file.
+    pub events_path: PathBuf,
+    /// Metrics address.
+    pub metrics_addr: String,
+    stderr_lines: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    /// Starts the agent and waits until it reports ready (at most 120 s: the
+    /// first load verifies every program).
+    pub fn start(extra: &[&str]) -> Agent {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("vigil-e2e")
+            .tempdir()
+            .expect("temp dir");
+        let events_path = dir.path().join("events.jsonl");
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(agent_bin())
+            .arg("--events-json")
+            .arg(&events_path)
+            .arg("--metrics-addr")
+            .arg(&metrics_addr)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning vigil-agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let ready = line.contains("vigil-agent: ready");
+                    log.push(line);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("agent did not become ready; its log:\n{}", log.join("\n"));
+                }
+            }
+        }
+        Agent {
+            child: Some(child),
+            dir,
+            events_path,
+            metrics_addr,
+            stderr_lines: rx,
+        }
+    }
+
+    /// Every event written so far.
+    pub fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.events_path).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.ends_with('}'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits (at most `timeout`) until `pred` holds for the events seen.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let evs = self.events();
+            if pred(&evs) {
+                return evs;
+            }
+            if Instant::now() > deadline {
+                return evs;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the first event matching `pred`; panics with context if none.
+    pub fn expect_event(&self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let evs = self.wait_until(Duration::from_secs(20), |evs| evs.iter().any(&mut pred));
+        evs.into_iter()
+            .find(|e| pred(e))
+            .unwrap_or_else(|| panic!("no event for {what} (events file {})", self.events_path.display()))
+    }
+
+    /// The Prometheus exposition text.
+    pub fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(&self.metrics_addr).expect("metrics connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// A metric sample's value (`name{labels}` exactly as exposed), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Stops the agent with SIGINT; returns its exit status and the rest of
+    /// its log.
+    pub fn stop(&mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let mut child = self.child.take().expect("agent already stopped");
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not stop within 30 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let rest = self.stderr_lines.try_iter().collect();
+        (status, rest)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Field accessors for event JSON.
+pub trait EventExt {
+    /// "type".
+    fn kind(&self) -> &str;
+    /// "pid".
+    fn pid(&self) -> u64;
+    /// A string field.
+    fn str_of(&self, k: &str) -> &str;
+    /// argv as strings.
+    fn argv(&self) -> Vec<String>;
+}
+
+impl EventExt for Value {
+    fn kind(&self) -> &str {
+        self["type"].as_str().unwrap_or("")
+    }
+    fn pid(&self) -> u64 {
+        self["pid"].as_u64().unwrap_or(0)
+    }
+    fn str_of(&self, k: &str) -> &str {
+        self[k].as_str().unwrap_or("")
+    }
+    fn argv(&self) -> Vec<String> {
+        self["argv"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+}

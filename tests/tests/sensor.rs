@@ -1,0 +1,304 @@
+//! End to end, on the real kernel: the agent binary loads the real eBPF
+//! programs; these tests make the machine do things and check what the agent
+//! reports.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use vigil_tests::{marker, Agent, EventExt};
+
+fn realpath(p: &str) -> String {
+    std::fs::canonicalize(p).unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn exec_has_filename_argv_ppid_and_ancestry() {
+    let agent = Agent::start(&[]);
+    let m = marker("exec");
+    let mut sh = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("/bin/echo {m} a b >/dev/null; exit 0"))
+        .spawn()
+        .unwrap();
+    let sh_pid = sh.id() as u64;
+    sh.wait().unwrap();
+    let ev = agent.expect_event("echo exec", |e| {
+        e.kind() == "exec" && e.argv().get(1) == Some(&m)
+    });
+    assert_eq!(ev.str_of("exe"), realpath("/bin/echo"));
+    assert_eq!(ev.argv(), ["/bin/echo", m.as_str(), "a", "b"]);
+    assert_eq!(ev["ppid"].as_u64(), Some(sh_pid), "ppid is the shell");
+    let anc = ev["ancestry"].as_array().expect("ancestry");
+    assert_eq!(anc[0]["pid"].as_u64(), Some(sh_pid));
+    assert_eq!(anc[0]["exe"].as_str(), Some(realpath("/bin/sh").as_str()));
+    // The shell's parent is this test process, which started before the agent:
+    // its ancestry comes from the /proc bootstrap.
+    assert_eq!(anc[1]["pid"].as_u64(), Some(std::process::id() as u64));
+    assert!(
+        anc.last().unwrap()["pid"].as_u64() == Some(1),
+        "ancestry reaches init: {anc:?}"
+    );
+    assert_eq!(ev["process"]["workload"]["kind"].as_str().is_some(), true);
+}
+
+/// Connects from this process and returns the events for it.
+fn connect_events(agent: &Agent, dport: u16, n: usize) -> Vec<Value> {
+    let me = std::process::id() as u64;
+    let evs = agent.wait_until(Duration::from_secs(20), |evs| {
+        evs.iter()
+            .filter(|e| e.kind() == "connect" && e.pid() == me && e["dport"].as_u64() == Some(dport as u64))
+            .count()
+            >= n
+    });
+    evs.into_iter()
+        .filter(|e| e.kind() == "connect" && e.pid() == me && e["dport"].as_u64() == Some(dport as u64))
+        .collect()
+}
+
+#[test]
+fn connect_v4_v6_tcp_udp() {
+    let agent = Agent::start(&[]);
+    for (addr, family) in [("127.0.0.1:0", "v4"), ("[::1]:0", "v6")] {
+        let l = TcpListener::bind(addr).unwrap();
+        let dst = l.local_addr().unwrap();
+        let c = TcpStream::connect(dst).unwrap();
+        let src = c.local_addr().unwrap();
+        let evs = connect_events(&agent, dst.port(), 1);
+        let e = evs.first().unwrap_or_else(|| panic!("no tcp {family} connect event"));
+        assert_eq!(e["protocol"], "tcp");
+        assert_eq!(e["daddr"].as_str().unwrap(), dst.ip().to_string());
+        assert_eq!(e["saddr"].as_str().unwrap(), src.ip().to_string());
+        assert_eq!(e["sport"].as_u64(), Some(src.port() as u64), "{family} source port");
+        assert_eq!(e["ret"].as_i64(), Some(0));
+
+        let u = UdpSocket::bind(addr).unwrap();
+        let target = UdpSocket::bind(addr).unwrap();
+        let tdst = target.local_addr().unwrap();
+        u.connect(tdst).unwrap();
+        let evs = connect_events(&agent, tdst.port(), 1);
+        let e = evs.first().unwrap_or_else(|| panic!("no udp {family} connect event"));
+        assert_eq!(e["protocol"], "udp");
+        assert_eq!(e["daddr"].as_str().unwrap(), tdst.ip().to_string());
+        assert_eq!(e["sport"].as_u64(), Some(u.local_addr().unwrap().port() as u64));
+    }
+}
+
+#[test]
+fn file_write_is_reported_once_per_process_and_file() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(marker("write"));
+    for i in 0..20 {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        writeln!(f, "line {i}").unwrap();
+    }
+    // A read-only open is not a write.
+    let _ = std::fs::read(&path).unwrap();
+    let p = path.to_string_lossy().into_owned();
+    let me = std::process::id() as u64;
+    agent.expect_event("file write", |e| e.kind() == "file_open" && e.str_of("path") == p);
+    std::thread::sleep(Duration::from_millis(500));
+    let n = agent
+        .events()
+        .iter()
+        .filter(|e| e.kind() == "file_open" && e.str_of("path") == p && e.pid() == me)
+        .count();
+    assert_eq!(n, 1, "20 write opens of one file by one process give one event");
+    // Another process writing the same file is reported too.
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("echo more >> '{p}'"))
+        .status()
+        .unwrap();
+    agent.expect_event("second writer", |e| {
+        e.kind() == "file_open" && e.str_of("path") == p && e.pid() != me
+    });
+}
+
+#[test]
+fn chmod_exec_and_setuid_are_seen_with_absolute_paths() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let name = marker("chmod");
+    let path = dir.path().join(&name);
+    std::fs::write(&path, b"#!/bin/sh\n").unwrap();
+    // Relative path from a shell whose cwd is the directory: the agent must
+    // resolve it against the cwd.
+    let st = Command::new("/bin/chmod")
+        .arg("+x")
+        .arg(&name)
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let p = path.to_string_lossy().into_owned();
+    let e = agent.expect_event("chmod +x", |e| e.kind() == "chmod" && e.str_of("path") == p);
+    assert_ne!(e["mode"].as_u64().unwrap() & 0o111, 0);
+    // setuid from this process (absolute path).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let e = agent.expect_event("setuid", |e| {
+        e.kind() == "chmod"
+            && e.str_of("path") == p
+            && e["mode"].as_u64().unwrap_or(0) & 0o4000 != 0
+    });
+    assert_eq!(e.pid(), std::process::id() as u64);
+    // Removing bits is not reported.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let n = agent
+        .events()
+        .iter()
+        .filter(|e| e.kind() == "chmod" && e.str_of("path") == p)
+        .count();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn rename_into_place_is_seen() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let from = dir.path().join(marker("tmp"));
+    let to = dir.path().join(marker("final"));
+    std::fs::write(&from, b"x").unwrap();
+    std::fs::rename(&from, &to).unwrap();
+    let e = agent.expect_event("rename", |e| {
+        e.kind() == "rename" && e.str_of("new_path") == to.to_string_lossy()
+    });
+    assert_eq!(e.str_of("old_path"), from.to_string_lossy());
+}
+
+#[test]
+fn exec_burst_of_2000_arrives_complete_with_parents() {
+    let agent = Agent::start(&[]);
+    let m = marker("burst");
+    let mut sh = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "i=0; while [ $i -lt 2000 ]; do /bin/true {m} $i; i=$((i+1)); done"
+        ))
+        .spawn()
+        .unwrap();
+    let sh_pid = sh.id() as u64;
+    assert!(sh.wait().unwrap().success());
+    let is_burst = |e: &Value| e.kind() == "exec" && e.argv().get(1) == Some(&m);
+    let evs = agent.wait_until(Duration::from_secs(60), |evs| {
+        evs.iter().filter(|e| is_burst(e)).count() >= 2000
+    });
+    let burst: Vec<&Value> = evs.iter().filter(|e| is_burst(e)).collect();
+    assert_eq!(burst.len(), 2000, "every exec of the burst is reported");
+    let seen: HashSet<String> = burst.iter().map(|e| e.argv()[2].clone()).collect();
+    assert_eq!(seen.len(), 2000, "no duplicates, none missing");
+    for e in &burst {
+        assert_eq!(e["ppid"].as_u64(), Some(sh_pid));
+        assert_eq!(e["ancestry"][0]["pid"].as_u64(), Some(sh_pid), "parent in the tree: {e}");
+    }
+    // Give the 1 s housekeeping tick time to publish kernel counters.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.metric("vigil_kernel_dropped_total{kind=\"exec\"}"), 0.0);
+    assert!(agent.metric("vigil_kernel_events_total{kind=\"exec\"}") >= 2000.0);
+    assert_eq!(agent.metric("vigil_decode_errors_total"), 0.0);
+}
+
+#[test]
+fn processes_started_before_the_agent_have_ancestry() {
+    let m = marker("pre");
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // A shell started before the agent, which execs a child once told to.
+    let mut sh = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e '{}' ]; do sleep 0.05; done; /bin/echo {m} >/dev/null",
+            go.display()
+        ))
+        .spawn()
+        .unwrap();
+    let sh_pid = sh.id() as u64;
+    let agent = Agent::start(&[]);
+    std::fs::write(&go, b"").unwrap();
+    sh.wait().unwrap();
+    let e = agent.expect_event("child of a pre-existing shell", |e| {
+        e.kind() == "exec" && e.argv().get(1) == Some(&m)
+    });
+    let anc = e["ancestry"].as_array().unwrap();
+    assert_eq!(anc[0]["pid"].as_u64(), Some(sh_pid));
+    assert_eq!(anc[0]["exe"].as_str(), Some(realpath("/bin/sh").as_str()));
+    assert!(anc[0]["argv"].as_array().unwrap().len() >= 3, "argv from /proc");
+    assert_eq!(anc[1]["pid"].as_u64(), Some(std::process::id() as u64));
+}
+
+#[test]
+fn fork_and_exit_keep_the_tree_current() {
+    let agent = Agent::start(&[]);
+    let m = marker("exit");
+    let mut sh = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("/bin/sh -c 'exit 7' {m}; exit 3"))
+        .spawn()
+        .unwrap();
+    let sh_pid = sh.id() as u64;
+    assert_eq!(sh.wait().unwrap().code(), Some(3));
+    let e = agent.expect_event("exit 3", |e| e.kind() == "exit" && e.pid() == sh_pid);
+    assert_eq!(e["exit_code"].as_u64(), Some(3));
+    let child = agent.expect_event("inner exec", |e| {
+        e.kind() == "exec" && e.argv().iter().any(|a| a == &m)
+    });
+    let cpid = child.pid();
+    agent.expect_event("fork of the inner shell", |e| {
+        e.kind() == "fork" && e.pid() == cpid && e["ppid"].as_u64() == Some(sh_pid)
+    });
+    let e = agent.expect_event("exit 7", |e| e.kind() == "exit" && e.pid() == cpid);
+    assert_eq!(e["exit_code"].as_u64(), Some(7));
+}
+
+#[test]
+fn shuts_down_cleanly_on_sigint() {
+    let mut agent = Agent::start(&[]);
+    let (status, _log) = agent.stop();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "ring_buffer_bytes = 1000\n").unwrap();
+    let out = Command::new(vigil_tests::agent_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ring_buffer_bytes must be a power of two"), "{err}");
+    std::fs::write(&cfg, "no_such_option = true\n").unwrap();
+    let out = Command::new(vigil_tests::agent_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_option"));
+}
+
+#[test]
+fn disabled_hook_groups_are_reported_and_the_rest_works() {
+    let agent = Agent::start(&["--disable", "connect"]);
+    let m = marker("degrade");
+    Command::new("/bin/echo").arg(&m).output().unwrap();
+    agent.expect_event("exec still reported", |e| {
+        e.kind() == "exec" && e.argv().get(1) == Some(&m)
+    });
+    let metrics = agent.metrics();
+    assert!(metrics.contains("vigil_hook_attached{hook=\"raw_tp/sched_process_exec\"} 1"));
+    assert!(!metrics.contains("hook=\"syscalls/connect\"} 1"));
+}
