@@ -302,3 +302,30 @@ fn disabled_hook_groups_are_reported_and_the_rest_works() {
     assert!(metrics.contains("vigil_hook_attached{hook=\"raw_tp/sched_process_exec\"} 1"));
     assert!(!metrics.contains("hook=\"syscalls/connect\"} 1"));
 }
+
+#[test]
+fn fileless_exec_from_memfd_is_flagged() {
+    use std::os::unix::process::CommandExt;
+    let agent = Agent::start(&[]);
+    let m = marker("memfd");
+    let name = std::ffi::CString::new("kworker").unwrap();
+    // Not close-on-exec: the child execs it through /proc/self/fd.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create");
+    let bin = std::fs::read("/bin/true").unwrap();
+    let n = unsafe { libc::write(fd, bin.as_ptr().cast(), bin.len()) };
+    assert_eq!(n as usize, bin.len());
+    let st = Command::new(format!("/proc/self/fd/{fd}"))
+        .arg0("kworker")
+        .arg(&m)
+        .status()
+        .unwrap();
+    unsafe { libc::close(fd) };
+    assert!(st.success());
+    let e = agent.expect_event("memfd exec", |e| {
+        e.kind() == "exec" && e.argv().get(1) == Some(&m)
+    });
+    assert_eq!(e["exe_memfd"], true, "{e}");
+    assert_eq!(e.str_of("exe"), "/memfd:kworker");
+    assert_eq!(e["argv"][0], "kworker");
+}
