@@ -61,8 +61,8 @@ impl AgentConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        let cfg: Self =
-            toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+        let cfg: Self = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -136,6 +136,9 @@ mod tests {
     #[test]
     fn default_round_trips() {
         let text = toml::to_string(&AgentConfig::default()).unwrap();
-        assert_eq!(toml::from_str::<AgentConfig>(&text).unwrap(), AgentConfig::default());
+        assert_eq!(
+            toml::from_str::<AgentConfig>(&text).unwrap(),
+            AgentConfig::default()
+        );
     }
 }

@@ -56,7 +56,7 @@ fn tail<'a>(
     len: u32,
     what: &'static str,
 ) -> Result<&'a [u8], DecodeError> {
-    let end = off.checked_add(len as usize).unwrap_or(usize::MAX);
+    let end = off.saturating_add(len as usize);
     buf.get(off..end).ok_or(DecodeError::Truncated {
         what,
         need: end,
@@ -140,7 +140,12 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::FileOpen => {
             let e: raw::FileOpenEvent = read(buf, "file_open")?;
-            let path = tail(buf, size_of::<raw::FileOpenEvent>(), e.path_len, "file path")?;
+            let path = tail(
+                buf,
+                size_of::<raw::FileOpenEvent>(),
+                e.path_len,
+                "file path",
+            )?;
             Payload::FileOpen(FileOpen {
                 path: walked_path(path),
                 flags: e.open_flags,
@@ -321,7 +326,9 @@ mod tests {
 
     #[test]
     fn argv_is_capped_at_16() {
-        let many: Vec<u8> = (0..20).flat_map(|i| format!("a{i}\0").into_bytes()).collect();
+        let many: Vec<u8> = (0..20)
+            .flat_map(|i| format!("a{i}\0").into_bytes())
+            .collect();
         let ev = decode(&exec_record(b"x\0", &many)).unwrap();
         let Payload::Exec(e) = ev.payload else {
             panic!()

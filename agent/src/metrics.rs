@@ -76,9 +76,21 @@ impl Metrics {
             "Records dropped in the kernel because the ring buffer was full",
             self.kernel_dropped.clone(),
         );
-        r.register("decode_errors", "Malformed records refused by the decoder", self.decode_errors.clone());
-        r.register("process_tree_size", "Processes held in the process tree", self.tree_size.clone());
-        r.register("process_tree_reaped", "Exited processes reaped from the tree", self.tree_reaped.clone());
+        r.register(
+            "decode_errors",
+            "Malformed records refused by the decoder",
+            self.decode_errors.clone(),
+        );
+        r.register(
+            "process_tree_size",
+            "Processes held in the process tree",
+            self.tree_size.clone(),
+        );
+        r.register(
+            "process_tree_reaped",
+            "Exited processes reaped from the tree",
+            self.tree_reaped.clone(),
+        );
         r.register(
             "process_tree_rejected",
             "Processes not added because the tree was full",
@@ -89,11 +101,31 @@ impl Metrics {
             "Highest ring buffer fill seen by the kernel programs",
             self.ringbuf_max_fill.clone(),
         );
-        r.register("file_dedup", "File opens suppressed by in-kernel de-duplication", self.file_dedup.clone());
-        r.register("inflight_full", "Syscalls untracked because the in-flight table was full", self.inflight_full.clone());
-        r.register("kernel_read_errors", "Kernel pointer reads that failed", self.kernel_read_errors.clone());
-        r.register("hook_attached", "1 if the hook is attached, 0 if unavailable", self.hook_attached.clone());
-        r.register("output_errors", "Failures writing event output", self.output_errors.clone());
+        r.register(
+            "file_dedup",
+            "File opens suppressed by in-kernel de-duplication",
+            self.file_dedup.clone(),
+        );
+        r.register(
+            "inflight_full",
+            "Syscalls untracked because the in-flight table was full",
+            self.inflight_full.clone(),
+        );
+        r.register(
+            "kernel_read_errors",
+            "Kernel pointer reads that failed",
+            self.kernel_read_errors.clone(),
+        );
+        r.register(
+            "hook_attached",
+            "1 if the hook is attached, 0 if unavailable",
+            self.hook_attached.clone(),
+        );
+        r.register(
+            "output_errors",
+            "Failures writing event output",
+            self.output_errors.clone(),
+        );
         r
     }
 
@@ -110,7 +142,9 @@ impl Metrics {
     pub fn set_hooks(&self, hooks: &[HookStatus]) {
         for h in hooks {
             self.hook_attached
-                .get_or_create(&HookLabel { hook: h.hook.clone() })
+                .get_or_create(&HookLabel {
+                    hook: h.hook.clone(),
+                })
                 .set(h.error.is_none() as i64);
         }
     }
@@ -138,9 +172,12 @@ impl Metrics {
                 .get_or_create(&label)
                 .inc_by(delta(raw::stat_dropped(k), &mut last));
         }
-        self.file_dedup.inc_by(delta(raw::STAT_FILE_DEDUP, &mut last));
-        self.inflight_full.inc_by(delta(raw::STAT_STASH_FULL, &mut last));
-        self.kernel_read_errors.inc_by(delta(raw::STAT_READ_ERRORS, &mut last));
+        self.file_dedup
+            .inc_by(delta(raw::STAT_FILE_DEDUP, &mut last));
+        self.inflight_full
+            .inc_by(delta(raw::STAT_STASH_FULL, &mut last));
+        self.kernel_read_errors
+            .inc_by(delta(raw::STAT_READ_ERRORS, &mut last));
         self.ringbuf_max_fill
             .set(now[raw::STAT_RINGBUF_MAX_FILL as usize] as i64);
     }
@@ -159,10 +196,16 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
                     let mut body = String::new();
                     match prometheus_client::encoding::text::encode(&mut body, &registry) {
                         Ok(()) => (
-                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
                             body,
                         ),
-                        Err(e) => ([(header::CONTENT_TYPE, "text/plain")], format!("encoding error: {e}")),
+                        Err(e) => (
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            format!("encoding error: {e}"),
+                        ),
                     }
                 }
             }),

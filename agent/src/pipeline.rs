@@ -80,7 +80,9 @@ impl JsonLinesSink {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| anyhow::anyhow!("opening events output {}: {e}", path.display()))?,
+                    .map_err(|e| {
+                        anyhow::anyhow!("opening events output {}: {e}", path.display())
+                    })?,
             )
         };
         Ok(Self {
@@ -235,7 +237,8 @@ impl Pipeline {
         let st = self.tree.stats();
         self.metrics.tree_size.set(self.tree.len() as i64);
         let m = &self.metrics;
-        m.tree_reaped.inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
+        m.tree_reaped
+            .inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
         m.tree_rejected
             .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
     }

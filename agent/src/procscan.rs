@@ -18,7 +18,10 @@ pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyho
         let Ok(p) = p else { continue };
         let Ok(stat) = p.stat() else { continue };
         let pid = stat.pid as u32;
-        let exe = p.exe().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+        let exe = p
+            .exe()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let argv = p.cmdline().unwrap_or_default();
         let (uid, euid) = p
             .status()

@@ -12,7 +12,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
-use vigil_sensor_common::{KernelOffsets, SensorConfig, EventKind, STATS_SLOTS};
+use vigil_sensor_common::{EventKind, KernelOffsets, SensorConfig, STATS_SLOTS};
 
 /// The compiled eBPF object, built by build.rs.
 static SENSOR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-sensor"));
@@ -155,12 +155,25 @@ impl Sensor {
                 continue;
             }
             let (name, result) = match hook.attach {
-                Attach::RawTp(tp) => (format!("raw_tp/{tp}"), attach_raw(&mut ebpf, hook.program, tp)),
+                Attach::RawTp(tp) => (
+                    format!("raw_tp/{tp}"),
+                    attach_raw(&mut ebpf, hook.program, tp),
+                ),
                 Attach::Syscall(sc) => {
-                    let r = attach_tp(&mut ebpf, hook.program, &format!("sys_enter_{sc}"), &mut false)
-                        .and_then(|()| {
-                            attach_tp(&mut ebpf, SYS_EXIT_PROGRAM, &format!("sys_exit_{sc}"), &mut exit_loaded)
-                        });
+                    let r = attach_tp(
+                        &mut ebpf,
+                        hook.program,
+                        &format!("sys_enter_{sc}"),
+                        &mut false,
+                    )
+                    .and_then(|()| {
+                        attach_tp(
+                            &mut ebpf,
+                            SYS_EXIT_PROGRAM,
+                            &format!("sys_exit_{sc}"),
+                            &mut exit_loaded,
+                        )
+                    });
                     (format!("syscalls/{sc}"), r)
                 }
             };
@@ -169,7 +182,9 @@ impl Sensor {
                 Err(e) if hook.feature == Feature::Process => {
                     bail!("required hook {name} could not be attached: {e:#}")
                 }
-                Err(e) => warn!(hook = %name, error = %format!("{e:#}"), "hook unavailable; carrying on without it"),
+                Err(e) => {
+                    warn!(hook = %name, error = %format!("{e:#}"), "hook unavailable; carrying on without it")
+                }
             }
             hooks.push(HookStatus {
                 hook: name,
@@ -178,7 +193,11 @@ impl Sensor {
             });
         }
         let ok = hooks.iter().filter(|h| h.error.is_none()).count();
-        info!(attached = ok, unavailable = hooks.len() - ok, "sensor loaded");
+        info!(
+            attached = ok,
+            unavailable = hooks.len() - ok,
+            "sensor loaded"
+        );
 
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)
             .context("EVENTS map")?;
@@ -237,7 +256,8 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> anyhow::Result<()> {
         .with_context(|| format!("program {program} missing from object"))?
         .try_into()?;
     p.load().with_context(|| format!("loading {program}"))?;
-    p.attach(tp).with_context(|| format!("attaching {program} to raw tracepoint {tp}"))?;
+    p.attach(tp)
+        .with_context(|| format!("attaching {program} to raw tracepoint {tp}"))?;
     Ok(())
 }
 
@@ -258,7 +278,10 @@ fn attach_tp(ebpf: &mut Ebpf, program: &str, name: &str, loaded: &mut bool) -> a
 /// Syscall tracepoints need tracefs; mount it if nobody has.
 fn ensure_tracefs() {
     let candidates = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-    if candidates.iter().any(|d| Path::new(d).join("events").exists()) {
+    if candidates
+        .iter()
+        .any(|d| Path::new(d).join("events").exists())
+    {
         return;
     }
     match nix::mount::mount(
@@ -269,7 +292,9 @@ fn ensure_tracefs() {
         None::<&str>,
     ) {
         Ok(()) => info!("mounted tracefs at /sys/kernel/tracing"),
-        Err(e) => warn!(error = %e, "tracefs is not mounted and could not be mounted: syscall hooks will be unavailable"),
+        Err(e) => {
+            warn!(error = %e, "tracefs is not mounted and could not be mounted: syscall hooks will be unavailable")
+        }
     }
 }
 

@@ -117,9 +117,7 @@ impl ProcessTree {
 
     /// Inserts a process found by scanning /proc (bootstrap).
     pub fn insert(&mut self, p: Process) {
-        if self.make_room(p.pid) {
-            self.procs.insert(p.pid, p);
-        }
+        self.upsert(p);
     }
 
     /// Applies an exec/fork/exit event; other kinds only register an unknown
@@ -132,7 +130,12 @@ impl ProcessTree {
                 let (exe, argv, euid, workload) = match parent {
                     Some(p) if p.cgroup_id == ev.cgroup_id => (p.exe, p.argv, p.euid, p.workload),
                     Some(p) => (p.exe, p.argv, p.euid, workload_of(ev.pid, ev.cgroup_id)),
-                    None => (String::new(), Vec::new(), ev.uid, workload_of(ev.pid, ev.cgroup_id)),
+                    None => (
+                        String::new(),
+                        Vec::new(),
+                        ev.uid,
+                        workload_of(ev.pid, ev.cgroup_id),
+                    ),
                 };
                 self.upsert(Process {
                     pid: ev.pid,
@@ -150,7 +153,9 @@ impl ProcessTree {
             }
             Payload::Exec(x) => {
                 let workload = match self.procs.get(&ev.pid) {
-                    Some(p) if p.cgroup_id == ev.cgroup_id && p.start_boot_ns == ev.start_boot_ns => {
+                    Some(p)
+                        if p.cgroup_id == ev.cgroup_id && p.start_boot_ns == ev.start_boot_ns =>
+                    {
                         p.workload.clone()
                     }
                     _ => match self.procs.get(&x.ppid) {
@@ -193,9 +198,8 @@ impl ProcessTree {
     }
 
     fn upsert(&mut self, p: Process) {
-        if self.procs.contains_key(&p.pid) {
-            self.procs.insert(p.pid, p);
-        } else if self.make_room(p.pid) {
+        // make_room is a no-op for a pid already held.
+        if self.make_room(p.pid) {
             self.procs.insert(p.pid, p);
         }
     }
@@ -358,7 +362,14 @@ mod tests {
             t.apply(&ev(pid, pid as u64, Payload::Fork { ppid: 1 }), &mut w);
             t.apply(&exec(pid, 1, "/bin/true"), &mut w);
             t.apply(
-                &ev(pid, pid as u64, Payload::Exit { exit_code: Some(0), signal: None }),
+                &ev(
+                    pid,
+                    pid as u64,
+                    Payload::Exit {
+                        exit_code: Some(0),
+                        signal: None,
+                    },
+                ),
                 &mut w,
             );
             assert!(t.len() <= 50);

@@ -76,7 +76,9 @@ impl WorkloadCache {
             if visited > 20_000 {
                 return None;
             }
-            let Ok(md) = std::fs::metadata(&dir) else { continue };
+            let Ok(md) = std::fs::metadata(&dir) else {
+                continue;
+            };
             if md.ino() == id {
                 let rel = dir.strip_prefix(root).ok()?;
                 return Some(format!("/{}", rel.display()));
@@ -84,7 +86,9 @@ impl WorkloadCache {
             if depth >= 16 {
                 continue;
             }
-            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for e in rd.flatten() {
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                     stack.push((e.path(), depth + 1));

@@ -42,9 +42,8 @@ pub const TAIL_MAX_BYTES: usize = 8192;
 /// smaller.
 pub const FIXED_MAX_BYTES: usize = 128;
 const _: () = assert!(PATH_MAX_BYTES + NAME_MAX_BUF + 2 * USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES);
-const _: () = assert!(
-    PATH_MAX_BYTES + NAME_MAX_BUF + ARGV_MAX_BYTES + USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES
-);
+const _: () =
+    assert!(PATH_MAX_BYTES + NAME_MAX_BUF + ARGV_MAX_BYTES + USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() <= FIXED_MAX_BYTES);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() <= FIXED_MAX_BYTES);
 

@@ -290,7 +290,11 @@ unsafe fn fd_file(task: u64, fd: u64) -> Option<u64> {
         }
         let arr: u64 = rd(fdt, off!(fdtable_fd)).ok()?;
         let file: u64 = rd(arr, fd * 8).ok()?;
-        if file == 0 { None } else { Some(file) }
+        if file == 0 {
+            None
+        } else {
+            Some(file)
+        }
     }
 }
 
@@ -310,7 +314,13 @@ unsafe fn walk_file(s: *mut Scratch, dst: *mut u8, file: u64) -> (u64, u32) {
 /// Walks the directory a path argument is relative to: nothing for an
 /// absolute path, the cwd for AT_FDCWD, else the directory fd.
 #[inline(always)]
-unsafe fn walk_base(s: *mut Scratch, dst: *mut u8, task: u64, dirfd: i64, user_path: u64) -> (u64, u32) {
+unsafe fn walk_base(
+    s: *mut Scratch,
+    dst: *mut u8,
+    task: u64,
+    dirfd: i64,
+    user_path: u64,
+) -> (u64, u32) {
     unsafe {
         let first: u8 = bpf_probe_read_user(user_path as *const u8).unwrap_or(b'/');
         if first == b'/' {
@@ -350,7 +360,11 @@ unsafe fn read_user_str(dst: *mut u8, src: u64) -> u64 {
             src as *const c_void,
         )
     };
-    if n > 0 { n as u64 } else { 0 }
+    if n > 0 {
+        n as u64
+    } else {
+        0
+    }
 }
 
 // ---- process lifecycle -----------------------------------------------------
@@ -446,7 +460,12 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         (*e).filename_len = flen as u32;
         (*e)._reserved = 0;
         (*e).flags = flags;
-        emit(s, EventKind::Exec, core::mem::size_of::<ExecEvent>(), plen + got + flen);
+        emit(
+            s,
+            EventKind::Exec,
+            core::mem::size_of::<ExecEvent>(),
+            plen + got + flen,
+        );
     }
 }
 
@@ -664,7 +683,9 @@ unsafe fn on_open(task: u64, ret: i64, open_flags: u64) {
         return;
     }
     unsafe {
-        let Some(file) = fd_file(task, ret as u64) else { return };
+        let Some(file) = fd_file(task, ret as u64) else {
+            return;
+        };
         let inode: u64 = match rd(file, off!(file_f_inode)) {
             Ok(v) => v,
             Err(_) => return,
@@ -700,7 +721,12 @@ unsafe fn on_open(task: u64, ret: i64, open_flags: u64) {
         (*e).flags = pflags;
         (*e).path_len = plen as u32;
         (*e)._reserved = 0;
-        emit(s, EventKind::FileOpen, core::mem::size_of::<FileOpenEvent>(), plen);
+        emit(
+            s,
+            EventKind::FileOpen,
+            core::mem::size_of::<FileOpenEvent>(),
+            plen,
+        );
     }
 }
 
@@ -732,7 +758,12 @@ unsafe fn on_chmod(task: u64, ret: i64, dirfd: i64, path: u64, mode: u64, fd: u6
         (*e).flags = flags;
         (*e).base_len = blen as u32;
         (*e).user_len = ulen as u32;
-        emit(s, EventKind::Chmod, core::mem::size_of::<ChmodEvent>(), blen + ulen);
+        emit(
+            s,
+            EventKind::Chmod,
+            core::mem::size_of::<ChmodEvent>(),
+            blen + ulen,
+        );
     }
 }
 
@@ -756,7 +787,12 @@ unsafe fn on_rename(task: u64, ret: i64, a: &[u64; 4]) {
         (*e).new_len = nlen as u32;
         (*e).old_len = olen as u32;
         (*e)._reserved = 0;
-        emit(s, EventKind::Rename, core::mem::size_of::<RenameEvent>(), blen + nlen + olen);
+        emit(
+            s,
+            EventKind::Rename,
+            core::mem::size_of::<RenameEvent>(),
+            blen + nlen + olen,
+        );
     }
 }
 
@@ -799,7 +835,12 @@ unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
                 }
             }
         }
-        emit(s, EventKind::Connect, core::mem::size_of::<ConnectEvent>(), 0);
+        emit(
+            s,
+            EventKind::Connect,
+            core::mem::size_of::<ConnectEvent>(),
+            0,
+        );
     }
 }
 

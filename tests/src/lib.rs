@@ -154,9 +154,12 @@ impl Agent {
     /// Waits for the first event matching `pred`; panics with context if none.
     pub fn expect_event(&self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
         let evs = self.wait_until(Duration::from_secs(20), |evs| evs.iter().any(&mut pred));
-        evs.into_iter()
-            .find(|e| pred(e))
-            .unwrap_or_else(|| panic!("no event for {what} (events file {})", self.events_path.display()))
+        evs.into_iter().find(|e| pred(e)).unwrap_or_else(|| {
+            panic!(
+                "no event for {what} (events file {})",
+                self.events_path.display()
+            )
+        })
     }
 
     /// The Prometheus exposition text.
@@ -236,7 +239,11 @@ impl EventExt for Value {
     fn argv(&self) -> Vec<String> {
         self["argv"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }

@@ -13,7 +13,10 @@ use serde_json::Value;
 use vigil_tests::{marker, Agent, EventExt};
 
 fn realpath(p: &str) -> String {
-    std::fs::canonicalize(p).unwrap().to_string_lossy().into_owned()
+    std::fs::canonicalize(p)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -43,7 +46,10 @@ fn exec_has_filename_argv_ppid_and_ancestry() {
         anc.last().unwrap()["pid"].as_u64() == Some(1),
         "ancestry reaches init: {anc:?}"
     );
-    assert_eq!(ev["process"]["workload"]["kind"].as_str().is_some(), true);
+    assert!(
+        ev["process"]["workload"]["kind"].is_string(),
+        "workload identity: {ev}"
+    );
 }
 
 /// Connects from this process and returns the events for it.
@@ -51,12 +57,16 @@ fn connect_events(agent: &Agent, dport: u16, n: usize) -> Vec<Value> {
     let me = std::process::id() as u64;
     let evs = agent.wait_until(Duration::from_secs(20), |evs| {
         evs.iter()
-            .filter(|e| e.kind() == "connect" && e.pid() == me && e["dport"].as_u64() == Some(dport as u64))
+            .filter(|e| {
+                e.kind() == "connect" && e.pid() == me && e["dport"].as_u64() == Some(dport as u64)
+            })
             .count()
             >= n
     });
     evs.into_iter()
-        .filter(|e| e.kind() == "connect" && e.pid() == me && e["dport"].as_u64() == Some(dport as u64))
+        .filter(|e| {
+            e.kind() == "connect" && e.pid() == me && e["dport"].as_u64() == Some(dport as u64)
+        })
         .collect()
 }
 
@@ -69,11 +79,17 @@ fn connect_v4_v6_tcp_udp() {
         let c = TcpStream::connect(dst).unwrap();
         let src = c.local_addr().unwrap();
         let evs = connect_events(&agent, dst.port(), 1);
-        let e = evs.first().unwrap_or_else(|| panic!("no tcp {family} connect event"));
+        let e = evs
+            .first()
+            .unwrap_or_else(|| panic!("no tcp {family} connect event"));
         assert_eq!(e["protocol"], "tcp");
         assert_eq!(e["daddr"].as_str().unwrap(), dst.ip().to_string());
         assert_eq!(e["saddr"].as_str().unwrap(), src.ip().to_string());
-        assert_eq!(e["sport"].as_u64(), Some(src.port() as u64), "{family} source port");
+        assert_eq!(
+            e["sport"].as_u64(),
+            Some(src.port() as u64),
+            "{family} source port"
+        );
         assert_eq!(e["ret"].as_i64(), Some(0));
 
         let u = UdpSocket::bind(addr).unwrap();
@@ -81,10 +97,15 @@ fn connect_v4_v6_tcp_udp() {
         let tdst = target.local_addr().unwrap();
         u.connect(tdst).unwrap();
         let evs = connect_events(&agent, tdst.port(), 1);
-        let e = evs.first().unwrap_or_else(|| panic!("no udp {family} connect event"));
+        let e = evs
+            .first()
+            .unwrap_or_else(|| panic!("no udp {family} connect event"));
         assert_eq!(e["protocol"], "udp");
         assert_eq!(e["daddr"].as_str().unwrap(), tdst.ip().to_string());
-        assert_eq!(e["sport"].as_u64(), Some(u.local_addr().unwrap().port() as u64));
+        assert_eq!(
+            e["sport"].as_u64(),
+            Some(u.local_addr().unwrap().port() as u64)
+        );
     }
 }
 
@@ -105,14 +126,19 @@ fn file_write_is_reported_once_per_process_and_file() {
     let _ = std::fs::read(&path).unwrap();
     let p = path.to_string_lossy().into_owned();
     let me = std::process::id() as u64;
-    agent.expect_event("file write", |e| e.kind() == "file_open" && e.str_of("path") == p);
+    agent.expect_event("file write", |e| {
+        e.kind() == "file_open" && e.str_of("path") == p
+    });
     std::thread::sleep(Duration::from_millis(500));
     let n = agent
         .events()
         .iter()
         .filter(|e| e.kind() == "file_open" && e.str_of("path") == p && e.pid() == me)
         .count();
-    assert_eq!(n, 1, "20 write opens of one file by one process give one event");
+    assert_eq!(
+        n, 1,
+        "20 write opens of one file by one process give one event"
+    );
     // Another process writing the same file is reported too.
     Command::new("/bin/sh")
         .arg("-c")
@@ -199,11 +225,18 @@ fn exec_burst_of_2000_arrives_complete_with_parents() {
     assert_eq!(seen.len(), 2000, "no duplicates, none missing");
     for e in &burst {
         assert_eq!(e["ppid"].as_u64(), Some(sh_pid));
-        assert_eq!(e["ancestry"][0]["pid"].as_u64(), Some(sh_pid), "parent in the tree: {e}");
+        assert_eq!(
+            e["ancestry"][0]["pid"].as_u64(),
+            Some(sh_pid),
+            "parent in the tree: {e}"
+        );
     }
     // Give the 1 s housekeeping tick time to publish kernel counters.
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(agent.metric("vigil_kernel_dropped_total{kind=\"exec\"}"), 0.0);
+    assert_eq!(
+        agent.metric("vigil_kernel_dropped_total{kind=\"exec\"}"),
+        0.0
+    );
     assert!(agent.metric("vigil_kernel_events_total{kind=\"exec\"}") >= 2000.0);
     assert_eq!(agent.metric("vigil_decode_errors_total"), 0.0);
 }
@@ -232,7 +265,10 @@ fn processes_started_before_the_agent_have_ancestry() {
     let anc = e["ancestry"].as_array().unwrap();
     assert_eq!(anc[0]["pid"].as_u64(), Some(sh_pid));
     assert_eq!(anc[0]["exe"].as_str(), Some(realpath("/bin/sh").as_str()));
-    assert!(anc[0]["argv"].as_array().unwrap().len() >= 3, "argv from /proc");
+    assert!(
+        anc[0]["argv"].as_array().unwrap().len() >= 3,
+        "argv from /proc"
+    );
     assert_eq!(anc[1]["pid"].as_u64(), Some(std::process::id() as u64));
 }
 
@@ -279,7 +315,10 @@ fn bad_config_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ring_buffer_bytes must be a power of two"), "{err}");
+    assert!(
+        err.contains("ring_buffer_bytes must be a power of two"),
+        "{err}"
+    );
     std::fs::write(&cfg, "no_such_option = true\n").unwrap();
     let out = Command::new(vigil_tests::agent_bin())
         .arg("--config")
