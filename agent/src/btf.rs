@@ -335,6 +335,8 @@ const OFFSET_TABLE: &[(&str, &[Spec])] = &[
         &[
             spec!(mm_arg_start, ["arg_start"], Want::Int(8)),
             spec!(mm_arg_end, ["arg_end"], Want::Int(8)),
+            spec!(mm_env_start, ["env_start"], Want::Int(8)),
+            spec!(mm_env_end, ["env_end"], Want::Int(8)),
         ],
     ),
     (
@@ -422,6 +424,7 @@ const OFFSET_TABLE: &[(&str, &[Spec])] = &[
             ),
             spec!(sk_type, ["sk_type"], Want::Int(2)),
             spec!(sk_protocol, ["sk_protocol"], Want::Int(2)),
+            spec!(sk_family, ["__sk_common", "skc_family"], Want::Int(2)),
         ],
     ),
 ];
@@ -724,6 +727,8 @@ mod tests {
             cred_egid,
             mm_arg_start,
             mm_arg_end,
+            mm_env_start,
+            mm_env_end,
             binprm_file,
             binprm_filename,
             binprm_interp,
@@ -755,6 +760,7 @@ mod tests {
             sk_v6_rcv_saddr,
             sk_type,
             sk_protocol,
+            sk_family,
             valid,
         } = *o;
         vec![
@@ -774,6 +780,8 @@ mod tests {
             ("cred_egid", cred_egid),
             ("mm_arg_start", mm_arg_start),
             ("mm_arg_end", mm_arg_end),
+            ("mm_env_start", mm_env_start),
+            ("mm_env_end", mm_env_end),
             ("binprm_file", binprm_file),
             ("binprm_filename", binprm_filename),
             ("binprm_interp", binprm_interp),
@@ -805,6 +813,7 @@ mod tests {
             ("sk_v6_rcv_saddr", sk_v6_rcv_saddr),
             ("sk_type", sk_type),
             ("sk_protocol", sk_protocol),
+            ("sk_family", sk_family),
             ("valid", valid),
         ]
     }

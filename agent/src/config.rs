@@ -33,7 +33,7 @@ pub struct AgentConfig {
     pub max_processes: usize,
     /// Seconds an exited process stays in the tree (for late events).
     pub exit_grace_secs: u64,
-    /// Hooks to leave off: "file_write", "chmod", "rename", "connect".
+    /// Hooks to leave off: "file_write", "chmod", "rename", "connect", "listen".
     pub disable: Vec<String>,
     /// Log format: "text" or "json".
     pub log_format: String,
@@ -94,8 +94,9 @@ impl AgentConfig {
                 "chmod" => Ok(Feature::Chmod),
                 "rename" => Ok(Feature::Rename),
                 "connect" => Ok(Feature::Connect),
+                "listen" => Ok(Feature::Listen),
                 other => anyhow::bail!(
-                    "unknown hook group {other:?} in disable (known: file_write, chmod, rename, connect; process hooks cannot be disabled)"
+                    "unknown hook group {other:?} in disable (known: file_write, chmod, rename, connect, listen; process hooks cannot be disabled)"
                 ),
             })
             .collect()

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use vigil_sensor_common as raw;
 use vigil_sensor_common::{EventHeader, EventKind};
 
-use crate::event::{Chmod, Connect, Event, Exec, FileOpen, Payload, Rename};
+use crate::event::{Chmod, Connect, Event, Exec, FileOpen, Listen, Payload, Rename, Stdio};
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,6 +82,12 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             let argv = tail(buf, base + e.path_len as usize, e.argv_len, "exec argv")?;
             let fname_off = base + e.path_len as usize + e.argv_len as usize;
             let script = tail(buf, fname_off, e.filename_len, "exec filename")?;
+            let preload = tail(
+                buf,
+                fname_off + e.filename_len as usize,
+                e.preload_len,
+                "exec LD_PRELOAD",
+            )?;
             let (argv, cut) = split_argv(argv);
             Payload::Exec(Exec {
                 ppid: e.ppid,
@@ -95,6 +101,8 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 exe_memfd: e.flags & raw::EXEC_FLAG_MEMFD != 0,
                 exe_deleted: e.flags & raw::EXEC_FLAG_DELETED != 0,
                 script: (e.flags & raw::EXEC_FLAG_SCRIPT != 0).then(|| cstr(script)),
+                ld_preload: (e.preload_len > 0).then(|| cstr(preload)),
+                stdio: [0, 1, 2].map(|i| Stdio::from_raw(e.stdio_mode[i], e.stdio_family[i])),
             })
         }
         EventKind::Fork => {
@@ -118,24 +126,21 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Connect => {
             let e: raw::ConnectEvent = read(buf, "connect")?;
-            let ip = |b: [u8; 16]| -> IpAddr {
-                if e.family == 10 {
-                    IpAddr::V6(Ipv6Addr::from(b))
-                } else {
-                    IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-                }
-            };
             Payload::Connect(Connect {
-                protocol: match e.protocol {
-                    6 => "tcp".into(),
-                    17 => "udp".into(),
-                    p => p.to_string(),
-                },
-                daddr: ip(e.daddr),
+                protocol: protocol_name(e.protocol),
+                daddr: ip(e.family, e.daddr),
                 dport: e.dport,
-                saddr: ip(e.saddr),
+                saddr: ip(e.family, e.saddr),
                 sport: e.sport,
                 ret: e.ret,
+            })
+        }
+        EventKind::Listen => {
+            let e: raw::ListenEvent = read(buf, "listen")?;
+            Payload::Listen(Listen {
+                protocol: protocol_name(e.protocol),
+                addr: ip(e.family, e.addr),
+                port: e.port,
             })
         }
         EventKind::FileOpen => {
@@ -195,6 +200,22 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         comm: cstr(&hdr.comm),
         payload,
     })
+}
+
+fn ip(family: u16, b: [u8; 16]) -> IpAddr {
+    if family == 10 {
+        IpAddr::V6(Ipv6Addr::from(b))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
+}
+
+fn protocol_name(p: u16) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        p => p.to_string(),
+    }
 }
 
 /// Text up to the first NUL, lossy UTF-8.
@@ -304,7 +325,9 @@ mod tests {
             path_len: path.len() as u32,
             argv_len: argv.len() as u32,
             filename_len: 0,
-            _reserved: 0,
+            preload_len: 0,
+            stdio_mode: [0; 3],
+            stdio_family: [0; 3],
         };
         let mut v = bytes(&e);
         v.extend_from_slice(path);

@@ -44,6 +44,7 @@ impl Event {
             Payload::FileOpen(_) => EventKind::FileOpen,
             Payload::Chmod(_) => EventKind::Chmod,
             Payload::Rename(_) => EventKind::Rename,
+            Payload::Listen(_) => EventKind::Listen,
         }
     }
 }
@@ -76,6 +77,19 @@ pub enum Payload {
     Chmod(Chmod),
     /// A file renamed.
     Rename(Rename),
+    /// A socket put in listening state: the process serves.
+    Listen(Listen),
+}
+
+/// Listen details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Listen {
+    /// "tcp", "udp" or the protocol number.
+    pub protocol: String,
+    /// Local address.
+    pub addr: IpAddr,
+    /// Local port.
+    pub port: u16,
 }
 
 /// Exec details.
@@ -109,6 +123,51 @@ pub struct Exec {
     /// cwd by the pipeline when it can.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub script: Option<String>,
+    /// `LD_PRELOAD` of the new image, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ld_preload: Option<String>,
+    /// What fds 0, 1, 2 were at exec.
+    pub stdio: [Stdio; 3],
+}
+
+/// What a standard fd of a new process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdio {
+    /// Not open.
+    Closed,
+    /// A regular file.
+    File,
+    /// A pipe or FIFO.
+    Pipe,
+    /// A character device (tty, /dev/null).
+    CharDevice,
+    /// A TCP/UDP socket over IPv4 or IPv6.
+    InetSocket,
+    /// A Unix domain socket.
+    UnixSocket,
+    /// Another socket family.
+    OtherSocket,
+    /// Anything else (directory, block device).
+    Other,
+}
+
+impl Stdio {
+    /// From `i_mode & S_IFMT` and the socket family.
+    pub fn from_raw(mode: u16, family: u16) -> Self {
+        match mode {
+            0 => Self::Closed,
+            0o100000 => Self::File,
+            0o010000 => Self::Pipe,
+            0o020000 => Self::CharDevice,
+            0o140000 => match family {
+                2 | 10 => Self::InetSocket,
+                1 => Self::UnixSocket,
+                _ => Self::OtherSocket,
+            },
+            _ => Self::Other,
+        }
+    }
 }
 
 /// Connect details.

@@ -30,6 +30,8 @@ pub enum Feature {
     Rename,
     /// connect.
     Connect,
+    /// listen.
+    Listen,
 }
 
 /// Where a program attaches.
@@ -90,6 +92,7 @@ pub const HOOKS: &[Hook] = &[
     sys("vigil_enter_renameat", "renameat", Feature::Rename),
     sys("vigil_enter_renameat2", "renameat2", Feature::Rename),
     sys("vigil_enter_connect", "connect", Feature::Connect),
+    sys("vigil_enter_listen", "listen", Feature::Listen),
 ];
 
 /// The shared syscall-exit program.

@@ -321,6 +321,8 @@ mod tests {
                 exe_memfd: false,
                 exe_deleted: false,
                 script: None,
+                ld_preload: None,
+                stdio: [crate::event::Stdio::Closed; 3],
             }),
         )
     }

@@ -32,6 +32,10 @@ pub const PATH_MAX_DEPTH: u32 = 48;
 pub const ARGV_MAX_BYTES: usize = 1024;
 /// Most argv entries reported per exec (the agent cuts the rest).
 pub const ARGV_MAX_ARGS: usize = 16;
+/// Longest environment string the exec scan reads (power of two).
+pub const ENV_STR_MAX: usize = 4096;
+/// Most environment strings the exec scan looks at.
+pub const ENV_MAX_VARS: u32 = 96;
 /// Bytes of a user-supplied path string (chmod, rename) captured (power of two).
 pub const USER_PATH_MAX_BYTES: usize = 512;
 /// Room for a record's variable tail (a power of two, so the programs can
@@ -65,10 +69,12 @@ pub enum EventKind {
     Chmod = 6,
     /// A rename family call succeeded: [`RenameEvent`].
     Rename = 7,
+    /// A successful listen() on an IPv4/IPv6 socket: [`ListenEvent`].
+    Listen = 8,
 }
 
-/// Number of slots indexed by [`EventKind`] (0 is unused).
-pub const EVENT_KIND_SLOTS: usize = 8;
+/// Number of slots indexed by [`EventKind`] (0 is unused; room to grow).
+pub const EVENT_KIND_SLOTS: usize = 16;
 
 impl EventKind {
     /// The kind for a raw header value, if it is one.
@@ -81,6 +87,7 @@ impl EventKind {
             5 => Self::FileOpen,
             6 => Self::Chmod,
             7 => Self::Rename,
+            8 => Self::Listen,
             _ => return None,
         })
     }
@@ -94,10 +101,11 @@ impl EventKind {
             Self::FileOpen => "file_open",
             Self::Chmod => "chmod",
             Self::Rename => "rename",
+            Self::Listen => "listen",
         }
     }
     /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         Self::Exec,
         Self::Fork,
         Self::Exit,
@@ -105,6 +113,7 @@ impl EventKind {
         Self::FileOpen,
         Self::Chmod,
         Self::Rename,
+        Self::Listen,
     ];
 }
 
@@ -148,13 +157,16 @@ pub const EXEC_FLAG_ARGV_TRUNCATED: u32 = 1 << 3;
 /// (`#!`): the walked exe is the interpreter, the tail's `filename` is the
 /// script as given to execve.
 pub const EXEC_FLAG_SCRIPT: u32 = 1 << 5;
+/// Exec flag: the environment scan for `LD_PRELOAD` stopped early (a
+/// variable longer than [`ENV_STR_MAX`] or more than [`ENV_MAX_VARS`]).
+pub const EXEC_FLAG_ENV_TRUNCATED: u32 = 1 << 6;
 /// Flag: the walked dentry is not connected to a mounted tree (pseudo file
 /// systems such as memfd, pipes, anonymous inodes).
 pub const FLAG_PATH_DISCONNECTED: u32 = 1 << 4;
 
 /// A successful exec. Tail: `path_len` bytes of walked exe path, then
 /// `argv_len` bytes of NUL-separated argv, then `filename_len` bytes of the
-/// script path for scripts.
+/// script path for scripts, then `preload_len` bytes of `LD_PRELOAD`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
@@ -181,8 +193,14 @@ pub struct ExecEvent {
     /// Bytes of the execve filename argument (NUL terminated) after argv;
     /// only for scripts ([`EXEC_FLAG_SCRIPT`]), else 0.
     pub filename_len: u32,
-    /// Reserved.
-    pub _reserved: u32,
+    /// Bytes of the `LD_PRELOAD` value (NUL terminated) after the filename;
+    /// 0 when the new image's environment has none.
+    pub preload_len: u32,
+    /// `i_mode & S_IFMT` of the files on fds 0, 1, 2 (0 if closed).
+    pub stdio_mode: [u16; 3],
+    /// Socket family of fds 0, 1, 2 when they are sockets (AF_INET = 2,
+    /// AF_INET6 = 10, AF_UNIX = 1), else 0.
+    pub stdio_family: [u16; 3],
 }
 
 /// A new process: the fork/clone of a thread group (threads are not reported).
@@ -234,6 +252,24 @@ pub struct ConnectEvent {
     pub daddr: [u8; 16],
     /// Source address, same encoding.
     pub saddr: [u8; 16],
+}
+
+/// A successful listen() on an IPv4 or IPv6 socket: the process serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ListenEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// IPPROTO_TCP (6), ...
+    pub protocol: u16,
+    /// Local port, host order.
+    pub port: u16,
+    /// Reserved.
+    pub _reserved: u16,
+    /// Local address: 4 bytes for IPv4, 16 for IPv6 (network order).
+    pub addr: [u8; 16],
 }
 
 /// A regular file opened for writing, creating or truncating; reported once
@@ -325,6 +361,8 @@ pub struct KernelOffsets {
     pub cred_egid: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    pub mm_env_start: u32,
+    pub mm_env_end: u32,
     pub binprm_file: u32,
     pub binprm_filename: u32,
     pub binprm_interp: u32,
@@ -356,6 +394,7 @@ pub struct KernelOffsets {
     pub sk_v6_rcv_saddr: u32,
     pub sk_type: u32,
     pub sk_protocol: u32,
+    pub sk_family: u32,
     /// Non-zero once the agent filled the struct; programs emit nothing before.
     pub valid: u32,
 }
@@ -393,7 +432,7 @@ impl SensorConfig {
 /// Slot layout of the per-CPU statistics array: `[kind * 2]` counts records
 /// emitted, `[kind * 2 + 1]` records dropped because the ring buffer was
 /// full; the slots from [`STAT_BASE_OTHER`] count the rest.
-pub const STATS_SLOTS: u32 = 32;
+pub const STATS_SLOTS: u32 = 48;
 /// First slot of the non-per-kind counters.
 pub const STAT_BASE_OTHER: u32 = (EVENT_KIND_SLOTS as u32) * 2;
 /// Syscall entries not tracked because the in-flight table was full.

@@ -41,6 +41,8 @@ struct Scratch {
     /// prune equal states: with a register it would track every possible
     /// offset and explode.
     cursor: u64,
+    /// One environment string at a time, for the LD_PRELOAD scan.
+    env: [u8; ENV_STR_MAX],
 }
 
 #[map]
@@ -59,6 +61,7 @@ const STASH_CHMOD: u64 = 2;
 const STASH_FCHMOD: u64 = 3;
 const STASH_RENAME: u64 = 4;
 const STASH_CONNECT: u64 = 5;
+const STASH_LISTEN: u64 = 6;
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
@@ -94,6 +97,7 @@ const O_TRUNC: u64 = 0o1000;
 const WRITE_FLAGS: u64 = O_WRONLY | O_RDWR | O_CREAT | O_TRUNC;
 const S_IFMT: u16 = 0o170000;
 const S_IFREG: u16 = 0o100000;
+const S_IFSOCK: u16 = 0o140000;
 const EXEC_MODE_BITS: u64 = 0o6111;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -367,6 +371,71 @@ unsafe fn read_user_str(dst: *mut u8, src: u64) -> u64 {
     }
 }
 
+/// Looks for `LD_PRELOAD=` in the new image's environment; copies the value
+/// to `dst`. Returns (bytes incl. NUL, flags).
+#[inline(always)]
+unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32) {
+    unsafe {
+        let start: u64 = rd(mm, off!(mm_env_start)).unwrap_or(0);
+        let end: u64 = rd(mm, off!(mm_env_end)).unwrap_or(0);
+        let buf = core::ptr::addr_of_mut!((*s).env) as *mut u8;
+        let mut p = start;
+        let mut i = 0u32;
+        while i < ENV_MAX_VARS {
+            i += 1;
+            if p == 0 || p >= end {
+                return (0, 0);
+            }
+            let n =
+                bpf_probe_read_user_str(buf as *mut c_void, ENV_STR_MAX as u32, p as *const c_void);
+            if n <= 0 {
+                return (0, 0);
+            }
+            // "LD_PRELOAD=" is 11 bytes.
+            let head = core::ptr::read_unaligned(buf as *const u64);
+            if head == u64::from_le_bytes(*b"LD_PRELO")
+                && *buf.add(8) == b'A'
+                && *buf.add(9) == b'D'
+                && *buf.add(10) == b'='
+            {
+                let m = bpf_probe_read_kernel_str(
+                    dst as *mut c_void,
+                    USER_PATH_MAX_BYTES as u32,
+                    buf.add(11) as *const c_void,
+                );
+                return (if m > 0 { m as u64 & USER_LEN_MASK } else { 0 }, 0);
+            }
+            if n as usize >= ENV_STR_MAX {
+                return (0, EXEC_FLAG_ENV_TRUNCATED);
+            }
+            p += n as u64;
+        }
+        (0, EXEC_FLAG_ENV_TRUNCATED)
+    }
+}
+
+/// File type and socket family of fds 0, 1, 2.
+#[inline(always)]
+unsafe fn stdio_kinds(task: u64, mode: &mut [u16; 3], family: &mut [u16; 3]) {
+    unsafe {
+        for fd in 0..3usize {
+            mode[fd] = 0;
+            family[fd] = 0;
+            let Some(file) = fd_file(task, fd as u64) else {
+                continue;
+            };
+            let inode: u64 = rd(file, off!(file_f_inode)).unwrap_or(0);
+            let m: u16 = rd::<u16>(inode, off!(inode_i_mode)).unwrap_or(0) & S_IFMT;
+            mode[fd] = m;
+            if m == S_IFSOCK {
+                let sock: u64 = rd(file, off!(file_private_data)).unwrap_or(0);
+                let sk: u64 = rd(sock, off!(socket_sk)).unwrap_or(0);
+                family[fd] = rd(sk, off!(sk_family)).unwrap_or(0);
+            }
+        }
+    }
+}
+
 // ---- process lifecycle -----------------------------------------------------
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -458,13 +527,18 @@ unsafe fn on_exec(task: u64, bprm: u64) {
             }
         }
         (*e).filename_len = flen as u32;
-        (*e)._reserved = 0;
+        // LD_PRELOAD: the value goes after the filename.
+        let pre_off = (plen + (got & (ARGV_MAX_BYTES as u64 - 1)) + flen) as usize;
+        let (plen2, eflags) = scan_env_preload(s, mm, t.add(pre_off));
+        flags |= eflags;
+        (*e).preload_len = plen2 as u32;
+        stdio_kinds(task, &mut (*e).stdio_mode, &mut (*e).stdio_family);
         (*e).flags = flags;
         emit(
             s,
             EventKind::Exec,
             core::mem::size_of::<ExecEvent>(),
-            plen + got + flen,
+            plen + got + flen + plen2,
         );
     }
 }
@@ -653,6 +727,12 @@ pub fn vigil_enter_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
+#[tracepoint(category = "syscalls", name = "sys_enter_listen")]
+pub fn vigil_enter_listen(ctx: TracePointContext) -> u32 {
+    stash(STASH_LISTEN, [arg(&ctx, 0), 0, 0, 0]);
+    0
+}
+
 // ---- syscall exit: one program for every stashed call -----------------------------
 
 #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
@@ -671,6 +751,7 @@ pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
             STASH_FCHMOD => on_chmod(task, ret, 0, 0, st.args[2], st.args[0]),
             STASH_RENAME => on_rename(task, ret, &st.args),
             STASH_CONNECT => on_connect(task, ret, &st.args),
+            STASH_LISTEN => on_listen(task, ret, st.args[0]),
             _ => {}
         }
     }
@@ -841,6 +922,41 @@ unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
             core::mem::size_of::<ConnectEvent>(),
             0,
         );
+    }
+}
+
+#[inline(always)]
+unsafe fn on_listen(task: u64, ret: i64, fd: u64) {
+    if ret != 0 {
+        return;
+    }
+    unsafe {
+        let Some(file) = fd_file(task, fd) else {
+            return;
+        };
+        let sock: u64 = rd(file, off!(file_private_data)).unwrap_or(0);
+        let sk: u64 = rd(sock, off!(socket_sk)).unwrap_or(0);
+        if sk == 0 {
+            return;
+        }
+        let family: u16 = rd(sk, off!(sk_family)).unwrap_or(0);
+        if family != AF_INET && family != AF_INET6 {
+            return;
+        }
+        let Some(s) = scratch() else { return };
+        let e: *mut ListenEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Listen, task);
+        (*e).family = family;
+        (*e).protocol = rd(sk, off!(sk_protocol)).unwrap_or(0);
+        (*e).port = rd(sk, off!(sk_num)).unwrap_or(0);
+        (*e)._reserved = 0;
+        if family == AF_INET {
+            let v: [u8; 4] = rd(sk, off!(sk_rcv_saddr)).unwrap_or([0; 4]);
+            (*e).addr = [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        } else {
+            (*e).addr = rd(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
+        }
+        emit(s, EventKind::Listen, core::mem::size_of::<ListenEvent>(), 0);
     }
 }
 

@@ -1,0 +1,1 @@
+//! Placeholder: the collector work fills this in.
