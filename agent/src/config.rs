@@ -37,6 +37,17 @@ pub struct AgentConfig {
     pub disable: Vec<String>,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// Write every detection as a JSON line here; "-" is stdout.
+    pub detections_json: Option<PathBuf>,
+    /// Learn the baseline for this long after start ("10m", "2h", "0s").
+    pub learn: String,
+    /// The learned baseline: read at start when it exists, written every
+    /// minute and at exit. The file is the export/import format.
+    pub baseline_file: Option<PathBuf>,
+    /// Directory of Sigma rules (reloaded when it changes).
+    pub rules_dir: Option<PathBuf>,
+    /// Turn detection off entirely.
+    pub detection: bool,
 }
 
 impl Default for AgentConfig {
@@ -52,6 +63,11 @@ impl Default for AgentConfig {
             exit_grace_secs: 30,
             disable: Vec::new(),
             log_format: "text".into(),
+            detections_json: None,
+            learn: "0s".into(),
+            baseline_file: None,
+            rules_dir: None,
+            detection: true,
         }
     }
 }
@@ -82,7 +98,18 @@ impl AgentConfig {
             self.log_format
         );
         self.disabled_features()?;
+        self.learn_duration()?;
         Ok(())
+    }
+
+    /// `learn` as a duration.
+    pub fn learn_duration(&self) -> anyhow::Result<std::time::Duration> {
+        humantime::parse_duration(&self.learn).map_err(|e| {
+            anyhow::anyhow!(
+                "learn = {:?} is not a duration (e.g. \"10m\"): {e}",
+                self.learn
+            )
+        })
     }
 
     /// The `disable` list as features.

@@ -10,6 +10,7 @@
 pub mod btf;
 pub mod config;
 pub mod decode;
+pub mod detect;
 pub mod event;
 pub mod metrics;
 pub mod pipeline;

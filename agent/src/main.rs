@@ -30,6 +30,18 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// Write every detection as a JSON line to PATH ("-" for stdout).
+    #[arg(long, value_name = "PATH")]
+    detections_json: Option<PathBuf>,
+    /// Learn the per-workload baseline for DURATION after start (e.g. 10m).
+    #[arg(long, value_name = "DURATION")]
+    learn: Option<String>,
+    /// Baseline file: loaded at start if present, saved every minute and at exit.
+    #[arg(long, value_name = "PATH")]
+    baseline_file: Option<PathBuf>,
+    /// Directory of Sigma rules (process_creation, file_event, network_connection).
+    #[arg(long, value_name = "DIR")]
+    rules_dir: Option<PathBuf>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -53,6 +65,18 @@ fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
         cfg.btf_path = Some(b.clone());
     }
     cfg.disable.extend(cli.disable.iter().cloned());
+    if let Some(p) = &cli.detections_json {
+        cfg.detections_json = Some(p.clone());
+    }
+    if let Some(l) = &cli.learn {
+        cfg.learn = l.clone();
+    }
+    if let Some(p) = &cli.baseline_file {
+        cfg.baseline_file = Some(p.clone());
+    }
+    if let Some(p) = &cli.rules_dir {
+        cfg.rules_dir = Some(p.clone());
+    }
     if let Some(f) = &cli.log_format {
         cfg.log_format = f.clone();
     }

@@ -29,6 +29,15 @@ pub struct HookLabel {
     pub hook: String,
 }
 
+/// Label: detection rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    /// Rule id.
+    pub rule: String,
+    /// low, medium, high, critical.
+    pub severity: String,
+}
+
 /// All agent metrics.
 #[derive(Default)]
 pub struct Metrics {
@@ -58,6 +67,14 @@ pub struct Metrics {
     pub hook_attached: Family<HookLabel, Gauge>,
     /// Failures writing event output.
     pub output_errors: Counter,
+    /// Detections raised, by rule.
+    pub detections: Family<RuleLabel, Counter>,
+    /// Findings suppressed by the learned baseline.
+    pub detections_suppressed: Counter,
+    /// Entries in the learned baseline.
+    pub baseline_entries: Gauge,
+    /// Sigma rules loaded.
+    pub sigma_rules: Gauge,
     last_kernel: std::sync::Mutex<Vec<u64>>,
 }
 
@@ -134,6 +151,16 @@ impl Metrics {
         self.events
             .get_or_create(&KindLabel {
                 kind: kind.name().into(),
+            })
+            .inc();
+    }
+
+    /// Counts a detection.
+    pub fn count_detection(&self, d: &crate::detect::Detection) {
+        self.detections
+            .get_or_create(&RuleLabel {
+                rule: d.rule.clone(),
+                severity: format!("{:?}", d.severity).to_lowercase(),
             })
             .inc();
     }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::decode::decode;
+use crate::detect::DetectEngine;
 use crate::event::{Event, Payload};
 use crate::metrics::Metrics;
 use crate::tree::{Ancestor, ProcessTree};
@@ -59,7 +60,7 @@ pub trait Sink: Send {
     fn flush(&mut self) {}
 }
 
-/// Writes events as JSON lines.
+/// Writes values as JSON lines (events, detections).
 pub struct JsonLinesSink {
     out: std::io::BufWriter<Box<dyn Write + Send>>,
     metrics: Arc<Metrics>,
@@ -67,6 +68,23 @@ pub struct JsonLinesSink {
 }
 
 impl JsonLinesSink {
+    /// Writes one value as a line; failures are counted and logged once.
+    pub fn write<T: Serialize>(&mut self, v: &T) {
+        let r = serde_json::to_writer(&mut self.out, v)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.out.write_all(b"\n").map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    /// Flushes buffered lines.
+    pub fn flush_out(&mut self) {
+        if let Err(e) = self.out.flush() {
+            self.fail(e);
+        }
+    }
+
     /// To stdout for "-", else appending to the file.
     pub fn open(path: &std::path::Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let w: Box<dyn Write + Send> = if path.as_os_str() == "-" {
@@ -103,26 +121,21 @@ impl JsonLinesSink {
 
 impl Sink for JsonLinesSink {
     fn emit(&mut self, ev: &EnrichedEvent) {
-        let r = serde_json::to_writer(&mut self.out, ev)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.out.write_all(b"\n").map_err(|e| e.to_string()));
-        if let Err(e) = r {
-            self.fail(e);
-        }
+        self.write(ev);
     }
     fn flush(&mut self) {
-        if let Err(e) = self.out.flush() {
-            self.fail(e);
-        }
+        self.flush_out();
     }
 }
 
-/// Decode -> tree -> enrich -> sinks.
+/// Decode -> tree -> enrich -> sinks -> detect -> detection outputs.
 pub struct Pipeline {
     tree: ProcessTree,
     workloads: WorkloadCache,
     metrics: Arc<Metrics>,
     sinks: Vec<Box<dyn Sink>>,
+    detect: Option<DetectEngine>,
+    detection_out: Option<JsonLinesSink>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
 }
@@ -140,8 +153,22 @@ impl Pipeline {
             workloads,
             metrics,
             sinks,
+            detect: None,
+            detection_out: None,
             wall_offset_ns: wall_offset_ns(),
         }
+    }
+
+    /// Adds the detection stage, writing detections to `out` (if any).
+    pub fn with_detection(mut self, engine: DetectEngine, out: Option<JsonLinesSink>) -> Self {
+        self.detect = Some(engine);
+        self.detection_out = out;
+        self
+    }
+
+    /// The detection engine, if any.
+    pub fn detect_mut(&mut self) -> Option<&mut DetectEngine> {
+        self.detect.as_mut()
     }
 
     /// The tree (read-only).
@@ -179,6 +206,22 @@ impl Pipeline {
         let enriched = self.enrich(ev);
         for s in &mut self.sinks {
             s.emit(&enriched);
+        }
+        if let Some(engine) = &mut self.detect {
+            for d in engine.observe(&enriched, &self.tree, Instant::now()) {
+                self.metrics.count_detection(&d);
+                tracing::warn!(
+                    rule = %d.rule,
+                    severity = ?d.severity,
+                    mitre = ?d.mitre,
+                    pid = d.process.pid,
+                    "detection: {}",
+                    d.summary
+                );
+                if let Some(out) = &mut self.detection_out {
+                    out.write(&d);
+                }
+            }
         }
         if is_exit {
             let workloads = &mut self.workloads;
@@ -229,6 +272,9 @@ impl Pipeline {
         for s in &mut self.sinks {
             s.flush();
         }
+        if let Some(out) = &mut self.detection_out {
+            out.flush_out();
+        }
     }
 
     /// Periodic housekeeping: reap exited processes, publish tree metrics.
@@ -241,11 +287,19 @@ impl Pipeline {
             .inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
         m.tree_rejected
             .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
+        if let Some(engine) = &mut self.detect {
+            engine.maybe_reload_rules();
+            let ds = engine.stats();
+            m.detections_suppressed
+                .inc_by(ds.suppressed.saturating_sub(m.detections_suppressed.get()));
+            m.baseline_entries.set(engine.baseline_mut().len() as i64);
+            m.sigma_rules.set(ds.sigma_rules as i64);
+        }
     }
 }
 
 /// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns.
-fn wall_offset_ns() -> i128 {
+pub fn wall_offset_ns() -> i128 {
     let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
         .unwrap_or(0);

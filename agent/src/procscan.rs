@@ -1,6 +1,7 @@
 //! Bootstrap: the processes that were running before the agent started,
 //! read from /proc, so they have parents and ancestry too.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tracing::debug;
@@ -13,6 +14,7 @@ use crate::workload_cache::WorkloadCache;
 /// Processes that vanish mid-scan are skipped.
 pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyhow::Result<usize> {
     let tps = procfs::ticks_per_second();
+    let listening = listening_pids();
     let mut n = 0;
     for p in procfs::process::all_processes()? {
         let Ok(p) = p else { continue };
@@ -42,9 +44,45 @@ pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyho
             cgroup_id: 0,
             workload: Arc::clone(&workload),
             exited: None,
+            serves: listening.contains(&pid),
+            exec_boot_ns: 0,
         });
         n += 1;
     }
     debug!(processes = n, "bootstrapped process tree from /proc");
     Ok(n)
+}
+
+/// Processes holding a listening TCP socket (IPv4 or IPv6), found by matching
+/// the socket inodes of /proc/net/tcp{,6} in state LISTEN with every
+/// process's fds.
+pub fn listening_pids() -> HashSet<u32> {
+    use procfs::net::TcpState;
+    let mut inodes = HashSet::new();
+    for table in [procfs::net::tcp(), procfs::net::tcp6()] {
+        for e in table.into_iter().flatten() {
+            if e.state == TcpState::Listen {
+                inodes.insert(e.inode);
+            }
+        }
+    }
+    let mut pids = HashSet::new();
+    if inodes.is_empty() {
+        return pids;
+    }
+    let Ok(all) = procfs::process::all_processes() else {
+        return pids;
+    };
+    for p in all.flatten() {
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(ino) = fd.target {
+                if inodes.contains(&ino) {
+                    pids.insert(p.pid as u32);
+                    break;
+                }
+            }
+        }
+    }
+    pids
 }

@@ -10,6 +10,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::config::AgentConfig;
+use crate::detect::baseline::Baseline;
+use crate::detect::sigma::SigmaRules;
+use crate::detect::DetectEngine;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::{JsonLinesSink, Pipeline, Sink};
 use crate::sensor::{Sensor, SensorOptions};
@@ -52,6 +55,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let n = crate::procscan::bootstrap(&mut tree, &mut workloads).context("scanning /proc")?;
     info!(processes = n, "process tree bootstrapped from /proc");
     let mut pipeline = Pipeline::new(tree, workloads, metrics.clone(), sinks);
+    if cfg.detection {
+        let engine = build_detection(&cfg)?;
+        let out = match &cfg.detections_json {
+            Some(p) => Some(JsonLinesSink::open(p, metrics.clone())?),
+            None => None,
+        };
+        pipeline = pipeline.with_detection(engine, out);
+    }
+    let mut last_save = Instant::now();
 
     let metrics_task = match cfg.metrics_addr {
         Some(addr) => {
@@ -88,6 +100,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
             _ = housekeeping.tick() => {
                 pipeline.tick(Instant::now());
+                if last_save.elapsed() >= Duration::from_secs(60) {
+                    save_baseline(&cfg, &mut pipeline);
+                    last_save = Instant::now();
+                }
                 if let Ok(stats) = sensor.kernel_stats() {
                     metrics.update_kernel(&stats);
                 }
@@ -102,6 +118,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         metrics.update_kernel(&stats);
     }
     pipeline.flush();
+    save_baseline(&cfg, &mut pipeline);
     drop(ring);
     drop(sensor); // detaches every program; nothing was pinned
     if let Some(t) = metrics_task {
@@ -120,5 +137,41 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     }
     if n > 0 {
         pipeline.flush();
+    }
+}
+
+fn build_detection(cfg: &AgentConfig) -> anyhow::Result<DetectEngine> {
+    let learn = cfg.learn_duration()?;
+    let until = (!learn.is_zero()).then(|| Instant::now() + learn);
+    let baseline = match &cfg.baseline_file {
+        Some(p) if p.exists() => Baseline::load(p, until)?,
+        _ => Baseline::new(until),
+    };
+    info!(
+        entries = baseline.len(),
+        learning_secs = learn.as_secs(),
+        "baseline ready"
+    );
+    let sigma = match &cfg.rules_dir {
+        Some(d) => Some(SigmaRules::load(d)?),
+        None => None,
+    };
+    Ok(DetectEngine::new(
+        baseline,
+        sigma,
+        crate::pipeline::wall_offset_ns(),
+    ))
+}
+
+fn save_baseline(cfg: &AgentConfig, pipeline: &mut Pipeline) {
+    let (Some(path), Some(engine)) = (&cfg.baseline_file, pipeline.detect_mut()) else {
+        return;
+    };
+    let b = engine.baseline_mut();
+    if !b.is_dirty() && path.exists() {
+        return;
+    }
+    if let Err(e) = b.save(path) {
+        tracing::warn!(error = %format!("{e:#}"), "saving the baseline failed");
     }
 }

@@ -47,6 +47,11 @@ pub struct Process {
     pub workload: Arc<Workload>,
     /// When the exit was seen, if it was.
     pub exited: Option<Instant>,
+    /// The process holds a listening IP socket (it serves): set by a listen
+    /// event or the /proc bootstrap, inherited across fork, cleared by exec.
+    pub serves: bool,
+    /// Boot time (ns) of its last exec, 0 if none was seen.
+    pub exec_boot_ns: u64,
 }
 
 /// One ancestor in an event's ancestry.
@@ -127,6 +132,7 @@ impl ProcessTree {
         match &ev.payload {
             Payload::Fork { ppid } => {
                 let parent = self.procs.get(ppid).cloned();
+                let serves = parent.as_ref().is_some_and(|p| p.serves);
                 let (exe, argv, euid, workload) = match parent {
                     Some(p) if p.cgroup_id == ev.cgroup_id => (p.exe, p.argv, p.euid, p.workload),
                     Some(p) => (p.exe, p.argv, p.euid, workload_of(ev.pid, ev.cgroup_id)),
@@ -149,6 +155,8 @@ impl ProcessTree {
                     cgroup_id: ev.cgroup_id,
                     workload,
                     exited: None,
+                    serves,
+                    exec_boot_ns: 0,
                 });
             }
             Payload::Exec(x) => {
@@ -178,8 +186,14 @@ impl ProcessTree {
                     cgroup_id: ev.cgroup_id,
                     workload,
                     exited: None,
+                    serves: false,
+                    exec_boot_ns: ev.boot_ns,
                 });
             }
+            Payload::Listen(_) => match self.procs.get_mut(&ev.pid) {
+                Some(p) => p.serves = true,
+                None => self.stats.unknown_pid += 1,
+            },
             Payload::Exit { .. } => {
                 let now = Instant::now();
                 if let Some(p) = self.procs.get_mut(&ev.pid) {

