@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod scenarios;
+
 /// Path of the agent binary under test.
 pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("VIGIL_AGENT_BIN") {

@@ -20,7 +20,8 @@ use crate::util;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
-const SETTLE_MAX: Duration = Duration::from_secs(5);
+const SETTLE_MAX: Duration = Duration::from_secs(6);
+const SETTLE_QUIET: Duration = Duration::from_millis(1500);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
@@ -45,7 +46,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "/bin/true")]
     pub program: PathBuf,
     /// Turn on kernel BPF run-time statistics (kernel.bpf_stats_enabled)
-    /// during the run and report the sensor programs' kernel time per exec.
+    /// during the run and report the kernel time of all the agent's BPF
+    /// programs per storm exec (machine-wide: other activity counts too; the
+    /// stats themselves add a little overhead).
     #[arg(long)]
     pub bpf_stats: bool,
     /// Do not build; use the existing target/release/vigil-agent.
@@ -776,19 +779,27 @@ fn run_window(ctx: &Ctx, index: usize, with_agent: bool) -> Result<WindowResult>
     pb.finish_and_clear();
 
     if let Some(mut a) = agent {
-        // Let the agent drain its ring buffer: wait until the decoded-exec
-        // counter stops moving (bounded).
+        // Let the agent drain its ring buffer and publish its kernel-side
+        // counters (synced periodically, about once a second): wait until the
+        // exec counters have not moved for SETTLE_QUIET (bounded by SETTLE_MAX).
         let settle_start = Instant::now();
-        let mut last: Option<f64> = None;
+        let mut last_change = Instant::now();
+        let mut last: Option<[Option<f64>; 3]> = None;
         let mut after = None;
         while settle_start.elapsed() < SETTLE_MAX {
             std::thread::sleep(Duration::from_millis(250));
             if let Ok(s) = a.scrape() {
-                let now = s.sum("vigil_events_total", &[("kind", "exec")]);
-                let stable = last.is_some() && now == last;
-                last = now;
+                let now = [
+                    s.sum("vigil_events_total", &[("kind", "exec")]),
+                    s.sum("vigil_kernel_events_total", &[("kind", "exec")]),
+                    s.sum("vigil_kernel_dropped_total", &[("kind", "exec")]),
+                ];
+                if last != Some(now) {
+                    last = Some(now);
+                    last_change = Instant::now();
+                }
                 after = Some(s);
-                if stable {
+                if last_change.elapsed() >= SETTLE_QUIET {
                     break;
                 }
             }

@@ -281,10 +281,13 @@ impl DetectEngine {
         for f in findings {
             let key = match &edge {
                 Some(e) => format!("{}@{}", f.rule, e),
+                // Not an exec: the program and its command line doing this to
+                // this object.
                 None => format!(
-                    "{}@{}|{}",
+                    "{}@{}|{}|{}",
                     f.rule,
                     normalize::shape(&ev.process.exe),
+                    normalize::argv_shape(&ev.process.argv),
                     normalize::shape(&f.object)
                 ),
             };

@@ -8,7 +8,7 @@
 const TEMP_ROOTS: &[&str] = &["/tmp/", "/var/tmp/", "/dev/shm/", "/run/user/"];
 
 /// Masks digit runs as `N`, hex-looking tokens (>= 8 hex chars with a digit)
-/// as `H`, and the first component under a temporary root as `*`.
+/// as `H`, and random-looking names under temporary roots as `*`.
 pub fn shape(text: &str) -> String {
     let masked_tmp = mask_temp_dirs(text);
     let mut out = String::with_capacity(masked_tmp.len());
@@ -40,30 +40,49 @@ pub fn argv_shape(argv: &[String]) -> String {
     parts.join(" ")
 }
 
+/// Masks random-looking names under temporary roots (mktemp output such as
+/// `/tmp/scn.gFTWzN/` or `/tmp/ccaKNmKY.o`): every alphanumeric run of 6 or
+/// more characters mixing letter cases or letters and digits becomes `*`.
 fn mask_temp_dirs(text: &str) -> String {
-    let mut s = text.to_string();
-    for root in TEMP_ROOTS {
-        let mut from = 0;
-        while let Some(i) = s[from..].find(root) {
-            let start = from + i + root.len();
-            let end = s[start..]
-                .find(['/', ' ', '\'', '"', ';', '&', '|', ')'])
-                .map(|j| start + j)
-                .unwrap_or(s.len());
-            // Only a directory component (followed by '/') is masked: a file
-            // directly in /tmp keeps its name.
-            if s[end..].starts_with('/') && end > start {
-                s.replace_range(start..end, "*");
-                from = start + 1;
-            } else {
-                from = end.max(start);
-            }
-            if from >= s.len() {
-                break;
-            }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some((i, root)) = TEMP_ROOTS
+        .iter()
+        .filter_map(|r| rest.find(r).map(|i| (i, *r)))
+        .min_by_key(|(i, _)| *i)
+    {
+        out.push_str(&rest[..i + root.len()]);
+        rest = &rest[i + root.len()..];
+        // The path continues until whitespace or a shell metacharacter.
+        let end = rest
+            .find([' ', '\'', '"', ';', '&', '|', ')', '(', '<', '>', '=', ','])
+            .unwrap_or(rest.len());
+        out.push_str(&mask_random_runs(&rest[..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn mask_random_runs(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for tok in split_keep(path) {
+        let alnum = tok.bytes().all(|b| b.is_ascii_alphanumeric());
+        let classes = [
+            tok.bytes().any(|b| b.is_ascii_lowercase()),
+            tok.bytes().any(|b| b.is_ascii_uppercase()),
+            tok.bytes().any(|b| b.is_ascii_digit()),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if alnum && tok.len() >= 6 && classes >= 2 {
+            out.push('*');
+        } else {
+            out.push_str(tok);
         }
     }
-    s
+    out
 }
 
 /// Splits into alternating runs of word chars and separators, keeping both.
@@ -125,8 +144,8 @@ mod tests {
             "random temp dirs are masked"
         );
         assert_eq!(
-            argv_shape(&v(&["node", "/tmp/scn.a1/app.js", "41234"])),
-            argv_shape(&v(&["node", "/tmp/scn.b2/app.js", "39999"]))
+            argv_shape(&v(&["node", "/tmp/scn.a1B2c3/app.js", "41234"])),
+            argv_shape(&v(&["node", "/tmp/scn.Zy9x8W/app.js", "39999"]))
         );
         assert_eq!(shape("commit 3f2a9c1d7e"), "commit H");
     }
@@ -149,5 +168,17 @@ mod tests {
             ]))
         );
         assert_ne!(shape("/tmp/app"), shape("/tmp/evil"));
+        assert_eq!(
+            shape("rm -rf /tmp/scn.gFTWzN"),
+            shape("rm -rf /tmp/scn.zrEWfa")
+        );
+        assert_eq!(
+            shape("as -o /tmp/ccaKNmKY.o"),
+            shape("as -o /tmp/ccNlqUSN.o")
+        );
+        assert_eq!(
+            shape("/tmp/scn.aB3dEf/home/webuser/dashboard/x"),
+            "/tmp/scn.*/home/webuser/dashboard/x"
+        );
     }
 }

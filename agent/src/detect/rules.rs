@@ -79,7 +79,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
                     Severity::High,
                     &["T1095", "T1059.004"],
                     format!("shell {exe} connected to {}:{} itself", c.daddr, c.dport),
-                    true,
+                    false,
                     "",
                 ));
             }
