@@ -60,7 +60,7 @@ impl Default for AgentConfig {
             wakeup_bytes: 256 * 1024,
             ring_buffer_bytes: 16 * 1024 * 1024,
             max_processes: 65_536,
-            exit_grace_secs: 30,
+            exit_grace_secs: 10,
             disable: Vec::new(),
             log_format: "text".into(),
             detections_json: None,

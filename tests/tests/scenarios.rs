@@ -6,7 +6,12 @@ use std::path::{Path, PathBuf};
 
 use vigil_tests::scenarios;
 
+/// Scenario runs must not overlap: a learning agent would learn the other
+/// run's attacks as normal for the host.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_dir(dir: &Path, tag: &str) {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let work = std::env::temp_dir().join(format!("vigil-scenarios-{tag}-{}", std::process::id()));
     let outcomes = scenarios::run(dir, &work).expect("scenario run");
     let report = scenarios::report(&outcomes);

@@ -85,6 +85,23 @@ enum Cmd {
     /// bounded.
     Bench(bench::BenchArgs),
 
+    /// Run behaviour scenarios against the agent (needs root)
+    ///
+    /// Builds the agent and the runner, then for each directory (default:
+    /// tests/scenarios; any directory with attack/, benign/ and lib.sh works):
+    /// learns a baseline while the benign scenarios run, then runs every
+    /// scenario against it. Benign ones must raise nothing, attack ones every
+    /// `# expect:` line. Prints a table and `N passed, N failed`; exits
+    /// non-zero on any failure.
+    Scenarios {
+        /// Scenario directory (repeatable).
+        #[arg(long)]
+        dir: Vec<PathBuf>,
+        /// Where the agents' output goes.
+        #[arg(long, default_value = "target/scenarios")]
+        work: PathBuf,
+    },
+
     /// Run only the exec-storm generator (no agent, no build)
     ///
     /// For calibrating the machine or checking the benchmark's plumbing.
@@ -121,6 +138,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             cargo_test_args,
         } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
         Cmd::Bench(args) => bench::bench(args),
+        Cmd::Scenarios { dir, work } => scenarios(dir, work),
         Cmd::Storm {
             seconds,
             threads,
@@ -175,6 +193,41 @@ fn run(release: bool, agent_args: Vec<String>) -> Result<()> {
     );
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot execute {}", bin.display()))
+}
+
+fn scenarios(dirs: Vec<PathBuf>, work: PathBuf) -> Result<()> {
+    if !util::is_root() {
+        bail!("scenarios load eBPF programs and run attack simulations: run this as root");
+    }
+    setup::setup(TracefsPolicy::BestEffort)?;
+    let timeout = Duration::from_secs(45 * 60);
+    let step = build_agent(false, timeout);
+    if !step.ok {
+        bail!("building vigil-agent failed: {}", step.detail);
+    }
+    let mut cmd = util::cargo();
+    cmd.args(["build", "-p", "vigil-tests", "--bin", "vigil-scenarios"]);
+    let step = util::run_step("build scenario runner", &mut cmd, timeout);
+    if !step.ok {
+        bail!("building the scenario runner failed: {}", step.detail);
+    }
+    let root = util::workspace_root();
+    let mut cmd = Command::new(util::target_dir().join("debug/vigil-scenarios"));
+    cmd.env("VIGIL_AGENT_BIN", util::agent_bin(false));
+    let dirs = if dirs.is_empty() {
+        vec![root.join("tests/scenarios")]
+    } else {
+        dirs
+    };
+    for d in dirs {
+        cmd.arg("--dir").arg(d);
+    }
+    cmd.arg("--work").arg(root.join(work));
+    let status = cmd.status().context("running vigil-scenarios")?;
+    if !status.success() {
+        bail!("scenarios failed");
+    }
+    Ok(())
 }
 
 fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {

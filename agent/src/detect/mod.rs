@@ -113,8 +113,8 @@ pub struct DetectState {
     /// Files written, by path -> (dev, ino).
     pub provenance_path: LruCache<String, (u32, u64)>,
     /// Recent execs of pipeline members, for pipe-to-shell: (ppid, boot_ns,
-    /// decoder?, pid).
-    pub recent_pipeline: std::collections::VecDeque<(u32, u64, bool, u32)>,
+    /// source kind or None for a piped shell, pid).
+    pub recent_pipeline: std::collections::VecDeque<(u32, u64, Option<rules::PipeSource>, u32)>,
 }
 
 impl DetectState {

@@ -445,13 +445,19 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
             return;
         }
     }
-    // A pipeline built by a parent shell: a decoder and a shell reading a pipe,
-    // siblings started together.
+    // A pipeline built by a parent shell: a decoder or downloader and a shell
+    // reading a pipe, siblings started together.
     let e = &ctx.ev.event;
-    let decoder = is_decoder(&x.exe, &x.argv);
+    let source = if is_decoder(&x.exe, &x.argv) {
+        Some(PipeSource::Decoder)
+    } else if is_downloader(&x.exe) {
+        Some(PipeSource::Downloader)
+    } else {
+        None
+    };
     let piped_shell =
         is_shell(&x.exe) && x.stdio[0] == Stdio::Pipe && shell_command(&x.exe, &x.argv).is_none();
-    if !decoder && !piped_shell {
+    if source.is_none() && !piped_shell {
         return;
     }
     let q = &mut ctx.state.recent_pipeline;
@@ -462,19 +468,25 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     {
         q.pop_front();
     }
+    // Pair a source with a shell (either may exec first).
     let partner = q
         .iter()
-        .position(|&(ppid, _, was_decoder, _)| ppid == x.ppid && was_decoder != decoder);
+        .position(|&(ppid, _, other, _)| ppid == x.ppid && (other.is_some() != source.is_some()));
     match partner {
         Some(i) => {
-            let (_, _, _, other) = q.remove(i).expect("index from position");
+            let (_, _, other, other_pid) = q.remove(i).expect("index from position");
+            let kind = source.or(other).expect("one side is a source");
+            let (mitre, what): (&[&str], _) = match kind {
+                PipeSource::Decoder => (&["T1140", "T1027", "T1059.004"], "decoded"),
+                PipeSource::Downloader => (&["T1105", "T1059.004"], "downloaded"),
+            };
             out.push(finding(
                 ids::PIPE_TO_SHELL,
                 Severity::High,
-                &["T1140", "T1027", "T1059.004"],
+                mitre,
                 format!(
-                    "decoded content piped into a shell (decoder and shell pids {} and {})",
-                    e.pid, other
+                    "{what} content piped into a shell (pids {} and {other_pid})",
+                    e.pid
                 ),
                 false,
                 "",
@@ -484,9 +496,18 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
             if q.len() >= 256 {
                 q.pop_front();
             }
-            q.push_back((x.ppid, e.boot_ns, decoder, e.pid));
+            q.push_back((x.ppid, e.boot_ns, source, e.pid));
         }
     }
+}
+
+/// What feeds a shell through a pipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipeSource {
+    /// base64 -d and friends.
+    Decoder,
+    /// curl, wget and friends.
+    Downloader,
 }
 
 #[cfg(test)]
