@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod btf;
+pub mod capture;
 pub mod config;
 pub mod decode;
 pub mod detect;
