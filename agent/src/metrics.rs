@@ -143,6 +143,22 @@ impl Metrics {
             "Failures writing event output",
             self.output_errors.clone(),
         );
+        r.register("detections", "Detections raised", self.detections.clone());
+        r.register(
+            "detections_suppressed",
+            "Findings suppressed by the learned baseline",
+            self.detections_suppressed.clone(),
+        );
+        r.register(
+            "baseline_entries",
+            "Entries in the learned baseline",
+            self.baseline_entries.clone(),
+        );
+        r.register(
+            "sigma_rules",
+            "Sigma rules loaded",
+            self.sigma_rules.clone(),
+        );
         r
     }
 
