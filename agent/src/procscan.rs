@@ -46,6 +46,7 @@ pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyho
             exited: None,
             serves: listening.contains(&pid),
             exec_boot_ns: 0,
+            children: 0,
         });
         n += 1;
     }

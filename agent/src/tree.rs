@@ -52,6 +52,10 @@ pub struct Process {
     pub serves: bool,
     /// Boot time (ns) of its last exec, 0 if none was seen.
     pub exec_boot_ns: u64,
+    /// Entries in the tree whose parent this is (maintained by the tree; an
+    /// exited process with children is kept, so its descendants keep their
+    /// ancestry).
+    pub children: u32,
 }
 
 /// One ancestor in an event's ancestry.
@@ -81,6 +85,9 @@ pub struct ProcessTree {
     procs: HashMap<u32, Process>,
     /// Exited pids in exit order, with their start time (to skip recycled pids).
     exited: VecDeque<(Instant, u32, u64)>,
+    /// Exited processes kept because they still have children in the tree,
+    /// oldest first: evicted only under memory pressure.
+    retained: VecDeque<(u32, u64)>,
     max_processes: usize,
     grace: Duration,
     stats: TreeStats,
@@ -93,6 +100,7 @@ impl ProcessTree {
         Self {
             procs: HashMap::new(),
             exited: VecDeque::new(),
+            retained: VecDeque::new(),
             max_processes: max_processes.max(16),
             grace,
             stats: TreeStats::default(),
@@ -157,6 +165,7 @@ impl ProcessTree {
                     exited: None,
                     serves,
                     exec_boot_ns: 0,
+                    children: 0,
                 });
             }
             Payload::Exec(x) => {
@@ -188,6 +197,7 @@ impl ProcessTree {
                     exited: None,
                     serves: false,
                     exec_boot_ns: ev.boot_ns,
+                    children: 0,
                 });
             }
             Payload::Listen(_) => match self.procs.get_mut(&ev.pid) {
@@ -211,10 +221,51 @@ impl ProcessTree {
         }
     }
 
-    fn upsert(&mut self, p: Process) {
+    fn upsert(&mut self, mut p: Process) {
         // make_room is a no-op for a pid already held.
-        if self.make_room(p.pid) {
-            self.procs.insert(p.pid, p);
+        if !self.make_room(p.pid) {
+            return;
+        }
+        match self.procs.get(&p.pid).map(|o| (o.ppid, o.children)) {
+            Some((old_ppid, children)) => {
+                p.children = children;
+                if old_ppid != p.ppid {
+                    self.detach(old_ppid);
+                    self.attach(p.ppid);
+                }
+            }
+            None => {
+                p.children = 0;
+                self.attach(p.ppid);
+            }
+        }
+        self.procs.insert(p.pid, p);
+    }
+
+    fn attach(&mut self, ppid: u32) {
+        if let Some(pp) = self.procs.get_mut(&ppid) {
+            pp.children += 1;
+        }
+    }
+
+    /// One child of `ppid` left the tree; an exited parent with no children
+    /// left starts its grace period again.
+    fn detach(&mut self, ppid: u32) {
+        if let Some(pp) = self.procs.get_mut(&ppid) {
+            pp.children = pp.children.saturating_sub(1);
+            if pp.children == 0 && pp.exited.is_some() {
+                self.exited
+                    .push_back((Instant::now(), pp.pid, pp.start_boot_ns));
+            }
+        }
+    }
+
+    fn remove(&mut self, pid: u32) {
+        if let Some(p) = self.procs.remove(&pid) {
+            self.stats.reaped += 1;
+            if p.ppid != pid {
+                self.detach(p.ppid);
+            }
         }
     }
 
@@ -233,25 +284,43 @@ impl ProcessTree {
         true
     }
 
-    /// Removes the oldest exited process; false if there is none.
+    /// Removes the oldest exited process (without children if possible);
+    /// false if there is none.
     fn reap_one(&mut self) -> bool {
         while let Some((_, pid, start)) = self.exited.pop_front() {
-            if self.remove_if_exited(pid, start) {
+            if self.try_reap(pid, start) {
+                return true;
+            }
+        }
+        while let Some((pid, start)) = self.retained.pop_front() {
+            if self.is_exited(pid, start) {
+                self.remove(pid);
                 return true;
             }
         }
         false
     }
 
-    fn remove_if_exited(&mut self, pid: u32, start: u64) -> bool {
-        match self.procs.get(&pid) {
-            Some(p) if p.exited.is_some() && p.start_boot_ns == start => {
-                self.procs.remove(&pid);
-                self.stats.reaped += 1;
-                true
-            }
-            _ => false,
+    fn is_exited(&self, pid: u32, start: u64) -> bool {
+        self.procs
+            .get(&pid)
+            .is_some_and(|p| p.exited.is_some() && p.start_boot_ns == start)
+    }
+
+    /// Removes an exited process, or retains it while it has children.
+    fn try_reap(&mut self, pid: u32, start: u64) -> bool {
+        if !self.is_exited(pid, start) {
+            return false;
         }
+        if self.procs.get(&pid).is_some_and(|p| p.children > 0) {
+            self.retained.push_back((pid, start));
+            if self.retained.len() > self.max_processes {
+                self.retained.pop_front();
+            }
+            return false;
+        }
+        self.remove(pid);
+        true
     }
 
     /// Removes exited processes whose grace period is over. Returns how many.
@@ -262,7 +331,7 @@ impl ProcessTree {
                 break;
             }
             self.exited.pop_front();
-            if self.remove_if_exited(pid, start) {
+            if self.try_reap(pid, start) {
                 n += 1;
             }
         }
@@ -393,6 +462,36 @@ mod tests {
         t.reap(Instant::now() + Duration::from_millis(1));
         assert_eq!(t.len(), 1, "only init is left");
         assert_eq!(t.stats().rejected, 0);
+    }
+
+    #[test]
+    fn exited_parents_stay_while_children_live() {
+        let mut t = ProcessTree::new(100, Duration::from_millis(0));
+        let mut w = wl();
+        t.apply(&exec(1, 0, "/sbin/init"), &mut w);
+        t.apply(&exec(10, 1, "/usr/bin/node"), &mut w);
+        t.apply(&exec(11, 10, "/bin/sh"), &mut w);
+        t.apply(&exec(12, 11, "/tmp/miner"), &mut w);
+        let exit = |pid: u32| {
+            ev(
+                pid,
+                pid as u64,
+                Payload::Exit {
+                    exit_code: Some(0),
+                    signal: None,
+                },
+            )
+        };
+        t.apply(&exit(11), &mut w);
+        t.reap(Instant::now() + Duration::from_secs(1));
+        let a: Vec<u32> = t.ancestry(12).iter().map(|a| a.pid).collect();
+        assert_eq!(a, [11, 10, 1], "the exited shell is kept for its child");
+        t.apply(&exit(12), &mut w);
+        t.reap(Instant::now() + Duration::from_secs(1));
+        t.reap(Instant::now() + Duration::from_secs(2));
+        assert!(t.get(12).is_none());
+        assert!(t.get(11).is_none(), "released once its last child is gone");
+        assert!(t.get(10).is_some());
     }
 
     #[test]
