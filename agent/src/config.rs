@@ -48,6 +48,13 @@ pub struct AgentConfig {
     pub rules_dir: Option<PathBuf>,
     /// Turn detection off entirely.
     pub detection: bool,
+    /// What the kernel stops at exec for inspection before it runs:
+    /// "server_child" (a shell/downloader started by a listening process),
+    /// "memfd". Stopped processes are resumed by the agent (after
+    /// evidence capture), and only while the agent is alive.
+    pub freeze: Vec<String>,
+    /// Program names frozen under "server_child".
+    pub freeze_names: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -68,6 +75,14 @@ impl Default for AgentConfig {
             baseline_file: None,
             rules_dir: None,
             detection: true,
+            freeze: vec!["server_child".into(), "memfd".into()],
+            freeze_names: [
+                "sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "curl", "wget", "nc", "ncat",
+                "netcat", "socat", "telnet",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
         }
     }
 }
@@ -99,7 +114,29 @@ impl AgentConfig {
         );
         self.disabled_features()?;
         self.learn_duration()?;
+        self.freeze_policy()?;
+        anyhow::ensure!(
+            self.freeze_names
+                .iter()
+                .all(|n| !n.is_empty() && n.len() < 16),
+            "freeze_names entries must be 1 to 15 bytes"
+        );
         Ok(())
+    }
+
+    /// `freeze` as kernel policy bits.
+    pub fn freeze_policy(&self) -> anyhow::Result<u32> {
+        use vigil_sensor_common as c;
+        self.freeze.iter().try_fold(0u32, |acc, f| {
+            Ok(acc
+                | match f.as_str() {
+                    "server_child" => c::FREEZE_SERVER_CHILD,
+                    "memfd" => c::FREEZE_MEMFD,
+                    other => anyhow::bail!(
+                        "unknown freeze policy {other:?} (known: server_child, memfd)"
+                    ),
+                })
+        })
     }
 
     /// `learn` as a duration.

@@ -103,6 +103,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 script: (e.flags & raw::EXEC_FLAG_SCRIPT != 0).then(|| cstr(script)),
                 ld_preload: (e.preload_len > 0).then(|| cstr(preload)),
                 stdio: [0, 1, 2].map(|i| Stdio::from_raw(e.stdio_mode[i], e.stdio_family[i])),
+                frozen: e.flags & raw::EXEC_FLAG_FROZEN != 0,
             })
         }
         EventKind::Fork => {

@@ -128,6 +128,10 @@ pub struct Exec {
     pub ld_preload: Option<String>,
     /// What fds 0, 1, 2 were at exec.
     pub stdio: [Stdio; 3],
+    /// The kernel stopped the process at exec (freeze policy); the agent
+    /// resumes it after inspection.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
 }
 
 /// What a standard fd of a new process is.

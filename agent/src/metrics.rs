@@ -75,6 +75,14 @@ pub struct Metrics {
     pub baseline_entries: Gauge,
     /// Sigma rules loaded.
     pub sigma_rules: Gauge,
+    /// Processes stopped at exec by the kernel's freeze policy.
+    pub frozen: Counter,
+    /// Frozen processes the agent resumed.
+    pub resumed: Counter,
+    /// Frozen processes the agent failed to resume.
+    pub resume_errors: Counter,
+    /// Freezes skipped because the agent's heartbeat was stale.
+    pub freeze_skipped: Counter,
     last_kernel: std::sync::Mutex<Vec<u64>>,
 }
 
@@ -159,6 +167,26 @@ impl Metrics {
             "Sigma rules loaded",
             self.sigma_rules.clone(),
         );
+        r.register(
+            "frozen",
+            "Processes stopped at exec by the kernel freeze policy",
+            self.frozen.clone(),
+        );
+        r.register(
+            "resumed",
+            "Frozen processes resumed by the agent",
+            self.resumed.clone(),
+        );
+        r.register(
+            "resume_errors",
+            "Frozen processes the agent failed to resume",
+            self.resume_errors.clone(),
+        );
+        r.register(
+            "freeze_skipped_no_agent",
+            "Freezes skipped because the agent heartbeat was stale",
+            self.freeze_skipped.clone(),
+        );
         r
     }
 
@@ -221,6 +249,9 @@ impl Metrics {
             .inc_by(delta(raw::STAT_STASH_FULL, &mut last));
         self.kernel_read_errors
             .inc_by(delta(raw::STAT_READ_ERRORS, &mut last));
+        self.frozen.inc_by(delta(raw::STAT_FROZEN, &mut last));
+        self.freeze_skipped
+            .inc_by(delta(raw::STAT_FREEZE_NO_AGENT, &mut last));
         self.ringbuf_max_fill
             .set(now[raw::STAT_RINGBUF_MAX_FILL as usize] as i64);
     }

@@ -223,11 +223,31 @@ impl Pipeline {
                 }
             }
         }
+        // A process the kernel froze at exec waits for us: inspection (and
+        // later evidence capture) is done, let it run.
+        if let Payload::Exec(x) = &enriched.event.payload {
+            if x.frozen {
+                self.resume(enriched.event.pid);
+            }
+        }
         if is_exit {
             let workloads = &mut self.workloads;
             self.tree
                 .apply(&enriched.event, &mut |pid, cg| workloads.resolve(pid, cg));
         }
+    }
+
+    fn resume(&mut self, pid: u32) {
+        use nix::sys::signal::{kill, Signal};
+        match kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT) {
+            Ok(()) => {
+                self.metrics.resumed.inc();
+            }
+            Err(e) => {
+                self.metrics.resume_errors.inc();
+                warn!(pid, error = %e, "could not resume a frozen process");
+            }
+        };
     }
 
     fn enrich(&mut self, ev: Event) -> EnrichedEvent {

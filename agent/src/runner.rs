@@ -47,6 +47,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ring_bytes: cfg.ring_buffer_bytes,
         wakeup_bytes: cfg.wakeup_bytes,
         disabled: cfg.disabled_features()?,
+        freeze_policy: cfg.freeze_policy()?,
+        freeze_names: cfg.freeze_names.clone(),
     })?;
     metrics.set_hooks(&sensor.hooks);
 
@@ -77,7 +79,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (ring, sensor) = sensor.into_parts();
+    let (ring, mut sensor) = sensor.into_parts();
+    sensor.mark_servers(
+        crate::procscan::listening_pids()
+            .into_iter()
+            .filter(|&p| p != std::process::id()),
+    );
     // SAFETY: `ring` owns its fd and moves into the AsyncFd, which drops the
     // registration before the fd is closed.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -99,6 +106,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
             _ = housekeeping.tick() => {
+                sensor.heartbeat();
                 pipeline.tick(Instant::now());
                 if last_save.elapsed() >= Duration::from_secs(60) {
                     save_baseline(&cfg, &mut pipeline);
@@ -113,14 +121,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     info!("shutting down: draining the ring buffer and detaching");
-    drain(ring.get_mut(), &mut pipeline);
+    // No new freezes from here on; every process frozen so far is in the ring
+    // buffer and gets resumed by the drains below.
+    sensor.stop_freezing();
+    drain_all(ring.get_mut(), &mut pipeline);
     if let Ok(stats) = sensor.kernel_stats() {
         metrics.update_kernel(&stats);
     }
     pipeline.flush();
     save_baseline(&cfg, &mut pipeline);
-    drop(ring);
     drop(sensor); // detaches every program; nothing was pinned
+                  // A program that passed its heartbeat check just before the clear may
+                  // have frozen one more process: the ring buffer outlives the programs.
+    drain_all(ring.get_mut(), &mut pipeline);
+    pipeline.flush();
+    drop(ring);
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -129,8 +144,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 /// Handles what is in the ring buffer (bounded per call), then flushes.
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    drain_up_to(ring, pipeline, DRAIN_BUDGET);
+}
+
+/// At shutdown: everything left (the ring buffer is bounded, so is this).
+fn drain_all(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
+    drain_up_to(ring, pipeline, usize::MAX);
+}
+
+fn drain_up_to(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, budget: usize) {
     let mut n = 0;
-    while n < DRAIN_BUDGET {
+    while n < budget {
         let Some(item) = ring.next() else { break };
         pipeline.handle_record(&item);
         n += 1;

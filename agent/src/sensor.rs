@@ -12,7 +12,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
-use vigil_sensor_common::{EventKind, KernelOffsets, SensorConfig, STATS_SLOTS};
+use vigil_sensor_common::{EventKind, KernelOffsets, SensorConfig, FREEZE_NAME_LEN, STATS_SLOTS};
 
 /// The compiled eBPF object, built by build.rs.
 static SENSOR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigil-sensor"));
@@ -120,6 +120,10 @@ pub struct SensorOptions {
     pub wakeup_bytes: u32,
     /// Features to leave off.
     pub disabled: Vec<Feature>,
+    /// `FREEZE_*` policy bits.
+    pub freeze_policy: u32,
+    /// Program base names frozen when a server starts them.
+    pub freeze_names: Vec<String>,
 }
 
 /// The loaded, attached sensor. Dropping it detaches every program; nothing
@@ -129,6 +133,8 @@ pub struct Sensor {
     /// The event ring buffer.
     pub ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
+    alive: aya::maps::Array<MapData, u64>,
+    servers: aya::maps::HashMap<MapData, u32, u8>,
     /// One entry per hook.
     pub hooks: Vec<HookStatus>,
 }
@@ -142,6 +148,8 @@ impl Sensor {
         let config = SensorConfig {
             agent_tgid: std::process::id(),
             wakeup_bytes: opts.wakeup_bytes,
+            freeze_policy: opts.freeze_policy,
+            _reserved: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
@@ -206,12 +214,46 @@ impl Sensor {
             .context("EVENTS map")?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("STATS map missing")?)
             .context("STATS map")?;
-        Ok(Self {
+        let mut names: aya::maps::HashMap<MapData, [u8; FREEZE_NAME_LEN], u8> =
+            aya::maps::HashMap::try_from(
+                ebpf.take_map("FREEZE_NAMES")
+                    .context("FREEZE_NAMES map missing")?,
+            )
+            .context("FREEZE_NAMES map")?;
+        for n in &opts.freeze_names {
+            let b = n.as_bytes();
+            anyhow::ensure!(
+                !b.is_empty() && b.len() < FREEZE_NAME_LEN,
+                "freeze name {n:?} must be 1 to {} bytes",
+                FREEZE_NAME_LEN - 1
+            );
+            let mut key = [0u8; FREEZE_NAME_LEN];
+            key[..b.len()].copy_from_slice(b);
+            names.insert(key, 1, 0).context("filling FREEZE_NAMES")?;
+        }
+        let alive =
+            aya::maps::Array::try_from(ebpf.take_map("ALIVE").context("ALIVE map missing")?)
+                .context("ALIVE map")?;
+        let servers =
+            aya::maps::HashMap::try_from(ebpf.take_map("SERVERS").context("SERVERS map missing")?)
+                .context("SERVERS map")?;
+        let mut sensor = Self {
             _ebpf: ebpf,
             ring,
             stats,
+            alive,
+            servers,
             hooks,
-        })
+        };
+        sensor.handle_heartbeat();
+        Ok(sensor)
+    }
+
+    fn handle_heartbeat(&mut self) {
+        let now = crate::detect::boot_ns_now();
+        if let Err(e) = self.alive.set(0, now, 0) {
+            tracing::warn!(error = %e, "heartbeat to the kernel failed: in-kernel freezing pauses");
+        }
     }
 
     /// Splits into the ring buffer (for the consumer) and the rest.
@@ -221,6 +263,8 @@ impl Sensor {
             SensorHandle {
                 _ebpf: self._ebpf,
                 stats: self.stats,
+                alive: self.alive,
+                servers: self.servers,
                 hooks: self.hooks,
             },
         )
@@ -232,11 +276,42 @@ impl Sensor {
 pub struct SensorHandle {
     _ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
+    alive: aya::maps::Array<MapData, u64>,
+    servers: aya::maps::HashMap<MapData, u32, u8>,
     /// One entry per hook.
     pub hooks: Vec<HookStatus>,
 }
 
 impl SensorHandle {
+    /// Stops in-kernel freezing (heartbeat cleared): call before the final
+    /// drain at shutdown so no process is stopped that the agent will not
+    /// resume.
+    pub fn stop_freezing(&mut self) {
+        if let Err(e) = self.alive.set(0, 0, 0) {
+            tracing::warn!(error = %e, "clearing the heartbeat failed");
+        }
+    }
+
+    /// Marks processes that already listen (found in /proc at start) as
+    /// servers for the kernel's freeze policy.
+    pub fn mark_servers(&mut self, pids: impl IntoIterator<Item = u32>) {
+        for pid in pids {
+            if let Err(e) = self.servers.insert(pid, 1, 0) {
+                tracing::debug!(pid, error = %e, "could not mark a server");
+            }
+        }
+    }
+
+    /// Tells the kernel the agent is alive (call every second): the programs
+    /// freeze processes only while this is fresh, so a dead agent never
+    /// leaves new processes stopped.
+    pub fn heartbeat(&mut self) {
+        let now = crate::detect::boot_ns_now();
+        if let Err(e) = self.alive.set(0, now, 0) {
+            tracing::warn!(error = %e, "heartbeat to the kernel failed: in-kernel freezing pauses");
+        }
+    }
+
     /// Kernel-side counters, summed over CPUs, indexed by slot
     /// (see `vigil_sensor_common::STATS_SLOTS`).
     pub fn kernel_stats(&self) -> anyhow::Result<Vec<u64>> {

@@ -406,6 +406,7 @@ mod tests {
                 script: None,
                 ld_preload: None,
                 stdio: [crate::event::Stdio::Closed; 3],
+                frozen: false,
             }),
         )
     }

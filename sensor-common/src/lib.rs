@@ -160,6 +160,9 @@ pub const EXEC_FLAG_SCRIPT: u32 = 1 << 5;
 /// Exec flag: the environment scan for `LD_PRELOAD` stopped early (a
 /// variable longer than [`ENV_STR_MAX`] or more than [`ENV_MAX_VARS`]).
 pub const EXEC_FLAG_ENV_TRUNCATED: u32 = 1 << 6;
+/// Exec flag: the kernel stopped the process (SIGSTOP) at exec under the
+/// freeze policy; the agent must resume or kill it.
+pub const EXEC_FLAG_FROZEN: u32 = 1 << 7;
 /// Flag: the walked dentry is not connected to a mounted tree (pseudo file
 /// systems such as memfd, pipes, anonymous inodes).
 pub const FLAG_PATH_DISCONNECTED: u32 = 1 << 4;
@@ -417,7 +420,23 @@ pub struct SensorConfig {
     /// records are submitted without a wakeup and the agent polls on a timer.
     /// 0 wakes on every record.
     pub wakeup_bytes: u32,
+    /// `FREEZE_*` bits: which new programs the kernel stops (SIGSTOP) at
+    /// exec, before their first instruction, for the agent to inspect.
+    pub freeze_policy: u32,
+    /// Reserved.
+    pub _reserved: u32,
 }
+
+/// Freeze policy: a shell or downloader (names in the `FREEZE_NAMES` map)
+/// started by a process that listens on an IP socket.
+pub const FREEZE_SERVER_CHILD: u32 = 1;
+/// Freeze policy: a program executed from a memfd.
+pub const FREEZE_MEMFD: u32 = 1 << 1;
+/// Key length of the `FREEZE_NAMES` map (program base names, NUL padded).
+pub const FREEZE_NAME_LEN: usize = 16;
+/// The kernel freezes only while the agent's heartbeat (`ALIVE[0]`, boot
+/// ns) is younger than this: a dead agent freezes nothing.
+pub const HEARTBEAT_MAX_AGE_NS: u64 = 5_000_000_000;
 
 impl SensorConfig {
     /// All zero.
@@ -425,6 +444,8 @@ impl SensorConfig {
         Self {
             agent_tgid: 0,
             wakeup_bytes: 0,
+            freeze_policy: 0,
+            _reserved: 0,
         }
     }
 }
@@ -445,6 +466,10 @@ pub const STAT_RINGBUF_MAX_FILL: u32 = STAT_BASE_OTHER + 2;
 pub const STAT_FILE_DEDUP: u32 = STAT_BASE_OTHER + 3;
 /// Kernel reads that failed (a pointer could not be followed).
 pub const STAT_READ_ERRORS: u32 = STAT_BASE_OTHER + 4;
+/// Processes stopped at exec by the freeze policy.
+pub const STAT_FROZEN: u32 = STAT_BASE_OTHER + 5;
+/// Freezes skipped because the agent's heartbeat was stale.
+pub const STAT_FREEZE_NO_AGENT: u32 = STAT_BASE_OTHER + 6;
 
 /// Emitted-records stat slot for a kind.
 pub const fn stat_emitted(kind: EventKind) -> u32 {

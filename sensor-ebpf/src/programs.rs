@@ -10,7 +10,7 @@ use aya_ebpf::{
         generated::{bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_ringbuf_output},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use vigil_sensor_common::*;
@@ -41,6 +41,8 @@ struct Scratch {
     /// prune equal states: with a register it would track every possible
     /// offset and explode.
     cursor: u64,
+    /// The executable's base name for the freeze policy (NUL padded).
+    name: [u8; FREEZE_NAME_LEN],
     /// One environment string at a time, for the LD_PRELOAD scan.
     env: [u8; ENV_STR_MAX],
 }
@@ -65,6 +67,20 @@ const STASH_LISTEN: u64 = 6;
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// Processes that listen on an IP socket (set by listen, inherited by fork,
+/// cleared by exec and exit): parents whose children the freeze policy
+/// watches.
+#[map]
+static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Program base names the freeze policy stops when a server starts them.
+#[map]
+static FREEZE_NAMES: HashMap<[u8; FREEZE_NAME_LEN], u8> = HashMap::with_max_entries(256, 0);
+
+/// The agent's heartbeat (boot ns), refreshed every second.
+#[map]
+static ALIVE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// First write-open per (process, inode): the de-duplication set.
 #[map]
@@ -164,6 +180,18 @@ unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, subject: u64) {
 /// Copies the record (fixed part + `tail_len` tail bytes) to the ring buffer.
 #[inline(always)]
 unsafe fn emit(s: *mut Scratch, kind: EventKind, fixed_len: usize, tail_len: u64) {
+    unsafe { emit_with(s, kind, fixed_len, tail_len, false) }
+}
+
+/// [`emit`], waking the agent at once when `urgent` (a frozen process waits).
+#[inline(always)]
+unsafe fn emit_with(
+    s: *mut Scratch,
+    kind: EventKind,
+    fixed_len: usize,
+    tail_len: u64,
+    urgent: bool,
+) {
     // Move the tail right behind the fixed struct: records are sent as one
     // contiguous copy of `fixed_len + tail_len` bytes starting at the fixed
     // struct, so the fixed part is right-aligned against the tail.
@@ -181,7 +209,7 @@ unsafe fn emit(s: *mut Scratch, kind: EventKind, fixed_len: usize, tail_len: u64
             }
         }
         let wake: u32 = cfg!(wakeup_bytes);
-        let flags = if avail >= wake as u64 {
+        let flags = if urgent || avail >= wake as u64 {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -436,6 +464,50 @@ unsafe fn stdio_kinds(task: u64, mode: &mut [u16; 3], family: &mut [u16; 3]) {
     }
 }
 
+const SIGSTOP: u32 = 19;
+
+/// True while the agent's heartbeat is fresh.
+#[inline(always)]
+fn agent_alive() -> bool {
+    let Some(t) = ALIVE.get(0) else { return false };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    *t != 0 && now.saturating_sub(*t) < HEARTBEAT_MAX_AGE_NS
+}
+
+/// Whether the freeze policy stops this exec, judged before the path walk
+/// (from the executable dentry's own name) so the verifier sees one small
+/// branch instead of one per walk outcome.
+#[inline(always)]
+unsafe fn should_freeze(s: *mut Scratch, file: u64, parent_serves: bool) -> bool {
+    let policy: u32 = cfg!(freeze_policy);
+    if policy == 0 || (!parent_serves && policy & FREEZE_MEMFD == 0) {
+        return false;
+    }
+    unsafe {
+        let dentry: u64 = rd(file, off!(file_f_path) + off!(path_dentry)).unwrap_or(0);
+        let name: u64 = rd(dentry, off!(dentry_d_name) + off!(qstr_name)).unwrap_or(0);
+        let buf = core::ptr::addr_of_mut!((*s).name) as *mut u8;
+        core::ptr::write_bytes(buf, 0, FREEZE_NAME_LEN);
+        let n = bpf_probe_read_kernel_str(
+            buf as *mut c_void,
+            FREEZE_NAME_LEN as u32,
+            name as *const c_void,
+        );
+        if n <= 0 {
+            return false;
+        }
+        let key: [u8; FREEZE_NAME_LEN] = core::ptr::read_unaligned(buf as *const _);
+        if policy & FREEZE_MEMFD != 0 && &key[..6] == b"memfd:" {
+            return true;
+        }
+        // A name that filled the buffer was cut: it cannot be a listed one.
+        policy & FREEZE_SERVER_CHILD != 0
+            && parent_serves
+            && (n as usize) < FREEZE_NAME_LEN
+            && FREEZE_NAMES.get(&key).is_some()
+    }
+}
+
 // ---- process lifecycle -----------------------------------------------------
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -461,6 +533,9 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         fill_header(&mut (*e).hdr, EventKind::Exec, task);
         let parent: u64 = rd(task, off!(task_real_parent)).unwrap_or(0);
         (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
+        let parent_serves = SERVERS.get_ptr(&(*e).ppid).is_some();
+        // A new program is not the server its parent image was.
+        let _ = SERVERS.remove(&tgid);
         let cred: u64 = rd(task, off!(task_cred)).unwrap_or(0);
         (*e).euid = rd(cred, off!(cred_euid)).unwrap_or(u32::MAX);
         (*e).egid = rd(cred, off!(cred_egid)).unwrap_or(u32::MAX);
@@ -474,6 +549,19 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         (*e).exe_nlink = nlink;
         if nlink == 0 {
             flags |= EXEC_FLAG_DELETED;
+        }
+        let mut frozen = 0u32;
+        if should_freeze(s, file, parent_serves) {
+            if agent_alive() {
+                // Stops the whole (single-threaded, freshly exec'd) process
+                // before it runs its first instruction.
+                if aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) == 0 {
+                    frozen = EXEC_FLAG_FROZEN;
+                    stat_add(STAT_FROZEN, 1);
+                }
+            } else {
+                stat_add(STAT_FREEZE_NO_AGENT, 1);
+            }
         }
         let t = tail(s);
         let (plen, pflags) = walk_file(s, t, file);
@@ -533,12 +621,13 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         flags |= eflags;
         (*e).preload_len = plen2 as u32;
         stdio_kinds(task, &mut (*e).stdio_mode, &mut (*e).stdio_family);
-        (*e).flags = flags;
-        emit(
+        (*e).flags = flags | frozen;
+        emit_with(
             s,
             EventKind::Exec,
             core::mem::size_of::<ExecEvent>(),
             plen + got + flen + plen2,
+            frozen != 0,
         );
     }
 }
@@ -570,6 +659,10 @@ unsafe fn on_fork(child: u64) {
         let parent: u64 = rd(child, off!(task_real_parent)).unwrap_or(0);
         (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
         (*e)._reserved = 0;
+        let me = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if SERVERS.get_ptr(&me).is_some() {
+            let _ = SERVERS.insert(&ctgid, &1u8, 0);
+        }
         emit(s, EventKind::Fork, core::mem::size_of::<ForkEvent>(), 0);
     }
 }
@@ -592,7 +685,9 @@ unsafe fn on_exit(task: u64) {
         if live != 0 {
             return; // other threads of the process still run
         }
-        if is_agent((bpf_get_current_pid_tgid() >> 32) as u32) {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = SERVERS.remove(&tgid);
+        if is_agent(tgid) {
             return;
         }
         let Some(s) = scratch() else { return };
@@ -943,6 +1038,8 @@ unsafe fn on_listen(task: u64, ret: i64, fd: u64) {
         if family != AF_INET && family != AF_INET6 {
             return;
         }
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = SERVERS.insert(&tgid, &1u8, 0);
         let Some(s) = scratch() else { return };
         let e: *mut ListenEvent = fixed(s);
         fill_header(&mut (*e).hdr, EventKind::Listen, task);

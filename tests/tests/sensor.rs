@@ -368,3 +368,38 @@ fn fileless_exec_from_memfd_is_flagged() {
     assert_eq!(e.str_of("exe"), "/memfd:kworker");
     assert_eq!(e["argv"][0], "kworker");
 }
+
+#[test]
+fn server_child_shell_is_frozen_at_exec_then_resumed() {
+    let agent = Agent::start(&[]);
+    let m = marker("freeze");
+    // This test process becomes a server: it listens on loopback.
+    let _l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let me = std::process::id() as u64;
+    agent.expect_event("listen", |e| e.kind() == "listen" && e.pid() == me);
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("echo {m}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the frozen shell was resumed and finished"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), m);
+    let e = agent.expect_event("frozen shell exec", |e| {
+        e.kind() == "exec" && e.argv().iter().any(|a| a.contains(&m))
+    });
+    assert_eq!(e["frozen"], true, "{e}");
+    // A non-shell child of the server is not frozen.
+    let m2 = marker("nofreeze");
+    Command::new("/bin/echo").arg(&m2).output().unwrap();
+    let e = agent.expect_event("echo exec", |e| {
+        e.kind() == "exec" && e.argv().get(1) == Some(&m2)
+    });
+    assert!(e.get("frozen").is_none(), "{e}");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(agent.metric("vigil_frozen_total") >= 1.0);
+    assert!(agent.metric("vigil_resumed_total") >= 1.0);
+    assert_eq!(agent.metric("vigil_resume_errors_total"), 0.0);
+}

@@ -606,6 +606,7 @@ mod tests {
                 script: None,
                 ld_preload: None,
                 stdio: [Stdio::CharDevice; 3],
+                frozen: false,
             };
             f(&mut x);
             let ev = self.event(pid, Payload::Exec(x));
