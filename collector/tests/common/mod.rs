@@ -1,0 +1,280 @@
+//! Test harness: a fresh PKI, the real `vigil-collector serve` binary on a
+//! loopback port, and mTLS clients.
+
+#![allow(dead_code)]
+
+pub mod postgres;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use vigil_collector::client;
+use vigil_collector::pki::{self, ClientFiles, InitPki, Role};
+use vigil_proto::ingest_client::IngestClient;
+use vigil_proto::query_client::QueryClient;
+
+/// A PKI directory with agents agent-1, agent-2 and analyst "analyst".
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init_pki(&InitPki {
+            dir: dir.path().to_path_buf(),
+            agents: vec!["agent-1".into(), "agent-2".into()],
+            analysts: vec!["analyst".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        Pki { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn agent(&self, name: &str) -> ClientFiles {
+        ClientFiles::in_pki(self.path(), Role::Agent, name)
+    }
+
+    pub fn analyst(&self) -> ClientFiles {
+        ClientFiles::in_pki(self.path(), Role::Analyst, "analyst")
+    }
+}
+
+/// The index backend a test collector uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default.
+    Sqlite,
+    /// A fresh database on the test PostgreSQL server.
+    Postgres,
+}
+
+impl Backend {
+    /// `serve` arguments selecting this backend (a new database each call).
+    pub fn args(self) -> Vec<String> {
+        match self {
+            Backend::Sqlite => vec![],
+            Backend::Postgres => vec![
+                "--store".into(),
+                "postgres".into(),
+                "--postgres".into(),
+                postgres::database(),
+            ],
+        }
+    }
+}
+
+/// Generates `sqlite::NAME` and `postgres::NAME` tests calling
+/// `NAME(Backend)`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// A running `vigil-collector serve`; killed on drop.
+pub struct Collector {
+    pub child: Child,
+    /// The collector's stderr (printed when the test fails).
+    pub log: PathBuf,
+    _log_dir: std::sync::Arc<tempfile::TempDir>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub pki_dir: PathBuf,
+    pub extra: Vec<String>,
+}
+
+impl Collector {
+    /// Starts on a free port with `backend`.
+    pub fn start(backend: Backend, pki: &Pki, data_dir: &Path, extra: &[&str]) -> Collector {
+        let mut args = backend.args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_on(pki.path(), data_dir, "127.0.0.1:0", &args)
+    }
+
+    /// Starts on `listen`, waits until it listens.
+    pub fn start_on(pki_dir: &Path, data_dir: &Path, listen: &str, extra: &[&str]) -> Collector {
+        let log_dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        Self::start_logged(pki_dir, data_dir, listen, extra, log_dir)
+    }
+
+    fn start_logged(
+        pki_dir: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log_dir: std::sync::Arc<tempfile::TempDir>,
+    ) -> Collector {
+        let log = log_dir.path().join("collector.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil-collector"));
+        // The collector dies with the test thread that started it, even when
+        // the test process is killed before any Drop runs.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .arg("--pki")
+            .arg(pki_dir)
+            .args(extra)
+            .env("VIGIL_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("starting vigil-collector");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("collector did not print its address");
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        Collector {
+            child,
+            log,
+            _log_dir: log_dir,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            pki_dir: pki_dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// SIGKILL, wait.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again on the same port and data.
+    pub fn restart(mut self) -> Collector {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        Collector::start_on(
+            &self.pki_dir,
+            &self.data_dir,
+            &self.addr.to_string(),
+            &extra,
+        )
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub async fn channel(&self, files: &ClientFiles) -> Channel {
+        client::connect(&self.url(), files, None).await.unwrap()
+    }
+
+    pub async fn ingest(&self, pki: &Pki, agent: &str) -> IngestClient<Channel> {
+        IngestClient::new(self.channel(&pki.agent(agent)).await)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    pub async fn query(&self, pki: &Pki) -> QueryClient<Channel> {
+        QueryClient::new(self.channel(&pki.analyst()).await)
+            .max_decoding_message_size(client::MAX_CLIENT_MESSAGE)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("--- collector log ({}):\n{log}", self.log.display());
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), compressed with zstd so the
+/// result is a plausible bundle.
+pub fn bundle(raw_len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut raw = Vec::with_capacity(raw_len);
+    while raw.len() < raw_len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        raw.extend_from_slice(&x.to_le_bytes());
+    }
+    raw.truncate(raw_len);
+    zstd::encode_all(raw.as_slice(), 1).unwrap()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Every file under `dir`, relative, sorted.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(base, &p, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}

@@ -1,0 +1,786 @@
+//! End-to-end tests of the collector: the real `vigil-collector serve`
+//! binary, real mutual TLS on loopback, real files and SQLite.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{bundle, files_under, sha256_hex, Backend, Collector, Pki};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::Code;
+use vigil_proto::ingest_client::IngestClient;
+use vigil_proto::{
+    Detection, DetectionBatch, Event, EventBatch, EvidenceChunk, FetchEvidenceRequest,
+    GetIncidentRequest, ListDetectionsRequest, ListIncidentsRequest, Severity, UploadStatusRequest,
+};
+
+const CHUNK: usize = 1 << 20;
+
+fn exec_json(pid: u32, ppid: u32, exe: &str, i: usize) -> String {
+    format!(
+        r#"{{"time":"2026-11-26T14:09:00.{:09}Z","type":"exec","pid":{pid},"ppid":{ppid},"comm":"x","exe":"{exe}","argv":["{exe}","{i}"],"process":{{"pid":{pid},"ppid":{ppid},"exe":"{exe}","workload":{{"kind":"container","cgroup":"/docker/abc","container_id":"0123456789abcdef0123456789abcdef"}}}},"ancestry":[{{"pid":{ppid},"exe":"/usr/bin/node","argv":["node","app.js"]}},{{"pid":1,"exe":"/sbin/init","argv":["/sbin/init"]}}]}}"#,
+        i % 1_000_000_000
+    )
+}
+
+fn detection_json(
+    sec: u32,
+    pid: u32,
+    exe: &str,
+    rule: &str,
+    severity: &str,
+    evidence: &str,
+) -> String {
+    format!(
+        r#"{{"time":"2026-11-26T14:09:{sec:02}Z","rule":"{rule}","severity":"{severity}","mitre":["T1059","T1190"],"summary":"{rule}: {exe}","process":{{"pid":{pid},"ppid":200,"exe":"{exe}","comm":"x","argv":["{exe}","-c","id"],"uid":33,"workload":{{"kind":"container","cgroup":"/docker/abc","container_id":"0123456789abcdef0123456789abcdef"}}}},"ancestry":[{{"pid":200,"exe":"/bin/sh","argv":["sh","-c","curl x | sh"]}},{{"pid":100,"exe":"/usr/bin/node","argv":["node","app.js"]}},{{"pid":1,"exe":"/sbin/init","argv":["/sbin/init"]}}],"evidence":{evidence}}}"#
+    )
+}
+
+fn events(n: usize, start: usize) -> Vec<Event> {
+    (start..start + n)
+        .map(|i| {
+            Event::from_agent_json(&exec_json(300 + i as u32 % 50, 200, "/usr/bin/curl", i))
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Chunks of `data` from `offset`, the first carrying the id and size.
+fn chunks(id: &str, data: &[u8], offset: usize) -> Vec<EvidenceChunk> {
+    chunks_of(id, data, offset, CHUNK)
+}
+
+fn chunks_of(id: &str, data: &[u8], offset: usize, size: usize) -> Vec<EvidenceChunk> {
+    data[offset..]
+        .chunks(size)
+        .enumerate()
+        .map(|(i, c)| EvidenceChunk {
+            bundle_id: if i == 0 {
+                id.to_string()
+            } else {
+                String::new()
+            },
+            total_size: data.len() as u64,
+            offset: (offset + i * size) as u64,
+            data: c.to_vec(),
+            label: if i == 0 {
+                "test bundle".into()
+            } else {
+                String::new()
+            },
+        })
+        .collect()
+}
+
+async fn fetch(c: &Collector, pki: &Pki, id: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut q = c.query(pki).await;
+    let mut stream = q
+        .fetch_evidence(FetchEvidenceRequest {
+            bundle_id: id.to_string(),
+            offset: 0,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await? {
+        assert_eq!(m.offset as usize, out.len());
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+/// Waits until the collector holds at least `min` bytes of `id`.
+async fn wait_for_received(c: &Collector, pki: &Pki, id: &str, min: u64) -> u64 {
+    for _ in 0..400 {
+        let s = status(c, pki, id).await;
+        if s.received >= min {
+            return s.received;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the collector never held {min} bytes of {id}");
+}
+
+async fn status(c: &Collector, pki: &Pki, id: &str) -> vigil_proto::UploadStatusReply {
+    c.ingest(pki, "agent-1")
+        .await
+        .upload_status(UploadStatusRequest {
+            bundle_id: id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn events_and_detections_are_stored_with_the_agent_identity_and_grouped(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+
+    // Three batches, the second sent twice (a retry after a lost ack).
+    let batches = vec![
+        EventBatch {
+            batch_id: "1".into(),
+            events: events(500, 0),
+        },
+        EventBatch {
+            batch_id: "2".into(),
+            events: events(500, 500),
+        },
+        EventBatch {
+            batch_id: "2".into(),
+            events: events(500, 500),
+        },
+        EventBatch {
+            batch_id: "3".into(),
+            events: events(1, 1000),
+        },
+    ];
+    let ack = ingest
+        .push_events(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (ack.accepted, ack.batches, ack.duplicate_batches),
+        (1001, 3, 1)
+    );
+
+    let evidence_id = sha256_hex(b"bundle");
+    let dets = [
+        detection_json(1, 200, "/bin/sh", "web_shell", "high", "null"),
+        detection_json(
+            2,
+            301,
+            "/usr/bin/curl",
+            "downloader",
+            "medium",
+            &format!(r#"{{"bundle_id":"{evidence_id}"}}"#),
+        ),
+        detection_json(3, 302, "/tmp/xmrig", "miner", "critical", "null"),
+    ];
+    let dets: Vec<Detection> = dets
+        .iter()
+        .map(|j| Detection::from_agent_json(j).unwrap())
+        .collect();
+    let ack = ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "d1".into(),
+            detections: dets.clone(),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 3);
+    // A second agent's detection of the same shape is its own incident.
+    let mut other = c.ingest(&pki, "agent-2").await;
+    other
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "d1".into(),
+            detections: dets[..1].to_vec(),
+        }]))
+        .await
+        .unwrap();
+
+    let mut q = c.query(&pki).await;
+    let incidents = q
+        .list_incidents(ListIncidentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .incidents;
+    assert_eq!(incidents.len(), 2, "{incidents:#?}");
+    let mine = incidents.iter().find(|i| i.agent == "agent-1").unwrap();
+    assert_eq!(mine.detection_count, 3);
+    assert_eq!(mine.max_severity, Severity::Critical as i32);
+    assert_eq!(mine.root_exe, "/usr/bin/node");
+    assert_eq!(mine.workload_key, "container:0123456789ab");
+
+    let detail = q
+        .get_incident(GetIncidentRequest { id: mine.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(detail.detections.len(), 3);
+    assert!(detail.detections.iter().all(|d| d.agent == "agent-1"));
+    // The JSON travels unchanged.
+    assert_eq!(
+        detail.detections[0].detection.as_ref().unwrap().json,
+        dets[0].json
+    );
+    assert_eq!(detail.evidence.len(), 1);
+    assert_eq!(detail.evidence[0].bundle_id, evidence_id);
+    assert!(
+        !detail.events.is_empty(),
+        "events of the detected processes"
+    );
+
+    let by_rule = q
+        .list_detections(ListDetectionsRequest {
+            rule: "miner".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .detections;
+    assert_eq!(by_rule.len(), 1);
+    let missing = q
+        .get_incident(GetIncidentRequest { id: 999 })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+async fn evidence_upload_in_chunks_fetches_back_identical(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let bytes = bundle(5 * CHUNK + 12345, 7);
+    let id = sha256_hex(&bytes);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let r = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &bytes, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete);
+    assert_eq!(r.received, bytes.len() as u64);
+    assert_eq!(fetch(&c, &pki, &id).await.unwrap(), bytes);
+    let s = status(&c, &pki, &id).await;
+    assert!(s.complete);
+    // Content-addressed: uploading it again is a no-op that says complete.
+    let again = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &bytes, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.complete);
+    assert_eq!(
+        files_under(&data.path().join("blobs")),
+        vec![format!("sha256/{}/{}", &id[..2], &id[2..])]
+    );
+    assert!(files_under(&data.path().join("partial")).is_empty());
+}
+
+async fn interrupted_uploads_resume(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let bytes = bundle(4 * CHUNK, 11);
+    let id = sha256_hex(&bytes);
+    let all = chunks(&id, &bytes, 0);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+
+    // 1. The agent ends its stream early: the collector keeps what came.
+    let r = ingest
+        .upload_evidence(tokio_stream::iter(all[..2].to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.complete);
+    assert_eq!(r.received, 2 * CHUNK as u64);
+    let s = status(&c, &pki, &id).await;
+    assert_eq!(
+        (s.received, s.complete, s.total_size),
+        (2 * CHUNK as u64, false, bytes.len() as u64)
+    );
+    assert_eq!(
+        fetch(&c, &pki, &id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // 2. The connection drops in the middle of the next chunk stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut client = c.ingest(&pki, "agent-1").await;
+    let call = tokio::spawn(async move { client.upload_evidence(ReceiverStream::new(rx)).await });
+    for ch in chunks(&id, &bytes, 2 * CHUNK).into_iter().take(1) {
+        tx.send(ch).await.unwrap();
+    }
+    wait_for_received(&c, &pki, &id, 3 * CHUNK as u64).await;
+    call.abort();
+    drop(tx);
+
+    // 3. Resume from what the collector holds (retrying while it still
+    //    finishes the cancelled call, as an agent does).
+    let mut attempts = 0;
+    let r = loop {
+        let s = status(&c, &pki, &id).await;
+        assert!(!s.complete);
+        assert!(s.received >= 2 * CHUNK as u64, "{s:?}");
+        match ingest
+            .upload_evidence(tokio_stream::iter(chunks(&id, &bytes, s.received as usize)))
+            .await
+        {
+            Err(e) if e.code() == Code::Aborted && attempts < 50 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other.unwrap().into_inner(),
+        }
+    };
+    assert!(r.complete, "{r:?}");
+    assert_eq!(fetch(&c, &pki, &id).await.unwrap(), bytes);
+
+    // A chunk past what is held is refused with the offset to resume at.
+    let b2 = bundle(2 * CHUNK, 12);
+    let id2 = sha256_hex(&b2);
+    let err = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id2, &b2, CHUNK)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("resume at 0"), "{err:?}");
+}
+
+async fn clients_without_a_valid_certificate_are_refused(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = Collector::start(backend, &pki, data.path(), &[]);
+    let ca = std::fs::read_to_string(pki.path().join("ca.pem")).unwrap();
+
+    // No client certificate at all.
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .domain_name("localhost");
+    let refused = async {
+        let ch = Endpoint::from_shared(c.url())?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        IngestClient::new(ch)
+            .upload_status(UploadStatusRequest {
+                bundle_id: "0".repeat(64),
+            })
+            .await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate got through"
+    );
+
+    // A certificate from another CA (trusting the right server CA).
+    let other = Pki::new();
+    let mut files = other.agent("agent-1");
+    files.ca = pki.path().join("ca.pem");
+    let refused = async {
+        let ch = vigil_collector::client::connect(&c.url(), &files, None).await?;
+        IngestClient::new(ch)
+            .upload_status(UploadStatusRequest {
+                bundle_id: "0".repeat(64),
+            })
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA got through"
+    );
+
+    // The wrong role: an agent reading, an analyst pushing.
+    let mut as_agent =
+        vigil_proto::query_client::QueryClient::new(c.channel(&pki.agent("agent-1")).await);
+    let err = as_agent
+        .list_incidents(ListIncidentsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut as_analyst = IngestClient::new(c.channel(&pki.analyst()).await);
+    let err = as_analyst
+        .push_events(tokio_stream::iter(vec![EventBatch::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // And the collector still serves.
+    assert!(c.is_running());
+    let s = status(&c, &pki, &"0".repeat(64)).await;
+    assert_eq!(s.received, 0);
+}
+
+async fn hash_mismatch_is_data_loss_and_nothing_is_stored(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let claimed = bundle(3 * CHUNK, 1);
+    let sent = bundle(3 * CHUNK, 2);
+    assert_eq!(claimed.len(), sent.len());
+    let id = sha256_hex(&claimed);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let err = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &sent, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("mismatch"), "{err:?}");
+    let s = status(&c, &pki, &id).await;
+    assert_eq!((s.received, s.complete), (0, false));
+    assert!(files_under(&data.path().join("blobs")).is_empty());
+    assert!(files_under(&data.path().join("partial")).is_empty());
+    assert_eq!(
+        fetch(&c, &pki, &id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // The right bytes still go through afterwards.
+    let r = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &claimed, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete);
+}
+
+async fn limits_are_enforced_and_the_server_keeps_serving(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = Collector::start(
+        backend,
+        &pki,
+        data.path(),
+        &[
+            "--max-message-bytes",
+            "1048576",
+            "--max-bundle-bytes",
+            "4194304",
+            "--max-batch-items",
+            "100",
+            "--max-concurrent-uploads",
+            "1",
+        ],
+    );
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+
+    // A message over --max-message-bytes.
+    let mut big = events(1, 0);
+    big[0].json = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2 << 20));
+    let err = ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "big".into(),
+            events: big,
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("too large"), "{err:?}");
+
+    // A batch over --max-batch-items.
+    let err = ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "many".into(),
+            events: events(101, 0),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // A bundle over --max-bundle-bytes.
+    let err = ingest
+        .upload_evidence(tokio_stream::iter(vec![EvidenceChunk {
+            bundle_id: "ab".repeat(32),
+            total_size: 5 << 20,
+            offset: 0,
+            data: vec![0; 10],
+            label: String::new(),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // A second upload while the only slot is taken.
+    let bytes = bundle(2 * CHUNK, 3);
+    let id = sha256_hex(&bytes);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut holder = c.ingest(&pki, "agent-1").await;
+    let held = tokio::spawn(async move { holder.upload_evidence(ReceiverStream::new(rx)).await });
+    let mut first = chunks_of(&id, &bytes, 0, 256 << 10).into_iter();
+    tx.send(first.next().unwrap()).await.unwrap();
+    wait_for_received(&c, &pki, &id, 256 << 10).await;
+    let other = bundle(1000, 4);
+    let err = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&sha256_hex(&other), &other, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    for ch in first {
+        tx.send(ch).await.unwrap();
+    }
+    drop(tx);
+    assert!(held.await.unwrap().unwrap().into_inner().complete);
+
+    // Invalid content: nothing of the batch is stored.
+    let mut bad = events(3, 0);
+    bad[2].json = "not json".into();
+    let err = ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "bad".into(),
+            events: bad,
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("event 2"), "{err:?}");
+    let mut bad =
+        Detection::from_agent_json(&detection_json(1, 5, "/bin/sh", "r", "high", "null")).unwrap();
+    bad.severity = 42;
+    let err = ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "x".into(),
+            detections: vec![bad],
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let mut q = c.query(&pki).await;
+    let stored = q
+        .list_detections(ListDetectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.detections.is_empty());
+
+    // The server still serves normal traffic.
+    assert!(c.is_running());
+    let ack = ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "ok".into(),
+            events: events(100, 0),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 100);
+}
+
+async fn malformed_protobuf_is_invalid_argument(backend: Backend) {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    /// Sends raw bytes as the message body.
+    #[derive(Default)]
+    struct Raw;
+    struct RawEnc;
+    struct RawDec;
+    impl Encoder for RawEnc {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            use bytes::BufMut;
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Decoder for RawDec {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            use bytes::Buf;
+            Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEnc;
+        type Decoder = RawDec;
+        fn encoder(&mut self) -> RawEnc {
+            RawEnc
+        }
+        fn decoder(&mut self) -> RawDec {
+            RawDec
+        }
+    }
+
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = Collector::start(backend, &pki, data.path(), &[]);
+    let ch = c.channel(&pki.agent("agent-1")).await;
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    // Field 2 (events), length-delimited, claiming 100 bytes that are not there.
+    let garbage = vec![0x12, 0x64, 0x01, 0x02];
+    let err = grpc
+        .client_streaming(
+            tonic::Request::new(tokio_stream::iter(vec![garbage])),
+            "/vigil.v1.Ingest/PushEvents".parse().unwrap(),
+            Raw,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("malformed"), "{err:?}");
+    assert!(c.is_running());
+}
+
+async fn malformed_ids_are_refused_without_touching_the_disk(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let before = files_under(data.path());
+    let bad_ids = [
+        "../../../../etc/passwd".to_string(),
+        format!("../{}", "a".repeat(61)),
+        format!("{}/..", "a".repeat(60)),
+        "A".repeat(64),
+        "a".repeat(63),
+        format!("{}\0", "a".repeat(63)),
+        String::new(),
+    ];
+    for id in &bad_ids {
+        let err = ingest
+            .upload_evidence(tokio_stream::iter(vec![EvidenceChunk {
+                bundle_id: id.clone(),
+                total_size: 4,
+                offset: 0,
+                data: b"evil".to_vec(),
+                label: String::new(),
+            }]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}: {err:?}");
+        let err = ingest
+            .upload_status(UploadStatusRequest {
+                bundle_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}: {err:?}");
+        let err = fetch(&c, &pki, id).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}: {err:?}");
+    }
+    // A detection naming a malformed evidence id is refused too.
+    let mut d =
+        Detection::from_agent_json(&detection_json(1, 5, "/bin/sh", "r", "high", "null")).unwrap();
+    d.evidence_ids = vec!["../../x".into()];
+    let err = ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: String::new(),
+            detections: vec![d],
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Nothing new on disk but the database's own files.
+    let after: Vec<String> = files_under(data.path())
+        .into_iter()
+        .filter(|f| !f.starts_with("vigil.db"))
+        .collect();
+    let before: Vec<String> = before
+        .into_iter()
+        .filter(|f| !f.starts_with("vigil.db"))
+        .collect();
+    assert_eq!(after, before);
+}
+
+async fn sigkill_during_upload_then_resume_gives_a_correct_blob(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let bytes = bundle(8 * CHUNK, 99);
+    let id = sha256_hex(&bytes);
+
+    // Stream half the bundle and keep the stream open.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut client = c.ingest(&pki, "agent-1").await;
+    let call = tokio::spawn(async move { client.upload_evidence(ReceiverStream::new(rx)).await });
+    for ch in chunks(&id, &bytes, 0).into_iter().take(4) {
+        tx.send(ch).await.unwrap();
+    }
+    wait_for_received(&c, &pki, &id, CHUNK as u64).await;
+
+    // SIGKILL mid-upload.
+    let c = c.restart();
+    let res = call.await.unwrap();
+    assert!(res.is_err(), "the interrupted call cannot succeed");
+    drop(tx);
+
+    // Nothing visible, a consistent prefix kept.
+    assert!(files_under(&data.path().join("blobs")).is_empty());
+    assert_eq!(
+        fetch(&c, &pki, &id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let s = status(&c, &pki, &id).await;
+    assert!(!s.complete);
+    assert!(s.received > 0 && s.received <= 4 * CHUNK as u64, "{s:?}");
+    assert_eq!(s.total_size, bytes.len() as u64);
+
+    // The agent resumes where the collector says.
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let r = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &bytes, s.received as usize)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete, "{r:?}");
+    assert_eq!(fetch(&c, &pki, &id).await.unwrap(), bytes);
+    let on_disk = std::fs::read(
+        data.path()
+            .join("blobs/sha256")
+            .join(&id[..2])
+            .join(&id[2..]),
+    )
+    .unwrap();
+    assert_eq!(sha256_hex(&on_disk), id);
+    assert!(files_under(&data.path().join("partial")).is_empty());
+}
+
+async fn data_survives_a_restart(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let d = Detection::from_agent_json(&detection_json(
+        1,
+        5,
+        "/bin/sh",
+        "web_shell",
+        "high",
+        "null",
+    ))
+    .unwrap();
+    ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "a".into(),
+            detections: vec![d.clone()],
+        }]))
+        .await
+        .unwrap();
+    let c = c.restart();
+    let mut q = c.query(&pki).await;
+    let list = q
+        .list_detections(ListDetectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.detections.len(), 1);
+    assert_eq!(list.detections[0].detection.as_ref().unwrap(), &d);
+    // The batch id is still known: a resend is a duplicate.
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let ack = ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "a".into(),
+            detections: vec![d],
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((ack.accepted, ack.duplicate_batches), (0, 1));
+}
+
+on_both_stores!(
+    events_and_detections_are_stored_with_the_agent_identity_and_grouped,
+    evidence_upload_in_chunks_fetches_back_identical,
+    interrupted_uploads_resume,
+    clients_without_a_valid_certificate_are_refused,
+    hash_mismatch_is_data_loss_and_nothing_is_stored,
+    limits_are_enforced_and_the_server_keeps_serving,
+    malformed_protobuf_is_invalid_argument,
+    malformed_ids_are_refused_without_touching_the_disk,
+    sigkill_during_upload_then_resume_gives_a_correct_blob,
+    data_survives_a_restart,
+);
