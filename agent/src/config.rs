@@ -55,6 +55,20 @@ pub struct AgentConfig {
     pub freeze: Vec<String>,
     /// Program names frozen under "server_child".
     pub freeze_names: Vec<String>,
+    /// Capture evidence (core, context, executable) on detection.
+    pub capture: bool,
+    /// Where capture work, sealed bundles and chain state live.
+    pub capture_dir: PathBuf,
+    /// Detections at or above this severity are captured: low, medium,
+    /// high, critical.
+    pub capture_min_severity: String,
+    /// Kill the process after its capture instead of resuming it.
+    pub capture_contain: bool,
+    /// Cap on the memory bytes in one core file, MiB.
+    pub capture_max_core_mib: u64,
+    /// Write each capture outcome (bundle id, archive, timings) as a JSON
+    /// line here.
+    pub evidence_json: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -83,6 +97,12 @@ impl Default for AgentConfig {
             .into_iter()
             .map(String::from)
             .collect(),
+            capture: true,
+            capture_dir: PathBuf::from("/var/lib/vigil/capture"),
+            capture_min_severity: "high".into(),
+            capture_contain: false,
+            capture_max_core_mib: 512,
+            evidence_json: None,
         }
     }
 }
@@ -115,6 +135,7 @@ impl AgentConfig {
         self.disabled_features()?;
         self.learn_duration()?;
         self.freeze_policy()?;
+        self.capture_severity()?;
         anyhow::ensure!(
             self.freeze_names
                 .iter()
@@ -122,6 +143,20 @@ impl AgentConfig {
             "freeze_names entries must be 1 to 15 bytes"
         );
         Ok(())
+    }
+
+    /// `capture_min_severity` parsed.
+    pub fn capture_severity(&self) -> anyhow::Result<crate::detect::Severity> {
+        use crate::detect::Severity;
+        Ok(match self.capture_min_severity.as_str() {
+            "low" => Severity::Low,
+            "medium" => Severity::Medium,
+            "high" => Severity::High,
+            "critical" => Severity::Critical,
+            other => anyhow::bail!(
+                "capture_min_severity must be low, medium, high or critical, got {other:?}"
+            ),
+        })
     }
 
     /// `freeze` as kernel policy bits.

@@ -16,6 +16,7 @@ pub mod event;
 pub mod metrics;
 pub mod pipeline;
 pub mod procscan;
+pub mod respond;
 pub mod runner;
 pub mod sensor;
 pub mod tree;

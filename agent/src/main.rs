@@ -42,6 +42,15 @@ struct Cli {
     /// Directory of Sigma rules (process_creation, file_event, network_connection).
     #[arg(long, value_name = "DIR")]
     rules_dir: Option<PathBuf>,
+    /// Where evidence capture keeps its work, sealed bundles and chain state.
+    #[arg(long, value_name = "DIR")]
+    capture_dir: Option<PathBuf>,
+    /// Do not capture evidence on detection.
+    #[arg(long)]
+    no_capture: bool,
+    /// Write each evidence capture outcome as a JSON line to PATH.
+    #[arg(long, value_name = "PATH")]
+    evidence_json: Option<PathBuf>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -76,6 +85,15 @@ fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
     }
     if let Some(p) = &cli.rules_dir {
         cfg.rules_dir = Some(p.clone());
+    }
+    if let Some(p) = &cli.capture_dir {
+        cfg.capture_dir = p.clone();
+    }
+    if cli.no_capture {
+        cfg.capture = false;
+    }
+    if let Some(p) = &cli.evidence_json {
+        cfg.evidence_json = Some(p.clone());
     }
     if let Some(f) = &cli.log_format {
         cfg.log_format = f.clone();

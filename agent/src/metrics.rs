@@ -83,6 +83,12 @@ pub struct Metrics {
     pub resume_errors: Counter,
     /// Freezes skipped because the agent's heartbeat was stale.
     pub freeze_skipped: Counter,
+    /// Evidence bundles captured.
+    pub captures: Counter,
+    /// Captures that failed.
+    pub capture_errors: Counter,
+    /// Captures dropped because the queue was full.
+    pub captures_dropped: Counter,
     last_kernel: std::sync::Mutex<Vec<u64>>,
 }
 
@@ -174,7 +180,7 @@ impl Metrics {
         );
         r.register(
             "resumed",
-            "Frozen processes resumed by the agent",
+            "Stopped processes (kernel freeze or capture) resumed by the agent",
             self.resumed.clone(),
         );
         r.register(
@@ -186,6 +192,21 @@ impl Metrics {
             "freeze_skipped_no_agent",
             "Freezes skipped because the agent heartbeat was stale",
             self.freeze_skipped.clone(),
+        );
+        r.register(
+            "captures",
+            "Evidence bundles captured",
+            self.captures.clone(),
+        );
+        r.register(
+            "capture_errors",
+            "Evidence captures that failed",
+            self.capture_errors.clone(),
+        );
+        r.register(
+            "captures_dropped",
+            "Evidence captures dropped because the queue was full",
+            self.captures_dropped.clone(),
         );
         r
     }

@@ -11,6 +11,13 @@ use tracing::warn;
 
 use crate::decode::decode;
 use crate::detect::DetectEngine;
+use crate::respond::{CaptureJob, Responder};
+use lru::LruCache;
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+
+/// Events kept per process for evidence timelines.
+const TIMELINE_PER_PROCESS: usize = 32;
 use crate::event::{Event, Payload};
 use crate::metrics::Metrics;
 use crate::tree::{Ancestor, ProcessTree};
@@ -136,6 +143,8 @@ pub struct Pipeline {
     sinks: Vec<Box<dyn Sink>>,
     detect: Option<DetectEngine>,
     detection_out: Option<JsonLinesSink>,
+    responder: Option<Responder>,
+    timeline: LruCache<u32, VecDeque<serde_json::Value>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
 }
@@ -155,6 +164,8 @@ impl Pipeline {
             sinks,
             detect: None,
             detection_out: None,
+            responder: None,
+            timeline: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             wall_offset_ns: wall_offset_ns(),
         }
     }
@@ -163,6 +174,12 @@ impl Pipeline {
     pub fn with_detection(mut self, engine: DetectEngine, out: Option<JsonLinesSink>) -> Self {
         self.detect = Some(engine);
         self.detection_out = out;
+        self
+    }
+
+    /// Adds evidence capture on detection.
+    pub fn with_responder(mut self, r: Responder) -> Self {
+        self.responder = Some(r);
         self
     }
 
@@ -207,8 +224,30 @@ impl Pipeline {
         for s in &mut self.sinks {
             s.emit(&enriched);
         }
+        self.remember(&enriched);
+        let mut capture_asked = false;
         if let Some(engine) = &mut self.detect {
-            for d in engine.observe(&enriched, &self.tree, Instant::now()) {
+            let mut dets = engine.observe(&enriched, &self.tree, Instant::now());
+            if let Some(r) = &mut self.responder {
+                let e = &enriched.event;
+                let alive = !matches!(e.payload, Payload::Exit { .. });
+                if alive && r.wants(&dets, e.pid, e.start_boot_ns) {
+                    capture_asked = true;
+                    for d in &mut dets {
+                        d.evidence = Some(serde_json::json!({ "capture": "queued" }));
+                    }
+                    let job = CaptureJob {
+                        pid: e.pid,
+                        start_boot_ns: e.start_boot_ns,
+                        detection: serde_json::to_value(&dets[0]).unwrap_or_default(),
+                        ancestors: enriched.ancestry.iter().map(|a| a.pid as i32).collect(),
+                        timeline: timeline_of(&self.timeline, e.pid, enriched.process.ppid),
+                        frozen: matches!(&e.payload, Payload::Exec(x) if x.frozen),
+                    };
+                    r.submit(job);
+                }
+            }
+            for d in dets {
                 self.metrics.count_detection(&d);
                 tracing::warn!(
                     rule = %d.rule,
@@ -225,9 +264,10 @@ impl Pipeline {
         }
         // A process the kernel froze at exec waits for us: inspection (and
         // later evidence capture) is done, let it run.
+        // (A capture job releases its process itself.)
         if let Payload::Exec(x) = &enriched.event.payload {
-            if x.frozen {
-                self.resume(enriched.event.pid);
+            if x.frozen && !capture_asked {
+                crate::respond::resume(enriched.event.pid, &self.metrics);
             }
         }
         if is_exit {
@@ -237,17 +277,21 @@ impl Pipeline {
         }
     }
 
-    fn resume(&mut self, pid: u32) {
-        use nix::sys::signal::{kill, Signal};
-        match kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT) {
-            Ok(()) => {
-                self.metrics.resumed.inc();
-            }
-            Err(e) => {
-                self.metrics.resume_errors.inc();
-                warn!(pid, error = %e, "could not resume a frozen process");
-            }
+    /// Keeps the last events of each process for evidence timelines.
+    fn remember(&mut self, ev: &EnrichedEvent) {
+        if self.responder.is_none() {
+            return;
+        }
+        let Ok(v) = serde_json::to_value(&ev.event) else {
+            return;
         };
+        let q = self.timeline.get_or_insert_mut(ev.event.pid, || {
+            VecDeque::with_capacity(TIMELINE_PER_PROCESS)
+        });
+        if q.len() >= TIMELINE_PER_PROCESS {
+            q.pop_front();
+        }
+        q.push_back(v);
     }
 
     fn enrich(&mut self, ev: Event) -> EnrichedEvent {
@@ -316,6 +360,22 @@ impl Pipeline {
             m.sigma_rules.set(ds.sigma_rules as i64);
         }
     }
+}
+
+/// Recent events of `pid` and its parent, oldest first.
+fn timeline_of(
+    timeline: &LruCache<u32, VecDeque<serde_json::Value>>,
+    pid: u32,
+    ppid: u32,
+) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for p in [ppid, pid] {
+        if let Some(q) = timeline.peek(&p) {
+            out.extend(q.iter().cloned());
+        }
+    }
+    out.sort_by_key(|v| v["boot_ns"].as_u64().unwrap_or(0));
+    out
 }
 
 /// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns.

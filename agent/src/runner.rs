@@ -15,6 +15,7 @@ use crate::detect::sigma::SigmaRules;
 use crate::detect::DetectEngine;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::{JsonLinesSink, Pipeline, Sink};
+use crate::respond::{Responder, ResponseOptions};
 use crate::sensor::{Sensor, SensorOptions};
 use crate::tree::ProcessTree;
 use crate::workload_cache::WorkloadCache;
@@ -64,6 +65,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             None => None,
         };
         pipeline = pipeline.with_detection(engine, out);
+        if cfg.capture {
+            let agent_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "vigil-agent".into());
+            let responder = Responder::start(
+                ResponseOptions {
+                    dir: cfg.capture_dir.clone(),
+                    agent_id,
+                    min_severity: cfg.capture_severity()?,
+                    contain: cfg.capture_contain,
+                    max_core_bytes: cfg.capture_max_core_mib << 20,
+                    evidence_json: cfg.evidence_json.clone(),
+                },
+                metrics.clone(),
+            )?;
+            pipeline = pipeline.with_responder(responder);
+        }
     }
     let mut last_save = Instant::now();
 

@@ -81,6 +81,10 @@ impl Agent {
         let mut child = Command::new(agent_bin())
             .arg("--events-json")
             .arg(&events_path)
+            .arg("--capture-dir")
+            .arg(dir.path().join("capture"))
+            .arg("--evidence-json")
+            .arg(dir.path().join("evidence.jsonl"))
             .arg("--metrics-addr")
             .arg(&metrics_addr)
             .args(extra)
@@ -123,6 +127,15 @@ impl Agent {
             metrics_addr,
             stderr_lines: rx,
         }
+    }
+
+    /// Every evidence capture outcome written so far.
+    pub fn evidence(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("evidence.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Every event written so far.

@@ -180,10 +180,10 @@ pub fn unmatched(expect: &[Vec<String>], dets: &[Value]) -> Vec<String> {
     }
     let mut owner = vec![None; dets.len()];
     let mut missing = Vec::new();
-    for l in 0..expect.len() {
+    for (l, alts) in expect.iter().enumerate() {
         let mut seen = vec![false; dets.len()];
         if !try_line(l, &cands, &mut seen, &mut owner) {
-            missing.push(expect[l].join("|"));
+            missing.push(alts.join("|"));
         }
     }
     missing

@@ -403,3 +403,41 @@ fn server_child_shell_is_frozen_at_exec_then_resumed() {
     assert!(agent.metric("vigil_resumed_total") >= 1.0);
     assert_eq!(agent.metric("vigil_resume_errors_total"), 0.0);
 }
+
+#[test]
+fn detection_on_a_frozen_exec_yields_a_sealed_evidence_bundle() {
+    let agent = Agent::start(&[]);
+    let m = marker("capture");
+    let _l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let me = std::process::id() as u64;
+    agent.expect_event("listen", |e| e.kind() == "listen" && e.pid() == me);
+    // A server starting a shell: frozen at exec, detected, captured, resumed.
+    let st = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("sleep 0.3; echo {m} >/dev/null"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "the captured shell was resumed and finished");
+    let mut ev = None;
+    for _ in 0..200 {
+        if let Some(e) = agent
+            .evidence()
+            .into_iter()
+            .find(|e| e["detection"]["process"]["argv"].to_string().contains(&m))
+        {
+            ev = Some(e);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ev = ev.expect("an evidence outcome for the detection");
+    let archive = ev["evidence"]["archive"].as_str().unwrap();
+    let manifest = vigil_agent::capture::bundle::verify_bundle(std::path::Path::new(archive))
+        .expect("the bundle verifies");
+    let _ = manifest;
+    assert!(
+        ev["evidence"]["core"]["threads"].as_u64().unwrap_or(0) >= 1,
+        "{ev}"
+    );
+    assert_eq!(ev["evidence"]["killed"], false);
+}

@@ -1,0 +1,189 @@
+//! Response to detections: evidence capture on a worker thread, off the
+//! event path.
+//!
+//! The pipeline hands a [`CaptureJob`] per process worth capturing (severity
+//! at or above the configured minimum, once per process); a bounded queue
+//! feeds one worker that freezes (or finds frozen by the kernel), captures,
+//! seals and releases. A full queue drops the job (counted) and resumes a
+//! frozen process at once: the event path never waits and no process stays
+//! stopped.
+
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use lru::LruCache;
+use tracing::{info, warn};
+
+use crate::capture::{CaptureConfig, CaptureRequest, Capturer};
+use crate::detect::{Detection, Severity};
+use crate::metrics::Metrics;
+
+/// Capture settings (from the agent config).
+#[derive(Clone, Debug)]
+pub struct ResponseOptions {
+    /// Root of capture work, bundles and chain state.
+    pub dir: PathBuf,
+    /// Agent id recorded in manifests.
+    pub agent_id: String,
+    /// Detections at or above this severity are captured.
+    pub min_severity: Severity,
+    /// Kill the process after capture instead of resuming it.
+    pub contain: bool,
+    /// Cap on memory bytes in one core file.
+    pub max_core_bytes: u64,
+    /// Where each capture outcome is written as a JSON line, if anywhere.
+    pub evidence_json: Option<PathBuf>,
+}
+
+/// One capture to do.
+pub struct CaptureJob {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in ns since boot (0 if unknown).
+    pub start_boot_ns: u64,
+    /// The detection that asked for it.
+    pub detection: serde_json::Value,
+    /// Ancestor pids, parent first.
+    pub ancestors: Vec<i32>,
+    /// Recent events of the process and its parent.
+    pub timeline: Vec<serde_json::Value>,
+    /// Stopped by the kernel at exec: must be released whatever happens.
+    pub frozen: bool,
+}
+
+/// The pipeline's handle on the capture worker.
+pub struct Responder {
+    tx: SyncSender<CaptureJob>,
+    min_severity: Severity,
+    metrics: Arc<Metrics>,
+    captured: LruCache<(u32, u64), ()>,
+}
+
+impl Responder {
+    /// Starts the worker. Processes a previous agent left stopped are resumed
+    /// here (see `capture::freeze::resume_leftovers`).
+    pub fn start(opts: ResponseOptions, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let mut cfg = CaptureConfig::under(&opts.dir, &opts.agent_id);
+        cfg.core.max_total_bytes = opts.max_core_bytes;
+        let (capturer, resumed) = Capturer::new(cfg)
+            .map_err(|e| anyhow::anyhow!("capture directory {}: {e}", opts.dir.display()))?;
+        if !resumed.is_empty() {
+            warn!(pids = ?resumed, "resumed processes a previous agent left stopped");
+        }
+        let (tx, rx) = sync_channel::<CaptureJob>(16);
+        let m = metrics.clone();
+        let contain = opts.contain;
+        let mut out = match &opts.evidence_json {
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| anyhow::anyhow!("opening {}: {e}", p.display()))?,
+            )),
+            None => None,
+        };
+        std::thread::Builder::new()
+            .name("vigil-capture".into())
+            .spawn(move || {
+                for job in rx {
+                    let req = CaptureRequest {
+                        start_time: (job.start_boot_ns > 0)
+                            .then(|| job.start_boot_ns / (1_000_000_000 / ticks_per_second())),
+                        detection: job.detection.clone(),
+                        ancestors: job.ancestors.clone(),
+                        timeline: job.timeline,
+                        contain,
+                        core: None,
+                    };
+                    match capturer.capture_process(job.pid as i32, &req) {
+                        Ok(outcome) => {
+                            m.captures.inc();
+                            if !outcome.killed {
+                                m.resumed.inc();
+                            }
+                            info!(
+                                pid = job.pid,
+                                bundle = %outcome.bundle_id,
+                                archive = %outcome.archive.display(),
+                                stopped_ms = outcome.timings.stopped_us / 1000,
+                                total_ms = outcome.timings.total_us / 1000,
+                                "evidence captured"
+                            );
+                            if let Some(w) = &mut out {
+                                let line = serde_json::json!({
+                                    "detection": job.detection,
+                                    "evidence": outcome,
+                                });
+                                let r = serde_json::to_writer(&mut *w, &line)
+                                    .map_err(std::io::Error::other)
+                                    .and_then(|()| w.write_all(b"\n"))
+                                    .and_then(|()| w.flush());
+                                if let Err(e) = r {
+                                    m.output_errors.inc();
+                                    warn!(error = %e, "writing evidence output failed");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            m.capture_errors.inc();
+                            warn!(pid = job.pid, error = %e, "evidence capture failed");
+                            if job.frozen {
+                                resume(job.pid, &m);
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx,
+            min_severity: opts.min_severity,
+            metrics,
+            captured: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
+        })
+    }
+
+    /// Whether any of `dets` asks for a capture of its process (first time).
+    pub fn wants(&mut self, dets: &[Detection], pid: u32, start_boot_ns: u64) -> bool {
+        dets.iter().any(|d| d.severity >= self.min_severity)
+            && !self.captured.contains(&(pid, start_boot_ns))
+    }
+
+    /// Queues a capture; never blocks. A dropped job of a frozen process
+    /// resumes it.
+    pub fn submit(&mut self, job: CaptureJob) {
+        self.captured.put((job.pid, job.start_boot_ns), ());
+        let (pid, frozen) = (job.pid, job.frozen);
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics.captures_dropped.inc();
+                warn!(pid, "capture queue full: capture dropped");
+                if frozen {
+                    resume(pid, &self.metrics);
+                }
+            }
+        }
+    }
+}
+
+/// SIGCONT, counted.
+pub fn resume(pid: u32, metrics: &Metrics) {
+    use nix::sys::signal::{kill, Signal};
+    match kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT) {
+        Ok(()) => {
+            metrics.resumed.inc();
+        }
+        Err(e) => {
+            metrics.resume_errors.inc();
+            warn!(pid, error = %e, "could not resume a frozen process");
+        }
+    }
+}
+
+fn ticks_per_second() -> u64 {
+    procfs::ticks_per_second().max(1)
+}
