@@ -2,10 +2,10 @@
 
 mod bench;
 mod prom;
+mod run;
 mod setup;
 mod util;
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -37,16 +37,33 @@ enum Cmd {
     /// and a tracefs mount at /sys/kernel/tracing (mounting needs root).
     Setup,
 
-    /// Set up, build and run the agent
+    /// Set up, build and run the collector and the agent
     ///
-    /// Runs setup, `cargo build -p vigil-agent` (--release if asked), then
-    /// executes target/{debug,release}/vigil-agent. It must run as root: when
-    /// not root, the agent is started under sudo if available. Arguments after
-    /// `--` go to the agent; default: `--events-json -` (JSON lines on stdout).
+    /// Runs setup, `cargo build -p vigil-agent`, then (unless --no-collector)
+    /// `cargo build -p vigil-collector --bins` (--release if asked). Unless
+    /// --no-collector: creates a PKI in DATA/pki on first run
+    /// (`vigil-collector init-pki`, agent certificate named after the host),
+    /// starts `vigil-collector serve` in the background
+    /// (gRPC 127.0.0.1:7443, web UI 127.0.0.1:7480, metrics 127.0.0.1:9109,
+    /// data in DATA/data, log in DATA/collector.log), waits until it is ready
+    /// and prints the UI login URL, the metrics address and a `vigil` CLI
+    /// command. Then runs target/{debug,release}/vigil-agent in the
+    /// foreground (as root; under sudo when not root and sudo is available)
+    /// and stops the collector when the agent exits. Arguments after `--` go
+    /// to the agent; default: `--events-json -` (JSON lines on stdout), plus
+    /// `--detections-json DATA/detections.jsonl` and `--capture-dir
+    /// DATA/capture` when the agent supports them.
     Run {
         /// Build and run the release profile.
         #[arg(long)]
         release: bool,
+        /// Run only the agent (no collector build, PKI or server).
+        #[arg(long)]
+        no_collector: bool,
+        /// Local data directory (PKI, collector data, detections, captures)
+        /// [default: target/vigil].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
         /// Arguments for vigil-agent.
         #[arg(last = true)]
         agent_args: Vec<String>,
@@ -131,8 +148,15 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Setup => setup::setup(TracefsPolicy::Require),
         Cmd::Run {
             release,
+            no_collector,
+            data_dir,
             agent_args,
-        } => run(release, agent_args),
+        } => run::run(run::RunArgs {
+            release,
+            no_collector,
+            data_dir,
+            agent_args,
+        }),
         Cmd::Test {
             step_timeout_mins,
             cargo_test_args,
@@ -159,40 +183,6 @@ fn build_agent(release: bool, timeout: Duration) -> util::StepResult {
         "build agent (debug)"
     };
     util::run_step(name, &mut cmd, timeout)
-}
-
-fn run(release: bool, agent_args: Vec<String>) -> Result<()> {
-    let root = util::is_root();
-    let sudo = util::which("sudo");
-    if !root && sudo.is_none() {
-        bail!("the agent loads eBPF programs and must run as root, and sudo is not available: run this as root");
-    }
-    setup::setup(TracefsPolicy::BestEffort)?;
-    let step = build_agent(release, Duration::from_secs(45 * 60));
-    if !step.ok {
-        bail!("building vigil-agent failed: {}", step.detail);
-    }
-    let bin = util::agent_bin(release);
-    let args = if agent_args.is_empty() {
-        vec!["--events-json".to_string(), "-".to_string()]
-    } else {
-        agent_args
-    };
-    let mut cmd = if root {
-        Command::new(&bin)
-    } else {
-        let mut c = Command::new(sudo.expect("checked above"));
-        c.arg("--").arg(&bin);
-        c
-    };
-    cmd.args(&args);
-    eprintln!(
-        "==> running {}{} (Ctrl-C stops it)",
-        if root { "" } else { "under sudo: " },
-        util::display_cmd(&cmd)
-    );
-    let err = cmd.exec();
-    Err(err).with_context(|| format!("cannot execute {}", bin.display()))
 }
 
 fn scenarios(dirs: Vec<PathBuf>, work: PathBuf) -> Result<()> {

@@ -33,11 +33,16 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// Path of the agent binary for a profile.
-pub fn agent_bin(release: bool) -> PathBuf {
+/// Path of one of the workspace's binaries for a profile.
+pub fn bin_path(name: &str, release: bool) -> PathBuf {
     target_dir()
         .join(if release { "release" } else { "debug" })
-        .join("vigil-agent")
+        .join(name)
+}
+
+/// Path of the agent binary for a profile.
+pub fn agent_bin(release: bool) -> PathBuf {
+    bin_path("vigil-agent", release)
 }
 
 pub fn is_root() -> bool {
@@ -209,7 +214,17 @@ pub fn interrupted() -> bool {
 /// it `death_signal` if xtask dies first.
 pub fn own_process_group(cmd: &mut Command, death_signal: libc::c_int) {
     cmd.process_group(0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs in the closure.
+    die_with_parent(cmd, death_signal);
+}
+
+/// Has the kernel send the child `death_signal` when xtask dies (the thread
+/// that spawns it, strictly: spawn from the main thread). If xtask is already
+/// gone by the time the child runs, the child sends it to itself.
+pub fn die_with_parent(cmd: &mut Command, death_signal: libc::c_int) {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: prctl, getppid and raise are async-signal-safe; nothing else
+    // runs in the closure.
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(
@@ -219,6 +234,9 @@ pub fn own_process_group(cmd: &mut Command, death_signal: libc::c_int) {
                 0,
                 0,
             );
+            if libc::getppid() != parent {
+                libc::raise(death_signal);
+            }
             Ok(())
         });
     }
@@ -360,8 +378,30 @@ pub fn summarize(steps: &[StepResult]) -> Result<()> {
 
 /// A `cargo` command (the rustup proxy from `PATH`, so `+toolchain` works),
 /// run from the workspace root.
+///
+/// Without the variables `cargo run` gave xtask itself (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...): build scripts that watch them (ring's watches
+/// `CARGO_MANIFEST_DIR`) would otherwise see a change between a build from
+/// xtask and one from the shell, and everything above them would be rebuilt
+/// each time.
 pub fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root());
+    for (key, _) in std::env::vars_os() {
+        if is_cargo_run_var(&key.to_string_lossy()) {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
+}
+
+/// Variables `cargo run` sets for the program it runs (not user settings such
+/// as `CARGO_HOME` or `CARGO_TARGET_DIR`).
+fn is_cargo_run_var(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            key,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+        )
 }
