@@ -319,14 +319,12 @@ impl Capturer {
         timings.core_us = t.elapsed().as_micros() as u64;
 
         // Context (in memory; written once the executable's hash is known).
+        // Only the subject's is taken while it is stopped; its ancestors
+        // (whose executables get hashed, which can take a while for a big
+        // runtime like node) after the release, to keep the stop short.
         let t = Instant::now();
-        let mut ctx = context::collect(
-            pid,
-            &req.ancestors,
-            req.timeline.clone(),
-            &self.config.context,
-        );
-        timings.context_us = t.elapsed().as_micros() as u64;
+        let mut ctx = context::collect(pid, &[], req.timeline.clone(), &self.config.context);
+        let mut context_elapsed = t.elapsed();
 
         // Executable: opened now (the open file outlives the process). A
         // deleted file or a memfd is copied while the process is stopped (it
@@ -356,6 +354,21 @@ impl Capturer {
         timings.stopped_us = t0.elapsed().as_micros() as u64;
         times.ended = bundle::now_rfc3339();
         times.monotonic_end_ns = procutil::clock_ns(libc::CLOCK_MONOTONIC);
+
+        let t = Instant::now();
+        ctx.ancestry = req
+            .ancestors
+            .iter()
+            .map(|&a| {
+                context::process_context(
+                    a,
+                    &self.config.context,
+                    self.config.context.hash_ancestor_exes,
+                )
+            })
+            .collect();
+        context_elapsed += t.elapsed();
+        timings.context_us = context_elapsed.as_micros() as u64;
 
         if let Some((src, opened)) = exe_src {
             let t = Instant::now();
