@@ -69,6 +69,21 @@ pub struct AgentConfig {
     /// Write each capture outcome (bundle id, archive, timings) as a JSON
     /// line here.
     pub evidence_json: Option<PathBuf>,
+    /// Ship detections and evidence bundles to this collector
+    /// (e.g. "https://127.0.0.1:7443"); needs `collector_pki` and
+    /// `agent_name`.
+    pub collector: Option<String>,
+    /// PKI directory as `vigil-collector init-pki` writes it (ca.pem,
+    /// agents/NAME.pem, agents/NAME.key).
+    pub collector_pki: Option<PathBuf>,
+    /// This agent's certificate name in `collector_pki`.
+    pub agent_name: Option<String>,
+    /// Where items wait for the collector (survives restarts).
+    pub spool_dir: PathBuf,
+    /// Spool size limit, MiB.
+    pub spool_max_mib: u64,
+    /// Spool item limit.
+    pub spool_max_items: u64,
 }
 
 impl Default for AgentConfig {
@@ -103,6 +118,12 @@ impl Default for AgentConfig {
             capture_contain: false,
             capture_max_core_mib: 512,
             evidence_json: None,
+            collector: None,
+            collector_pki: None,
+            agent_name: None,
+            spool_dir: PathBuf::from("/var/lib/vigil/spool"),
+            spool_max_mib: 1024,
+            spool_max_items: 100_000,
         }
     }
 }
@@ -134,6 +155,20 @@ impl AgentConfig {
         );
         self.disabled_features()?;
         self.learn_duration()?;
+        if let Some(url) = &self.collector {
+            anyhow::ensure!(
+                url.starts_with("https://"),
+                "collector must be an https:// URL (mutual TLS), got {url:?}"
+            );
+            anyhow::ensure!(
+                self.collector_pki.is_some() && self.agent_name.is_some(),
+                "collector needs collector_pki and agent_name (--collector-pki DIR --agent-name NAME)"
+            );
+            anyhow::ensure!(
+                self.spool_max_mib > 0 && self.spool_max_items > 0,
+                "spool_max_mib and spool_max_items must be > 0"
+            );
+        }
         self.freeze_policy()?;
         self.capture_severity()?;
         anyhow::ensure!(

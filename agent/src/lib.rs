@@ -19,6 +19,7 @@ pub mod procscan;
 pub mod respond;
 pub mod runner;
 pub mod sensor;
+pub mod ship;
 pub mod tree;
 pub mod workload;
 pub mod workload_cache;

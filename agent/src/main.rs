@@ -51,6 +51,21 @@ struct Cli {
     /// Write each evidence capture outcome as a JSON line to PATH.
     #[arg(long, value_name = "PATH")]
     evidence_json: Option<PathBuf>,
+    /// Ship detections and evidence to this collector (https://HOST:PORT).
+    #[arg(long, value_name = "URL")]
+    collector: Option<String>,
+    /// Collector PKI directory (from `vigil-collector init-pki`).
+    #[arg(long, value_name = "DIR")]
+    collector_pki: Option<PathBuf>,
+    /// This agent's certificate name in the PKI directory.
+    #[arg(long, value_name = "NAME")]
+    agent_name: Option<String>,
+    /// Where items wait for the collector (default /var/lib/vigil/spool).
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Spool size limit in MiB (default 1024).
+    #[arg(long, value_name = "MIB")]
+    spool_max_mib: Option<u64>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -94,6 +109,21 @@ fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
     }
     if let Some(p) = &cli.evidence_json {
         cfg.evidence_json = Some(p.clone());
+    }
+    if let Some(u) = &cli.collector {
+        cfg.collector = Some(u.clone());
+    }
+    if let Some(p) = &cli.collector_pki {
+        cfg.collector_pki = Some(p.clone());
+    }
+    if let Some(n) = &cli.agent_name {
+        cfg.agent_name = Some(n.clone());
+    }
+    if let Some(p) = &cli.spool_dir {
+        cfg.spool_dir = p.clone();
+    }
+    if let Some(m) = cli.spool_max_mib {
+        cfg.spool_max_mib = m;
     }
     if let Some(f) = &cli.log_format {
         cfg.log_format = f.clone();

@@ -89,6 +89,16 @@ pub struct Metrics {
     pub capture_errors: Counter,
     /// Captures dropped because the queue was full.
     pub captures_dropped: Counter,
+    /// Items the collector acknowledged, by kind (detection, bundle).
+    pub ship_sent: Family<KindLabel, Counter>,
+    /// Failed shipping attempts (connect, TLS, refused, ...).
+    pub ship_errors: Counter,
+    /// Items waiting in the spool.
+    pub spool_items: Gauge,
+    /// Bytes waiting in the spool.
+    pub spool_bytes: Gauge,
+    /// Items refused because the spool (or the queue to it) was full.
+    pub spool_dropped: Counter,
     last_kernel: std::sync::Mutex<Vec<u64>>,
 }
 
@@ -96,6 +106,31 @@ impl Metrics {
     /// A registry exposing these metrics.
     pub fn registry(self: &Arc<Self>) -> Registry {
         let mut r = Registry::with_prefix("vigil");
+        r.register(
+            "ship_sent",
+            "Items the collector acknowledged, by kind",
+            self.ship_sent.clone(),
+        );
+        r.register(
+            "ship_errors",
+            "Failed attempts to ship to the collector",
+            self.ship_errors.clone(),
+        );
+        r.register(
+            "spool_items",
+            "Items waiting in the spool",
+            self.spool_items.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes waiting in the spool",
+            self.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_dropped",
+            "Items refused because the spool was full",
+            self.spool_dropped.clone(),
+        );
         r.register("events", "Events decoded by the agent", self.events.clone());
         r.register(
             "kernel_events",

@@ -144,6 +144,7 @@ pub struct Pipeline {
     detect: Option<DetectEngine>,
     detection_out: Option<JsonLinesSink>,
     responder: Option<Responder>,
+    shipper: Option<crate::ship::Shipper>,
     timeline: LruCache<u32, VecDeque<serde_json::Value>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
@@ -165,6 +166,7 @@ impl Pipeline {
             detect: None,
             detection_out: None,
             responder: None,
+            shipper: None,
             timeline: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             wall_offset_ns: wall_offset_ns(),
         }
@@ -180,6 +182,12 @@ impl Pipeline {
     /// Adds evidence capture on detection.
     pub fn with_responder(mut self, r: Responder) -> Self {
         self.responder = Some(r);
+        self
+    }
+
+    /// Adds shipping of detections to the collector (never blocks).
+    pub fn with_shipper(mut self, s: crate::ship::Shipper) -> Self {
+        self.shipper = Some(s);
         self
     }
 
@@ -259,6 +267,14 @@ impl Pipeline {
                 );
                 if let Some(out) = &mut self.detection_out {
                     out.write(&d);
+                }
+                if let Some(s) = &self.shipper {
+                    match serde_json::to_string(&d) {
+                        Ok(line) => s.detection(line),
+                        Err(_) => {
+                            self.metrics.output_errors.inc();
+                        }
+                    }
                 }
             }
         }

@@ -36,6 +36,8 @@ pub struct ResponseOptions {
     pub max_core_bytes: u64,
     /// Where each capture outcome is written as a JSON line, if anywhere.
     pub evidence_json: Option<PathBuf>,
+    /// Where sealed archives are queued for the collector, if anywhere.
+    pub ship: Option<crate::ship::Shipper>,
 }
 
 /// One capture to do.
@@ -76,6 +78,7 @@ impl Responder {
         let (tx, rx) = sync_channel::<CaptureJob>(16);
         let m = metrics.clone();
         let contain = opts.contain;
+        let ship = opts.ship.clone();
         let mut out = match &opts.evidence_json {
             Some(p) => Some(std::io::BufWriter::new(
                 std::fs::OpenOptions::new()
@@ -113,6 +116,9 @@ impl Responder {
                                 total_ms = outcome.timings.total_us / 1000,
                                 "evidence captured"
                             );
+                            if let Some(s) = &ship {
+                                s.bundle(&outcome.archive, &outcome.bundle_id);
+                            }
                             if let Some(w) = &mut out {
                                 let line = serde_json::json!({
                                     "detection": job.detection,

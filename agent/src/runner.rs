@@ -58,6 +58,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let n = crate::procscan::bootstrap(&mut tree, &mut workloads).context("scanning /proc")?;
     info!(processes = n, "process tree bootstrapped from /proc");
     let mut pipeline = Pipeline::new(tree, workloads, metrics.clone(), sinks);
+    let shipper = match (&cfg.collector, &cfg.collector_pki, &cfg.agent_name) {
+        (Some(url), Some(pki), Some(name)) => Some(crate::ship::Shipper::start(
+            crate::ship::ShipOptions {
+                collector: url.clone(),
+                pki_dir: pki.clone(),
+                agent_name: name.clone(),
+                spool_dir: cfg.spool_dir.clone(),
+                spool_max_bytes: cfg.spool_max_mib << 20,
+                spool_max_items: cfg.spool_max_items,
+            },
+            metrics.clone(),
+        )?),
+        _ => None,
+    };
+    if let Some(s) = &shipper {
+        pipeline = pipeline.with_shipper(s.clone());
+    }
     if cfg.detection {
         let engine = build_detection(&cfg)?;
         let out = match &cfg.detections_json {
@@ -77,6 +94,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     contain: cfg.capture_contain,
                     max_core_bytes: cfg.capture_max_core_mib << 20,
                     evidence_json: cfg.evidence_json.clone(),
+                    ship: shipper.clone(),
                 },
                 metrics.clone(),
             )?;
@@ -154,6 +172,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     drain_all(ring.get_mut(), &mut pipeline);
     pipeline.flush();
     drop(ring);
+    if let Some(s) = &shipper {
+        // Detections handed over so far reach the spool (and the next start
+        // ships them); bounded wait.
+        s.flush(Duration::from_secs(3));
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

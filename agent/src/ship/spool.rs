@@ -1,0 +1,316 @@
+//! The spool: a bounded on-disk queue of items waiting for the collector.
+//!
+//! One file per item, named `SEQ.det.json` (one detection JSON line) or
+//! `SEQ.BUNDLEID.tar.zst` (a sealed evidence archive, hard-linked or copied
+//! from the capture directory); SEQ is a zero-padded sequence number, so the
+//! directory listing is the delivery order and survives restarts.
+//!
+//! Invariants:
+//! - Enqueue is atomic: the item is written as `.tmp-SEQ`, synced, then
+//!   renamed; a crash leaves either nothing or a whole item (leftover
+//!   temporaries are removed at open).
+//! - An item leaves the spool only when the shipper removes it, after the
+//!   collector acknowledged it (or refused it for good: then it is moved to
+//!   `rejected/`, never silently deleted).
+//! - Bounded: at most `max_items` items and `max_bytes` bytes. A full spool
+//!   refuses the new item (counted in `vigil_spool_dropped_total`); nothing
+//!   already queued is ever evicted to make room.
+//!
+//! Only detections and evidence bundles are spooled: events are not shipped
+//! yet.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::metrics::Metrics;
+
+/// What an item is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemKind {
+    /// One detection JSON line.
+    Detection,
+    /// An evidence bundle with its id (SHA-256 of the archive).
+    Bundle(String),
+}
+
+/// One queued item.
+#[derive(Clone, Debug)]
+pub struct Item {
+    /// Position in the delivery order.
+    pub seq: u64,
+    /// What it is.
+    pub kind: ItemKind,
+    /// Its file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Why an item was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The spool is at its item or byte limit.
+    #[error(
+        "spool full ({items} items, {bytes} bytes; limits {max_items} items, {max_bytes} bytes)"
+    )]
+    Full {
+        /// Items held.
+        items: u64,
+        /// Bytes held.
+        bytes: u64,
+        /// Item limit.
+        max_items: u64,
+        /// Byte limit.
+        max_bytes: u64,
+    },
+    /// Not a valid bundle id.
+    #[error("invalid bundle id {0:?}")]
+    InvalidId(String),
+    /// A file operation failed.
+    #[error("spool I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct State {
+    next_seq: u64,
+    items: u64,
+    bytes: u64,
+}
+
+/// The spool directory; shared by the capture worker and the shipper.
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    max_items: u64,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+}
+
+fn parse_name(name: &str) -> Option<(u64, ItemKind)> {
+    let (seq, rest) = name.split_once('.')?;
+    if seq.len() != 20 {
+        return None;
+    }
+    let seq: u64 = seq.parse().ok()?;
+    if rest == "det.json" {
+        return Some((seq, ItemKind::Detection));
+    }
+    let id = rest.strip_suffix(".tar.zst")?;
+    vigil_proto::is_valid_bundle_id(id).then(|| (seq, ItemKind::Bundle(id.to_string())))
+}
+
+impl Spool {
+    /// Opens (creating) the spool directory, removing leftover temporaries
+    /// and counting what is queued.
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        max_items: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Spool, SpoolError> {
+        fs::create_dir_all(dir)?;
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            max_items,
+            state: Mutex::new(State {
+                next_seq: 0,
+                items: 0,
+                bytes: 0,
+            }),
+            metrics,
+        };
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let items = spool.list()?;
+        {
+            let mut st = spool.lock();
+            st.next_seq = items.last().map_or(0, |i| i.seq + 1);
+            st.items = items.len() as u64;
+            st.bytes = items.iter().map(|i| i.size).sum();
+            spool.publish(&st);
+        }
+        Ok(spool)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, st: &State) {
+        self.metrics.spool_items.set(st.items as i64);
+        self.metrics.spool_bytes.set(st.bytes as i64);
+    }
+
+    /// Reserves room and a sequence number for an item of `size` bytes.
+    fn reserve(&self, size: u64) -> Result<u64, SpoolError> {
+        let mut st = self.lock();
+        if st.items + 1 > self.max_items || st.bytes + size > self.max_bytes {
+            self.metrics.spool_dropped.inc();
+            return Err(SpoolError::Full {
+                items: st.items,
+                bytes: st.bytes,
+                max_items: self.max_items,
+                max_bytes: self.max_bytes,
+            });
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.items += 1;
+        st.bytes += size;
+        self.publish(&st);
+        Ok(seq)
+    }
+
+    fn unreserve(&self, size: u64) {
+        let mut st = self.lock();
+        st.items = st.items.saturating_sub(1);
+        st.bytes = st.bytes.saturating_sub(size);
+        self.publish(&st);
+    }
+
+    fn commit(
+        &self,
+        seq: u64,
+        size: u64,
+        name: &str,
+        fill: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<PathBuf, SpoolError> {
+        let tmp = self.dir.join(format!(".tmp-{seq:020}"));
+        let dst = self.dir.join(name);
+        let r = fill(&tmp).and_then(|()| fs::rename(&tmp, &dst));
+        match r {
+            Ok(()) => {
+                if let Ok(d) = fs::File::open(&self.dir) {
+                    let _ = d.sync_all();
+                }
+                Ok(dst)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                self.unreserve(size);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Queues one detection JSON line.
+    pub fn enqueue_detection(&self, json: &str) -> Result<PathBuf, SpoolError> {
+        let size = json.len() as u64;
+        let seq = self.reserve(size)?;
+        self.commit(seq, size, &format!("{seq:020}.det.json"), |tmp| {
+            let mut f = fs::File::create(tmp)?;
+            f.write_all(json.as_bytes())?;
+            f.sync_all()
+        })
+    }
+
+    /// Queues a sealed evidence archive (hard link when on the same file
+    /// system, else a copy). `id` is its SHA-256.
+    pub fn enqueue_bundle(&self, archive: &Path, id: &str) -> Result<PathBuf, SpoolError> {
+        if !vigil_proto::is_valid_bundle_id(id) {
+            return Err(SpoolError::InvalidId(id.to_string()));
+        }
+        let size = fs::metadata(archive)?.len();
+        let seq = self.reserve(size)?;
+        self.commit(seq, size, &format!("{seq:020}.{id}.tar.zst"), |tmp| {
+            if fs::hard_link(archive, tmp).is_err() {
+                fs::copy(archive, tmp)?;
+                fs::File::open(tmp)?.sync_all()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every queued item, in delivery order.
+    pub fn list(&self) -> Result<Vec<Item>, SpoolError> {
+        let mut items = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some((seq, kind)) = parse_name(&name.to_string_lossy()) else {
+                continue;
+            };
+            let meta = entry.metadata()?;
+            if !meta.is_file() {
+                continue;
+            }
+            items.push(Item {
+                seq,
+                kind,
+                path: entry.path(),
+                size: meta.len(),
+            });
+        }
+        items.sort_by_key(|i| i.seq);
+        Ok(items)
+    }
+
+    /// Removes an acknowledged item.
+    pub fn remove(&self, item: &Item) -> Result<(), SpoolError> {
+        fs::remove_file(&item.path)?;
+        self.unreserve(item.size);
+        Ok(())
+    }
+
+    /// Moves an item the collector refused for good to `rejected/` (kept
+    /// for an operator; no longer counted against the limits).
+    pub fn reject(&self, item: &Item) -> Result<PathBuf, SpoolError> {
+        let dir = self.dir.join("rejected");
+        fs::create_dir_all(&dir)?;
+        let dst = dir.join(item.path.file_name().unwrap_or_default());
+        fs::rename(&item.path, &dst)?;
+        self.unreserve(item.size);
+        Ok(dst)
+    }
+
+    /// Items and bytes held.
+    pub fn usage(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.items, st.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordered_bounded_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let s = Spool::open(d.path(), 1000, 3, m.clone()).unwrap();
+        s.enqueue_detection("{\"a\":1}").unwrap();
+        let arch = d.path().join("x.tar.zst");
+        fs::write(&arch, b"bundle").unwrap();
+        let id = "ab".repeat(32);
+        s.enqueue_bundle(&arch, &id).unwrap();
+        s.enqueue_detection("{\"a\":2}").unwrap();
+        assert!(matches!(
+            s.enqueue_detection("{\"a\":3}"),
+            Err(SpoolError::Full { .. })
+        ));
+        assert_eq!(m.spool_dropped.get(), 1);
+        drop(s);
+        let s = Spool::open(d.path(), 1000, 10, m.clone()).unwrap();
+        let items = s.list().unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[1].kind, ItemKind::Bundle(id));
+        assert_eq!(fs::read(&items[1].path).unwrap(), b"bundle");
+        assert_eq!(fs::read_to_string(&items[2].path).unwrap(), "{\"a\":2}");
+        s.remove(&items[0]).unwrap();
+        let p = s.enqueue_detection("{\"a\":4}").unwrap();
+        assert!(p
+            .to_string_lossy()
+            .contains("00000000000000000003.det.json"));
+        assert_eq!(s.usage().0, 3);
+        assert_eq!(m.spool_items.get(), 3);
+        assert!(s.enqueue_bundle(&arch, "../x").is_err());
+    }
+}
