@@ -57,7 +57,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let bin = util::agent_bin(args.release);
     let agent_args: Vec<OsString> = if args.agent_args.is_empty() {
-        default_agent_args(&bin, &data_dir)
+        default_agent_args(&data_dir, !args.no_collector)
     } else {
         args.agent_args.iter().map(OsString::from).collect()
     };
@@ -85,7 +85,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut collector = Collector::start(args.release, &data_dir)?;
     collector.print_banner(args.release);
     eprintln!(
-        "==> agent->collector shipping: not yet (the collector stays empty until the agent ships to it)"
+        "==> the agent ships detections and evidence to the collector (spool: {})",
+        data_dir.join("spool").display()
     );
     eprintln!("{running}");
     // The agent stays in xtask's process group: a Ctrl-C in the terminal
@@ -133,40 +134,31 @@ fn build(release: bool, collector: bool) -> Result<()> {
     Ok(())
 }
 
-/// `--events-json -`, plus `--detections-json DATA/detections.jsonl` and
-/// `--capture-dir DATA/capture` when this agent's `--help` lists them.
-fn default_agent_args(agent: &Path, data_dir: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["--events-json".into(), "-".into()];
-    let help = match util::capture(Command::new(agent).arg("--help"), Duration::from_secs(30)) {
-        Ok((status, out)) if status.success() => out,
-        Ok((status, _)) => {
-            eprintln!(
-                "warning: `{} --help` failed ({}): running the agent with --events-json - only",
-                agent.display(),
-                util::describe_status(status)
-            );
-            String::new()
-        }
-        Err(err) => {
-            eprintln!("warning: {err:#}: running the agent with --events-json - only");
-            String::new()
-        }
-    };
-    if lists_flag(&help, "--detections-json") {
-        args.push("--detections-json".into());
-        args.push(data_dir.join("detections.jsonl").into());
-    }
-    if lists_flag(&help, "--capture-dir") {
-        args.push("--capture-dir".into());
-        args.push(data_dir.join("capture").into());
+/// `--events-json -`, detections and captures under DATA, and, when the
+/// collector runs beside it, shipping to it with the agent certificate
+/// `init-pki` made.
+fn default_agent_args(data_dir: &Path, ship: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--events-json".into(),
+        "-".into(),
+        "--detections-json".into(),
+        data_dir.join("detections.jsonl").into(),
+        "--capture-dir".into(),
+        data_dir.join("capture").into(),
+    ];
+    if ship {
+        args.extend([
+            "--collector".into(),
+            format!("https://{GRPC_ADDR}").into(),
+            "--collector-pki".into(),
+            data_dir.join("pki").into(),
+            "--agent-name".into(),
+            agent_name().into(),
+            "--spool-dir".into(),
+            data_dir.join("spool").into(),
+        ]);
     }
     args
-}
-
-/// Whether a clap `--help` text lists `flag` (a whole word, not a prefix).
-fn lists_flag(help: &str, flag: &str) -> bool {
-    help.split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[' || c == ']')
-        .any(|word| word == flag)
 }
 
 /// The agent certificate's name: the host name, reduced to what `init-pki`
@@ -473,15 +465,6 @@ fn wait_agent(agent: &mut Child, collector: &mut Collector) -> Result<ExitStatus
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_flags_in_help() {
-        let help = "Options:\n  -c, --config <CONFIG>\n      --detections-json <PATH>\n          Write\n      --capture-dir-extra <DIR>\n";
-        assert!(lists_flag(help, "--detections-json"));
-        assert!(lists_flag(help, "--config"));
-        assert!(!lists_flag(help, "--capture-dir"));
-        assert!(lists_flag("  --capture-dir=<DIR>", "--capture-dir"));
-    }
 
     #[test]
     fn cert_names() {
