@@ -12,6 +12,15 @@ use serde_json::Value;
 use vigil_tests::{agent_bin, free_port, marker, Agent};
 
 /// The collector binaries: next to the agent binary, else built here.
+/// One test at a time: every agent watches the whole machine, and these
+/// tests count what each agent ships (another test's shell would be captured
+/// and shipped too).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn collector_bin(name: &str) -> PathBuf {
     let dir = agent_bin().parent().unwrap().to_path_buf();
     let p = dir.join(name);
@@ -155,6 +164,7 @@ fn unix_nanos(t: SystemTime) -> i64 {
 
 #[test]
 fn detection_and_bundle_reach_the_collector() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let pki = work.path().join("pki");
     init_pki(&pki, "agent1");
@@ -231,6 +241,7 @@ fn detection_and_bundle_reach_the_collector() {
 
 #[test]
 fn spooled_bundle_arrives_once_the_collector_is_up() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let pki = work.path().join("pki");
     init_pki(&pki, "agent2");
@@ -294,6 +305,7 @@ fn spooled_bundle_arrives_once_the_collector_is_up() {
 
 #[test]
 fn a_foreign_certificate_is_refused_and_items_stay_spooled() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     // The collector trusts one CA; the agent's certificate is from another.
     let pki = work.path().join("pki");
