@@ -91,8 +91,9 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
     Ok(out)
 }
 
-/// Runs one script with bash; returns its pid. Bounded at 120 s.
-fn run_script(path: &Path, log: &Path) -> anyhow::Result<(u32, bool)> {
+/// Runs one script with bash; returns its pid and, if it did not succeed,
+/// why. Bounded at 120 s.
+fn run_script(path: &Path, log: &Path) -> anyhow::Result<(u32, Option<String>)> {
     let logf = std::fs::File::create(log)?;
     let mut child = Command::new("bash")
         .arg(path)
@@ -104,12 +105,14 @@ fn run_script(path: &Path, log: &Path) -> anyhow::Result<(u32, bool)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(st) = child.try_wait()? {
-            return Ok((pid, st.success()));
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: String = tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+            return Ok((pid, (!st.success()).then(|| format!("script {st}: {tail}"))));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Ok((pid, false));
+            return Ok((pid, Some("script timed out after 120 s".into())));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -243,7 +246,7 @@ pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
         // Only detections written from now on can be this scenario's (pids
         // are reused).
         let seen_before = detections(&dets_path).len();
-        let (pid, ok) = run_script(&s.path, &work.join(format!("{}.log", s.name)))?;
+        let (pid, failure) = run_script(&s.path, &work.join(format!("{}.log", s.name)))?;
         // Expectations hold from start until 3 s after exit.
         std::thread::sleep(Duration::from_secs(3));
         let _ = agent.metrics(); // a round trip: the agent is alive and draining
@@ -268,8 +271,8 @@ pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
             .iter()
             .filter_map(|d| d["latency_ns"].as_u64())
             .collect();
-        let problem = if !ok {
-            Some("scenario script failed or timed out".to_string())
+        let problem = if let Some(f) = failure {
+            Some(f)
         } else if s.attack {
             let missing = unmatched(&s.expect, &dets);
             (!missing.is_empty()).then(|| format!("missing: {}", missing.join("; ")))
