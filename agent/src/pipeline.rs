@@ -191,6 +191,13 @@ impl Pipeline {
         self
     }
 
+    /// Stops the capture worker (bounded wait; see `Responder::shutdown`).
+    pub fn shutdown_responder(&mut self, timeout: Duration) {
+        if let Some(r) = &mut self.responder {
+            r.shutdown(timeout);
+        }
+    }
+
     /// The detection engine, if any.
     pub fn detect_mut(&mut self) -> Option<&mut DetectEngine> {
         self.detect.as_mut()

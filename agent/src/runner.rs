@@ -166,12 +166,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     pipeline.flush();
     save_baseline(&cfg, &mut pipeline);
-    drop(sensor); // detaches every program; nothing was pinned
-                  // A program that passed its heartbeat check just before the clear may
-                  // have frozen one more process: the ring buffer outlives the programs.
+    // Detaches every program; nothing was pinned.
+    drop(sensor);
+    // A program that passed its heartbeat check just before the clear may
+    // have frozen one more process: the ring buffer outlives the programs.
     drain_all(ring.get_mut(), &mut pipeline);
     pipeline.flush();
     drop(ring);
+    // Never exit with a process stopped by a capture in progress.
+    pipeline.shutdown_responder(Duration::from_secs(30));
     if let Some(s) = &shipper {
         // Detections handed over so far reach the spool (and the next start
         // ships them); bounded wait.
