@@ -145,7 +145,7 @@ pub struct Pipeline {
     detection_out: Option<JsonLinesSink>,
     responder: Option<Responder>,
     shipper: Option<crate::ship::Shipper>,
-    timeline: LruCache<u32, VecDeque<serde_json::Value>>,
+    timeline: LruCache<u32, VecDeque<Event>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
 }
@@ -305,16 +305,14 @@ impl Pipeline {
         if self.responder.is_none() {
             return;
         }
-        let Ok(v) = serde_json::to_value(&ev.event) else {
-            return;
-        };
+        // A clone, not JSON: serialization happens only for a capture.
         let q = self.timeline.get_or_insert_mut(ev.event.pid, || {
             VecDeque::with_capacity(TIMELINE_PER_PROCESS)
         });
         if q.len() >= TIMELINE_PER_PROCESS {
             q.pop_front();
         }
-        q.push_back(v);
+        q.push_back(ev.event.clone());
     }
 
     fn enrich(&mut self, ev: Event) -> EnrichedEvent {
@@ -387,18 +385,19 @@ impl Pipeline {
 
 /// Recent events of `pid` and its parent, oldest first.
 fn timeline_of(
-    timeline: &LruCache<u32, VecDeque<serde_json::Value>>,
+    timeline: &LruCache<u32, VecDeque<Event>>,
     pid: u32,
     ppid: u32,
 ) -> Vec<serde_json::Value> {
-    let mut out: Vec<serde_json::Value> = Vec::new();
-    for p in [ppid, pid] {
-        if let Some(q) = timeline.peek(&p) {
-            out.extend(q.iter().cloned());
-        }
-    }
-    out.sort_by_key(|v| v["boot_ns"].as_u64().unwrap_or(0));
-    out
+    let mut evs: Vec<&Event> = [ppid, pid]
+        .iter()
+        .filter_map(|p| timeline.peek(p))
+        .flatten()
+        .collect();
+    evs.sort_by_key(|e| e.boot_ns);
+    evs.into_iter()
+        .filter_map(|e| serde_json::to_value(e).ok())
+        .collect()
 }
 
 /// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns.
