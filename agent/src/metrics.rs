@@ -55,6 +55,8 @@ pub struct Metrics {
     pub tree_reaped: Counter,
     /// Processes not added because the tree was full of live ones.
     pub tree_rejected: Counter,
+    /// Events about a process the tree did not know.
+    pub tree_unknown_pid: Counter,
     /// Highest ring buffer fill seen by the kernel programs, bytes.
     pub ringbuf_max_fill: Gauge,
     /// File opens suppressed by in-kernel de-duplication.
@@ -141,6 +143,11 @@ impl Metrics {
             "kernel_dropped",
             "Records dropped in the kernel because the ring buffer was full",
             self.kernel_dropped.clone(),
+        );
+        r.register(
+            "process_tree_unknown_pid",
+            "Events about a process the tree did not know (added from the event)",
+            self.tree_unknown_pid.clone(),
         );
         r.register(
             "decode_errors",

@@ -372,6 +372,8 @@ impl Pipeline {
             .inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
         m.tree_rejected
             .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
+        m.tree_unknown_pid
+            .inc_by(st.unknown_pid.saturating_sub(m.tree_unknown_pid.get()));
         if let Some(engine) = &mut self.detect {
             engine.maybe_reload_rules();
             let ds = engine.stats();

@@ -45,7 +45,6 @@ pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyho
             workload: Arc::clone(&workload),
             exited: None,
             serves: listening.contains(&pid),
-            exec_boot_ns: 0,
             children: 0,
         });
         n += 1;

@@ -50,8 +50,6 @@ pub struct Process {
     /// The process holds a listening IP socket (it serves): set by a listen
     /// event or the /proc bootstrap, inherited across fork, cleared by exec.
     pub serves: bool,
-    /// Boot time (ns) of its last exec, 0 if none was seen.
-    pub exec_boot_ns: u64,
     /// Entries in the tree whose parent this is (maintained by the tree; an
     /// exited process with children is kept, so its descendants keep their
     /// ancestry).
@@ -164,7 +162,6 @@ impl ProcessTree {
                     workload,
                     exited: None,
                     serves,
-                    exec_boot_ns: 0,
                     children: 0,
                 });
             }
@@ -196,7 +193,6 @@ impl ProcessTree {
                     workload,
                     exited: None,
                     serves: false,
-                    exec_boot_ns: ev.boot_ns,
                     children: 0,
                 });
             }

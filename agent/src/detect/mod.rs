@@ -179,8 +179,6 @@ pub struct Ctx<'a> {
 pub struct DetectStats {
     /// Findings suppressed by the baseline.
     pub suppressed: u64,
-    /// Entries learned.
-    pub learned: u64,
     /// Sigma rules loaded.
     pub sigma_rules: u64,
     /// Sigma rule files that failed to load.
@@ -256,7 +254,6 @@ impl DetectEngine {
         if learning {
             if let Some(edge) = &edge {
                 self.baseline.learn(&workload, edge.clone());
-                self.stats.learned += 1;
             }
         } else if let Some(edge) = &edge {
             if !self.baseline.knows(&workload, edge) && !self.baseline.is_empty() {
@@ -295,7 +292,6 @@ impl DetectEngine {
             if learning {
                 if suppressible {
                     self.baseline.learn(&workload, key);
-                    self.stats.learned += 1;
                     continue;
                 }
             } else if suppressible
