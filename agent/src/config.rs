@@ -62,10 +62,18 @@ pub struct AgentConfig {
     /// Detections at or above this severity are captured: low, medium,
     /// high, critical.
     pub capture_min_severity: String,
+    /// Rules whose detections are captured whatever their severity
+    /// (default: execution from temp and hidden directories, where
+    /// droppers run their payloads).
+    pub capture_rules: Vec<String>,
     /// Kill the process after its capture instead of resuming it.
     pub capture_contain: bool,
     /// Cap on the memory bytes in one core file, MiB.
     pub capture_max_core_mib: u64,
+    /// When the detected process exited before it could be stopped,
+    /// capture its nearest living ancestor instead (the manifest's
+    /// `subject.stands_in_for` names the detected process).
+    pub capture_ancestor_fallback: bool,
     /// Write each capture outcome (bundle id, archive, timings) as a JSON
     /// line here.
     pub evidence_json: Option<PathBuf>,
@@ -115,8 +123,10 @@ impl Default for AgentConfig {
             capture: true,
             capture_dir: PathBuf::from("/var/lib/vigil/capture"),
             capture_min_severity: "high".into(),
+            capture_rules: vec!["exec_from_temp_dir".into(), "exec_from_hidden_dir".into()],
             capture_contain: false,
             capture_max_core_mib: 512,
+            capture_ancestor_fallback: true,
             evidence_json: None,
             collector: None,
             collector_pki: None,

@@ -95,6 +95,9 @@ pub struct Metrics {
     pub ship_sent: Family<KindLabel, Counter>,
     /// Failed shipping attempts (connect, TLS, refused, ...).
     pub ship_errors: Counter,
+    /// Items the collector refused for good (over its size limit, not a
+    /// valid bundle), set aside in the spool's `rejected/`.
+    pub ship_rejected: Counter,
     /// Items waiting in the spool.
     pub spool_items: Gauge,
     /// Bytes waiting in the spool.
@@ -117,6 +120,11 @@ impl Metrics {
             "ship_errors",
             "Failed attempts to ship to the collector",
             self.ship_errors.clone(),
+        );
+        r.register(
+            "ship_rejected",
+            "Items the collector refused for good, set aside in the spool's rejected/ directory",
+            self.ship_rejected.clone(),
         );
         r.register(
             "spool_items",

@@ -246,7 +246,12 @@ impl Pipeline {
             if let Some(r) = &mut self.responder {
                 let e = &enriched.event;
                 let alive = !matches!(e.payload, Payload::Exit { .. });
-                if alive && r.wants(&dets, e.pid, e.start_boot_ns) {
+                let asking = if alive {
+                    r.wants(&dets, e.pid, e.start_boot_ns)
+                } else {
+                    None
+                };
+                if let Some(asking) = asking {
                     capture_asked = true;
                     for d in &mut dets {
                         d.evidence = Some(serde_json::json!({ "capture": "queued" }));
@@ -254,7 +259,7 @@ impl Pipeline {
                     let job = CaptureJob {
                         pid: e.pid,
                         start_boot_ns: e.start_boot_ns,
-                        detection: serde_json::to_value(&dets[0]).unwrap_or_default(),
+                        detection: serde_json::to_value(&dets[asking]).unwrap_or_default(),
                         ancestors: enriched.ancestry.iter().map(|a| a.pid as i32).collect(),
                         timeline: timeline_of(&self.timeline, e.pid, enriched.process.ppid),
                         frozen: matches!(&e.payload, Payload::Exec(x) if x.frozen),

@@ -13,11 +13,13 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use tracing::{info, warn};
 
-use crate::capture::{CaptureConfig, CaptureRequest, Capturer};
+use crate::capture::freeze::FreezeError;
+use crate::capture::{CaptureConfig, CaptureError, CaptureOutcome, CaptureRequest, Capturer};
 use crate::detect::{Detection, Severity};
 use crate::metrics::Metrics;
 
@@ -30,6 +32,8 @@ pub struct ResponseOptions {
     pub agent_id: String,
     /// Detections at or above this severity are captured.
     pub min_severity: Severity,
+    /// Rules whose detections are captured whatever their severity.
+    pub capture_rules: Vec<String>,
     /// Kill the process after capture instead of resuming it.
     pub contain: bool,
     /// Cap on memory bytes in one core file.
@@ -38,6 +42,11 @@ pub struct ResponseOptions {
     pub evidence_json: Option<PathBuf>,
     /// Where sealed archives are queued for the collector, if anywhere.
     pub ship: Option<crate::ship::Shipper>,
+    /// When the detected process exited before it could be stopped,
+    /// capture its nearest living ancestor instead (the process that
+    /// started it: a web server, the dropper's shell), once per ancestor
+    /// per [`FALLBACK_QUIET`].
+    pub ancestor_fallback: bool,
 }
 
 /// One capture to do.
@@ -60,6 +69,7 @@ pub struct CaptureJob {
 pub struct Responder {
     tx: Option<SyncSender<CaptureJob>>,
     min_severity: Severity,
+    capture_rules: std::collections::HashSet<String>,
     metrics: Arc<Metrics>,
     captured: LruCache<(u32, u64), ()>,
     worker: Option<std::thread::JoinHandle<()>>,
@@ -80,6 +90,9 @@ impl Responder {
         let (tx, rx) = sync_channel::<CaptureJob>(16);
         let m = metrics.clone();
         let contain = opts.contain;
+        let fallback = opts.ancestor_fallback;
+        let mut recent: LruCache<i32, Instant> =
+            LruCache::new(NonZeroUsize::new(256).expect("non-zero"));
         let ship = opts.ship.clone();
         let mut out = match &opts.evidence_json {
             Some(p) => Some(std::io::BufWriter::new(
@@ -105,16 +118,12 @@ impl Responder {
                         }
                         continue;
                     }
-                    let req = CaptureRequest {
-                        start_time: (job.start_boot_ns > 0)
-                            .then(|| job.start_boot_ns / (1_000_000_000 / ticks_per_second())),
-                        detection: job.detection.clone(),
-                        ancestors: job.ancestors.clone(),
-                        timeline: job.timeline,
-                        contain,
-                        core: None,
-                    };
-                    match capturer.capture_process(job.pid as i32, &req) {
+                    let (result, stand_in) =
+                        capture_job(&capturer, &job, contain, fallback, &mut recent);
+                    // The capture releases its own process; any other way,
+                    // a process the kernel froze is released here.
+                    let released = result.is_ok() && stand_in.is_none();
+                    let line = match result {
                         Ok(outcome) => {
                             m.captures.inc();
                             if !outcome.killed {
@@ -122,6 +131,7 @@ impl Responder {
                             }
                             info!(
                                 pid = job.pid,
+                                captured_pid = outcome.pid,
                                 bundle = %outcome.bundle_id,
                                 archive = %outcome.archive.display(),
                                 stopped_ms = outcome.timings.stopped_us / 1000,
@@ -131,27 +141,32 @@ impl Responder {
                             if let Some(s) = &ship {
                                 s.bundle(&outcome.archive, &outcome.bundle_id);
                             }
-                            if let Some(w) = &mut out {
-                                let line = serde_json::json!({
-                                    "detection": job.detection,
-                                    "evidence": outcome,
-                                });
-                                let r = serde_json::to_writer(&mut *w, &line)
-                                    .map_err(std::io::Error::other)
-                                    .and_then(|()| w.write_all(b"\n"))
-                                    .and_then(|()| w.flush());
-                                if let Err(e) = r {
-                                    m.output_errors.inc();
-                                    warn!(error = %e, "writing evidence output failed");
-                                }
-                            }
+                            serde_json::json!({
+                                "detection": job.detection,
+                                "evidence": outcome,
+                                "stand_in": stand_in.is_some(),
+                            })
                         }
                         Err(e) => {
                             m.capture_errors.inc();
                             warn!(pid = job.pid, error = %e, "evidence capture failed");
-                            if job.frozen {
-                                resume(job.pid, &m);
-                            }
+                            serde_json::json!({
+                                "detection": job.detection,
+                                "error": e.to_string(),
+                            })
+                        }
+                    };
+                    if job.frozen && !released {
+                        resume(job.pid, &m);
+                    }
+                    if let Some(w) = &mut out {
+                        let r = serde_json::to_writer(&mut *w, &line)
+                            .map_err(std::io::Error::other)
+                            .and_then(|()| w.write_all(b"\n"))
+                            .and_then(|()| w.flush());
+                        if let Err(e) = r {
+                            m.output_errors.inc();
+                            warn!(error = %e, "writing evidence output failed");
                         }
                     }
                 }
@@ -159,6 +174,7 @@ impl Responder {
         Ok(Self {
             tx: Some(tx),
             min_severity: opts.min_severity,
+            capture_rules: opts.capture_rules.iter().cloned().collect(),
             metrics,
             captured: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             worker: Some(worker),
@@ -186,10 +202,15 @@ impl Responder {
         }
     }
 
-    /// Whether any of `dets` asks for a capture of its process (first time).
-    pub fn wants(&mut self, dets: &[Detection], pid: u32, start_boot_ns: u64) -> bool {
-        dets.iter().any(|d| d.severity >= self.min_severity)
-            && !self.captured.contains(&(pid, start_boot_ns))
+    /// Which of `dets` asks for a capture of its process (severity at or
+    /// above the minimum, or a capture rule), if any and if the process was
+    /// not captured yet.
+    pub fn wants(&mut self, dets: &[Detection], pid: u32, start_boot_ns: u64) -> Option<usize> {
+        if self.captured.contains(&(pid, start_boot_ns)) {
+            return None;
+        }
+        dets.iter()
+            .position(|d| d.severity >= self.min_severity || self.capture_rules.contains(&d.rule))
     }
 
     /// Queues a capture; never blocks. A dropped job of a frozen process
@@ -230,4 +251,123 @@ pub fn resume(pid: u32, metrics: &Metrics) {
 
 fn ticks_per_second() -> u64 {
     procfs::ticks_per_second().max(1)
+}
+
+/// An ancestor captured in place of a detected process is not captured
+/// again in place of another one for this long (one attack's burst of
+/// short-lived children yields one snapshot of their parent).
+pub const FALLBACK_QUIET: Duration = Duration::from_secs(30);
+
+/// Captures the job's process; when it is gone (exited, pid recycled) and
+/// `fallback` is on, its nearest living ancestor instead (never pid 1 or 2,
+/// never the agent). Returns the outcome and, for a stand-in, its pid.
+fn capture_job(
+    capturer: &Capturer,
+    job: &CaptureJob,
+    contain: bool,
+    fallback: bool,
+    recent: &mut LruCache<i32, Instant>,
+) -> (Result<CaptureOutcome, CaptureError>, Option<i32>) {
+    let req = CaptureRequest {
+        start_time: (job.start_boot_ns > 0)
+            .then(|| job.start_boot_ns / (1_000_000_000 / ticks_per_second())),
+        detection: job.detection.clone(),
+        ancestors: job.ancestors.clone(),
+        timeline: job.timeline.clone(),
+        contain,
+        core: None,
+        stand_in_for: None,
+    };
+    let first = capturer.capture_process(job.pid as i32, &req);
+    let gone = matches!(
+        first,
+        Err(CaptureError::Freeze(
+            FreezeError::Gone { .. } | FreezeError::Recycled { .. }
+        ))
+    );
+    if !gone || !fallback {
+        return (first, None);
+    }
+    let me = std::process::id() as i32;
+    let Some(at) = job.ancestors.iter().position(|&p| p > 2 && p != me) else {
+        return (first, None);
+    };
+    let anc = job.ancestors[at];
+    if recent
+        .get(&anc)
+        .is_some_and(|t| t.elapsed() < FALLBACK_QUIET)
+    {
+        return (first, None);
+    }
+    recent.put(anc, Instant::now());
+    let why = first.err().map(|e| e.to_string()).unwrap_or_default();
+    let stand_in = CaptureRequest {
+        start_time: None,
+        ancestors: job.ancestors[at + 1..].to_vec(),
+        // Never kill a parent for its child's detection.
+        contain: false,
+        stand_in_for: Some(serde_json::json!({
+            "pid": job.pid,
+            "reason": why,
+            "detection_process": job.detection.get("process"),
+        })),
+        ..req
+    };
+    info!(
+        pid = job.pid,
+        ancestor = anc,
+        "the detected process is gone: capturing its nearest living ancestor"
+    );
+    (capturer.capture_process(anc, &stand_in), Some(anc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_gone_process_falls_back_to_its_nearest_living_ancestor() {
+        let root = tempfile::tempdir().unwrap();
+        let (cap, _) = Capturer::new(CaptureConfig::under(root.path(), "t")).unwrap();
+        let mut parent = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let job = CaptureJob {
+            pid: gone_pid,
+            start_boot_ns: 0,
+            detection: serde_json::json!({"rule": "r", "process": {"pid": gone_pid}}),
+            // pid 1 and the agent itself are never stand-ins.
+            ancestors: vec![1, std::process::id() as i32, parent.id() as i32],
+            timeline: vec![],
+            frozen: false,
+        };
+        let mut recent = LruCache::new(NonZeroUsize::new(4).unwrap());
+
+        let (r, _) = capture_job(&cap, &job, false, false, &mut recent);
+        assert!(r.is_err(), "no fallback when it is off");
+
+        let (r, stand_in) = capture_job(&cap, &job, false, true, &mut recent);
+        assert_eq!(stand_in, Some(parent.id() as i32));
+        let out = r.unwrap();
+        assert_eq!(out.pid, parent.id() as i32);
+        let m = vigil_bundle::verify_bundle(&out.archive).unwrap().manifest;
+        assert_eq!(m.subject["pid"], parent.id());
+        assert_eq!(m.subject["stands_in_for"]["pid"], gone_pid);
+        assert!(m.subject["stands_in_for"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("gone"));
+        // Resumed, not killed.
+        assert!(parent.try_wait().unwrap().is_none());
+
+        // Within the quiet period the same ancestor is not captured again.
+        let (r, stand_in) = capture_job(&cap, &job, false, true, &mut recent);
+        assert!(r.is_err() && stand_in.is_none());
+        parent.kill().unwrap();
+        parent.wait().unwrap();
+    }
 }

@@ -91,10 +91,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     dir: cfg.capture_dir.clone(),
                     agent_id,
                     min_severity: cfg.capture_severity()?,
+                    capture_rules: cfg.capture_rules.clone(),
                     contain: cfg.capture_contain,
                     max_core_bytes: cfg.capture_max_core_mib << 20,
                     evidence_json: cfg.evidence_json.clone(),
                     ship: shipper.clone(),
+                    ancestor_fallback: cfg.capture_ancestor_fallback,
                 },
                 metrics.clone(),
             )?;

@@ -89,6 +89,10 @@ pub enum UploadError {
         /// Bytes received.
         size: u64,
     },
+    /// The bytes hash to the id but are not a well-formed bundle (its
+    /// manifest does not match its artifacts); the upload was discarded.
+    #[error("bundle refused: {0}; upload discarded")]
+    BadBundle(String),
     /// Disk trouble.
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
@@ -399,6 +403,16 @@ impl Upload {
     /// `blobs/`, fsync the directories. On a mismatch the upload is
     /// discarded and nothing becomes visible.
     pub fn finish(self) -> Result<u64, UploadError> {
+        self.finish_checked(|_| Ok(())).map(|(n, ())| n)
+    }
+
+    /// [`Upload::finish`], with `check` run on the complete file (hash
+    /// verified) before it is moved into place: an `Err` discards the
+    /// upload ([`UploadError::BadBundle`]) and nothing is stored.
+    pub fn finish_checked<T>(
+        self,
+        check: impl FnOnce(&Path) -> Result<T, String>,
+    ) -> Result<(u64, T), UploadError> {
         if !self.is_full() {
             return Err(UploadError::Invalid(format!(
                 "bundle incomplete: {} of {} bytes",
@@ -416,6 +430,14 @@ impl Upload {
             });
         }
         self.file.sync_all()?;
+        let checked = match check(&self.part) {
+            Ok(t) => t,
+            Err(why) => {
+                let _ = fs::remove_file(&self.part);
+                let _ = fs::remove_file(&self.meta);
+                return Err(UploadError::BadBundle(why));
+            }
+        };
         let parent = self.dest.parent().expect("blob paths have a parent");
         fs::DirBuilder::new()
             .recursive(true)
@@ -430,7 +452,7 @@ impl Upload {
         sync_dir(parent)?;
         let _ = fs::remove_file(&self.meta);
         sync_dir(&self.partial_dir)?;
-        Ok(self.position)
+        Ok((self.position, checked))
     }
 }
 

@@ -1,9 +1,13 @@
 //! Evidence on the analyst's side: downloading a bundle (resumable,
 //! verified before it gets its final name) and verifying a bundle file.
 //!
-//! For now a bundle is checked against its id (SHA-256 of the file) and as
-//! a complete zstd stream; the manifest and its chain of custody come with
-//! the evidence capture work (issue 4).
+//! A bundle is checked against its id (SHA-256 of the file), then opened:
+//! every artifact against the SHA-256 and size its `manifest.json` lists,
+//! nothing missing, nothing unlisted (the agent's format, crate
+//! `vigil-bundle`). Several bundles of one agent are also checked as a
+//! chain of custody (each names its predecessor's id, seq consecutive).
+//! The collector runs the same manifest check on every upload before it
+//! stores it ([`manifest_facts`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -16,6 +20,7 @@ use vigil_proto::query_client::QueryClient;
 use vigil_proto::FetchEvidenceRequest;
 
 use crate::blobs::BundleId;
+use vigil_bundle::Manifest;
 
 /// The bundle id a file name starts with (`<64 hex>`, `<64 hex>.zst`, ...).
 pub fn id_from_file_name(path: &Path) -> Option<String> {
@@ -46,7 +51,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
 }
 
 /// What `vigil evidence verify` found.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VerifyReport {
     /// The id the file was checked against.
     pub expected: String,
@@ -54,16 +59,61 @@ pub struct VerifyReport {
     pub sha256: String,
     /// File size.
     pub size: u64,
-    /// Uncompressed size when the file is a complete zstd stream, else the
-    /// decoder's error.
-    pub zstd: Result<u64, String>,
+    /// The manifest when every artifact matched it, else why not.
+    pub manifest: Result<Box<Manifest>, String>,
 }
 
 impl VerifyReport {
     /// Whether every check passed.
     pub fn ok(&self) -> bool {
-        self.sha256 == self.expected && self.zstd.is_ok()
+        self.sha256 == self.expected && self.manifest.is_ok()
     }
+}
+
+/// What the collector keeps from a verified manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ManifestFacts {
+    /// The captured process.
+    pub pid: u32,
+    /// The rule of the detection that asked for the capture.
+    pub rule: String,
+    /// That detection's event time (matches the stored detection).
+    pub detection_unix_nanos: i64,
+    /// Position in the agent's chain.
+    pub seq: u64,
+    /// The previous bundle's id ("" for the first).
+    pub prev_bundle_id: String,
+    /// The agent id the manifest names.
+    pub agent: String,
+}
+
+/// Opens the bundle at `path` and checks every artifact against its
+/// manifest; returns what the collector records, or why it is refused.
+pub fn manifest_facts(path: &Path) -> Result<ManifestFacts, String> {
+    let m = vigil_bundle::verify_bundle(path)
+        .map_err(|e| format!("manifest check failed: {e}"))?
+        .manifest;
+    if m.format != vigil_bundle::FORMAT {
+        return Err(format!(
+            "manifest format {:?}, this collector reads {:?}",
+            m.format,
+            vigil_bundle::FORMAT
+        ));
+    }
+    let det = vigil_proto::Detection::from_agent_json(&m.detection.to_string()).ok();
+    let pid = m.subject["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .or(det.as_ref().map(|d| d.pid))
+        .unwrap_or(0);
+    Ok(ManifestFacts {
+        pid,
+        rule: det.as_ref().map(|d| d.rule.clone()).unwrap_or_default(),
+        detection_unix_nanos: det.as_ref().map(|d| d.time_unix_nanos).unwrap_or(0),
+        seq: m.seq,
+        prev_bundle_id: m.prev_bundle_sha256.unwrap_or_default(),
+        agent: m.agent.id,
+    })
 }
 
 /// Checks a bundle file against `expected` (its id).
@@ -72,18 +122,32 @@ pub fn verify_file(path: &Path, expected: &str) -> Result<VerifyReport> {
         bail!("{expected:?} is not a bundle id (64 lowercase hex digits)");
     }
     let (sha256, size) = sha256_file(path)?;
-    let zstd = (|| -> io::Result<u64> {
-        let f = File::open(path)?;
-        let mut d = zstd::stream::read::Decoder::new(f)?;
-        io::copy(&mut d, &mut io::sink())
-    })()
-    .map_err(|e| e.to_string());
+    let manifest = vigil_bundle::verify_bundle(path)
+        .map(|v| Box::new(v.manifest))
+        .map_err(|e| e.to_string());
     Ok(VerifyReport {
         expected: expected.to_string(),
         sha256,
         size,
-        zstd,
+        manifest,
     })
+}
+
+/// Verifies bundle files of one agent as a chain of custody, in seq order
+/// (sorted here): each must verify, name its predecessor's id and follow
+/// its seq. Returns the manifests in chain order.
+pub fn verify_chain(paths: &[PathBuf]) -> Result<Vec<Manifest>> {
+    let mut with_seq = Vec::with_capacity(paths.len());
+    for p in paths {
+        let v = vigil_bundle::verify_bundle(p).with_context(|| format!("{}", p.display()))?;
+        with_seq.push((v.manifest.seq, p.clone()));
+    }
+    with_seq.sort();
+    let ordered: Vec<PathBuf> = with_seq.into_iter().map(|(_, p)| p).collect();
+    Ok(vigil_bundle::verify_chain(&ordered)?
+        .into_iter()
+        .map(|v| v.manifest)
+        .collect())
 }
 
 /// Downloads bundle `id` to `out`. Bytes go to `out.part` first (resumed
@@ -187,22 +251,85 @@ mod tests {
         assert_eq!(id_from_file_name(Path::new("bundle.zst")), None);
     }
 
+    /// A sealed bundle made by the agent's own code.
+    fn sealed(root: &Path, n: usize) -> Vec<PathBuf> {
+        let cfg = vigil_bundle::BundleConfig {
+            out_dir: root.join("out"),
+            state_dir: root.join("state"),
+            agent_id: "agent-t".into(),
+            zstd_level: 1,
+            keep_dir: false,
+        };
+        (0..n)
+            .map(|i| {
+                let mut b =
+                    vigil_bundle::BundleBuilder::create(&root.join(format!("b{i}"))).unwrap();
+                fs::write(b.path_of("core"), format!("memory {i}")).unwrap();
+                b.add_file("core", "core").unwrap();
+                let m = Manifest {
+                    format: String::new(),
+                    seq: 0,
+                    prev_bundle_sha256: None,
+                    agent: vigil_bundle::AgentIdentity::current("agent-t"),
+                    times: Default::default(),
+                    acquisition: vigil_bundle::Acquisition {
+                        method: "test".into(),
+                        tool: "test".into(),
+                        tool_version: "0".into(),
+                        details: serde_json::Value::Null,
+                    },
+                    subject: serde_json::json!({"pid": 4242 + i}),
+                    detection: serde_json::json!({
+                        "time": "2026-11-26T14:08:28.972144046Z",
+                        "rule": "web_shell",
+                        "process": {"pid": 4242 + i},
+                    }),
+                    artifacts: vec![],
+                };
+                b.seal(&cfg, m).unwrap().archive
+            })
+            .collect()
+    }
+
     #[test]
-    fn verify_checks_hash_and_zstd() {
+    fn verify_checks_hash_and_manifest() {
         let dir = tempfile::tempdir().unwrap();
-        let good = zstd::encode_all(&b"hello evidence"[..], 3).unwrap();
-        let id = hex::encode(Sha256::digest(&good));
-        let p = dir.path().join("b.zst");
-        fs::write(&p, &good).unwrap();
+        let p = sealed(dir.path(), 1).remove(0);
+        let id = id_from_file_name(&p).unwrap();
         let r = verify_file(&p, &id).unwrap();
         assert!(r.ok(), "{r:?}");
-        assert_eq!(r.zstd, Ok(14));
+        let facts = manifest_facts(&p).unwrap();
+        assert_eq!(facts.pid, 4242);
+        assert_eq!(facts.rule, "web_shell");
+        assert_eq!(facts.seq, 1);
+        assert_eq!(facts.agent, "agent-t");
+        assert!(facts.detection_unix_nanos > 0);
 
-        // Truncated: wrong hash, and not a complete zstd stream.
-        fs::write(&p, &good[..good.len() - 3]).unwrap();
-        let r = verify_file(&p, &id).unwrap();
+        // Truncated: wrong hash, and not a complete bundle.
+        let good = fs::read(&p).unwrap();
+        let t = dir.path().join("t.zst");
+        fs::write(&t, &good[..good.len() - 3]).unwrap();
+        let r = verify_file(&t, &id).unwrap();
         assert!(!r.ok());
-        assert!(r.zstd.is_err());
+        assert!(r.manifest.is_err());
+        assert!(manifest_facts(&t).is_err());
+        // A zstd stream that is no bundle: refused with the reason.
+        let z = dir.path().join("z.zst");
+        fs::write(&z, zstd::encode_all(&b"hello evidence"[..], 3).unwrap()).unwrap();
+        let why = manifest_facts(&z).unwrap_err();
+        assert!(why.contains("manifest check failed"), "{why}");
         assert!(verify_file(&p, "../x").is_err());
+    }
+
+    #[test]
+    fn chains_verify_in_seq_order_and_gaps_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ps = sealed(dir.path(), 3);
+        ps.reverse();
+        let ms = verify_chain(&ps).unwrap();
+        assert_eq!(ms.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let gap = vec![ps[0].clone(), ps[2].clone()];
+        let e = verify_chain(&gap).unwrap_err();
+        assert!(format!("{e:#}").contains("chain broken"), "{e:#}");
     }
 }

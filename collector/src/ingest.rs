@@ -6,7 +6,12 @@
 //! batch that passes every check reaches the store, atomically. Evidence
 //! uploads are bounded in size, in concurrency and in unfinished count, and
 //! a bundle becomes visible only after its SHA-256 matched its id
-//! (`DATA_LOSS` otherwise, with nothing kept).
+//! (`DATA_LOSS` otherwise, with nothing kept) and every artifact in it
+//! matched its manifest (`INVALID_ARGUMENT` otherwise, nothing kept). A
+//! bundle over the size limit is `FAILED_PRECONDITION`: the agent sets it
+//! aside instead of retrying until an operator raises the limit. Each
+//! stored bundle's place in its agent's chain of custody is checked against
+//! the bundles already stored (`first`, `linked`, `gap`, `broken`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -23,6 +28,7 @@ use vigil_proto::{
 
 use crate::auth;
 use crate::blobs::{BlobState, BlobStore, BundleId, PartialMeta, Upload, UploadError};
+use crate::evidence::{manifest_facts, ManifestFacts};
 use crate::metrics::Metrics;
 use crate::pki::Role;
 use crate::store::{AgentSeen, BatchOutcome, Store, StoreError};
@@ -232,9 +238,9 @@ fn upload_status(e: UploadError) -> Status {
         UploadError::InvalidId(_) | UploadError::Invalid(_) => {
             Status::invalid_argument(e.to_string())
         }
-        UploadError::TooLarge { .. } | UploadError::TooManyPartials(_) => {
-            Status::resource_exhausted(e.to_string())
-        }
+        UploadError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
+        UploadError::TooManyPartials(_) => Status::resource_exhausted(e.to_string()),
+        UploadError::BadBundle(_) => Status::invalid_argument(e.to_string()),
         UploadError::Gap { .. } => Status::out_of_range(e.to_string()),
         UploadError::OtherUploader => Status::permission_denied(e.to_string()),
         UploadError::HashMismatch { .. } => Status::data_loss(e.to_string()),
@@ -437,6 +443,7 @@ impl Ingest for IngestService {
 impl IngestService {
     /// Records a complete blob in the store when it is not yet (a crash
     /// between the rename and the record leaves a blob without a record).
+    /// Its manifest was checked before the rename; it is read again here.
     async fn ensure_recorded(
         &self,
         id: &BundleId,
@@ -452,17 +459,72 @@ impl IngestService {
             .map_err(|e| internal(M, &e))?
             .is_none()
         {
-            self.store
-                .record_evidence(EvidenceInfo {
-                    bundle_id: id.to_string(),
-                    agent: agent.to_string(),
-                    size,
-                    stored_unix_nanos: now_ns(),
-                    label: label.to_string(),
-                })
+            let path = self.blobs.blob_path(id);
+            let facts = tokio::task::spawn_blocking(move || manifest_facts(&path))
                 .await
-                .map_err(|e| internal(M, &e))?;
+                .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
+                .unwrap_or_else(|why| {
+                    warn!(bundle = %id, reason = why, "a stored bundle's manifest does not verify");
+                    ManifestFacts::default()
+                });
+            self.record_bundle(id, agent, size, label, facts).await?;
         }
+        Ok(())
+    }
+
+    /// Records a stored bundle with its manifest facts and its place in
+    /// the agent's chain of custody.
+    async fn record_bundle(
+        &self,
+        id: &BundleId,
+        agent: &str,
+        size: u64,
+        label: &str,
+        f: ManifestFacts,
+    ) -> Result<(), Status> {
+        const M: &str = "UploadEvidence";
+        let chain = if f.seq == 0 {
+            ""
+        } else if f.prev_bundle_id.is_empty() {
+            if f.seq == 1 {
+                "first"
+            } else {
+                "broken"
+            }
+        } else {
+            match self
+                .store
+                .evidence(&f.prev_bundle_id)
+                .await
+                .map_err(|e| internal(M, &e))?
+            {
+                None => "gap",
+                Some(p) if p.agent == agent && p.seq + 1 == f.seq => "linked",
+                Some(_) => "broken",
+            }
+        };
+        if chain == "gap" || chain == "broken" {
+            self.metrics.chain_breaks.inc();
+            warn!(agent, bundle = %id, seq = f.seq, prev = f.prev_bundle_id, chain, "evidence chain of custody: the previous bundle is not stored here (or does not precede this one)");
+        }
+        self.store
+            .record_evidence(EvidenceInfo {
+                bundle_id: id.to_string(),
+                agent: agent.to_string(),
+                size,
+                stored_unix_nanos: now_ns(),
+                label: label.to_string(),
+                pid: f.pid,
+                rule: f.rule,
+                detection_unix_nanos: f.detection_unix_nanos,
+                seq: f.seq,
+                prev_bundle_id: f.prev_bundle_id,
+                chain: chain.to_string(),
+                manifest_agent: f.agent,
+            })
+            .await
+            .map_err(|e| internal(M, &e))?;
+        info!(agent, bundle = %id, size, seq = f.seq, chain, "evidence stored");
         Ok(())
     }
 
@@ -588,20 +650,11 @@ impl IngestService {
                 complete: false,
             });
         }
-        let size = blocking(&guard, move || up.finish())
+        let (size, facts) = blocking(&guard, move || up.finish_checked(manifest_facts))
             .await?
             .map_err(upload_status)?;
-        self.store
-            .record_evidence(EvidenceInfo {
-                bundle_id: id.to_string(),
-                agent: agent.to_string(),
-                size,
-                stored_unix_nanos: now_ns(),
-                label: first.label,
-            })
-            .await
-            .map_err(|e| internal("UploadEvidence", &e))?;
-        info!(agent, bundle = %id, size, "evidence stored");
+        self.record_bundle(&id, agent, size, &first.label, facts)
+            .await?;
         Ok(UploadResult {
             bundle_id: id.to_string(),
             received: size,

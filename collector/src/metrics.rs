@@ -74,6 +74,9 @@ pub struct Metrics {
     /// Rows stored, by table (events, detections, incidents, evidence,
     /// agents).
     pub stored: Family<TableLabel, Gauge>,
+    /// Bundles stored whose predecessor in their agent's chain of custody
+    /// is not stored here (yet) or does not precede them.
+    pub chain_breaks: Counter,
 }
 
 impl Metrics {
@@ -137,6 +140,11 @@ impl Metrics {
         );
         r.register("storage_bytes", "Bytes on disk", self.storage_bytes.clone());
         r.register("stored_rows", "Rows in the index", self.stored.clone());
+        r.register(
+            "evidence_chain_breaks",
+            "Bundles stored whose chain-of-custody predecessor is not stored here or does not precede them",
+            self.chain_breaks.clone(),
+        );
         r
     }
 

@@ -216,6 +216,7 @@ node server.js (/usr/bin/node)  [pid 100]
         &["evidence", "verify", file.to_str().unwrap()],
     ));
     assert!(out.contains("OK   sha256"), "{out}");
+    assert!(out.contains("OK   manifest: 1 artifacts match"), "{out}");
     // An interrupted download resumes from its .part file.
     let resumed = dl.path().join("resumed.zst");
     std::fs::write(dl.path().join("resumed.zst.part"), &bytes[..(1 << 20) + 7]).unwrap();
@@ -272,7 +273,9 @@ node server.js (/usr/bin/node)  [pid 100]
         ],
     );
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL sha256"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("FAIL sha256"), "{out}");
+    assert!(out.contains("FAIL manifest"), "{out}");
     // Unknown bundle, malformed id: clear errors, exit 2.
     let o = vigil(
         &c,

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bundle, files_under, sha256_hex, Backend, Collector, Pki};
+use common::{bundle, files_under, noise, sealed_bundle, sha256_hex, Backend, Collector, Pki};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::Code;
@@ -408,8 +408,9 @@ async fn hash_mismatch_is_data_loss_and_nothing_is_stored(backend: Backend) {
     let data = tempfile::tempdir().unwrap();
     let c = Collector::start(backend, &pki, data.path(), &[]);
     let claimed = bundle(3 * CHUNK, 1);
-    let sent = bundle(3 * CHUNK, 2);
-    assert_eq!(claimed.len(), sent.len());
+    let mut sent = claimed.clone();
+    let mid = sent.len() / 2;
+    sent[mid] ^= 0xff;
     let id = sha256_hex(&claimed);
     let mut ingest = c.ingest(&pki, "agent-1").await;
     let err = ingest
@@ -489,7 +490,13 @@ async fn limits_are_enforced_and_the_server_keeps_serving(backend: Backend) {
         }]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Not worth retrying until an operator raises the limit: the agent sets
+    // such a bundle aside.
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("over the collector's limit"),
+        "{err:?}"
+    );
 
     // A second upload while the only slot is taken.
     let bytes = bundle(2 * CHUNK, 3);
@@ -772,7 +779,125 @@ async fn data_survives_a_restart(backend: Backend) {
     assert_eq!((ack.accepted, ack.duplicate_batches), (0, 1));
 }
 
+/// Rebuilds a sealed bundle with one artifact's bytes changed but its
+/// manifest kept: a forgery whose archive hash is (of course) its own.
+fn tampered(bundle: &[u8]) -> Vec<u8> {
+    let raw = zstd::decode_all(bundle).unwrap();
+    let mut ar = tar::Archive::new(raw.as_slice());
+    let mut out = tar::Builder::new(Vec::new());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut h = e.header().clone();
+        let name = e.path().unwrap().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if name.to_str() == Some("core") {
+            data[0] ^= 1;
+        }
+        out.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    zstd::encode_all(out.into_inner().unwrap().as_slice(), 1).unwrap()
+}
+
+async fn bundles_that_do_not_match_their_manifest_are_refused(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let good = bundle(CHUNK, 21);
+    for (what, bytes) in [
+        ("an artifact changed", tampered(&good)),
+        (
+            "not a bundle",
+            zstd::encode_all(noise(1000, 5).as_slice(), 1).unwrap(),
+        ),
+        ("not even zstd", noise(1000, 6)),
+    ] {
+        let id = sha256_hex(&bytes);
+        let err = ingest
+            .upload_evidence(tokio_stream::iter(chunks(&id, &bytes, 0)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains("bundle refused"), "{what}: {err:?}");
+        assert!(files_under(&data.path().join("blobs")).is_empty(), "{what}");
+        assert!(
+            files_under(&data.path().join("partial")).is_empty(),
+            "{what}"
+        );
+        assert_eq!(status(&c, &pki, &id).await.received, 0, "{what}");
+    }
+    // The collector keeps serving, and the genuine bundle goes through.
+    let id = sha256_hex(&good);
+    let r = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &good, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete);
+}
+
+/// The manifest names the detection (pid, event time): the bundle shows in
+/// that detection's incident, whichever arrived first, with its place in
+/// the agent's chain of custody.
+async fn bundles_join_their_detection_and_chain(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let b = sealed_bundle(1000, 31, 5, "2026-11-26T14:09:01Z");
+    let id = sha256_hex(&b);
+    assert!(
+        ingest
+            .upload_evidence(tokio_stream::iter(chunks(&id, &b, 0)))
+            .await
+            .unwrap()
+            .into_inner()
+            .complete
+    );
+    // The detection (pid 5 at 14:09:01) arrives after its bundle.
+    let d = Detection::from_agent_json(&detection_json(
+        1,
+        5,
+        "/bin/sh",
+        "web_shell",
+        "high",
+        "null",
+    ))
+    .unwrap();
+    ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "d".into(),
+            detections: vec![d],
+        }]))
+        .await
+        .unwrap();
+    let mut q = c.query(&pki).await;
+    let incidents = q
+        .list_incidents(ListIncidentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .incidents;
+    assert_eq!(incidents.len(), 1);
+    let detail = q
+        .get_incident(GetIncidentRequest {
+            id: incidents[0].id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(detail.evidence.len(), 1, "{detail:?}");
+    let e = &detail.evidence[0];
+    assert_eq!(e.bundle_id, id);
+    assert_eq!((e.pid, e.rule.as_str(), e.seq), (5, "web_shell", 1));
+    assert_eq!(e.chain, "first");
+    assert_eq!(e.manifest_agent, "test-agent");
+}
+
 on_both_stores!(
+    bundles_that_do_not_match_their_manifest_are_refused,
+    bundles_join_their_detection_and_chain,
     events_and_detections_are_stored_with_the_agent_identity_and_grouped,
     evidence_upload_in_chunks_fetches_back_identical,
     interrupted_uploads_resume,

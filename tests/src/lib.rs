@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod collector;
 pub mod scenarios;
 
 /// Path of the agent binary under test.
@@ -78,11 +79,14 @@ impl Agent {
             .expect("temp dir");
         let events_path = dir.path().join("events.jsonl");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(agent_bin())
-            .arg("--events-json")
-            .arg(&events_path)
-            .arg("--capture-dir")
-            .arg(dir.path().join("capture"))
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--events-json").arg(&events_path);
+        // The caller may choose the capture directory (e.g. a small file
+        // system); else one in the temp dir.
+        if !extra.contains(&"--capture-dir") {
+            cmd.arg("--capture-dir").arg(dir.path().join("capture"));
+        }
+        let mut child = cmd
             .arg("--evidence-json")
             .arg(dir.path().join("evidence.jsonl"))
             .arg("--metrics-addr")

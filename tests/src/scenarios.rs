@@ -11,6 +11,16 @@
 //!
 //! A detection belongs to a scenario when the scenario's shell is the
 //! triggering process or one of its ancestors.
+//!
+//! With [`RunOptions::collector`], the testing agent ships to a real
+//! collector started here (its own PKI, mutual TLS), and every attack
+//! scenario must also yield an evidence bundle that reaches the collector
+//! byte-identical and verifies (every artifact against the manifest); all
+//! bundles of the run must form one unbroken chain of custody, each stored
+//! once, and the collector must hold exactly the agent's detections. With
+//! [`RunOptions::outage`] the collector is killed (SIGKILL) after the first
+//! attack scenario and started again only after the last one (plus the
+//! given extra time): nothing may be lost or doubled meanwhile.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::collector::{init_pki, vigil_cli, Collector};
 use crate::Agent;
 
 /// One scenario script.
@@ -34,6 +45,34 @@ pub struct Scenario {
     pub expect: Vec<Vec<String>>,
 }
 
+/// How to run the scenarios.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Ship to a real collector and require evidence there (see the module
+    /// docs).
+    pub collector: bool,
+    /// With `collector`: kill it after the first attack scenario and start
+    /// it again this long after the last one.
+    pub outage: Option<Duration>,
+}
+
+/// What the collector check found, for the report.
+#[derive(Clone, Debug, Default)]
+pub struct CollectorCheck {
+    /// Bundles the agent sealed during the test phase.
+    pub bundles: usize,
+    /// Of which stored at the collector, byte-identical and verified.
+    pub stored: usize,
+    /// Detections the agent raised during the run / of those, stored.
+    pub detections: (usize, usize),
+    /// How long the collector was down (outage runs).
+    pub outage: Option<Duration>,
+    /// Last bundle sealed -> last bundle stored.
+    pub drain: Duration,
+    /// Everything wrong with the run as a whole.
+    pub problems: Vec<String>,
+}
+
 /// Outcome of one scenario.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -47,6 +86,8 @@ pub struct Outcome {
     pub problem: Option<String>,
     /// Latencies (ns) of its detections.
     pub latencies: Vec<u64>,
+    /// Evidence bundles captured for it (ids).
+    pub bundles: Vec<String>,
 }
 
 /// Reads `dir/attack/*.sh` and `dir/benign/*.sh`.
@@ -194,6 +235,15 @@ pub fn unmatched(expect: &[Vec<String>], dets: &[Value]) -> Vec<String> {
 
 /// Runs every scenario of `dir`; `work` keeps the agents' output.
 pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
+    Ok(run_with(dir, work, &RunOptions::default())?.0)
+}
+
+/// [`run`] with options; with a collector also returns its check.
+pub fn run_with(
+    dir: &Path,
+    work: &Path,
+    opts: &RunOptions,
+) -> anyhow::Result<(Vec<Outcome>, Option<CollectorCheck>)> {
     let scenarios = load(dir)?;
     anyhow::ensure!(!scenarios.is_empty(), "no scenarios in {}", dir.display());
     std::fs::create_dir_all(work)?;
@@ -231,7 +281,8 @@ pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
     // 2. Test every scenario against the learned baseline.
     let dets_path = work.join("detections.jsonl");
     let _ = std::fs::remove_file(&dets_path);
-    let agent = Agent::start(&[
+    let dets_s = dets_path.to_string_lossy().into_owned();
+    let mut args: Vec<String> = [
         "--config",
         &cfg_s,
         "--learn",
@@ -239,10 +290,23 @@ pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
         "--baseline-file",
         &base_s,
         "--detections-json",
-        &dets_path.to_string_lossy(),
-    ]);
+        &dets_s,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut shipping = if opts.collector {
+        let s = Shipping::start(work)?;
+        args.extend(s.agent_args());
+        Some(s)
+    } else {
+        None
+    };
+    let agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let mut out = Vec::new();
-    for s in &scenarios {
+    let mut outage_started: Option<Instant> = None;
+    let last_attack = scenarios.iter().rposition(|s| s.attack);
+    for (idx, s) in scenarios.iter().enumerate() {
         // Only detections written from now on can be this scenario's (pids
         // are reused).
         let seen_before = detections(&dets_path).len();
@@ -271,11 +335,37 @@ pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
             .iter()
             .filter_map(|d| d["latency_ns"].as_u64())
             .collect();
+        let bundles = if shipping.is_some() && s.attack {
+            scenario_bundles(&agent, pid, Duration::from_secs(30))
+        } else {
+            Vec::new()
+        };
+        if let Some(sh) = &mut shipping {
+            if s.attack && opts.outage.is_some() && outage_started.is_none() {
+                sh.kill();
+                outage_started = Some(Instant::now());
+            }
+            if Some(idx) == last_attack {
+                if let Some(extra) = opts.outage {
+                    std::thread::sleep(extra);
+                    sh.restart();
+                }
+            }
+        }
         let problem = if let Some(f) = failure {
             Some(f)
         } else if s.attack {
             let missing = unmatched(&s.expect, &dets);
-            (!missing.is_empty()).then(|| format!("missing: {}", missing.join("; ")))
+            if !missing.is_empty() {
+                Some(format!("missing: {}", missing.join("; ")))
+            } else if shipping.is_some() && bundles.is_empty() {
+                Some(format!(
+                    "no evidence bundle captured ({})",
+                    capture_errors(&agent, pid).join("; ")
+                ))
+            } else {
+                None
+            }
         } else {
             (!dets.is_empty())
                 .then(|| format!("benign scenario raised {} detection(s)", dets.len()))
@@ -286,10 +376,303 @@ pub fn run(dir: &Path, work: &Path) -> anyhow::Result<Vec<Outcome>> {
             raised,
             problem,
             latencies,
+            bundles,
         });
     }
+    let check = match shipping {
+        Some(sh) => {
+            let outage = outage_started.map(|t| sh.restarted.unwrap_or(t).duration_since(t));
+            let mut check = sh.check(&agent, &dets_path);
+            check.outage = outage;
+            // A scenario's bundles must be among those stored and verified.
+            for o in &mut out {
+                if o.problem.is_none() && o.bundles.iter().any(|b| check.missing(b)) {
+                    o.passed = false;
+                    o.problem =
+                        Some("its evidence bundle did not reach the collector intact".into());
+                }
+            }
+            Some(check)
+        }
+        None => None,
+    };
     drop(agent);
-    Ok(out)
+    Ok((out, check))
+}
+
+/// Bundles captured for the scenario whose shell is `pid` (waiting up to
+/// `timeout` for the first: captures finish after the scenario).
+fn scenario_bundles(agent: &Agent, pid: u32, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ids: Vec<String> = agent
+            .evidence()
+            .iter()
+            .filter(|e| belongs_to(&e["detection"], pid))
+            .filter_map(|e| e["evidence"]["bundle_id"].as_str().map(String::from))
+            .collect();
+        if !ids.is_empty() || Instant::now() > deadline {
+            return ids;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn capture_errors(agent: &Agent, pid: u32) -> Vec<String> {
+    let errs: Vec<String> = agent
+        .evidence()
+        .iter()
+        .filter(|e| belongs_to(&e["detection"], pid))
+        .filter_map(|e| e["error"].as_str().map(String::from))
+        .collect();
+    if errs.is_empty() {
+        vec!["no capture was attempted: no detection at or above the capture severity".into()]
+    } else {
+        errs
+    }
+}
+
+/// The collector side of a run: PKI, the collector process, and the check
+/// at the end.
+struct Shipping {
+    pki: PathBuf,
+    data: PathBuf,
+    spool: PathBuf,
+    port: u16,
+    collector: Option<Collector>,
+    restarted: Option<Instant>,
+}
+
+const SCENARIO_AGENT: &str = "scenario-agent";
+
+impl Shipping {
+    fn start(work: &Path) -> anyhow::Result<Shipping> {
+        let pki = work.join("pki");
+        let data = work.join("collector");
+        let spool = work.join("spool");
+        for d in [&pki, &data, &spool] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        init_pki(&pki, SCENARIO_AGENT);
+        let port = crate::free_port();
+        let collector = Some(Collector::start(port, &pki, &data));
+        Ok(Shipping {
+            pki,
+            data,
+            spool,
+            port,
+            collector,
+            restarted: None,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--collector".into(),
+            self.url(),
+            "--collector-pki".into(),
+            self.pki.to_string_lossy().into_owned(),
+            "--agent-name".into(),
+            SCENARIO_AGENT.into(),
+            "--spool-dir".into(),
+            self.spool.to_string_lossy().into_owned(),
+        ]
+    }
+
+    fn kill(&mut self) {
+        if let Some(c) = self.collector.take() {
+            c.kill();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.collector = Some(Collector::start(self.port, &self.pki, &self.data));
+        self.restarted = Some(Instant::now());
+    }
+
+    /// Waits (bounded) until every bundle the agent sealed is stored, then
+    /// checks bytes, manifests, the chain, and the detections.
+    fn check(&self, agent: &Agent, dets_path: &Path) -> CollectorCheck {
+        let mut c = CollectorCheck::default();
+        let coll = self.collector.as_ref().expect("collector running");
+        // Every capture of the test phase, in the agent's chain order; read
+        // again until nothing new is sealed and everything sealed is stored
+        // and acknowledged (captures finish after their scenario).
+        let sealed_now = || {
+            let mut v: Vec<(u64, String, PathBuf)> = agent
+                .evidence()
+                .iter()
+                .filter_map(|e| {
+                    let ev = &e["evidence"];
+                    Some((
+                        ev["seq"].as_u64()?,
+                        ev["bundle_id"].as_str()?.to_string(),
+                        PathBuf::from(ev["archive"].as_str()?),
+                    ))
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let sent_now = || agent.metric("vigil_ship_sent_total{kind=\"bundle\"}") as usize;
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(180);
+        let mut sealed = sealed_now();
+        loop {
+            let settled = sealed.iter().all(|(_, id, _)| coll.blob(id).exists())
+                && sent_now() >= sealed.len();
+            if settled {
+                std::thread::sleep(Duration::from_secs(2));
+                let again = sealed_now();
+                if again.len() == sealed.len() && sent_now() == sealed.len() {
+                    break;
+                }
+                sealed = again;
+                continue;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            sealed = sealed_now();
+        }
+        c.bundles = sealed.len();
+        c.drain = t0.elapsed();
+        let mut stored_paths = Vec::new();
+        for (_, id, archive) in &sealed {
+            let blob = coll.blob(id);
+            if !blob.exists() {
+                c.problems
+                    .push(format!("bundle {id} never reached the collector"));
+                continue;
+            }
+            match (std::fs::read(&blob), std::fs::read(archive)) {
+                (Ok(a), Ok(b)) if a == b => {}
+                (Ok(_), Ok(_)) => {
+                    c.problems
+                        .push(format!("bundle {id} differs at the collector"));
+                    continue;
+                }
+                (a, b) => {
+                    c.problems.push(format!(
+                        "bundle {id}: reading it failed (collector {:?}, agent {:?})",
+                        a.err(),
+                        b.err()
+                    ));
+                    continue;
+                }
+            }
+            if let Err(e) = vigil_agent::capture::bundle::verify_bundle(&blob) {
+                c.problems.push(format!("bundle {id} does not verify: {e}"));
+                continue;
+            }
+            c.stored += 1;
+            stored_paths.push(blob);
+        }
+        if stored_paths.len() == sealed.len() && !stored_paths.is_empty() {
+            if let Err(e) = vigil_agent::capture::bundle::verify_chain(&stored_paths) {
+                c.problems.push(format!("chain of custody: {e}"));
+            }
+        }
+        // Exactly once: the agent was acknowledged once per bundle.
+        let sent = sent_now();
+        if sent != sealed.len() {
+            c.problems.push(format!(
+                "the agent shipped {sent} bundles for {} sealed",
+                sealed.len()
+            ));
+        }
+        // Detections: the collector holds each the agent raised, once.
+        // (The runner's own `vigil` calls raise more while this runs: those
+        // may be missing, never doubled.)
+        let raised: Vec<String> = detections(dets_path).iter().map(detection_key).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut missing, mut doubled);
+        loop {
+            let stored = self.stored_detections();
+            let mut count = std::collections::HashMap::new();
+            for k in stored.iter().flatten() {
+                *count.entry(k.clone()).or_insert(0usize) += 1;
+            }
+            missing = raised.iter().filter(|k| !count.contains_key(*k)).count();
+            doubled = count.values().filter(|&&n| n > 1).count();
+            c.detections = (raised.len(), raised.len() - missing);
+            if (stored.is_some() && missing == 0) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if missing > 0 {
+            c.problems.push(format!(
+                "{missing} of the agent's {} detections are not at the collector",
+                raised.len()
+            ));
+        }
+        if doubled > 0 {
+            c.problems
+                .push(format!("{doubled} detections are stored more than once"));
+        }
+        c
+    }
+
+    fn stored_detections(&self) -> Option<Vec<String>> {
+        let out = vigil_cli(
+            &self.url(),
+            &self.pki,
+            &["detections", "list", "--json", "--limit", "1000"],
+        );
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice::<Vec<Value>>(&out.stdout)
+            .ok()
+            .map(|v| v.iter().map(|d| detection_key(&d["detection"])).collect())
+    }
+}
+
+/// A detection's identity: event time, rule, process.
+fn detection_key(d: &Value) -> String {
+    format!(
+        "{} {} {}",
+        d["time"].as_str().unwrap_or(""),
+        d["rule"].as_str().unwrap_or(""),
+        d["process"]["pid"]
+    )
+}
+
+impl CollectorCheck {
+    fn missing(&self, id: &str) -> bool {
+        self.problems.iter().any(|p| p.contains(id))
+    }
+
+    /// Printed under the scenario table.
+    pub fn report(&self) -> String {
+        let mut s = format!(
+            "collector: {} of {} bundles stored byte-identical and verified, chain of custody {}; detections {} raised, {} stored once; drained {:.1} s after the run{}\n",
+            self.stored,
+            self.bundles,
+            if self.problems.iter().any(|p| p.starts_with("chain")) { "BROKEN" } else { "unbroken" },
+            self.detections.0,
+            self.detections.1,
+            self.drain.as_secs_f64(),
+            self.outage
+                .map(|d| format!("; collector down {:.0} s", d.as_secs_f64()))
+                .unwrap_or_default()
+        );
+        for p in &self.problems {
+            s.push_str(&format!("  problem: {p}\n"));
+        }
+        s
+    }
+
+    /// No problem found.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.bundles > 0
+    }
 }
 
 /// Prints the result table and the closing `N passed, N failed` line.
@@ -315,6 +698,10 @@ pub fn report(outcomes: &[Outcome]) -> String {
                 "-".to_string()
             } else {
                 raised.join(" ")
+            } + &if o.bundles.is_empty() {
+                String::new()
+            } else {
+                format!(" +{} bundle(s)", o.bundles.len())
             },
             o.problem
                 .as_ref()

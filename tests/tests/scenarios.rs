@@ -1,23 +1,32 @@
-//! The scenario corpora through the runner, on the real kernel: the
-//! project's own (`tests/scenarios`) and the shared one (`../shared/scenarios`,
-//! skipped with a notice where it is absent).
+//! The scenario corpora through the runner, on the real kernel and with the
+//! real collector: the project's own (`tests/scenarios`) and the shared one
+//! (`../shared/scenarios`, skipped with a notice where it is absent). Every
+//! attack scenario must be detected as its `# expect:` lines say and yield
+//! an evidence bundle that reaches the collector byte-identical and
+//! verified. The shared corpus runs with the collector killed after its
+//! first attack scenario and restarted 30 s after its last (about two
+//! minutes down): every bundle and detection must still arrive, once.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use vigil_tests::scenarios;
+use vigil_tests::scenarios::{self, RunOptions};
 
 /// Scenario runs must not overlap: a learning agent would learn the other
 /// run's attacks as normal for the host.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run_dir(dir: &Path, tag: &str) {
+fn run_dir(dir: &Path, tag: &str, opts: RunOptions) {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let work = std::env::temp_dir().join(format!("vigil-scenarios-{tag}-{}", std::process::id()));
-    let outcomes = scenarios::run(dir, &work).expect("scenario run");
-    let report = scenarios::report(&outcomes);
+    let (outcomes, check) = scenarios::run_with(dir, &work, &opts).expect("scenario run");
+    let mut report = scenarios::report(&outcomes);
+    if let Some(c) = &check {
+        report.push_str(&c.report());
+    }
     println!("{report}");
     assert!(
-        outcomes.iter().all(|o| o.passed),
+        outcomes.iter().all(|o| o.passed) && check.as_ref().is_none_or(|c| c.ok()),
         "scenarios failed in {}:\n{report}\n(agent output in {})",
         dir.display(),
         work.display()
@@ -30,11 +39,15 @@ fn project_scenarios() {
     run_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios"),
         "own",
+        RunOptions {
+            collector: true,
+            outage: None,
+        },
     );
 }
 
 #[test]
-fn shared_scenarios() {
+fn shared_scenarios_with_a_collector_outage() {
     let dir: PathBuf = std::env::var_os("VIGIL_SHARED_SCENARIOS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/scenarios"));
@@ -45,5 +58,12 @@ fn shared_scenarios() {
         );
         return;
     }
-    run_dir(&dir, "shared");
+    run_dir(
+        &dir,
+        "shared",
+        RunOptions {
+            collector: true,
+            outage: Some(Duration::from_secs(30)),
+        },
+    );
 }

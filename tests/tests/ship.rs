@@ -2,16 +2,15 @@
 //! bundles to the real collector over mutual TLS, and keeps them in its
 //! spool while the collector is down.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use vigil_tests::{agent_bin, free_port, marker, Agent};
+use vigil_tests::collector::{init_pki, vigil_cli, Collector};
+use vigil_tests::{free_port, marker, Agent};
 
-/// The collector binaries: next to the agent binary, else built here.
 /// One test at a time: every agent watches the whole machine, and these
 /// tests count what each agent ships (another test's shell would be captured
 /// and shipped too).
@@ -19,98 +18,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn collector_bin(name: &str) -> PathBuf {
-    let dir = agent_bin().parent().unwrap().to_path_buf();
-    let p = dir.join(name);
-    if !p.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "vigil-collector", "--bins"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("cargo build");
-        assert!(st.success(), "building vigil-collector failed");
-    }
-    assert!(p.exists(), "{} not found", p.display());
-    p
-}
-
-fn init_pki(dir: &Path, agent: &str) {
-    let out = Command::new(collector_bin("vigil-collector"))
-        .args(["init-pki", "--dir"])
-        .arg(dir)
-        .args(["--agent", agent, "--analyst", "analyst"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "init-pki: {out:?}");
-}
-
-struct Collector {
-    child: Child,
-    data: PathBuf,
-}
-
-impl Collector {
-    fn start(port: u16, pki: &Path, data: &Path) -> Collector {
-        let mut child = Command::new(collector_bin("vigil-collector"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--pki")
-            .arg(pki)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning vigil-collector");
-        let out = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(out).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l.contains("listening on") => break,
-                Some(Ok(_)) => {}
-                _ => {
-                    let _ = child.kill();
-                    panic!("the collector did not start");
-                }
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        Collector {
-            child,
-            data: data.to_path_buf(),
-        }
-    }
-
-    fn blob(&self, id: &str) -> PathBuf {
-        self.data.join("blobs/sha256").join(&id[..2]).join(&id[2..])
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn vigil_cli(url: &str, pki: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(collector_bin("vigil"))
-        .args(["--collector", url, "--pki"])
-        .arg(pki)
-        .args(["--name", "analyst"])
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// A server (this test process, listening) starting a shell: frozen,
@@ -356,4 +263,195 @@ fn a_foreign_certificate_is_refused_and_items_stay_spooled() {
         .collect();
     eprintln!("{}", refused.first().map(|s| s.as_str()).unwrap_or(""));
     assert!(!refused.is_empty(), "a clear error is logged: {log:?}");
+}
+
+/// The collector accepts bundles up to 2 KiB: a real one is larger. It is
+/// refused for good (not retried forever), set aside intact in the spool's
+/// `rejected/`, counted; the detection still arrives.
+#[test]
+fn an_oversized_bundle_is_set_aside_not_retried() {
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path().join("pki");
+    init_pki(&pki, "agent4");
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let _coll = Collector::start_with(
+        port,
+        &pki,
+        &work.path().join("data"),
+        &["--max-bundle-bytes", "2048"],
+    );
+    let spool = work.path().join("spool");
+    let agent = Agent::start(&[
+        "--collector",
+        &url,
+        "--collector-pki",
+        &pki.to_string_lossy(),
+        "--agent-name",
+        "agent4",
+        "--spool-dir",
+        &spool.to_string_lossy(),
+    ]);
+    let _l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let m = marker("oversized");
+    let ev = trigger_capture(&agent, &m);
+    let id = ev["evidence"]["bundle_id"].as_str().unwrap().to_string();
+    let archive = PathBuf::from(ev["evidence"]["archive"].as_str().unwrap());
+    assert!(std::fs::metadata(&archive).unwrap().len() > 2048);
+    let rejected = spool.join("rejected");
+    let mut kept = None;
+    for _ in 0..300 {
+        kept = std::fs::read_dir(&rejected).ok().and_then(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().contains(&id))
+        });
+        if kept.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let kept = kept.expect("the refused bundle is set aside in rejected/");
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        std::fs::read(&archive).unwrap()
+    );
+    assert_eq!(agent.metric("vigil_ship_rejected_total"), 1.0);
+    // Not retried: the queue moved on, the detection is stored.
+    let mut dets = Vec::new();
+    for _ in 0..100 {
+        dets = stored_detections(&url, &pki, &m);
+        if !dets.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(dets.len(), 1);
+    for _ in 0..100 {
+        if agent.metric("vigil_spool_items") == 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(agent.metric("vigil_spool_items"), 0.0);
+    assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 0.0);
+}
+
+/// A tmpfs of `kib` KiB mounted at `dir` (unmounted on drop).
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, kib: u64) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "vigil-test"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs at {}", dir.display());
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The capture directory is full: the capture fails (or drops what does not
+/// fit) with a clear error, counted; the frozen process is released; no
+/// half-written archive is left and the chain of custody is not advanced
+/// past a bundle that does not exist. Once space is back, the next bundle
+/// verifies and chains on.
+#[test]
+fn a_full_capture_disk_gives_clear_errors_and_corrupts_nothing() {
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let cap_dir = work.path().join("capture");
+    let _fs = SmallFs::mount(&cap_dir, 64 << 10);
+    let agent = Agent::start(&["--capture-dir", &cap_dir.to_string_lossy()]);
+    let _l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let me = std::process::id() as u64;
+    use vigil_tests::EventExt;
+    agent.expect_event("listen", |e| e.kind() == "listen" && e.pid() == me);
+    // Fill the file system.
+    let filler = cap_dir.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+
+    let m = marker("full");
+    let t0 = Instant::now();
+    let st = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("sleep 0.3; echo {m} >/dev/null"))
+        .status()
+        .unwrap();
+    // Released: the frozen shell ran to its end.
+    assert!(st.success());
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let mut line = None;
+    for _ in 0..300 {
+        line = agent
+            .evidence()
+            .into_iter()
+            .find(|e| e["detection"]["process"]["argv"].to_string().contains(&m));
+        if line.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line = line.expect("an evidence outcome for the capture");
+    eprintln!("outcome on a full disk: {line}");
+    let text = line.to_string();
+    assert!(
+        text.contains("No space left on device"),
+        "the error names the cause: {text}"
+    );
+    if line.get("error").is_some() {
+        assert!(agent.metric("vigil_capture_errors_total") >= 1.0);
+    }
+    // No half-written archive.
+    assert!(
+        !files(&cap_dir).iter().any(|f| f.contains(".sealing-")),
+        "{:?}",
+        files(&cap_dir)
+    );
+    let first: Option<PathBuf> = line["evidence"]["archive"].as_str().map(PathBuf::from);
+    if let Some(a) = &first {
+        vigil_agent::capture::bundle::verify_bundle(a).unwrap();
+    }
+
+    // Space back: the next capture seals and chains on from the last
+    // bundle that exists.
+    std::fs::remove_file(&filler).unwrap();
+    let m2 = marker("space-back");
+    let ev = trigger_capture(&agent, &m2);
+    let second = PathBuf::from(ev["evidence"]["archive"].as_str().expect("sealed"));
+    let v = vigil_agent::capture::bundle::verify_bundle(&second).unwrap();
+    match first {
+        Some(first) => {
+            vigil_agent::capture::bundle::verify_chain(&[first, second]).unwrap();
+        }
+        None => assert_eq!(v.manifest.seq, 1, "no bundle was sealed before"),
+    }
 }

@@ -117,6 +117,15 @@ enum Cmd {
         /// Where the agents' output goes.
         #[arg(long, default_value = "target/scenarios")]
         work: PathBuf,
+        /// Ship to a real collector started for the run: every attack
+        /// scenario must also yield a verified evidence bundle there, the
+        /// bundles one unbroken chain, each detection stored once.
+        #[arg(long)]
+        collector: bool,
+        /// Kill that collector after the first attack scenario and restart
+        /// it this many seconds after the last (implies --collector).
+        #[arg(long, value_name = "SECS")]
+        outage: Option<u64>,
     },
 
     /// Run only the exec-storm generator (no agent, no build)
@@ -162,7 +171,12 @@ fn dispatch(command: Cmd) -> Result<()> {
             cargo_test_args,
         } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
         Cmd::Bench(args) => bench::bench(args),
-        Cmd::Scenarios { dir, work } => scenarios(dir, work),
+        Cmd::Scenarios {
+            dir,
+            work,
+            collector,
+            outage,
+        } => scenarios(dir, work, collector, outage),
         Cmd::Storm {
             seconds,
             threads,
@@ -185,7 +199,12 @@ fn build_agent(release: bool, timeout: Duration) -> util::StepResult {
     util::run_step(name, &mut cmd, timeout)
 }
 
-fn scenarios(dirs: Vec<PathBuf>, work: PathBuf) -> Result<()> {
+fn scenarios(
+    dirs: Vec<PathBuf>,
+    work: PathBuf,
+    collector: bool,
+    outage: Option<u64>,
+) -> Result<()> {
     if !util::is_root() {
         bail!("scenarios load eBPF programs and run attack simulations: run this as root");
     }
@@ -197,6 +216,9 @@ fn scenarios(dirs: Vec<PathBuf>, work: PathBuf) -> Result<()> {
     }
     let mut cmd = util::cargo();
     cmd.args(["build", "-p", "vigil-tests", "--bin", "vigil-scenarios"]);
+    if collector || outage.is_some() {
+        cmd.args(["-p", "vigil-collector", "--bins"]);
+    }
     let step = util::run_step("build scenario runner", &mut cmd, timeout);
     if !step.ok {
         bail!("building the scenario runner failed: {}", step.detail);
@@ -213,6 +235,12 @@ fn scenarios(dirs: Vec<PathBuf>, work: PathBuf) -> Result<()> {
         cmd.arg("--dir").arg(d);
     }
     cmd.arg("--work").arg(root.join(work));
+    if collector {
+        cmd.arg("--collector");
+    }
+    if let Some(secs) = outage {
+        cmd.arg("--outage").arg(secs.to_string());
+    }
     let status = cmd.status().context("running vigil-scenarios")?;
     if !status.success() {
         bail!("scenarios failed");

@@ -411,7 +411,7 @@ fn sha256_exe(pid: i32, max: u64) -> io::Result<(Option<String>, u64)> {
     if size > max {
         return Ok((None, size));
     }
-    let mut h = super::HashingWriter::new(io::sink());
+    let mut h = super::bundle::HashingWriter::new(io::sink());
     io::copy(&mut f, &mut h)?;
     Ok((Some(h.finish().0), size))
 }

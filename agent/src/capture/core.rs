@@ -35,8 +35,8 @@ use object::Endianness;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, Process, VmFlags};
 use serde::{Deserialize, Serialize};
 
+use super::bundle::HashingWriter;
 use super::procutil::{self, StatLine};
-use super::HashingWriter;
 
 /// Size caps and what to leave out.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -180,6 +180,10 @@ impl Freezer {
                 });
             }
         }
+        if exiting(pid) {
+            // A zombie has no memory left to capture.
+            return Err(FreezeError::Gone { pid });
+        }
         let already_stopped = all_stopped(pid).0;
         self.list_add(pid, start_time)?;
         let mut frozen = FrozenProcess {
@@ -378,6 +382,17 @@ pub fn resume_leftovers(state_dir: &Path) -> Result<Vec<i32>, FreezeError> {
     Ok(resumed)
 }
 
+/// Whether every thread of `pid` is exiting (Z, X) or gone.
+fn exiting(pid: i32) -> bool {
+    procutil::thread_ids(pid)
+        .unwrap_or_default()
+        .iter()
+        .all(|tid| {
+            let p = PathBuf::from(format!("/proc/{pid}/task/{tid}/stat"));
+            procutil::StatLine::read(&p).map_or(true, |st| matches!(st.state(), 'Z' | 'X'))
+        })
+}
+
 /// Whether every thread of `pid` is stopped (T, t) or exiting (Z, X, gone);
 /// also the thread list and those not stopped.
 fn all_stopped(pid: i32) -> (bool, Vec<i32>, Vec<i32>) {
@@ -457,6 +472,24 @@ mod tests {
 
     fn freezer(dir: &Path) -> Freezer {
         Freezer::new(dir, FreezeOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn capture_freeze_refuses_a_zombie_as_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = freezer(dir.path());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exiting(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(exiting(pid), "the child did not become a zombie");
+        assert!(matches!(f.freeze(pid), Err(FreezeError::Gone { .. })));
+        child.wait().unwrap();
+        // Nothing left in the stopped list.
+        assert!(resume_leftovers(dir.path()).unwrap().is_empty());
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //! [`core`] (the ELF core), [`context`] (process context), [`bundle`]
 //! (manifest, archive, verification, chain).
 
-pub mod bundle;
+/// The bundle format lives in its own crate, shared with the collector.
+pub use vigil_bundle as bundle;
 pub mod context;
 pub mod core;
 pub mod freeze;
@@ -34,12 +35,10 @@ mod tests;
 #[cfg(test)]
 mod testutil;
 
-use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use self::bundle::{
     Acquisition, AgentIdentity, BundleBuilder, BundleConfig, BundleError, Manifest, Times,
@@ -104,6 +103,10 @@ pub struct CaptureRequest {
     pub contain: bool,
     /// Core caps for this capture (else the config's).
     pub core: Option<CoreOptions>,
+    /// Set when this process is captured in place of the detected one,
+    /// which exited before it could be stopped: who that was (goes into
+    /// the manifest's `subject.stands_in_for`).
+    pub stand_in_for: Option<serde_json::Value>,
 }
 
 /// Time spent in each step, in µs.
@@ -421,6 +424,7 @@ impl Capturer {
                 "comm": &ctx.subject.comm,
                 "exe": &ctx.subject.exe,
                 "exe_sha256": &ctx.subject.exe_sha256,
+                "stands_in_for": &req.stand_in_for,
             }),
             detection: req.detection.clone(),
             artifacts: Vec::new(),
@@ -457,40 +461,5 @@ fn start_times() -> Times {
         monotonic_start_ns: procutil::clock_ns(libc::CLOCK_MONOTONIC),
         boottime_start_ns: procutil::clock_ns(libc::CLOCK_BOOTTIME),
         ..Default::default()
-    }
-}
-
-/// A writer that hashes (sha256) and counts what goes through it.
-pub(crate) struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    len: u64,
-}
-
-impl<W> HashingWriter<W> {
-    pub(crate) fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-            len: 0,
-        }
-    }
-
-    /// (hex sha256, bytes written, the inner writer).
-    pub(crate) fn finish(self) -> (String, u64, W) {
-        (hex::encode(self.hasher.finalize()), self.len, self.inner)
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }

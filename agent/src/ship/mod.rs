@@ -145,7 +145,8 @@ impl Shipper {
         match self.spool.enqueue_bundle(archive, id) {
             Ok(p) => debug!(bundle = id, path = %p.display(), "bundle spooled"),
             Err(e) => {
-                warn!(bundle = id, error = %e, "bundle not spooled: it will not reach the collector")
+                self.metrics.spool_dropped.inc();
+                warn!(bundle = id, archive = %archive.display(), error = %e, "bundle not spooled: it stays in the capture directory but will not reach the collector")
             }
         }
         let _ = self.tx.try_send(Msg::Wake);
@@ -349,6 +350,7 @@ impl Worker {
         self.metrics.ship_errors.inc();
         match self.spool.reject(item) {
             Ok(p) => {
+                self.metrics.ship_rejected.inc();
                 error!(path = %p.display(), reason = why, "collector rejected a spooled item: set aside");
                 Ok(())
             }

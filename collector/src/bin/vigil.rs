@@ -145,11 +145,14 @@ enum EvidenceCmd {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
-    /// Verify a bundle file: its SHA-256 against its id, and that it is a
-    /// complete zstd stream. No collector needed.
+    /// Verify bundle files: each one's SHA-256 against its id and every
+    /// artifact against its manifest; with several files (one agent's),
+    /// also their chain of custody. No collector needed. Exit status 1 when
+    /// anything fails.
     Verify {
-        /// The bundle file.
-        file: PathBuf,
+        /// The bundle files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
         /// Expected id (default: from the file name).
         #[arg(long)]
         id: Option<String>,
@@ -324,32 +327,70 @@ async fn run(cli: Cli) -> Result<bool> {
                 render::bytes(n)
             );
         }
-        Command::Evidence(EvidenceCmd::Verify { file, id }) => {
-            let expected = match id.or_else(|| evidence::id_from_file_name(&file)) {
-                Some(id) => id,
-                None => bail!(
-                    "{}: the file name does not start with the bundle id; pass --id",
-                    file.display()
-                ),
-            };
-            let r = evidence::verify_file(&file, &expected)?;
-            let mark = |ok: bool| if ok { "OK  " } else { "FAIL" };
-            println!(
-                "{} sha256 {} (expected {})",
-                mark(r.sha256 == r.expected),
-                r.sha256,
-                r.expected
-            );
-            match &r.zstd {
-                Ok(n) => println!(
-                    "{} zstd stream complete, {} uncompressed",
-                    mark(true),
-                    render::bytes(*n)
-                ),
-                Err(e) => println!("{} zstd stream: {e}", mark(false)),
+        Command::Evidence(EvidenceCmd::Verify { files, id }) => {
+            if id.is_some() && files.len() != 1 {
+                bail!("--id names one file's bundle: pass a single file with it");
             }
-            println!("     manifest and chain of custody: not in this bundle format yet");
-            return Ok(r.ok());
+            let mark = |ok: bool| if ok { "OK  " } else { "FAIL" };
+            let mut all_ok = true;
+            for file in &files {
+                let expected = match id.clone().or_else(|| evidence::id_from_file_name(file)) {
+                    Some(id) => id,
+                    None => bail!(
+                        "{}: the file name does not start with the bundle id; pass --id",
+                        file.display()
+                    ),
+                };
+                let r = evidence::verify_file(file, &expected)?;
+                println!("{}", file.display());
+                println!(
+                    "  {} sha256 {} (expected {})",
+                    mark(r.sha256 == r.expected),
+                    r.sha256,
+                    r.expected
+                );
+                match &r.manifest {
+                    Ok(m) => {
+                        for a in &m.artifacts {
+                            println!(
+                                "  {} {:<14} {:>10}  sha256 {}",
+                                mark(true),
+                                a.name,
+                                render::bytes(a.size),
+                                a.sha256
+                            );
+                        }
+                        println!(
+                            "  {} manifest: {} artifacts match; agent {} on {} (boot {}), seq {}, previous {}",
+                            mark(true),
+                            m.artifacts.len(),
+                            m.agent.id,
+                            m.agent.hostname,
+                            m.agent.boot_id,
+                            m.seq,
+                            m.prev_bundle_sha256.as_deref().unwrap_or("none (first)")
+                        );
+                    }
+                    Err(e) => println!("  {} manifest: {e}", mark(false)),
+                }
+                all_ok &= r.ok();
+            }
+            if files.len() > 1 {
+                match evidence::verify_chain(&files) {
+                    Ok(ms) => println!(
+                        "{} chain of custody: {} bundles, seq {}..{}, each names its predecessor",
+                        mark(true),
+                        ms.len(),
+                        ms.first().map(|m| m.seq).unwrap_or(0),
+                        ms.last().map(|m| m.seq).unwrap_or(0)
+                    ),
+                    Err(e) => {
+                        println!("{} chain of custody: {e:#}", mark(false));
+                        all_ok = false;
+                    }
+                }
+            }
+            return Ok(all_ok);
         }
     }
     Ok(true)

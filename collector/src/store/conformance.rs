@@ -384,6 +384,7 @@ pub async fn incident_detail_has_detections_evidence_and_events(s: &dyn Store) {
         size: 1234,
         stored_unix_nanos: T0,
         label: "core".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -431,6 +432,68 @@ pub async fn incident_detail_has_detections_evidence_and_events(s: &dyn Store) {
     assert!(s.incident(id + 100).await.unwrap().is_none());
     assert_eq!(s.evidence(&bundle).await.unwrap().unwrap().agent, "a1");
     assert!(s.evidence(&pending).await.unwrap().is_none());
+}
+
+/// A bundle names its detection by (agent, pid, event time) in its
+/// manifest: it is linked to that event's detections whichever arrives
+/// first, and not to another agent's.
+pub async fn evidence_links_to_its_detection_in_either_order(s: &dyn Store) {
+    let info = |id: &str, agent: &str, pid: u32, t: i64| EvidenceInfo {
+        bundle_id: id.into(),
+        agent: agent.into(),
+        size: 10,
+        stored_unix_nanos: T0,
+        label: "vigil-agent capture".into(),
+        pid,
+        rule: "web_shell".into(),
+        detection_unix_nanos: t,
+        seq: 2,
+        prev_bundle_id: "ee".repeat(32),
+        chain: "gap".into(),
+        manifest_agent: agent.into(),
+    };
+    // Detection first, then its bundle.
+    let d1 = det(T0, 300, "/bin/sh", "web_shell", Severity::High, web_chain());
+    s.insert_detections("b1", "", vec![d1], T0).await.unwrap();
+    let early = "a1".repeat(32);
+    s.record_evidence(info(&early, "b1", 300, T0))
+        .await
+        .unwrap();
+    // Bundle first (another process, later), then its detection.
+    let late = "b2".repeat(32);
+    s.record_evidence(info(&late, "b1", 301, T0 + SEC))
+        .await
+        .unwrap();
+    // Same pid and time from another agent: not linked.
+    let foreign = "c3".repeat(32);
+    s.record_evidence(info(&foreign, "b2", 301, T0 + SEC))
+        .await
+        .unwrap();
+    let mut chain = web_chain();
+    chain.insert(0, anc(300, "/bin/sh"));
+    let d2 = det(
+        T0 + SEC,
+        301,
+        "/usr/bin/curl",
+        "web_downloader",
+        Severity::High,
+        chain,
+    );
+    s.insert_detections("b1", "", vec![d2], T0).await.unwrap();
+
+    let got = s.evidence(&early).await.unwrap().unwrap();
+    assert_eq!(got, info(&early, "b1", 300, T0));
+    let incidents = s
+        .list_incidents(&ListIncidentsRequest::default())
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = Vec::new();
+    for i in incidents {
+        let detail = s.incident(i.id).await.unwrap().unwrap();
+        ids.extend(detail.evidence.into_iter().map(|e| e.bundle_id));
+    }
+    ids.sort();
+    assert_eq!(ids, vec![early, late]);
 }
 
 pub async fn retention_deletes_old_events_only(s: &dyn Store) {
@@ -481,6 +544,7 @@ macro_rules! conformance_tests {
             root_moves_up_when_a_detection_reaches_higher,
             filters_and_search,
             incident_detail_has_detections_evidence_and_events,
+            evidence_links_to_its_detection_in_either_order,
             retention_deletes_old_events_only,
         );
     };

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::incident::{chain, Grouping};
 
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE agents (
@@ -114,6 +114,18 @@ CREATE TABLE evidence (
 CREATE INDEX evidence_agent ON evidence(agent_id, stored_ns);
 "#;
 
+/// Version 2: what the collector reads from a bundle's manifest at ingest.
+const MIGRATE_2: &str = r#"
+ALTER TABLE evidence ADD COLUMN pid BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE evidence ADD COLUMN rule TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN detection_ns BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE evidence ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE evidence ADD COLUMN prev_bundle_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN chain TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN manifest_agent TEXT NOT NULL DEFAULT '';
+CREATE INDEX evidence_subject ON evidence(agent_id, detection_ns);
+"#;
+
 /// One connection and its prepared statements.
 struct Conn {
     config: Config,
@@ -192,7 +204,13 @@ impl PostgresStore {
         match version {
             None => {
                 tx.batch_execute(SCHEMA).await?;
+                tx.batch_execute(MIGRATE_2).await?;
                 tx.execute("INSERT INTO schema_version VALUES ($1)", &[&SCHEMA_VERSION])
+                    .await?;
+            }
+            Some(1) => {
+                tx.batch_execute(MIGRATE_2).await?;
+                tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])
                     .await?;
             }
             Some(SCHEMA_VERSION) => {}
@@ -262,6 +280,11 @@ const INSERT_DETECTION: &str =
 const DETECTION_EVIDENCE: &str =
     "INSERT INTO detection_evidence SELECT $1, b FROM UNNEST($2::TEXT[]) AS u(b)
      ON CONFLICT DO NOTHING";
+/// Bundles stored before their detection arrived.
+const EARLIER_EVIDENCE: &str = "INSERT INTO detection_evidence
+     SELECT $1, bundle_id FROM evidence
+     WHERE agent_id = $2 AND detection_ns = $3 AND pid = $4 AND detection_ns <> 0
+     ON CONFLICT DO NOTHING";
 
 /// Statements of the detection path, prepared before the transaction.
 struct DetectionStatements {
@@ -271,6 +294,7 @@ struct DetectionStatements {
     processes: Statement,
     insert: Statement,
     evidence: Statement,
+    earlier_evidence: Statement,
 }
 
 async fn assign_incident(
@@ -409,6 +433,13 @@ fn evidence_row(r: &Row) -> EvidenceInfo {
         size: r.get::<_, i64>(2) as u64,
         stored_unix_nanos: r.get(3),
         label: r.get(4),
+        pid: r.get::<_, i64>(5) as u32,
+        rule: r.get(6),
+        detection_unix_nanos: r.get(7),
+        seq: r.get::<_, i64>(8) as u64,
+        prev_bundle_id: r.get(9),
+        chain: r.get(10),
+        manifest_agent: r.get(11),
     }
 }
 
@@ -503,6 +534,7 @@ impl Store for PostgresStore {
             processes: c.stmt(INCIDENT_PROCESSES).await?,
             insert: c.stmt(INSERT_DETECTION).await?,
             evidence: c.stmt(DETECTION_EVIDENCE).await?,
+            earlier_evidence: c.stmt(EARLIER_EVIDENCE).await?,
         };
         let tx = c.client().await?.transaction().await?;
         let agent = agent_id(&tx, &st_agent, agent, now_ns).await?;
@@ -538,6 +570,11 @@ impl Store for PostgresStore {
             if !d.evidence_ids.is_empty() {
                 tx.execute(&st.evidence, &[&id, &d.evidence_ids]).await?;
             }
+            tx.execute(
+                &st.earlier_evidence,
+                &[&id, &agent, &d.time_unix_nanos, &i64::from(d.pid)],
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(BatchOutcome::Stored(detections.len() as u64))
@@ -547,7 +584,19 @@ impl Store for PostgresStore {
         let mut c = self.writer.lock().await;
         let st_agent = c.stmt(AGENT_ID).await?;
         let st = c
-            .stmt("INSERT INTO evidence VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+            .stmt(
+                "INSERT INTO evidence (bundle_id, agent_id, size, stored_ns, label, pid, rule,
+                   detection_ns, seq, prev_bundle_id, chain, manifest_agent)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let st_link = c
+            .stmt(
+                "INSERT INTO detection_evidence
+                 SELECT id, $1 FROM detections WHERE agent_id = $2 AND time_ns = $3 AND pid = $4
+                 ON CONFLICT DO NOTHING",
+            )
             .await?;
         let tx = c.client().await?.transaction().await?;
         let agent = agent_id(&tx, &st_agent, &info.agent, info.stored_unix_nanos).await?;
@@ -559,9 +608,29 @@ impl Store for PostgresStore {
                 &(info.size as i64),
                 &info.stored_unix_nanos,
                 &info.label,
+                &i64::from(info.pid),
+                &info.rule,
+                &info.detection_unix_nanos,
+                &(info.seq as i64),
+                &info.prev_bundle_id,
+                &info.chain,
+                &info.manifest_agent,
             ],
         )
         .await?;
+        // The detections of the captured event (stored before it).
+        if info.detection_unix_nanos != 0 {
+            tx.execute(
+                &st_link,
+                &[
+                    &info.bundle_id,
+                    &agent,
+                    &info.detection_unix_nanos,
+                    &i64::from(info.pid),
+                ],
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -570,7 +639,8 @@ impl Store for PostgresStore {
         let mut c = self.reader.lock().await;
         let st = c
             .stmt(
-                "SELECT e.bundle_id, a.name, e.size, e.stored_ns, e.label
+                "SELECT e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
+                   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent
                  FROM evidence e JOIN agents a ON a.id = e.agent_id WHERE e.bundle_id = $1",
             )
             .await?;
@@ -647,7 +717,11 @@ impl Store for PostgresStore {
         let evidence = client
             .query(
                 "SELECT de.bundle_id, coalesce(max(a.name), ''), coalesce(max(e.size), 0),
-                   coalesce(max(e.stored_ns), 0), coalesce(max(e.label), '')
+                   coalesce(max(e.stored_ns), 0), coalesce(max(e.label), ''),
+                   coalesce(max(e.pid), 0), coalesce(max(e.rule), ''),
+                   coalesce(max(e.detection_ns), 0), coalesce(max(e.seq), 0),
+                   coalesce(max(e.prev_bundle_id), ''), coalesce(max(e.chain), ''),
+                   coalesce(max(e.manifest_agent), '')
                  FROM detection_evidence de JOIN detections d ON d.id = de.detection_id
                  LEFT JOIN evidence e ON e.bundle_id = de.bundle_id
                  LEFT JOIN agents a ON a.id = e.agent_id

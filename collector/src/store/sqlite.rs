@@ -24,7 +24,7 @@ use super::{
 };
 use crate::incident::{chain, Grouping};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE agents (
@@ -112,6 +112,40 @@ CREATE TABLE evidence (
 CREATE INDEX evidence_agent ON evidence(agent_id, stored_ns);
 "#;
 
+/// Version 2: what the collector reads from a bundle's manifest at ingest
+/// (the captured process, the detection's time, the chain link).
+const MIGRATE_2: &str = r#"
+ALTER TABLE evidence ADD COLUMN pid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE evidence ADD COLUMN rule TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN detection_ns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE evidence ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE evidence ADD COLUMN prev_bundle_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN chain TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN manifest_agent TEXT NOT NULL DEFAULT '';
+CREATE INDEX evidence_subject ON evidence(agent_id, detection_ns);
+"#;
+
+/// The columns of an evidence record, in [`evidence_row`] order.
+const EVIDENCE_COLUMNS: &str = "e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
+   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent";
+
+fn evidence_row(r: &rusqlite::Row) -> rusqlite::Result<EvidenceInfo> {
+    Ok(EvidenceInfo {
+        bundle_id: r.get(0)?,
+        agent: r.get(1)?,
+        size: r.get::<_, i64>(2)? as u64,
+        stored_unix_nanos: r.get(3)?,
+        label: r.get(4)?,
+        pid: r.get(5)?,
+        rule: r.get(6)?,
+        detection_unix_nanos: r.get(7)?,
+        seq: r.get::<_, i64>(8)? as u64,
+        prev_bundle_id: r.get(9)?,
+        chain: r.get(10)?,
+        manifest_agent: r.get(11)?,
+    })
+}
+
 /// The SQLite store.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -147,9 +181,12 @@ impl SqliteStore {
         configure(&writer)?;
         let version: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
-            0 => {
+            0 | 1 => {
                 let tx = writer.transaction()?;
-                tx.execute_batch(SCHEMA)?;
+                if version == 0 {
+                    tx.execute_batch(SCHEMA)?;
+                }
+                tx.execute_batch(MIGRATE_2)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
                 tx.commit()?;
             }
@@ -484,6 +521,13 @@ impl Store for SqliteStore {
                 for b in &d.evidence_ids {
                     ev.execute(params![id, b])?;
                 }
+                // Bundles stored before their detection arrived.
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO detection_evidence
+                     SELECT ?1, bundle_id FROM evidence
+                     WHERE agent_id = ?2 AND detection_ns = ?3 AND pid = ?4 AND detection_ns != 0",
+                )?
+                .execute(params![id, agent, d.time_unix_nanos, d.pid])?;
             }
             tx.commit()?;
             Ok(BatchOutcome::Stored(detections.len() as u64))
@@ -495,14 +539,39 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let tx = c.transaction()?;
             let agent = agent_id(&tx, &info.agent, info.stored_unix_nanos)?;
-            tx.prepare_cached("INSERT OR IGNORE INTO evidence VALUES (?1, ?2, ?3, ?4, ?5)")?
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO evidence (bundle_id, agent_id, size, stored_ns, label, pid,
+                   rule, detection_ns, seq, prev_bundle_id, chain, manifest_agent)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                info.bundle_id,
+                agent,
+                info.size as i64,
+                info.stored_unix_nanos,
+                info.label,
+                info.pid,
+                info.rule,
+                info.detection_unix_nanos,
+                info.seq as i64,
+                info.prev_bundle_id,
+                info.chain,
+                info.manifest_agent
+            ])?;
+            // The detections of the captured event (stored before it).
+            if info.detection_unix_nanos != 0 {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO detection_evidence
+                     SELECT id, ?1 FROM detections
+                     WHERE agent_id = ?2 AND time_ns = ?3 AND pid = ?4",
+                )?
                 .execute(params![
                     info.bundle_id,
                     agent,
-                    info.size as i64,
-                    info.stored_unix_nanos,
-                    info.label
+                    info.detection_unix_nanos,
+                    info.pid
                 ])?;
+            }
             tx.commit()?;
             Ok(())
         })
@@ -512,19 +581,11 @@ impl Store for SqliteStore {
     async fn evidence(&self, bundle_id: &str) -> Result<Option<EvidenceInfo>, StoreError> {
         let bundle_id = bundle_id.to_string();
         self.read(move |c| {
-            Ok(c.prepare_cached(
-                "SELECT e.bundle_id, a.name, e.size, e.stored_ns, e.label
-                 FROM evidence e JOIN agents a ON a.id = e.agent_id WHERE e.bundle_id = ?1",
-            )?
-            .query_row([bundle_id], |r| {
-                Ok(EvidenceInfo {
-                    bundle_id: r.get(0)?,
-                    agent: r.get(1)?,
-                    size: r.get::<_, i64>(2)? as u64,
-                    stored_unix_nanos: r.get(3)?,
-                    label: r.get(4)?,
-                })
-            })
+            Ok(c.prepare_cached(&format!(
+                "SELECT {EVIDENCE_COLUMNS}
+                     FROM evidence e JOIN agents a ON a.id = e.agent_id WHERE e.bundle_id = ?1"
+            ))?
+            .query_row([bundle_id], evidence_row)
             .optional()?)
         })
         .await
@@ -604,24 +665,21 @@ impl Store for SqliteStore {
                 .query_map([id], detection_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let detections = decode_detections(rows)?;
+            // A detection may name a bundle not stored (yet): its record is
+            // then the id alone.
             let evidence = tx
                 .prepare(
                     "SELECT de.bundle_id, coalesce(a.name, ''), coalesce(e.size, 0),
-                       coalesce(e.stored_ns, 0), coalesce(e.label, '')
+                       coalesce(e.stored_ns, 0), coalesce(e.label, ''), coalesce(e.pid, 0),
+                       coalesce(e.rule, ''), coalesce(e.detection_ns, 0), coalesce(e.seq, 0),
+                       coalesce(e.prev_bundle_id, ''), coalesce(e.chain, ''),
+                       coalesce(e.manifest_agent, '')
                      FROM detection_evidence de JOIN detections d ON d.id = de.detection_id
                      LEFT JOIN evidence e ON e.bundle_id = de.bundle_id
                      LEFT JOIN agents a ON a.id = e.agent_id
                      WHERE d.incident_id = ?1 GROUP BY de.bundle_id ORDER BY min(d.time_ns)",
                 )?
-                .query_map([id], |r| {
-                    Ok(EvidenceInfo {
-                        bundle_id: r.get(0)?,
-                        agent: r.get(1)?,
-                        size: r.get::<_, i64>(2)? as u64,
-                        stored_unix_nanos: r.get(3)?,
-                        label: r.get(4)?,
-                    })
-                })?
+                .query_map([id], evidence_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             // Events of the detected processes and their children around
             // the incident.

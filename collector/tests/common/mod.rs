@@ -240,9 +240,8 @@ impl Drop for Collector {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), compressed with zstd so the
-/// result is a plausible bundle.
-pub fn bundle(raw_len: usize, seed: u64) -> Vec<u8> {
+/// Deterministic pseudo-random bytes (xorshift).
+pub fn noise(raw_len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut raw = Vec::with_capacity(raw_len);
     while raw.len() < raw_len {
@@ -252,7 +251,52 @@ pub fn bundle(raw_len: usize, seed: u64) -> Vec<u8> {
         raw.extend_from_slice(&x.to_le_bytes());
     }
     raw.truncate(raw_len);
-    zstd::encode_all(raw.as_slice(), 1).unwrap()
+    raw
+}
+
+/// A real evidence bundle (sealed by the agent's own bundle code) whose
+/// `core` artifact is `raw_len` pseudo-random bytes: the first of its own
+/// chain, captured from `pid` for a detection at `detection_time`.
+pub fn sealed_bundle(raw_len: usize, seed: u64, pid: u32, detection_time: &str) -> Vec<u8> {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = vigil_bundle::BundleConfig {
+        out_dir: root.path().join("out"),
+        state_dir: root.path().join("state"),
+        agent_id: "test-agent".into(),
+        zstd_level: 1,
+        keep_dir: false,
+    };
+    let mut b = vigil_bundle::BundleBuilder::create(&root.path().join("b")).unwrap();
+    std::fs::write(b.path_of("core"), noise(raw_len, seed)).unwrap();
+    b.add_file("core", "core").unwrap();
+    let m = vigil_bundle::Manifest {
+        format: String::new(),
+        seq: 0,
+        prev_bundle_sha256: None,
+        agent: vigil_bundle::AgentIdentity::current("test-agent"),
+        times: Default::default(),
+        acquisition: vigil_bundle::Acquisition {
+            method: "test".into(),
+            tool: "collector tests".into(),
+            tool_version: "0".into(),
+            details: serde_json::Value::Null,
+        },
+        subject: serde_json::json!({ "pid": pid }),
+        detection: serde_json::json!({
+            "time": detection_time,
+            "rule": "web_shell",
+            "process": { "pid": pid },
+        }),
+        artifacts: vec![],
+    };
+    let sealed = b.seal(&cfg, m).unwrap();
+    std::fs::read(sealed.archive).unwrap()
+}
+
+/// A bundle (see [`sealed_bundle`]) of about `raw_len` bytes, different per
+/// `seed`.
+pub fn bundle(raw_len: usize, seed: u64) -> Vec<u8> {
+    sealed_bundle(raw_len, seed, 4242, "2026-11-26T14:08:28.972144046Z")
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {

@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! The evidence bundle: a directory of artifacts, a `manifest.json` (sha256
 //! and size of every artifact, agent and host identity, times, acquisition
 //! method, the detection, and `prev_bundle_sha256` chaining each bundle to
@@ -21,12 +22,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::HashingWriter;
+use sha2::{Digest, Sha256};
 
 /// Manifest format name.
 pub const FORMAT: &str = "vigil-evidence/1";
 /// The manifest's name in a bundle.
 pub const MANIFEST: &str = "manifest.json";
+/// A manifest larger than this is refused (it is read whole).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 const CHAIN_STATE: &str = "chain.json";
 const CHAIN_LOCK: &str = "chain.lock";
 
@@ -567,7 +570,8 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-pub(crate) fn now_rfc3339() -> String {
+/// Now, wall clock, RFC 3339 with nanoseconds.
+pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
 }
 
@@ -622,6 +626,16 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
             .to_string_lossy()
             .into_owned();
         if name == MANIFEST {
+            if entry.size() > MAX_MANIFEST_BYTES {
+                return Err(BundleError::Archive {
+                    path: path.to_path_buf(),
+                    artifact: MANIFEST.into(),
+                    source: io::Error::other(format!(
+                        "{} bytes, over the {MAX_MANIFEST_BYTES}-byte limit",
+                        entry.size()
+                    )),
+                });
+            }
             let mut b = Vec::new();
             entry.read_to_end(&mut b).map_err(archive_err(MANIFEST))?;
             manifest =
@@ -649,6 +663,23 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
         path: path.to_path_buf(),
     })?;
     check_artifacts(path, &manifest, &seen)?;
+    // The rest of the stream: the end of the zstd frame carries its
+    // checksum, and nothing may follow the archive.
+    let mut dec = tar.into_inner();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match dec.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(archive_err("the archive's end")(e)),
+        };
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Err(archive_err("the archive's end")(io::Error::other(
+                "data after the end of the archive",
+            )));
+        }
+    }
     let (id, _) = hash_file(path)?;
     let stem = path
         .file_name()
@@ -777,6 +808,42 @@ pub fn verify_chain(paths: &[PathBuf]) -> Result<Vec<VerifiedBundle>, BundleErro
         out.push(v);
     }
     Ok(out)
+}
+
+/// A writer that hashes (sha256) and counts what goes through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W> HashingWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// (hex sha256, bytes written, the inner writer).
+    pub fn finish(self) -> (String, u64, W) {
+        (hex::encode(self.hasher.finalize()), self.len, self.inner)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]
