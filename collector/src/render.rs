@@ -319,12 +319,13 @@ pub fn incident_text(d: &IncidentDetail, max_events: usize) -> String {
         } else {
             let _ = writeln!(
                 out,
-                "  {}  {}  from {}  stored {}  {}",
+                "  {}  {}  from {}  stored {}  {}{}",
                 e.bundle_id,
                 bytes(e.size),
                 clean(&e.agent),
                 time_secs(e.stored_unix_nanos),
-                clean(&e.label)
+                clean(&e.label),
+                provenance(e)
             );
         }
     }
@@ -364,6 +365,21 @@ pub fn detection_json(s: &StoredDetection) -> Value {
     })
 }
 
+/// What the manifest says of a bundle, for a line: `  pid 5 (web_shell),
+/// chain #3 linked`; empty when unknown.
+pub fn provenance(e: &EvidenceInfo) -> String {
+    if e.seq == 0 {
+        return String::new();
+    }
+    format!(
+        "  pid {} ({}), chain #{} {}",
+        e.pid,
+        clean(&e.rule),
+        e.seq,
+        clean(&e.chain)
+    )
+}
+
 /// JSON of an evidence record.
 pub fn evidence_json(e: &EvidenceInfo) -> Value {
     json!({
@@ -373,6 +389,13 @@ pub fn evidence_json(e: &EvidenceInfo) -> Value {
         "stored": time_nanos(e.stored_unix_nanos),
         "label": e.label,
         "uploaded": e.stored_unix_nanos != 0,
+        "pid": e.pid,
+        "rule": e.rule,
+        "detection_time": time_nanos(e.detection_unix_nanos),
+        "seq": e.seq,
+        "prev_bundle_id": e.prev_bundle_id,
+        "chain": e.chain,
+        "manifest_agent": e.manifest_agent,
     })
 }
 

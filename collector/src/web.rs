@@ -587,7 +587,7 @@ fn incident_html(d: &IncidentDetail) -> String {
     if d.evidence.is_empty() {
         b.push_str(r#"<p class="muted">None.</p>"#);
     } else {
-        b.push_str("<table><tr><th>Bundle</th><th>Size</th><th>From</th><th>Stored</th><th>Label</th></tr>");
+        b.push_str("<table><tr><th>Bundle</th><th>Size</th><th>From</th><th>Stored</th><th>Captured</th></tr>");
         for e in &d.evidence {
             if e.stored_unix_nanos == 0 {
                 let _ = write!(
@@ -602,7 +602,7 @@ fn incident_html(d: &IncidentDetail) -> String {
                     esc(&render::bytes(e.size)),
                     esc(&e.agent),
                     esc(&render::time_secs(e.stored_unix_nanos)),
-                    esc(&e.label),
+                    esc(render::provenance(e).trim()),
                     id = esc(&e.bundle_id),
                 );
             }

@@ -575,8 +575,13 @@ fn collector_killed_mid_upload_the_agent_resumes() {
         .find_map(|l| l.strip_prefix("vigil_collector_ingested_bytes_total{stream=\"evidence\"} "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no evidence bytes metric in:\n{metrics}"));
-    eprintln!("bundle {size} bytes; held at the kill >= {held}; received after the restart {after}");
-    assert!(after < size as f64, "resumed: {after} of {size} bytes after the restart");
+    eprintln!(
+        "bundle {size} bytes; held at the kill >= {held}; received after the restart {after}"
+    );
+    assert!(
+        after < size as f64,
+        "resumed: {after} of {size} bytes after the restart"
+    );
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 1.0);
 }
 
