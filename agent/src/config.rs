@@ -92,6 +92,10 @@ pub struct AgentConfig {
     pub spool_max_mib: u64,
     /// Spool item limit.
     pub spool_max_items: u64,
+    /// Also ship every event to the collector (best effort: batched, held
+    /// in memory while it is unreachable, never at the expense of
+    /// detections and evidence).
+    pub ship_events: bool,
 }
 
 impl Default for AgentConfig {
@@ -134,6 +138,7 @@ impl Default for AgentConfig {
             spool_dir: PathBuf::from("/var/lib/vigil/spool"),
             spool_max_mib: 1024,
             spool_max_items: 100_000,
+            ship_events: true,
         }
     }
 }

@@ -98,6 +98,9 @@ pub struct Metrics {
     /// Items the collector refused for good (over its size limit, not a
     /// valid bundle), set aside in the spool's `rejected/`.
     pub ship_rejected: Counter,
+    /// Events not shipped (queue full, backlog full while the collector
+    /// was unreachable, refused).
+    pub ship_events_dropped: Counter,
     /// Items waiting in the spool.
     pub spool_items: Gauge,
     /// Bytes waiting in the spool.
@@ -120,6 +123,11 @@ impl Metrics {
             "ship_errors",
             "Failed attempts to ship to the collector",
             self.ship_errors.clone(),
+        );
+        r.register(
+            "ship_events_dropped",
+            "Events not shipped to the collector (queue or backlog full, refused)",
+            self.ship_events_dropped.clone(),
         );
         r.register(
             "ship_rejected",

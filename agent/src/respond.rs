@@ -44,8 +44,8 @@ pub struct ResponseOptions {
     pub ship: Option<crate::ship::Shipper>,
     /// When the detected process exited before it could be stopped,
     /// capture its nearest living ancestor instead (the process that
-    /// started it: a web server, the dropper's shell), once per ancestor
-    /// per [`FALLBACK_QUIET`].
+    /// started it: a web server, the dropper's shell), once per branch per
+    /// [`FALLBACK_QUIET`].
     pub ancestor_fallback: bool,
 }
 
@@ -91,7 +91,7 @@ impl Responder {
         let m = metrics.clone();
         let contain = opts.contain;
         let fallback = opts.ancestor_fallback;
-        let mut recent: LruCache<i32, Instant> =
+        let mut recent: LruCache<(i32, i32), Instant> =
             LruCache::new(NonZeroUsize::new(256).expect("non-zero"));
         let ship = opts.ship.clone();
         let mut out = match &opts.evidence_json {
@@ -254,8 +254,9 @@ fn ticks_per_second() -> u64 {
 }
 
 /// An ancestor captured in place of a detected process is not captured
-/// again in place of another one for this long (one attack's burst of
-/// short-lived children yields one snapshot of their parent).
+/// again for another process of the same branch (under the same child of
+/// that ancestor: one script, one request) for this long: a burst of
+/// short-lived processes yields one snapshot of their parent per branch.
 pub const FALLBACK_QUIET: Duration = Duration::from_secs(30);
 
 /// Captures the job's process; when it is gone (exited, pid recycled) and
@@ -266,7 +267,7 @@ fn capture_job(
     job: &CaptureJob,
     contain: bool,
     fallback: bool,
-    recent: &mut LruCache<i32, Instant>,
+    recent: &mut LruCache<(i32, i32), Instant>,
 ) -> (Result<CaptureOutcome, CaptureError>, Option<i32>) {
     let req = CaptureRequest {
         start_time: (job.start_boot_ns > 0)
@@ -289,37 +290,67 @@ fn capture_job(
         return (first, None);
     }
     let me = std::process::id() as i32;
-    let Some(at) = job.ancestors.iter().position(|&p| p > 2 && p != me) else {
-        return (first, None);
+    let Err(first) = first else {
+        unreachable!("matched an error above")
     };
-    let anc = job.ancestors[at];
-    if recent
-        .get(&anc)
-        .is_some_and(|t| t.elapsed() < FALLBACK_QUIET)
-    {
-        return (first, None);
+    let why = first.to_string();
+    let mut last: Option<(CaptureError, i32)> = None;
+    // Ancestors may be gone too (the capture queue can lag behind a
+    // script that already ended): walk up, a few at most.
+    let candidates = job
+        .ancestors
+        .iter()
+        .enumerate()
+        .filter(|&(_, &p)| p > 2 && p != me)
+        .take(MAX_STAND_IN_TRIES);
+    for (at, &anc) in candidates {
+        // The branch: the ancestor's child on the way down to the process.
+        let branch = if at == 0 {
+            job.pid as i32
+        } else {
+            job.ancestors[at - 1]
+        };
+        if recent
+            .get(&(anc, branch))
+            .is_some_and(|t| t.elapsed() < FALLBACK_QUIET)
+        {
+            // Captured moments ago for a process of the same branch (the
+            // same script, the same request): that bundle stands in.
+            break;
+        }
+        let stand_in = CaptureRequest {
+            start_time: None,
+            ancestors: job.ancestors[at + 1..].to_vec(),
+            // Never kill a parent for its child's detection.
+            contain: false,
+            stand_in_for: Some(serde_json::json!({
+                "pid": job.pid,
+                "reason": why,
+                "detection_process": job.detection.get("process"),
+            })),
+            ..req.clone()
+        };
+        info!(
+            pid = job.pid,
+            ancestor = anc,
+            "the detected process is gone: capturing its nearest living ancestor"
+        );
+        match capturer.capture_process(anc, &stand_in) {
+            Err(e @ CaptureError::Freeze(FreezeError::Gone { .. })) => last = Some((e, anc)),
+            r => {
+                recent.put((anc, branch), Instant::now());
+                return (r, Some(anc));
+            }
+        }
     }
-    recent.put(anc, Instant::now());
-    let why = first.err().map(|e| e.to_string()).unwrap_or_default();
-    let stand_in = CaptureRequest {
-        start_time: None,
-        ancestors: job.ancestors[at + 1..].to_vec(),
-        // Never kill a parent for its child's detection.
-        contain: false,
-        stand_in_for: Some(serde_json::json!({
-            "pid": job.pid,
-            "reason": why,
-            "detection_process": job.detection.get("process"),
-        })),
-        ..req
-    };
-    info!(
-        pid = job.pid,
-        ancestor = anc,
-        "the detected process is gone: capturing its nearest living ancestor"
-    );
-    (capturer.capture_process(anc, &stand_in), Some(anc))
+    match last {
+        Some((e, anc)) => (Err(e), Some(anc)),
+        None => (Err(first), None),
+    }
 }
+
+/// Ancestors tried in turn when they are gone too.
+const MAX_STAND_IN_TRIES: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -336,12 +367,21 @@ mod tests {
         let mut gone = std::process::Command::new("true").spawn().unwrap();
         let gone_pid = gone.id();
         gone.wait().unwrap();
+        let mut gone_parent = std::process::Command::new("true").spawn().unwrap();
+        let gone_parent_pid = gone_parent.id() as i32;
+        gone_parent.wait().unwrap();
         let job = CaptureJob {
             pid: gone_pid,
             start_boot_ns: 0,
             detection: serde_json::json!({"rule": "r", "process": {"pid": gone_pid}}),
-            // pid 1 and the agent itself are never stand-ins.
-            ancestors: vec![1, std::process::id() as i32, parent.id() as i32],
+            // pid 1 and the agent itself are never stand-ins; an ancestor
+            // gone too is passed over.
+            ancestors: vec![
+                gone_parent_pid,
+                1,
+                std::process::id() as i32,
+                parent.id() as i32,
+            ],
             timeline: vec![],
             frozen: false,
         };
@@ -365,8 +405,8 @@ mod tests {
         assert!(parent.try_wait().unwrap().is_none());
 
         // Within the quiet period the same ancestor is not captured again.
-        let (r, stand_in) = capture_job(&cap, &job, false, true, &mut recent);
-        assert!(r.is_err() && stand_in.is_none());
+        let (r, _) = capture_job(&cap, &job, false, true, &mut recent);
+        assert!(r.is_err());
         parent.kill().unwrap();
         parent.wait().unwrap();
     }

@@ -57,6 +57,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut workloads = WorkloadCache::new(4096);
     let n = crate::procscan::bootstrap(&mut tree, &mut workloads).context("scanning /proc")?;
     info!(processes = n, "process tree bootstrapped from /proc");
+    if let (true, Some(url), Some(pki), Some(name)) = (
+        cfg.ship_events,
+        &cfg.collector,
+        &cfg.collector_pki,
+        &cfg.agent_name,
+    ) {
+        sinks.push(Box::new(crate::ship::events::EventSink::start(
+            url,
+            crate::ship::client::PkiFiles::in_dir(pki, name),
+            metrics.clone(),
+        )?));
+    }
     let mut pipeline = Pipeline::new(tree, workloads, metrics.clone(), sinks);
     let shipper = match (&cfg.collector, &cfg.collector_pki, &cfg.agent_name) {
         (Some(url), Some(pki), Some(name)) => Some(crate::ship::Shipper::start(

@@ -69,6 +69,11 @@ pub struct CollectorCheck {
     pub outage: Option<Duration>,
     /// Last bundle sealed -> last bundle stored.
     pub drain: Duration,
+    /// Capture times (detection handed over -> bundle sealed), ms: median
+    /// and max.
+    pub capture_ms: (u64, u64),
+    /// Bundles that are a stand-in (the detected process was gone).
+    pub stand_ins: usize,
     /// Everything wrong with the run as a whole.
     pub problems: Vec<String>,
 }
@@ -396,6 +401,11 @@ pub fn run_with(
         }
         None => None,
     };
+    // Keep the capture outcomes with the rest of the run's output.
+    let _ = std::fs::copy(
+        agent.dir.path().join("evidence.jsonl"),
+        work.join("evidence.jsonl"),
+    );
     drop(agent);
     Ok((out, check))
 }
@@ -542,6 +552,20 @@ impl Shipping {
         }
         c.bundles = sealed.len();
         c.drain = t0.elapsed();
+        let evidence = agent.evidence();
+        let mut ms: Vec<u64> = evidence
+            .iter()
+            .filter_map(|e| e["evidence"]["timings"]["total_us"].as_u64())
+            .map(|us| us / 1000)
+            .collect();
+        ms.sort_unstable();
+        if !ms.is_empty() {
+            c.capture_ms = (ms[ms.len() / 2], ms[ms.len() - 1]);
+        }
+        c.stand_ins = evidence
+            .iter()
+            .filter(|e| e["stand_in"].as_bool() == Some(true) && e.get("evidence").is_some())
+            .count();
         let mut stored_paths = Vec::new();
         for (_, id, archive) in &sealed {
             let blob = coll.blob(id);
@@ -652,9 +676,12 @@ impl CollectorCheck {
     /// Printed under the scenario table.
     pub fn report(&self) -> String {
         let mut s = format!(
-            "collector: {} of {} bundles stored byte-identical and verified, chain of custody {}; detections {} raised, {} stored once; drained {:.1} s after the run{}\n",
+            "collector: {} of {} bundles ({} stand-ins; capture p50 {} ms, max {} ms) stored byte-identical and verified, chain of custody {}; detections {} raised, {} stored once; drained {:.1} s after the run{}\n",
             self.stored,
             self.bundles,
+            self.stand_ins,
+            self.capture_ms.0,
+            self.capture_ms.1,
             if self.problems.iter().any(|p| p.starts_with("chain")) { "BROKEN" } else { "unbroken" },
             self.detections.0,
             self.detections.1,

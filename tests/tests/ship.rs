@@ -65,6 +65,28 @@ fn stored_detections(url: &str, pki: &Path, m: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The incident of stored detection `det` once its timeline has an exec
+/// whose parent is `pid` and it lists evidence (waits up to 90 s: held
+/// events wait for the shipper's back-off; returns what it last saw).
+fn incident_with_child_exec(url: &str, pki: &Path, det: &Value, pid: u64) -> Value {
+    let incident = det["incident_id"].to_string();
+    let mut detail = Value::Null;
+    for _ in 0..450 {
+        let out = vigil_cli(url, pki, &["incidents", "show", &incident, "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        detail = serde_json::from_slice(&out.stdout).unwrap();
+        let has_child = detail["events"].as_array().is_some_and(|evs| {
+            evs.iter()
+                .any(|e| e["type"] == "exec" && e["ppid"].as_u64() == Some(pid))
+        });
+        if has_child && detail["evidence"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    detail
+}
+
 fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64
 }
@@ -134,6 +156,24 @@ fn detection_and_bundle_reach_the_collector() {
     }
     assert_eq!(dets.len(), 1, "{dets:?}");
     assert_eq!(dets[0]["agent"], "agent1");
+    // The incident shows the bundle (linked from its manifest) and the
+    // shell's own events (shipped best effort): its child `sleep`.
+    let shell_pid = ev["detection"]["process"]["pid"].as_u64().unwrap();
+    let detail = incident_with_child_exec(&url, &pki, &dets[0], shell_pid);
+    let evidence = detail["evidence"].as_array().unwrap();
+    assert_eq!(evidence.len(), 1, "{detail}");
+    assert_eq!(evidence[0]["bundle_id"], id);
+    assert_eq!(evidence[0]["pid"].as_u64(), Some(shell_pid));
+    assert_eq!(evidence[0]["chain"], "first");
+    assert!(
+        detail["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "exec" && e["ppid"].as_u64() == Some(shell_pid)),
+        "the shell's child exec is in the incident's timeline: {detail}"
+    );
+    assert!(agent.metric("vigil_ship_sent_total{kind=\"event\"}") > 0.0);
     // The spool is empty once acknowledged.
     for _ in 0..100 {
         if agent.metric("vigil_spool_items") == 0.0 {
@@ -208,6 +248,17 @@ fn spooled_bundle_arrives_once_the_collector_is_up() {
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 1.0);
     let dets = stored_detections(&url, &pki, &m);
     assert_eq!(dets.len(), 1, "{dets:?}");
+    // Events of the outage were held in memory and arrived too.
+    let shell_pid = ev["detection"]["process"]["pid"].as_u64().unwrap();
+    let detail = incident_with_child_exec(&url, &pki, &dets[0], shell_pid);
+    assert!(
+        detail["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "exec" && e["ppid"].as_u64() == Some(shell_pid)),
+        "events from the outage reached the collector: {detail}"
+    );
 }
 
 #[test]

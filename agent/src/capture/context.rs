@@ -404,16 +404,47 @@ pub fn copy_exe_from(mut src: File, dest: &Path, max_bytes: u64) -> io::Result<E
     })
 }
 
-/// (sha256 or None when over the cap, size).
+/// A file's identity and version: device, inode, size, mtime, ctime.
+type FileVersion = (u64, u64, u64, i64, i64, i64, i64);
+
+/// (sha256 or None when over the cap, size). Hashes are remembered per
+/// file version (device, inode, size, mtime, ctime): the same ancestors
+/// (a server, its shells, a supervisor) come back capture after capture, and
+/// re-reading a large binary each time would hold up the capture queue.
 fn sha256_exe(pid: i32, max: u64) -> io::Result<(Option<String>, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<lru::LruCache<FileVersion, String>>> =
+        std::sync::OnceLock::new();
     let mut f = File::open(format!("/proc/{pid}/exe"))?;
-    let size = f.metadata()?.len();
+    let m = f.metadata()?;
+    let size = m.len();
     if size > max {
         return Ok((None, size));
     }
+    let key = (
+        m.dev(),
+        m.ino(),
+        size,
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    );
+    let cache = CACHE.get_or_init(|| {
+        std::sync::Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(1024).expect("non-zero"),
+        ))
+    });
+    if let Some(h) = cache.lock().ok().and_then(|mut c| c.get(&key).cloned()) {
+        return Ok((Some(h), size));
+    }
     let mut h = super::bundle::HashingWriter::new(io::sink());
     io::copy(&mut f, &mut h)?;
-    Ok((Some(h.finish().0), size))
+    let sha = h.finish().0;
+    if let Ok(mut c) = cache.lock() {
+        c.put(key, sha.clone());
+    }
+    Ok((Some(sha), size))
 }
 
 fn split_nul(b: &[u8]) -> Vec<String> {

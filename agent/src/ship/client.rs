@@ -144,6 +144,22 @@ impl Client {
         })
     }
 
+    /// Sends one batch of events (`batch_id` de-duplicates a resend).
+    pub async fn push_events(
+        &mut self,
+        batch_id: String,
+        events: Vec<vigil_proto::Event>,
+    ) -> Result<(), ShipError> {
+        self.inner
+            .push_events(tokio_stream::iter(vec![vigil_proto::EventBatch {
+                batch_id,
+                events,
+            }]))
+            .await
+            .map_err(|s| ShipError::from_status(&s))?;
+        Ok(())
+    }
+
     /// Sends detections, one batch per spool item (`batch_id` de-duplicates
     /// a resend). Returns when the collector acknowledged all of them.
     pub async fn push_detections(

@@ -11,9 +11,12 @@
 //! refuses us, it backs off exponentially (1 s to 60 s) and retries; the
 //! spool keeps everything meanwhile, across agent restarts.
 //!
-//! Events are not shipped yet: only detections and bundles are spooled.
+//! Ordinary events take another road ([`events`]): best effort, in memory,
+//! on their own thread and connection, so they never delay or displace a
+//! detection or a bundle.
 
 pub mod client;
+pub mod events;
 pub mod spool;
 
 use std::path::{Path, PathBuf};
@@ -33,8 +36,8 @@ const QUEUE: usize = 4096;
 /// Most detections per PushDetections call.
 const MAX_DETECTIONS_PER_CALL: usize = 500;
 /// Back-off bounds.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How often an idle shipper looks at the spool anyway.
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
@@ -145,7 +148,10 @@ impl Shipper {
         match self.spool.enqueue_bundle(archive, id) {
             Ok(p) => debug!(bundle = id, path = %p.display(), "bundle spooled"),
             Err(e) => {
-                self.metrics.spool_dropped.inc();
+                // A full spool counts its refusals itself.
+                if !matches!(e, spool::SpoolError::Full { .. }) {
+                    self.metrics.spool_dropped.inc();
+                }
                 warn!(bundle = id, archive = %archive.display(), error = %e, "bundle not spooled: it stays in the capture directory but will not reach the collector")
             }
         }
