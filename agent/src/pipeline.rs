@@ -261,6 +261,11 @@ impl Pipeline {
                         start_boot_ns: e.start_boot_ns,
                         detection: serde_json::to_value(&dets[asking]).unwrap_or_default(),
                         ancestors: enriched.ancestry.iter().map(|a| a.pid as i32).collect(),
+                        ancestor_starts: enriched
+                            .ancestry
+                            .iter()
+                            .map(|a| self.tree.get(a.pid).map_or(0, |p| p.start_boot_ns))
+                            .collect(),
                         timeline: timeline_of(&self.timeline, e.pid, enriched.process.ppid),
                         frozen: matches!(&e.payload, Payload::Exec(x) if x.frozen),
                     };

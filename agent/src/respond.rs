@@ -59,6 +59,9 @@ pub struct CaptureJob {
     pub detection: serde_json::Value,
     /// Ancestor pids, parent first.
     pub ancestors: Vec<i32>,
+    /// Their start times (ns since boot; 0 when unknown), same order: a
+    /// stand-in capture refuses a pid recycled since.
+    pub ancestor_starts: Vec<u64>,
     /// Recent events of the process and its parent.
     pub timeline: Vec<serde_json::Value>,
     /// Stopped by the kernel at exec: must be released whatever happens.
@@ -259,6 +262,10 @@ fn ticks_per_second() -> u64 {
 /// short-lived processes yields one snapshot of their parent per branch.
 pub const FALLBACK_QUIET: Duration = Duration::from_secs(30);
 
+/// And one ancestor is captured as a stand-in at most once per this long,
+/// whatever the branch.
+pub const FALLBACK_ANCESTOR_GAP: Duration = Duration::from_secs(2);
+
 /// Captures the job's process; when it is gone (exited, pid recycled) and
 /// `fallback` is on, its nearest living ancestor instead (never pid 1 or 2,
 /// never the agent). Returns the outcome and, for a stand-in, its pid.
@@ -310,16 +317,22 @@ fn capture_job(
         } else {
             job.ancestors[at - 1]
         };
-        if recent
-            .get(&(anc, branch))
-            .is_some_and(|t| t.elapsed() < FALLBACK_QUIET)
+        let too_soon =
+            |key: (i32, i32), quiet: Duration, recent: &mut LruCache<(i32, i32), Instant>| {
+                recent.get(&key).is_some_and(|t| t.elapsed() < quiet)
+            };
+        // Per branch, and per ancestor whatever the branch (a burst of
+        // direct children must not stop a server over and over).
+        if too_soon((anc, branch), FALLBACK_QUIET, recent)
+            || too_soon((anc, 0), FALLBACK_ANCESTOR_GAP, recent)
         {
             // Captured moments ago for a process of the same branch (the
             // same script, the same request): that bundle stands in.
             break;
         }
+        let start_ns = job.ancestor_starts.get(at).copied().unwrap_or(0);
         let stand_in = CaptureRequest {
-            start_time: None,
+            start_time: (start_ns > 0).then(|| start_ns / (1_000_000_000 / ticks_per_second())),
             ancestors: job.ancestors[at + 1..].to_vec(),
             // Never kill a parent for its child's detection.
             contain: false,
@@ -336,9 +349,12 @@ fn capture_job(
             "the detected process is gone: capturing its nearest living ancestor"
         );
         match capturer.capture_process(anc, &stand_in) {
-            Err(e @ CaptureError::Freeze(FreezeError::Gone { .. })) => last = Some((e, anc)),
+            Err(
+                e @ CaptureError::Freeze(FreezeError::Gone { .. } | FreezeError::Recycled { .. }),
+            ) => last = Some((e, anc)),
             r => {
                 recent.put((anc, branch), Instant::now());
+                recent.put((anc, 0), Instant::now());
                 return (r, Some(anc));
             }
         }
@@ -374,6 +390,7 @@ mod tests {
             pid: gone_pid,
             start_boot_ns: 0,
             detection: serde_json::json!({"rule": "r", "process": {"pid": gone_pid}}),
+            ancestor_starts: vec![],
             // pid 1 and the agent itself are never stand-ins; an ancestor
             // gone too is passed over.
             ancestors: vec![

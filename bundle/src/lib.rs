@@ -30,6 +30,8 @@ pub const FORMAT: &str = "vigil-evidence/1";
 pub const MANIFEST: &str = "manifest.json";
 /// A manifest larger than this is refused (it is read whole).
 pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+/// Zero bytes allowed after the archive's end (tar pads to its record size).
+pub const MAX_TRAILING_ZEROS: u64 = 64 << 10;
 const CHAIN_STATE: &str = "chain.json";
 const CHAIN_LOCK: &str = "chain.lock";
 
@@ -611,51 +613,87 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
             source,
         }
     };
+    let refuse = |artifact: &str, why: String| BundleError::Archive {
+        path: path.to_path_buf(),
+        artifact: artifact.to_string(),
+        source: io::Error::other(why),
+    };
     let file = File::open(path).map_err(io_err(path))?;
     let dec = zstd::Decoder::new(BufReader::new(file)).map_err(archive_err("archive"))?;
     let mut tar = tar::Archive::new(dec);
     let mut manifest: Option<Manifest> = None;
     let mut seen: Vec<(String, String, u64)> = Vec::new();
-    let entries = tar.entries().map_err(archive_err("archive"))?;
+    // Raw entries: GNU long names and PAX headers are not interpreted (the
+    // tar crate would read them whole into memory); a bundle has neither.
+    let entries = tar.entries().map_err(archive_err("archive"))?.raw(true);
     let mut last = String::from("archive");
     for entry in entries {
         let mut entry = entry.map_err(archive_err(&format!("the entry after {last}")))?;
-        let name = entry
-            .path()
-            .map_err(archive_err("an entry name"))?
-            .to_string_lossy()
-            .into_owned();
-        if name == MANIFEST {
-            if entry.size() > MAX_MANIFEST_BYTES {
-                return Err(BundleError::Archive {
-                    path: path.to_path_buf(),
-                    artifact: MANIFEST.into(),
-                    source: io::Error::other(format!(
-                        "{} bytes, over the {MAX_MANIFEST_BYTES}-byte limit",
-                        entry.size()
-                    )),
-                });
-            }
-            let mut b = Vec::new();
-            entry.read_to_end(&mut b).map_err(archive_err(MANIFEST))?;
-            manifest =
-                Some(
-                    serde_json::from_slice(&b).map_err(|source| BundleError::BadManifest {
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(refuse(
+                &name,
+                format!(
+                    "entry type {:?}: a bundle holds regular files only",
+                    entry.header().entry_type()
+                ),
+            ));
+        }
+        let size = entry.size();
+        match &manifest {
+            None if name == MANIFEST => {
+                if size > MAX_MANIFEST_BYTES {
+                    return Err(refuse(
+                        MANIFEST,
+                        format!("{size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit"),
+                    ));
+                }
+                let mut b = Vec::with_capacity(size as usize);
+                (&mut entry)
+                    .take(MAX_MANIFEST_BYTES)
+                    .read_to_end(&mut b)
+                    .map_err(archive_err(MANIFEST))?;
+                manifest = Some(serde_json::from_slice(&b).map_err(|source| {
+                    BundleError::BadManifest {
                         path: path.to_path_buf(),
                         source,
-                    })?,
-                );
-        } else {
-            if check_name(&name).is_err() {
-                return Err(BundleError::UnlistedArtifact {
-                    path: path.to_path_buf(),
-                    name,
-                });
+                    }
+                })?);
             }
-            let mut h = HashingWriter::new(io::sink());
-            io::copy(&mut entry, &mut h).map_err(archive_err(&name))?;
-            let (sha, size, _) = h.finish();
-            seen.push((name.clone(), sha, size));
+            None => {
+                return Err(BundleError::MissingManifest {
+                    path: path.to_path_buf(),
+                })
+            }
+            Some(m) => {
+                // Listed, once, with the size the manifest says: the bytes
+                // read are bounded by the manifest.
+                let listed = m.artifacts.iter().find(|a| a.name == name);
+                if check_name(&name).is_err() || listed.is_none() {
+                    return Err(BundleError::UnlistedArtifact {
+                        path: path.to_path_buf(),
+                        name,
+                    });
+                }
+                if seen.iter().any(|(n, _, _)| *n == name) {
+                    return Err(refuse(&name, "appears twice in the archive".into()));
+                }
+                let expected = listed.map(|a| a.size).unwrap_or(0);
+                if size != expected {
+                    return Err(BundleError::HashMismatch {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        expected: listed.map(|a| a.sha256.clone()).unwrap_or_default(),
+                        actual: "(not read)".into(),
+                        expected_size: expected,
+                        actual_size: size,
+                    });
+                }
+                let mut h = HashingWriter::new(io::sink());
+                io::copy(&mut (&mut entry).take(size), &mut h).map_err(archive_err(&name))?;
+                let (sha, n, _) = h.finish();
+                seen.push((name.clone(), sha, n));
+            }
         }
         last = name;
     }
@@ -664,9 +702,11 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
     })?;
     check_artifacts(path, &manifest, &seen)?;
     // The rest of the stream: the end of the zstd frame carries its
-    // checksum, and nothing may follow the archive.
+    // checksum; after the archive only tar's zero padding may follow, and
+    // not much of it.
     let mut dec = tar.into_inner();
     let mut buf = [0u8; 8192];
+    let mut trailing = 0u64;
     loop {
         let n = match dec.read(&mut buf) {
             Ok(0) => break,
@@ -674,10 +714,12 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(archive_err("the archive's end")(e)),
         };
-        if buf[..n].iter().any(|&b| b != 0) {
-            return Err(archive_err("the archive's end")(io::Error::other(
-                "data after the end of the archive",
-            )));
+        trailing += n as u64;
+        if buf[..n].iter().any(|&b| b != 0) || trailing > MAX_TRAILING_ZEROS {
+            return Err(refuse(
+                "the archive's end",
+                "data after the end of the archive".into(),
+            ));
         }
     }
     let (id, _) = hash_file(path)?;
@@ -877,6 +919,160 @@ mod tests {
             detection: serde_json::json!({"rule": "test"}),
             artifacts: Vec::new(),
         }
+    }
+
+    /// Builds an archive by hand: `manifest_lists` goes into the manifest,
+    /// `entries` (header kind, name, data) into the tar, `padding` zero bytes
+    /// after it.
+    fn hand_made(
+        dir: &Path,
+        manifest_lists: &[(&str, &[u8])],
+        entries: &[(tar::EntryType, &str, &[u8])],
+        manifest_first: bool,
+        padding: usize,
+    ) -> PathBuf {
+        let mut m = manifest();
+        m.format = FORMAT.into();
+        m.seq = 1;
+        for (name, data) in manifest_lists {
+            let (sha, size) = {
+                let mut h = HashingWriter::new(io::sink());
+                h.write_all(data).unwrap();
+                let (s, n, _) = h.finish();
+                (s, n)
+            };
+            m.artifacts.push(Artifact {
+                name: name.to_string(),
+                kind: "x".into(),
+                sha256: sha,
+                size,
+            });
+        }
+        let mbytes = serde_json::to_vec(&m).unwrap();
+        let mut t = tar::Builder::new(Vec::new());
+        let add = |t: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // Names are set raw (no long-name extension from the builder).
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            t.append(&h, data).unwrap();
+        };
+        if manifest_first {
+            add(&mut t, tar::EntryType::Regular, MANIFEST, &mbytes);
+        }
+        for (kind, name, data) in entries {
+            add(&mut t, *kind, name, data);
+        }
+        if !manifest_first {
+            add(&mut t, tar::EntryType::Regular, MANIFEST, &mbytes);
+        }
+        let mut raw = t.into_inner().unwrap();
+        raw.extend(std::iter::repeat_n(0u8, padding));
+        let p = dir.join(format!("hand-{}.tar.zst", raw.len()));
+        fs::write(&p, zstd::encode_all(raw.as_slice(), 3).unwrap()).unwrap();
+        p
+    }
+
+    #[test]
+    fn hostile_archives_are_refused_before_reading_much() {
+        use tar::EntryType as K;
+        let d = tempfile::tempdir().unwrap();
+        let core: &[u8] = b"core bytes";
+        // The honest shape verifies.
+        let ok = hand_made(
+            d.path(),
+            &[("core", core)],
+            &[(K::Regular, "core", core)],
+            true,
+            1024,
+        );
+        verify_bundle(&ok).unwrap();
+        let refused = |p: &Path, what: &str| {
+            let e = verify_bundle(p).unwrap_err().to_string();
+            eprintln!("{what}: {e}");
+            e
+        };
+        // A GNU long-name entry (would be read whole by a non-raw reader).
+        let e = refused(
+            &hand_made(
+                d.path(),
+                &[("core", core)],
+                &[
+                    (K::GNULongName, "././@LongLink", &vec![b'a'; 100_000]),
+                    (K::Regular, "core", core),
+                ],
+                true,
+                0,
+            ),
+            "long name",
+        );
+        assert!(e.contains("regular files only"), "{e}");
+        // A symlink entry.
+        let e = refused(
+            &hand_made(
+                d.path(),
+                &[("core", core)],
+                &[(K::Symlink, "core", b"")],
+                true,
+                0,
+            ),
+            "symlink",
+        );
+        assert!(e.contains("regular files only"), "{e}");
+        // The same artifact twice (the second would be what an extractor keeps).
+        let e = refused(
+            &hand_made(
+                d.path(),
+                &[("core", core)],
+                &[
+                    (K::Regular, "core", core),
+                    (K::Regular, "core", b"evil bytes"),
+                ],
+                true,
+                0,
+            ),
+            "duplicate",
+        );
+        assert!(e.contains("appears twice"), "{e}");
+        // Larger than the manifest says: refused from the header, unread.
+        let e = refused(
+            &hand_made(
+                d.path(),
+                &[("core", core)],
+                &[(K::Regular, "core", &vec![7u8; 1 << 20])],
+                true,
+                0,
+            ),
+            "oversized entry",
+        );
+        assert!(e.contains("does not match the manifest"), "{e}");
+        // Manifest not first.
+        let e = refused(
+            &hand_made(
+                d.path(),
+                &[("core", core)],
+                &[(K::Regular, "core", core)],
+                false,
+                0,
+            ),
+            "manifest last",
+        );
+        assert!(e.contains("no manifest.json"), "{e}");
+        // A zero-padding bomb after the archive.
+        let e = refused(
+            &hand_made(
+                d.path(),
+                &[("core", core)],
+                &[(K::Regular, "core", core)],
+                true,
+                8 << 20,
+            ),
+            "padding",
+        );
+        assert!(e.contains("data after the end"), "{e}");
     }
 
     fn make(root: &Path, n: usize, keep_dir: bool) -> SealedBundle {

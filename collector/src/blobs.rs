@@ -407,11 +407,13 @@ impl Upload {
     }
 
     /// [`Upload::finish`], with `check` run on the complete file (hash
-    /// verified) before it is moved into place: an `Err` discards the
-    /// upload ([`UploadError::BadBundle`]) and nothing is stored.
+    /// verified) before it is moved into place. A content error
+    /// ([`UploadError::BadBundle`]) discards the upload and nothing is
+    /// stored; any other error (the collector's own I/O) keeps the upload
+    /// for a retry.
     pub fn finish_checked<T>(
         self,
-        check: impl FnOnce(&Path) -> Result<T, String>,
+        check: impl FnOnce(&Path) -> Result<T, UploadError>,
     ) -> Result<(u64, T), UploadError> {
         if !self.is_full() {
             return Err(UploadError::Invalid(format!(
@@ -432,11 +434,12 @@ impl Upload {
         self.file.sync_all()?;
         let checked = match check(&self.part) {
             Ok(t) => t,
-            Err(why) => {
+            Err(e @ UploadError::BadBundle(_)) => {
                 let _ = fs::remove_file(&self.part);
                 let _ = fs::remove_file(&self.meta);
-                return Err(UploadError::BadBundle(why));
+                return Err(e);
             }
+            Err(e) => return Err(e),
         };
         let parent = self.dest.parent().expect("blob paths have a parent");
         fs::DirBuilder::new()

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use vigil_proto::query_client::QueryClient;
 use vigil_proto::FetchEvidenceRequest;
 
-use crate::blobs::BundleId;
+use crate::blobs::{BundleId, UploadError};
 use vigil_bundle::Manifest;
 
 /// The bundle id a file name starts with (`<64 hex>`, `<64 hex>.zst`, ...).
@@ -73,7 +73,8 @@ impl VerifyReport {
 /// What the collector keeps from a verified manifest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ManifestFacts {
-    /// The captured process.
+    /// The detected process (the one captured, or the one a stand-in
+    /// ancestor was captured for).
     pub pid: u32,
     /// The rule of the detection that asked for the capture.
     pub rule: String,
@@ -88,23 +89,38 @@ pub struct ManifestFacts {
 }
 
 /// Opens the bundle at `path` and checks every artifact against its
-/// manifest; returns what the collector records, or why it is refused.
-pub fn manifest_facts(path: &Path) -> Result<ManifestFacts, String> {
-    let m = vigil_bundle::verify_bundle(path)
-        .map_err(|e| format!("manifest check failed: {e}"))?
-        .manifest;
+/// manifest; returns what the collector records, or why it is refused
+/// ([`UploadError::BadBundle`]; the collector's own I/O failures are
+/// [`UploadError::Io`]).
+pub fn manifest_facts(path: &Path) -> Result<ManifestFacts, UploadError> {
+    let m = match vigil_bundle::verify_bundle(path) {
+        Ok(v) => v.manifest,
+        Err(vigil_bundle::BundleError::Io { source, .. }) => return Err(UploadError::Io(source)),
+        Err(e) => {
+            return Err(UploadError::BadBundle(format!(
+                "manifest check failed: {e}"
+            )))
+        }
+    };
     if m.format != vigil_bundle::FORMAT {
-        return Err(format!(
+        return Err(UploadError::BadBundle(format!(
             "manifest format {:?}, this collector reads {:?}",
             m.format,
             vigil_bundle::FORMAT
-        ));
+        )));
     }
     let det = vigil_proto::Detection::from_agent_json(&m.detection.to_string()).ok();
-    let pid = m.subject["pid"]
-        .as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .or(det.as_ref().map(|d| d.pid))
+    // The detected process (for a stand-in capture that is not the subject
+    // captured): what links the bundle to its detection.
+    let pid = det
+        .as_ref()
+        .map(|d| d.pid)
+        .filter(|&p| p != 0)
+        .or_else(|| {
+            m.subject["pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+        })
         .unwrap_or(0);
     Ok(ManifestFacts {
         pid,
@@ -278,7 +294,8 @@ mod tests {
                         tool_version: "0".into(),
                         details: serde_json::Value::Null,
                     },
-                    subject: serde_json::json!({"pid": 4242 + i}),
+                    // A stand-in capture: the subject is an ancestor.
+                    subject: serde_json::json!({"pid": 9000 + i, "stands_in_for": {"pid": 4242 + i}}),
                     detection: serde_json::json!({
                         "time": "2026-11-26T14:08:28.972144046Z",
                         "rule": "web_shell",
@@ -299,6 +316,7 @@ mod tests {
         let r = verify_file(&p, &id).unwrap();
         assert!(r.ok(), "{r:?}");
         let facts = manifest_facts(&p).unwrap();
+        // Linked by the detected process, not the captured stand-in.
         assert_eq!(facts.pid, 4242);
         assert_eq!(facts.rule, "web_shell");
         assert_eq!(facts.seq, 1);
@@ -317,7 +335,7 @@ mod tests {
         let z = dir.path().join("z.zst");
         fs::write(&z, zstd::encode_all(&b"hello evidence"[..], 3).unwrap()).unwrap();
         let why = manifest_facts(&z).unwrap_err();
-        assert!(why.contains("manifest check failed"), "{why}");
+        assert!(why.to_string().contains("manifest check failed"), "{why}");
         assert!(verify_file(&p, "../x").is_err());
     }
 

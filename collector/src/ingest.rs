@@ -464,7 +464,7 @@ impl IngestService {
                 .await
                 .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
                 .unwrap_or_else(|why| {
-                    warn!(bundle = %id, reason = why, "a stored bundle's manifest does not verify");
+                    warn!(bundle = %id, reason = %why, "a stored bundle's manifest does not verify");
                     ManifestFacts::default()
                 });
             self.record_bundle(id, agent, size, label, facts).await?;
@@ -499,6 +499,9 @@ impl IngestService {
                 .map_err(|e| internal(M, &e))?
             {
                 None => "gap",
+                // Stored by a collector that did not read manifests yet:
+                // its seq is unknown, the id link is what we have.
+                Some(p) if p.agent == agent && p.seq == 0 => "linked",
                 Some(p) if p.agent == agent && p.seq + 1 == f.seq => "linked",
                 Some(_) => "broken",
             }

@@ -533,19 +533,21 @@ impl Shipping {
         let deadline = t0 + Duration::from_secs(180);
         let mut sealed = sealed_now();
         loop {
+            if Instant::now() > deadline {
+                break;
+            }
             let settled = sealed.iter().all(|(_, id, _)| coll.blob(id).exists())
                 && sent_now() >= sealed.len();
             if settled {
                 std::thread::sleep(Duration::from_secs(2));
                 let again = sealed_now();
-                if again.len() == sealed.len() && sent_now() == sealed.len() {
+                // Nothing new sealed: done (a count mismatch is reported
+                // below).
+                if again.len() == sealed.len() {
                     break;
                 }
                 sealed = again;
                 continue;
-            }
-            if Instant::now() > deadline {
-                break;
             }
             std::thread::sleep(Duration::from_millis(200));
             sealed = sealed_now();

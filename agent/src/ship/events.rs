@@ -29,6 +29,9 @@ use crate::pipeline::{EnrichedEvent, Sink};
 const QUEUE: usize = 16_384;
 /// Most events per batch.
 pub const BATCH_EVENTS: usize = 2_000;
+/// Most JSON bytes per batch (the collector takes 4 MiB messages; the
+/// protobuf is somewhat larger than the JSON it is built from).
+pub const BATCH_BYTES: usize = 1 << 20;
 /// Longest an event waits for its batch to fill.
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// Batches kept while the collector is unreachable (at most
@@ -37,9 +40,20 @@ pub const BACKLOG_BATCHES: usize = 64;
 
 /// The pipeline's side: a sink that queues each event for the collector.
 pub struct EventSink {
-    tx: SyncSender<String>,
+    tx: Option<SyncSender<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     metrics: Arc<Metrics>,
     warned: bool,
+}
+
+impl Drop for EventSink {
+    /// At shutdown: the thread sends what it holds (bounded: 5 s) and ends.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl EventSink {
@@ -58,11 +72,12 @@ impl EventSink {
                 .unwrap_or(0),
             next_batch: 0,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("vigil-ship-events".into())
             .spawn(move || run.run(rx))?;
         Ok(EventSink {
-            tx,
+            tx: Some(tx),
+            thread: Some(thread),
             metrics,
             warned: false,
         })
@@ -86,7 +101,8 @@ impl Sink for EventSink {
             self.metrics.output_errors.inc();
             return;
         };
-        match self.tx.try_send(line) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.dropped("shipping queue full"),
             Err(TrySendError::Disconnected(_)) => self.dropped("shipping thread gone"),
@@ -119,6 +135,7 @@ impl Runner {
         let mut backoff = BACKOFF_MIN;
         let mut retry_at: Option<Instant> = None;
         let mut open: Vec<Event> = Vec::new();
+        let mut open_bytes = 0usize;
         let mut open_since = Instant::now();
         loop {
             let deadline = if open.is_empty() {
@@ -131,10 +148,14 @@ impl Runner {
                     if open.is_empty() {
                         open_since = Instant::now();
                     }
+                    open_bytes += line.len();
                     self.add(&mut open, &line);
-                    while open.len() < BATCH_EVENTS {
+                    while open.len() < BATCH_EVENTS && open_bytes < BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(line) => self.add(&mut open, &line),
+                            Ok(line) => {
+                                open_bytes += line.len();
+                                self.add(&mut open, &line);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -150,14 +171,22 @@ impl Runner {
                 }
             }
             if open.len() >= BATCH_EVENTS
+                || open_bytes >= BATCH_BYTES
                 || (!open.is_empty() && open_since.elapsed() >= BATCH_DELAY)
             {
                 self.close(&mut open);
+                open_bytes = 0;
             }
             if self.backlog.is_empty() || retry_at.is_some_and(|t| t > Instant::now()) {
                 continue;
             }
-            match rt.block_on(self.send_backlog()) {
+            // Bounded, so a hung collector delays shutdown by 30 s at most.
+            let sent = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), self.send_backlog())
+                    .await
+                    .unwrap_or_else(|_| Err(ShipError::Retry("timed out".into())))
+            });
+            match sent {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
                     retry_at = None;
@@ -222,6 +251,18 @@ impl Runner {
                         reason = m,
                         events = n,
                         "the collector refused a batch of events: dropped"
+                    );
+                    self.metrics.ship_events_dropped.inc_by(n);
+                }
+                // Over the collector's message or batch limits: resending
+                // the same batch would fail the same way.
+                Err(ShipError::Retry(m))
+                    if m.starts_with("OutOfRange") || m.starts_with("ResourceExhausted") =>
+                {
+                    warn!(
+                        reason = m,
+                        events = n,
+                        "a batch of events is over the collector's limits: dropped"
                     );
                     self.metrics.ship_events_dropped.inc_by(n);
                 }

@@ -280,6 +280,8 @@ const INSERT_DETECTION: &str =
 const DETECTION_EVIDENCE: &str =
     "INSERT INTO detection_evidence SELECT $1, b FROM UNNEST($2::TEXT[]) AS u(b)
      ON CONFLICT DO NOTHING";
+/// Held by a transaction that links detections and bundles of one agent.
+const LINK_LOCK: &str = "SELECT pg_advisory_xact_lock(7444, ($1::BIGINT % 2147483647)::INT)";
 /// Bundles stored before their detection arrived.
 const EARLIER_EVIDENCE: &str = "INSERT INTO detection_evidence
      SELECT $1, bundle_id FROM evidence
@@ -538,6 +540,9 @@ impl Store for PostgresStore {
         };
         let tx = c.client().await?.transaction().await?;
         let agent = agent_id(&tx, &st_agent, agent, now_ns).await?;
+        // Detections and bundles of one agent link to each other from
+        // either side: serialize them across collectors sharing the database.
+        tx.execute(LINK_LOCK, &[&agent]).await?;
         if !batch_id.is_empty()
             && tx
                 .execute(&st_claim, &[&agent, &"detections", &batch_id, &now_ns])
@@ -600,6 +605,7 @@ impl Store for PostgresStore {
             .await?;
         let tx = c.client().await?.transaction().await?;
         let agent = agent_id(&tx, &st_agent, &info.agent, info.stored_unix_nanos).await?;
+        tx.execute(LINK_LOCK, &[&agent]).await?;
         tx.execute(
             &st,
             &[

@@ -30,3 +30,37 @@ async fn refuses_a_newer_schema() {
     let err = SqliteStore::open(&path, Grouping::default()).unwrap_err();
     assert!(err.to_string().contains("newer collector"), "{err}");
 }
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_and_keeps_its_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vigil.db");
+    {
+        // A database as the version-1 collector left it.
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO agents (id, name, first_seen_ns, last_seen_ns) VALUES (1, 'a1', 1, 1)",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO evidence VALUES (?1, 1, 10, 5, 'old')",
+            [&"ab".repeat(32)],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path, Grouping::default()).unwrap();
+    let old = s.evidence(&"ab".repeat(32)).await.unwrap().unwrap();
+    assert_eq!((old.size, old.label.as_str(), old.seq), (10, "old", 0));
+    assert_eq!(old.chain, "");
+    // New records carry the manifest columns.
+    conformance::evidence_links_to_its_detection_in_either_order(&s).await;
+    drop(s);
+    let v: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+}
