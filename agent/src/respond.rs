@@ -262,10 +262,6 @@ fn ticks_per_second() -> u64 {
 /// short-lived processes yields one snapshot of their parent per branch.
 pub const FALLBACK_QUIET: Duration = Duration::from_secs(30);
 
-/// And one ancestor is captured as a stand-in at most once per this long,
-/// whatever the branch.
-pub const FALLBACK_ANCESTOR_GAP: Duration = Duration::from_secs(2);
-
 /// Captures the job's process; when it is gone (exited, pid recycled) and
 /// `fallback` is on, its nearest living ancestor instead (never pid 1 or 2,
 /// never the agent). Returns the outcome and, for a stand-in, its pid.
@@ -317,14 +313,12 @@ fn capture_job(
         } else {
             job.ancestors[at - 1]
         };
-        let too_soon =
-            |key: (i32, i32), quiet: Duration, recent: &mut LruCache<(i32, i32), Instant>| {
-                recent.get(&key).is_some_and(|t| t.elapsed() < quiet)
-            };
-        // Per branch, and per ancestor whatever the branch (a burst of
-        // direct children must not stop a server over and over).
-        if too_soon((anc, branch), FALLBACK_QUIET, recent)
-            || too_soon((anc, 0), FALLBACK_ANCESTOR_GAP, recent)
+        // Once per branch. (Distinct branches are not limited here: a
+        // burst of direct children is bounded by the capture queue, whose
+        // overflow is dropped and counted.)
+        if recent
+            .get(&(anc, branch))
+            .is_some_and(|t| t.elapsed() < FALLBACK_QUIET)
         {
             // Captured moments ago for a process of the same branch (the
             // same script, the same request): that bundle stands in.
@@ -348,13 +342,15 @@ fn capture_job(
             ancestor = anc,
             "the detected process is gone: capturing its nearest living ancestor"
         );
+        let started = Instant::now();
         match capturer.capture_process(anc, &stand_in) {
             Err(
                 e @ CaptureError::Freeze(FreezeError::Gone { .. } | FreezeError::Recycled { .. }),
             ) => last = Some((e, anc)),
             r => {
-                recent.put((anc, branch), Instant::now());
-                recent.put((anc, 0), Instant::now());
+                // Limits count from the start: a long capture must not
+                // stretch the quiet time after it.
+                recent.put((anc, branch), started);
                 return (r, Some(anc));
             }
         }
