@@ -115,6 +115,21 @@ impl Drop for Collector {
     }
 }
 
+/// The agent's arguments to ship to the collector at `url` as `name`, with
+/// the certificates of `pki` and its spool in `spool`.
+pub fn shipping_args(url: &str, pki: &Path, name: &str, spool: &Path) -> Vec<String> {
+    vec![
+        "--collector".into(),
+        url.into(),
+        "--collector-pki".into(),
+        pki.to_string_lossy().into_owned(),
+        "--agent-name".into(),
+        name.into(),
+        "--spool-dir".into(),
+        spool.to_string_lossy().into_owned(),
+    ]
+}
+
 /// Runs the `vigil` CLI as the analyst of `pki` against `url`.
 pub fn vigil_cli(url: &str, pki: &Path, args: &[&str]) -> std::process::Output {
     Command::new(collector_bin("vigil"))

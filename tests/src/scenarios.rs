@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::collector::{init_pki, vigil_cli, Collector};
+use crate::collector::{init_pki, shipping_args, vigil_cli, Collector};
 use crate::Agent;
 
 /// One scenario script.
@@ -481,16 +481,7 @@ impl Shipping {
     }
 
     fn agent_args(&self) -> Vec<String> {
-        vec![
-            "--collector".into(),
-            self.url(),
-            "--collector-pki".into(),
-            self.pki.to_string_lossy().into_owned(),
-            "--agent-name".into(),
-            SCENARIO_AGENT.into(),
-            "--spool-dir".into(),
-            self.spool.to_string_lossy().into_owned(),
-        ]
+        shipping_args(&self.url(), &self.pki, SCENARIO_AGENT, &self.spool)
     }
 
     fn kill(&mut self) {

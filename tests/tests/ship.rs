@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use vigil_tests::collector::{init_pki, vigil_cli, Collector};
+use vigil_tests::collector::{init_pki, shipping_args, vigil_cli, Collector};
 use vigil_tests::{free_port, marker, Agent};
 
 /// One test at a time: every agent watches the whole machine, and these
@@ -87,6 +87,23 @@ fn incident_with_child_exec(url: &str, pki: &Path, det: &Value, pid: u64) -> Val
     detail
 }
 
+/// The agent under test, shipping to `url` as `name` with its spool in
+/// `spool`.
+fn shipping_agent(url: &str, pki: &Path, name: &str, spool: &Path) -> Agent {
+    let args = shipping_args(url, pki, name, spool);
+    Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Waits (at most 10 s) until the agent's spool is empty.
+fn wait_spool_empty(agent: &Agent) {
+    for _ in 0..100 {
+        if agent.metric("vigil_spool_items") == 0.0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64
 }
@@ -101,16 +118,7 @@ fn detection_and_bundle_reach_the_collector() {
     let url = format!("https://127.0.0.1:{port}");
     let coll = Collector::start(port, &pki, &work.path().join("data"));
     let spool = work.path().join("spool");
-    let agent = Agent::start(&[
-        "--collector",
-        &url,
-        "--collector-pki",
-        &pki.to_string_lossy(),
-        "--agent-name",
-        "agent1",
-        "--spool-dir",
-        &spool.to_string_lossy(),
-    ]);
+    let agent = shipping_agent(&url, &pki, "agent1", &spool);
     let _l = TcpListener::bind("127.0.0.1:0").unwrap();
     let m = marker("ship");
     let ev = trigger_capture(&agent, &m);
@@ -175,12 +183,7 @@ fn detection_and_bundle_reach_the_collector() {
     );
     assert!(agent.metric("vigil_ship_sent_total{kind=\"event\"}") > 0.0);
     // The spool is empty once acknowledged.
-    for _ in 0..100 {
-        if agent.metric("vigil_spool_items") == 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_spool_empty(&agent);
     assert_eq!(agent.metric("vigil_spool_items"), 0.0);
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 1.0);
     assert!(agent.metric("vigil_ship_sent_total{kind=\"detection\"}") >= 1.0);
@@ -196,16 +199,7 @@ fn spooled_bundle_arrives_once_the_collector_is_up() {
     let url = format!("https://127.0.0.1:{port}");
     let spool = work.path().join("spool");
     // Collector down: nothing listens on `port`.
-    let agent = Agent::start(&[
-        "--collector",
-        &url,
-        "--collector-pki",
-        &pki.to_string_lossy(),
-        "--agent-name",
-        "agent2",
-        "--spool-dir",
-        &spool.to_string_lossy(),
-    ]);
+    let agent = shipping_agent(&url, &pki, "agent2", &spool);
     let _l = TcpListener::bind("127.0.0.1:0").unwrap();
     let m = marker("spool");
     let ev = trigger_capture(&agent, &m);
@@ -237,12 +231,7 @@ fn spooled_bundle_arrives_once_the_collector_is_up() {
         std::fs::read(&blob).unwrap(),
         std::fs::read(&archive).unwrap()
     );
-    for _ in 0..100 {
-        if agent.metric("vigil_spool_items") == 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_spool_empty(&agent);
     assert_eq!(agent.metric("vigil_spool_items"), 0.0, "spool drained");
     // Exactly once: one bundle upload acknowledged, one stored detection.
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 1.0);
@@ -274,16 +263,7 @@ fn a_foreign_certificate_is_refused_and_items_stay_spooled() {
     let url = format!("https://127.0.0.1:{port}");
     let _coll = Collector::start(port, &pki, &work.path().join("data"));
     let spool = work.path().join("spool");
-    let mut agent = Agent::start(&[
-        "--collector",
-        &url,
-        "--collector-pki",
-        &other.to_string_lossy(),
-        "--agent-name",
-        "agent3",
-        "--spool-dir",
-        &spool.to_string_lossy(),
-    ]);
+    let mut agent = shipping_agent(&url, &other, "agent3", &spool);
     let _l = TcpListener::bind("127.0.0.1:0").unwrap();
     let m = marker("foreign");
     let ev = trigger_capture(&agent, &m);
@@ -334,16 +314,7 @@ fn an_oversized_bundle_is_set_aside_not_retried() {
         &["--max-bundle-bytes", "2048"],
     );
     let spool = work.path().join("spool");
-    let agent = Agent::start(&[
-        "--collector",
-        &url,
-        "--collector-pki",
-        &pki.to_string_lossy(),
-        "--agent-name",
-        "agent4",
-        "--spool-dir",
-        &spool.to_string_lossy(),
-    ]);
+    let agent = shipping_agent(&url, &pki, "agent4", &spool);
     let _l = TcpListener::bind("127.0.0.1:0").unwrap();
     let m = marker("oversized");
     let ev = trigger_capture(&agent, &m);
@@ -379,12 +350,7 @@ fn an_oversized_bundle_is_set_aside_not_retried() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(dets.len(), 1);
-    for _ in 0..100 {
-        if agent.metric("vigil_spool_items") == 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_spool_empty(&agent);
     assert_eq!(agent.metric("vigil_spool_items"), 0.0);
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 0.0);
 }
@@ -537,16 +503,7 @@ fn collector_killed_mid_upload_the_agent_resumes() {
     let data = work.path().join("data");
     let coll = Collector::start(port, &pki, &data);
     let spool = work.path().join("spool");
-    let agent = Agent::start(&[
-        "--collector",
-        &url,
-        "--collector-pki",
-        &pki.to_string_lossy(),
-        "--agent-name",
-        "agent5",
-        "--spool-dir",
-        &spool.to_string_lossy(),
-    ]);
+    let agent = shipping_agent(&url, &pki, "agent5", &spool);
     // A process holding 160 MiB of random bytes writes a persistence file:
     // detected, captured with its memory (a bundle of about that size).
     let home = work.path().join("home/u");
