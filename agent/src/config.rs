@@ -74,6 +74,15 @@ pub struct AgentConfig {
     /// capture its nearest living ancestor instead (the manifest's
     /// `subject.stands_in_for` names the detected process).
     pub capture_ancestor_fallback: bool,
+    /// Wall-clock limit of one capture, ms: past it the process is resumed
+    /// (by the freeze watchdog) and the capture reported as timed out.
+    pub capture_deadline_ms: u64,
+    /// A process the kernel froze at exec and no capture took is resumed
+    /// by the watchdog this long after its freeze, ms.
+    pub freeze_release_ms: u64,
+    /// bpffs directory for the frozen-process ledger (survives an agent
+    /// crash; `vigil-agent resume-frozen` reads it).
+    pub bpf_pin_dir: PathBuf,
     /// Write each capture outcome (bundle id, archive, timings) as a JSON
     /// line here.
     pub evidence_json: Option<PathBuf>,
@@ -131,6 +140,9 @@ impl Default for AgentConfig {
             capture_contain: false,
             capture_max_core_mib: 512,
             capture_ancestor_fallback: true,
+            capture_deadline_ms: 10_000,
+            freeze_release_ms: 500,
+            bpf_pin_dir: PathBuf::from(crate::frozen::DEFAULT_PIN_DIR),
             evidence_json: None,
             collector: None,
             collector_pki: None,
@@ -162,6 +174,16 @@ impl AgentConfig {
             self.ring_buffer_bytes
         );
         anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
+        anyhow::ensure!(
+            self.capture_deadline_ms >= 100,
+            "capture_deadline_ms must be >= 100, got {}",
+            self.capture_deadline_ms
+        );
+        anyhow::ensure!(
+            (50..=60_000).contains(&self.freeze_release_ms),
+            "freeze_release_ms must be between 50 and 60000, got {}",
+            self.freeze_release_ms
+        );
         anyhow::ensure!(self.max_processes >= 16, "max_processes must be >= 16");
         anyhow::ensure!(
             matches!(self.log_format.as_str(), "text" | "json"),

@@ -25,7 +25,7 @@ pub enum DecodeError {
     /// The kind field is not a known [`EventKind`].
     #[error("unknown record kind {0}")]
     UnknownKind(u32),
-    /// The header's size field disagrees with the record length.
+    /// The header's size field says more than the record holds.
     #[error("record size field says {said} bytes, record has {have}")]
     SizeMismatch {
         /// The header's size.
@@ -68,7 +68,15 @@ fn tail<'a>(
 pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     let hdr: EventHeader = read(buf, "header")?;
     let kind = EventKind::from_u32(hdr.kind).ok_or(DecodeError::UnknownKind(hdr.kind))?;
-    if hdr.size as usize != buf.len() {
+    // A record reserved at its largest size (a frozen exec) is longer than
+    // its content: the size field says where the content ends.
+    let Some(buf) = buf.get(..hdr.size as usize) else {
+        return Err(DecodeError::SizeMismatch {
+            said: hdr.size,
+            have: buf.len(),
+        });
+    };
+    if buf.len() < size_of::<EventHeader>() {
         return Err(DecodeError::SizeMismatch {
             said: hdr.size,
             have: buf.len(),
@@ -368,6 +376,17 @@ mod tests {
         for n in 0..good.len() {
             assert!(decode(&good[..n]).is_err(), "prefix of {n} bytes decoded");
         }
+        // A record reserved larger than its content (a frozen exec) decodes
+        // as its content; a size field below the header is an error.
+        let mut padded = good.clone();
+        padded.resize(good.len() + 4096, 0xAA);
+        assert_eq!(decode(&padded), decode(&good));
+        let mut bad = good.clone();
+        bad[4..8].copy_from_slice(&4u32.to_le_bytes());
+        assert!(matches!(
+            decode(&bad),
+            Err(DecodeError::SizeMismatch { .. })
+        ));
         // Lengths that point past the end.
         let mut bad = good.clone();
         let off = std::mem::offset_of!(raw::ExecEvent, argv_len);

@@ -12,8 +12,10 @@ use vigil_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 #[derive(Parser, Debug)]
 #[command(name = "vigil-agent", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file (default: /etc/vigil/agent.toml when it exists).
-    #[arg(long, short = 'c', env = "VIGIL_AGENT_CONFIG")]
+    #[arg(long, short = 'c', env = "VIGIL_AGENT_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Write every event as a JSON line to PATH ("-" for stdout).
     #[arg(long, value_name = "PATH")]
@@ -43,7 +45,7 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     rules_dir: Option<PathBuf>,
     /// Where evidence capture keeps its work, sealed bundles and chain state.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     capture_dir: Option<PathBuf>,
     /// Do not capture evidence on detection.
     #[arg(long)]
@@ -69,6 +71,46 @@ struct Cli {
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Resume every process a vigil agent stopped and did not release
+    ///
+    /// Reads the frozen-process ledgers that dead agents left pinned in
+    /// bpffs (`bpf_pin_dir`) and the capture state's `stopped.json`, sends
+    /// SIGCONT to each listed process that still has the listed start time,
+    /// and removes the records. Ledgers of a running agent are left to it
+    /// unless --include-running. Run at every start (the agent does) and as
+    /// the systemd unit's `ExecStopPost=` / the pod's `preStop`. Prints a
+    /// JSON summary.
+    ResumeFrozen {
+        /// Also release what a running agent holds (its captures lose
+        /// their freeze).
+        #[arg(long)]
+        include_running: bool,
+    },
+}
+
+fn resume_frozen(cfg: &AgentConfig, include_running: bool) -> anyhow::Result<serde_json::Value> {
+    let report = vigil_agent::frozen::resume_leftovers(&cfg.bpf_pin_dir, include_running)?;
+    // Agent-side freezes of captures in progress: only when no agent runs
+    // (a running one releases its own).
+    let state = cfg.capture_dir.join("state");
+    let agent_side = if report.running_agents.is_empty() || include_running {
+        vigil_agent::capture::freeze::resume_leftovers(&state)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        Vec::new()
+    };
+    Ok(serde_json::json!({
+        "resumed": report.resumed,
+        "resumed_at_exec": report.resumed_at_exec,
+        "resumed_from_capture_state": agent_side,
+        "stale_entries": report.stale,
+        "ledgers_removed": report.ledgers,
+        "running_agents_left_alone": if include_running { Vec::new() } else { report.running_agents },
+    }))
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
@@ -159,12 +201,29 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     init_logging(&cfg.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime");
-    let result = rt.and_then(|rt| rt.block_on(vigil_agent::runner::run(cfg)));
+    if let Some(Command::ResumeFrozen { include_running }) = &cli.command {
+        return match resume_frozen(&cfg, *include_running) {
+            Ok(v) => {
+                println!("{v}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vigil-agent resume-frozen: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    // Privileged start on this one thread, then every capability but the
+    // runtime set goes, then the threads start.
+    let result = vigil_agent::runner::prepare(cfg).and_then(|prepared| {
+        vigil_agent::privilege::drop_to_runtime_set().context("dropping privileges after load")?;
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(vigil_agent::runner::run(prepared))
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

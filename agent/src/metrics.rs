@@ -85,6 +85,22 @@ pub struct Metrics {
     pub resume_errors: Counter,
     /// Freezes skipped because the agent's heartbeat was stale.
     pub freeze_skipped: Counter,
+    /// Freezes the kernel refused because the ring buffer had no room for
+    /// the record (the process ran on unfrozen).
+    pub freeze_no_room: Counter,
+    /// Freezes the kernel refused because the frozen-process ledger was full.
+    pub freeze_no_ledger: Counter,
+    /// Frozen processes released by the watchdog: no capture owned them in
+    /// time (record lost, queue behind, decode error).
+    pub freeze_watchdog_released: Counter,
+    /// Captures stopped by their deadline (their process was resumed).
+    pub capture_timeouts: Counter,
+    /// Processes now stopped by the kernel and not yet released.
+    pub frozen_now: Gauge,
+    /// 1 when kernel freezes are recorded in a pinned map (they survive an
+    /// agent crash); 0 when the map could not be pinned and kernel freezing
+    /// is off.
+    pub freeze_ledger_pinned: Gauge,
     /// Evidence bundles captured.
     pub captures: Counter,
     /// Captures that failed.
@@ -252,6 +268,36 @@ impl Metrics {
             self.freeze_skipped.clone(),
         );
         r.register(
+            "freeze_refused_no_room",
+            "Freezes refused because the ring buffer had no room for the record",
+            self.freeze_no_room.clone(),
+        );
+        r.register(
+            "freeze_refused_ledger_full",
+            "Freezes refused because the frozen-process ledger was full",
+            self.freeze_no_ledger.clone(),
+        );
+        r.register(
+            "freeze_watchdog_released",
+            "Frozen processes released by the watchdog because no capture owned them in time",
+            self.freeze_watchdog_released.clone(),
+        );
+        r.register(
+            "capture_timeouts",
+            "Evidence captures stopped by their deadline (process resumed)",
+            self.capture_timeouts.clone(),
+        );
+        r.register(
+            "frozen_now",
+            "Processes stopped by the kernel freeze and not yet released",
+            self.frozen_now.clone(),
+        );
+        r.register(
+            "freeze_ledger_pinned",
+            "1 when kernel freezes are recorded in a pinned map that survives an agent crash",
+            self.freeze_ledger_pinned.clone(),
+        );
+        r.register(
             "captures",
             "Evidence bundles captured",
             self.captures.clone(),
@@ -331,6 +377,10 @@ impl Metrics {
         self.frozen.inc_by(delta(raw::STAT_FROZEN, &mut last));
         self.freeze_skipped
             .inc_by(delta(raw::STAT_FREEZE_NO_AGENT, &mut last));
+        self.freeze_no_room
+            .inc_by(delta(raw::STAT_FREEZE_NO_ROOM, &mut last));
+        self.freeze_no_ledger
+            .inc_by(delta(raw::STAT_FREEZE_NO_LEDGER, &mut last));
         self.ringbuf_max_fill
             .set(now[raw::STAT_RINGBUF_MAX_FILL as usize] as i64);
     }

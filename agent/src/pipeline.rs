@@ -145,6 +145,7 @@ pub struct Pipeline {
     detection_out: Option<JsonLinesSink>,
     responder: Option<Responder>,
     shipper: Option<crate::ship::Shipper>,
+    ledger: Option<crate::frozen::FreezeLedger>,
     timeline: LruCache<u32, VecDeque<Event>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
@@ -167,6 +168,7 @@ impl Pipeline {
             detection_out: None,
             responder: None,
             shipper: None,
+            ledger: None,
             timeline: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             wall_offset_ns: wall_offset_ns(),
         }
@@ -182,6 +184,13 @@ impl Pipeline {
     /// Adds evidence capture on detection.
     pub fn with_responder(mut self, r: Responder) -> Self {
         self.responder = Some(r);
+        self
+    }
+
+    /// Releases kernel-frozen processes that need no capture through the
+    /// frozen-process ledger (which also forgets them).
+    pub fn with_ledger(mut self, l: crate::frozen::FreezeLedger) -> Self {
+        self.ledger = Some(l);
         self
     }
 
@@ -300,7 +309,16 @@ impl Pipeline {
         // (A capture job releases its process itself.)
         if let Payload::Exec(x) = &enriched.event.payload {
             if x.frozen && !capture_asked {
-                crate::respond::resume(enriched.event.pid, &self.metrics);
+                let pid = enriched.event.pid;
+                match &self.ledger {
+                    Some(l) => l.release(
+                        pid,
+                        Some(crate::frozen::boot_ns_to_ticks(
+                            enriched.event.start_boot_ns,
+                        )),
+                    ),
+                    None => crate::respond::resume(pid, &self.metrics),
+                }
             }
         }
         if is_exit {

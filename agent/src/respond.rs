@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::capture::freeze::FreezeError;
 use crate::capture::{CaptureConfig, CaptureError, CaptureOutcome, CaptureRequest, Capturer};
 use crate::detect::{Detection, Severity};
+use crate::frozen::FreezeLedger;
 use crate::metrics::Metrics;
 
 /// Capture settings (from the agent config).
@@ -47,6 +48,9 @@ pub struct ResponseOptions {
     /// started it: a web server, the dropper's shell), once per branch per
     /// [`FALLBACK_QUIET`].
     pub ancestor_fallback: bool,
+    /// Wall-clock limit of one capture: past it the watchdog resumes the
+    /// process and the capture is reported as timed out.
+    pub deadline: Duration,
 }
 
 /// One capture to do.
@@ -74,15 +78,37 @@ pub struct Responder {
     min_severity: Severity,
     capture_rules: std::collections::HashSet<String>,
     metrics: Arc<Metrics>,
+    ledger: FreezeLedger,
     captured: LruCache<(u32, u64), ()>,
     worker: Option<std::thread::JoinHandle<()>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Captures that passed their deadline and whose thread has not come back
+/// (blocked in the kernel): while this many are stuck, new captures are
+/// skipped (counted) instead of piling up threads.
+pub const MAX_STUCK_CAPTURES: usize = 2;
+
+/// What one capture thread needs.
+#[derive(Clone)]
+struct JobContext {
+    capturer: Capturer,
+    ledger: FreezeLedger,
+    contain: bool,
+    fallback: bool,
+    recent: Arc<std::sync::Mutex<LruCache<(i32, i32), Instant>>>,
+}
+
+type JobResult = (Result<CaptureOutcome, CaptureError>, Option<i32>);
+
 impl Responder {
     /// Starts the worker. Processes a previous agent left stopped are resumed
     /// here (see `capture::freeze::resume_leftovers`).
-    pub fn start(opts: ResponseOptions, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn start(
+        opts: ResponseOptions,
+        ledger: FreezeLedger,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let mut cfg = CaptureConfig::under(&opts.dir, &opts.agent_id);
         cfg.core.max_total_bytes = opts.max_core_bytes;
         let (capturer, resumed) = Capturer::new(cfg)
@@ -92,10 +118,16 @@ impl Responder {
         }
         let (tx, rx) = sync_channel::<CaptureJob>(16);
         let m = metrics.clone();
-        let contain = opts.contain;
-        let fallback = opts.ancestor_fallback;
-        let mut recent: LruCache<(i32, i32), Instant> =
-            LruCache::new(NonZeroUsize::new(256).expect("non-zero"));
+        let ctx = JobContext {
+            capturer,
+            ledger: ledger.clone(),
+            contain: opts.contain,
+            fallback: opts.ancestor_fallback,
+            recent: Arc::new(std::sync::Mutex::new(LruCache::new(
+                NonZeroUsize::new(256).expect("non-zero"),
+            ))),
+        };
+        let deadline = opts.deadline;
         let ship = opts.ship.clone();
         let mut out = match &opts.evidence_json {
             Some(p) => Some(std::io::BufWriter::new(
@@ -109,59 +141,86 @@ impl Responder {
         };
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = stopping.clone();
+        let led = ledger.clone();
         let worker = std::thread::Builder::new()
             .name("vigil-capture".into())
             .spawn(move || {
+                let mut stuck: Vec<std::thread::JoinHandle<()>> = Vec::new();
                 for job in rx {
+                    stuck.retain(|h| !h.is_finished());
+                    let start_ticks = (job.start_boot_ns > 0)
+                        .then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns));
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
                         // Shutting down: no new captures, but nothing stays
                         // stopped.
                         if job.frozen {
-                            resume(job.pid, &m);
+                            led.release(job.pid, start_ticks);
                         }
                         continue;
                     }
-                    let (result, stand_in) =
-                        capture_job(&capturer, &job, contain, fallback, &mut recent);
-                    // The capture releases its own process; any other way,
-                    // a process the kernel froze is released here.
-                    let released = result.is_ok() && stand_in.is_none();
-                    let line = match result {
-                        Ok(outcome) => {
-                            m.captures.inc();
-                            if !outcome.killed {
-                                m.resumed.inc();
-                            }
-                            info!(
-                                pid = job.pid,
-                                captured_pid = outcome.pid,
-                                bundle = %outcome.bundle_id,
-                                archive = %outcome.archive.display(),
-                                stopped_ms = outcome.timings.stopped_us / 1000,
-                                total_ms = outcome.timings.total_us / 1000,
-                                "evidence captured"
-                            );
-                            if let Some(s) = &ship {
-                                s.bundle(&outcome.archive, &outcome.bundle_id);
-                            }
-                            serde_json::json!({
-                                "detection": job.detection,
-                                "evidence": outcome,
-                                "stand_in": stand_in.is_some(),
-                            })
+                    let line = if stuck.len() >= MAX_STUCK_CAPTURES {
+                        m.captures_dropped.inc();
+                        warn!(pid = job.pid, stuck = stuck.len(), "captures are stuck past their deadline: capture skipped");
+                        if job.frozen {
+                            led.release(job.pid, start_ticks);
                         }
-                        Err(e) => {
-                            m.capture_errors.inc();
-                            warn!(pid = job.pid, error = %e, "evidence capture failed");
-                            serde_json::json!({
-                                "detection": job.detection,
-                                "error": e.to_string(),
-                            })
+                        serde_json::json!({
+                            "detection": job.detection,
+                            "error": format!("capture skipped: {} earlier captures are stuck past their deadline", stuck.len()),
+                        })
+                    } else {
+                        let (pid, frozen) = (job.pid, job.frozen);
+                        let detection = job.detection.clone();
+                        let (done_tx, done_rx) = std::sync::mpsc::channel::<JobResult>();
+                        let c = ctx.clone();
+                        let until = Instant::now() + deadline;
+                        let spawned = std::thread::Builder::new()
+                            .name("vigil-capture-job".into())
+                            .spawn(move || {
+                                let r = capture_job(&c, &job, until);
+                                let _ = done_tx.send(r);
+                            });
+                        // The watchdog resumes the process at the deadline;
+                        // this waits a little longer for the thread to say
+                        // how it ended.
+                        let waited = match &spawned {
+                            Ok(_) => done_rx.recv_timeout(deadline + DEADLINE_GRACE),
+                            Err(_) => Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+                        };
+                        match waited {
+                            Ok((result, stand_in)) => {
+                                // The capture releases its own process; any
+                                // other way, a process the kernel froze is
+                                // released here.
+                                let released = result.is_ok() && stand_in.is_none();
+                                if frozen {
+                                    if released {
+                                        led.forget(pid);
+                                    } else {
+                                        led.release(pid, start_ticks);
+                                    }
+                                }
+                                outcome_line(&m, ship.as_ref(), pid, detection, result, stand_in)
+                            }
+                            Err(e) => {
+                                m.capture_errors.inc();
+                                led.release(pid, start_ticks);
+                                let why = match (e, spawned) {
+                                    (std::sync::mpsc::RecvTimeoutError::Timeout, Ok(h)) => {
+                                        stuck.push(h);
+                                        format!(
+                                            "capture timed out after {} ms; the process was resumed",
+                                            deadline.as_millis()
+                                        )
+                                    }
+                                    (_, Err(e)) => format!("capture thread could not start: {e}"),
+                                    (_, Ok(_)) => "capture thread panicked; the process was resumed".to_string(),
+                                };
+                                warn!(pid, "{why}");
+                                serde_json::json!({"detection": detection, "error": why, "timed_out": true})
+                            }
                         }
                     };
-                    if job.frozen && !released {
-                        resume(job.pid, &m);
-                    }
                     if let Some(w) = &mut out {
                         let r = serde_json::to_writer(&mut *w, &line)
                             .map_err(std::io::Error::other)
@@ -179,6 +238,7 @@ impl Responder {
             min_severity: opts.min_severity,
             capture_rules: opts.capture_rules.iter().cloned().collect(),
             metrics,
+            ledger,
             captured: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             worker: Some(worker),
             stopping,
@@ -231,9 +291,57 @@ impl Responder {
                 self.metrics.captures_dropped.inc();
                 warn!(pid, "capture queue full: capture dropped");
                 if frozen {
-                    resume(pid, &self.metrics);
+                    self.ledger.release(pid, None);
                 }
             }
+        }
+    }
+}
+
+/// How long past a capture's deadline the worker waits for its thread
+/// before it reports the capture as timed out and moves on.
+const DEADLINE_GRACE: Duration = Duration::from_millis(500);
+
+/// Counts and reports a capture that came back (the evidence output line).
+fn outcome_line(
+    m: &Metrics,
+    ship: Option<&crate::ship::Shipper>,
+    pid: u32,
+    detection: serde_json::Value,
+    result: Result<CaptureOutcome, CaptureError>,
+    stand_in: Option<i32>,
+) -> serde_json::Value {
+    match result {
+        Ok(outcome) => {
+            m.captures.inc();
+            if !outcome.killed {
+                m.resumed.inc();
+            }
+            info!(
+                pid,
+                captured_pid = outcome.pid,
+                bundle = %outcome.bundle_id,
+                archive = %outcome.archive.display(),
+                stopped_ms = outcome.timings.stopped_us / 1000,
+                total_ms = outcome.timings.total_us / 1000,
+                "evidence captured"
+            );
+            if let Some(s) = ship {
+                s.bundle(&outcome.archive, &outcome.bundle_id);
+            }
+            serde_json::json!({
+                "detection": detection,
+                "evidence": outcome,
+                "stand_in": stand_in.is_some(),
+            })
+        }
+        Err(e) => {
+            m.capture_errors.inc();
+            warn!(pid, error = %e, "evidence capture failed");
+            serde_json::json!({
+                "detection": detection,
+                "error": e.to_string(),
+            })
         }
     }
 }
@@ -252,10 +360,6 @@ pub fn resume(pid: u32, metrics: &Metrics) {
     }
 }
 
-fn ticks_per_second() -> u64 {
-    procfs::ticks_per_second().max(1)
-}
-
 /// An ancestor captured in place of a detected process is not captured
 /// again for another process of the same branch (under the same child of
 /// that ancestor: one script, one request) for this long: a burst of
@@ -265,16 +369,17 @@ pub const FALLBACK_QUIET: Duration = Duration::from_secs(30);
 /// Captures the job's process; when it is gone (exited, pid recycled) and
 /// `fallback` is on, its nearest living ancestor instead (never pid 1 or 2,
 /// never the agent). Returns the outcome and, for a stand-in, its pid.
-fn capture_job(
-    capturer: &Capturer,
-    job: &CaptureJob,
-    contain: bool,
-    fallback: bool,
-    recent: &mut LruCache<(i32, i32), Instant>,
-) -> (Result<CaptureOutcome, CaptureError>, Option<i32>) {
+fn capture_job(ctx: &JobContext, job: &CaptureJob, deadline: Instant) -> JobResult {
+    let (capturer, contain, fallback) = (&ctx.capturer, ctx.contain, ctx.fallback);
+    // Each process this job stops is claimed until the deadline: the
+    // watchdog resumes it then, whatever the capture is doing.
+    let capture = |pid: i32, req: &CaptureRequest| {
+        let _claim = ctx.ledger.claim(pid as u32, req.start_time, deadline);
+        capturer.capture_process(pid, req)
+    };
     let req = CaptureRequest {
         start_time: (job.start_boot_ns > 0)
-            .then(|| job.start_boot_ns / (1_000_000_000 / ticks_per_second())),
+            .then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns)),
         detection: job.detection.clone(),
         ancestors: job.ancestors.clone(),
         timeline: job.timeline.clone(),
@@ -282,7 +387,7 @@ fn capture_job(
         core: None,
         stand_in_for: None,
     };
-    let first = capturer.capture_process(job.pid as i32, &req);
+    let first = capture(job.pid as i32, &req);
     let gone = matches!(
         first,
         Err(CaptureError::Freeze(
@@ -316,6 +421,7 @@ fn capture_job(
         // Once per branch. (Distinct branches are not limited here: a
         // burst of direct children is bounded by the capture queue, whose
         // overflow is dropped and counted.)
+        let mut recent = ctx.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent
             .get(&(anc, branch))
             .is_some_and(|t| t.elapsed() < FALLBACK_QUIET)
@@ -326,7 +432,7 @@ fn capture_job(
         }
         let start_ns = job.ancestor_starts.get(at).copied().unwrap_or(0);
         let stand_in = CaptureRequest {
-            start_time: (start_ns > 0).then(|| start_ns / (1_000_000_000 / ticks_per_second())),
+            start_time: (start_ns > 0).then(|| crate::frozen::boot_ns_to_ticks(start_ns)),
             ancestors: job.ancestors[at + 1..].to_vec(),
             // Never kill a parent for its child's detection.
             contain: false,
@@ -342,15 +448,19 @@ fn capture_job(
             ancestor = anc,
             "the detected process is gone: capturing its nearest living ancestor"
         );
+        drop(recent);
         let started = Instant::now();
-        match capturer.capture_process(anc, &stand_in) {
+        match capture(anc, &stand_in) {
             Err(
                 e @ CaptureError::Freeze(FreezeError::Gone { .. } | FreezeError::Recycled { .. }),
             ) => last = Some((e, anc)),
             r => {
                 // Limits count from the start: a long capture must not
                 // stretch the quiet time after it.
-                recent.put((anc, branch), started);
+                ctx.recent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .put((anc, branch), started);
                 return (r, Some(anc));
             }
         }
@@ -398,12 +508,31 @@ mod tests {
             timeline: vec![],
             frozen: false,
         };
-        let mut recent = LruCache::new(NonZeroUsize::new(4).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let ledger = FreezeLedger::new(
+            None,
+            None,
+            crate::frozen::LedgerOptions {
+                release_after: Duration::from_millis(500),
+            },
+            metrics,
+        );
+        let mut ctx = JobContext {
+            capturer: cap,
+            ledger,
+            contain: false,
+            fallback: false,
+            recent: Arc::new(std::sync::Mutex::new(LruCache::new(
+                NonZeroUsize::new(4).unwrap(),
+            ))),
+        };
+        let until = Instant::now() + Duration::from_secs(60);
 
-        let (r, _) = capture_job(&cap, &job, false, false, &mut recent);
+        let (r, _) = capture_job(&ctx, &job, until);
         assert!(r.is_err(), "no fallback when it is off");
 
-        let (r, stand_in) = capture_job(&cap, &job, false, true, &mut recent);
+        ctx.fallback = true;
+        let (r, stand_in) = capture_job(&ctx, &job, until);
         assert_eq!(stand_in, Some(parent.id() as i32));
         let out = r.unwrap();
         assert_eq!(out.pid, parent.id() as i32);
@@ -418,7 +547,7 @@ mod tests {
         assert!(parent.try_wait().unwrap().is_none());
 
         // Within the quiet period the same ancestor is not captured again.
-        let (r, _) = capture_job(&cap, &job, false, true, &mut recent);
+        let (r, _) = capture_job(&ctx, &job, until);
         assert!(r.is_err());
         parent.kill().unwrap();
         parent.wait().unwrap();

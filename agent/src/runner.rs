@@ -23,8 +23,21 @@ use crate::workload_cache::WorkloadCache;
 /// Most records handled per drain before other work gets a turn.
 const DRAIN_BUDGET: usize = 8192;
 
-/// Runs the agent with `cfg` until a termination signal.
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// The privileged part of the start, done: programs loaded and attached,
+/// the ledger pinned. Made by [`prepare`] on a single thread, before the
+/// capabilities are dropped; [`run`] goes on from here.
+pub struct Prepared {
+    cfg: AgentConfig,
+    metrics: Arc<Metrics>,
+    sinks: Vec<Box<dyn Sink>>,
+    sensor: Sensor,
+    ledger: crate::frozen::FreezeLedger,
+}
+
+/// Everything that needs full root: releases what a dead agent left frozen,
+/// reads BTF, loads and attaches the programs, pins the ledger. Starts no
+/// thread (capabilities are per thread: see [`crate::privilege`]).
+pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
     cfg.validate()?;
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -41,17 +54,60 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         sinks.push(Box::new(JsonLinesSink::open(p, metrics.clone())?));
     }
 
+    // What a dead agent left frozen is released before anything else.
+    match crate::frozen::resume_leftovers(&cfg.bpf_pin_dir, false) {
+        Ok(r) if !r.resumed.is_empty() || !r.resumed_at_exec.is_empty() => {
+            tracing::warn!(resumed = ?r.resumed, at_exec = ?r.resumed_at_exec, "released what a previous agent left frozen")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "reading earlier frozen-process ledgers failed")
+        }
+    }
+
     // Attach first, then scan /proc: a process born in between is in the
     // ring buffer, so nothing falls in the gap.
-    let sensor = Sensor::load(&SensorOptions {
+    let mut sensor = Sensor::load(&SensorOptions {
         offsets,
         ring_bytes: cfg.ring_buffer_bytes,
         wakeup_bytes: cfg.wakeup_bytes,
         disabled: cfg.disabled_features()?,
         freeze_policy: cfg.freeze_policy()?,
         freeze_names: cfg.freeze_names.clone(),
+        pin_dir: cfg.bpf_pin_dir.clone(),
     })?;
     metrics.set_hooks(&sensor.hooks);
+    let (frozen_map, pin) = match sensor.frozen.take() {
+        Some((m, pin)) => (Some(m), pin),
+        None => (None, None),
+    };
+    let ledger = crate::frozen::FreezeLedger::new(
+        frozen_map,
+        pin,
+        crate::frozen::LedgerOptions {
+            release_after: Duration::from_millis(cfg.freeze_release_ms),
+        },
+        metrics.clone(),
+    );
+    Ok(Prepared {
+        cfg,
+        metrics,
+        sinks,
+        sensor,
+        ledger,
+    })
+}
+
+/// Runs the prepared agent until a termination signal.
+pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        cfg,
+        metrics,
+        mut sinks,
+        sensor,
+        ledger,
+    } = prepared;
+    ledger.start_watchdog()?;
 
     let mut tree = ProcessTree::new(cfg.max_processes, Duration::from_secs(cfg.exit_grace_secs));
     let mut workloads = WorkloadCache::new(4096);
@@ -69,7 +125,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             metrics.clone(),
         )?));
     }
-    let mut pipeline = Pipeline::new(tree, workloads, metrics.clone(), sinks);
+    let mut pipeline =
+        Pipeline::new(tree, workloads, metrics.clone(), sinks).with_ledger(ledger.clone());
     let shipper = match (&cfg.collector, &cfg.collector_pki, &cfg.agent_name) {
         (Some(url), Some(pki), Some(name)) => Some(crate::ship::Shipper::start(
             crate::ship::ShipOptions {
@@ -109,7 +166,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     evidence_json: cfg.evidence_json.clone(),
                     ship: shipper.clone(),
                     ancestor_fallback: cfg.capture_ancestor_fallback,
+                    deadline: Duration::from_millis(cfg.capture_deadline_ms),
                 },
+                ledger.clone(),
                 metrics.clone(),
             )?;
             pipeline = pipeline.with_responder(responder);
@@ -180,7 +239,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     pipeline.flush();
     save_baseline(&cfg, &mut pipeline);
-    // Detaches every program; nothing was pinned.
+    // Detaches every program (the ledger map lives on in `ledger`).
     drop(sensor);
     // A program that passed its heartbeat check just before the clear may
     // have frozen one more process: the ring buffer outlives the programs.
@@ -189,6 +248,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     drop(ring);
     // Never exit with a process stopped by a capture in progress.
     pipeline.shutdown_responder(Duration::from_secs(30));
+    // Whatever is still in the ledger goes now; the pin goes with it.
+    let n = ledger.release_all();
+    if n > 0 {
+        info!(resumed = n, "released frozen processes at shutdown");
+    }
     if let Some(s) = &shipper {
         // Detections handed over so far reach the spool (and the next start
         // ships them); bounded wait.

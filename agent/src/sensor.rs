@@ -5,7 +5,7 @@
 //! lifecycle hooks are required; the others degrade: a refused hook is
 //! reported (log, `vigil_hook_attached` metric) and the rest carry on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -124,12 +124,19 @@ pub struct SensorOptions {
     pub freeze_policy: u32,
     /// Program base names frozen when a server starts them.
     pub freeze_names: Vec<String>,
+    /// bpffs directory where the frozen-process ledger is pinned (so that
+    /// a freeze outlives an agent crash in a record the next start reads).
+    pub pin_dir: PathBuf,
 }
 
-/// The loaded, attached sensor. Dropping it detaches every program; nothing
-/// is pinned.
+/// The loaded, attached sensor. Dropping it detaches every program; only
+/// the frozen-process ledger is pinned (see [`crate::frozen`]).
 pub struct Sensor {
     _ebpf: Ebpf,
+    /// The frozen-process ledger and where it is pinned (`None` when
+    /// pinning is refused here).
+    pub frozen: Option<(crate::frozen::FrozenMap, Option<PathBuf>)>,
+    freeze_enabled: bool,
     /// The event ring buffer.
     pub ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
@@ -237,8 +244,29 @@ impl Sensor {
         let servers =
             aya::maps::HashMap::try_from(ebpf.take_map("SERVERS").context("SERVERS map missing")?)
                 .context("SERVERS map")?;
+        let frozen_map = ebpf.take_map("FROZEN").context("FROZEN map missing")?;
+        // The pin lets a restarted agent read what a dead one froze; where
+        // bpffs pinning is refused, `frozen::resume_leftovers` finds those
+        // processes in /proc instead (stopped before their first
+        // instruction), so freezing stays on either way.
+        let pin = if opts.freeze_policy == 0 {
+            None
+        } else {
+            match pin_ledger(&frozen_map, &opts.pin_dir) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "the frozen-process ledger cannot be pinned; after a crash, leftovers are found in /proc instead");
+                    None
+                }
+            }
+        };
+        let freeze_enabled = opts.freeze_policy != 0;
+        let frozen_map: crate::frozen::FrozenMap =
+            aya::maps::HashMap::try_from(frozen_map).context("FROZEN map")?;
         let mut sensor = Self {
             _ebpf: ebpf,
+            frozen: Some((frozen_map, pin)),
+            freeze_enabled,
             ring,
             stats,
             alive,
@@ -250,6 +278,9 @@ impl Sensor {
     }
 
     fn handle_heartbeat(&mut self) {
+        if !self.freeze_enabled {
+            return;
+        }
         let now = crate::detect::boot_ns_now();
         if let Err(e) = self.alive.set(0, now, 0) {
             tracing::warn!(error = %e, "heartbeat to the kernel failed: in-kernel freezing pauses");
@@ -262,6 +293,7 @@ impl Sensor {
             self.ring,
             SensorHandle {
                 _ebpf: self._ebpf,
+                freeze_enabled: self.freeze_enabled,
                 stats: self.stats,
                 alive: self.alive,
                 servers: self.servers,
@@ -275,6 +307,7 @@ impl Sensor {
 /// reads the kernel counters. Dropping it detaches everything.
 pub struct SensorHandle {
     _ebpf: Ebpf,
+    freeze_enabled: bool,
     stats: PerCpuArray<MapData, u64>,
     alive: aya::maps::Array<MapData, u64>,
     servers: aya::maps::HashMap<MapData, u32, u8>,
@@ -287,6 +320,7 @@ impl SensorHandle {
     /// drain at shutdown so no process is stopped that the agent will not
     /// resume.
     pub fn stop_freezing(&mut self) {
+        self.freeze_enabled = false;
         if let Err(e) = self.alive.set(0, 0, 0) {
             tracing::warn!(error = %e, "clearing the heartbeat failed");
         }
@@ -306,6 +340,9 @@ impl SensorHandle {
     /// freeze processes only while this is fresh, so a dead agent never
     /// leaves new processes stopped.
     pub fn heartbeat(&mut self) {
+        if !self.freeze_enabled {
+            return;
+        }
         let now = crate::detect::boot_ns_now();
         if let Err(e) = self.alive.set(0, now, 0) {
             tracing::warn!(error = %e, "heartbeat to the kernel failed: in-kernel freezing pauses");
@@ -350,6 +387,51 @@ fn attach_tp(ebpf: &mut Ebpf, program: &str, name: &str, loaded: &mut bool) -> a
     }
     p.attach("syscalls", name)
         .with_context(|| format!("attaching {program} to tracepoint syscalls/{name}"))?;
+    Ok(())
+}
+
+/// Pins the ledger map as `pin_dir/frozen.<pid>.<start>` (mounting bpffs
+/// at /sys/fs/bpf first if nobody has). Returns the pin path.
+fn pin_ledger(map: &aya::maps::Map, pin_dir: &Path) -> anyhow::Result<PathBuf> {
+    ensure_bpffs(pin_dir)?;
+    std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(pin_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", pin_dir.display()))?;
+    let path = pin_dir.join(crate::frozen::pin_name());
+    // A stale pin of this very name (same pid and start time) cannot exist
+    // unless the clock went back; replace it.
+    let _ = std::fs::remove_file(&path);
+    map.pin(&path)
+        .map_err(|e| anyhow::Error::new(e).context(format!("pinning {}", path.display())))?;
+    Ok(path)
+}
+
+/// bpffs is not mounted by default on every distribution.
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let is_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let mount_point = Path::new("/sys/fs/bpf");
+    let probe = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(mount_point);
+    if is_bpffs(probe) {
+        return Ok(());
+    }
+    if !pin_dir.starts_with(mount_point) {
+        anyhow::bail!("{} is not on a bpffs", pin_dir.display());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")?;
+    info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
 }
 

@@ -470,6 +470,29 @@ pub const STAT_READ_ERRORS: u32 = STAT_BASE_OTHER + 4;
 pub const STAT_FROZEN: u32 = STAT_BASE_OTHER + 5;
 /// Freezes skipped because the agent's heartbeat was stale.
 pub const STAT_FREEZE_NO_AGENT: u32 = STAT_BASE_OTHER + 6;
+/// Freezes refused because the ring buffer had no room for the record that
+/// tells the agent (the process runs on, unfrozen).
+pub const STAT_FREEZE_NO_ROOM: u32 = STAT_BASE_OTHER + 7;
+/// Freezes refused because the frozen-process ledger (`FROZEN`) was full.
+pub const STAT_FREEZE_NO_LEDGER: u32 = STAT_BASE_OTHER + 8;
+
+/// Entries of the `FROZEN` map: at most this many processes stopped by the
+/// kernel and not yet released by the agent.
+pub const FROZEN_MAX_ENTRIES: u32 = 4096;
+
+/// Value of the `FROZEN` map (key: tgid): one process the kernel stopped at
+/// exec. Written by the program before its SIGSTOP, removed by the agent
+/// when it lets the process go. The agent pins the map in bpffs, so the
+/// record outlives an agent that dies: the next start (or `vigil-agent
+/// resume-frozen`) releases what is left.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrozenEntry {
+    /// The process's start time (ns since boot, `task->start_boottime`).
+    pub start_boot_ns: u64,
+    /// When it was stopped (ns since boot).
+    pub frozen_boot_ns: u64,
+}
 
 /// Emitted-records stat slot for a kind.
 pub const fn stat_emitted(kind: EventKind) -> u32 {
@@ -499,4 +522,5 @@ mod user {
     // SAFETY: plain-old-data structs of integers, no padding holes that matter.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SensorConfig {}
+    unsafe impl aya::Pod for super::FrozenEntry {}
 }

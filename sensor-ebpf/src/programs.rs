@@ -78,6 +78,12 @@ static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static FREEZE_NAMES: HashMap<[u8; FREEZE_NAME_LEN], u8> = HashMap::with_max_entries(256, 0);
 
+/// Processes stopped at exec and not yet released, keyed by tgid: written
+/// before the SIGSTOP, removed by the agent when it lets the process go.
+/// The agent pins this map in bpffs, so it outlives an agent that dies.
+#[map]
+static FROZEN: HashMap<u32, FrozenEntry> = HashMap::with_max_entries(FROZEN_MAX_ENTRIES, 0);
+
 /// The agent's heartbeat (boot ns), refreshed every second.
 #[map]
 static ALIVE: Array<u64> = Array::with_max_entries(1, 0);
@@ -180,18 +186,6 @@ unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, subject: u64) {
 /// Copies the record (fixed part + `tail_len` tail bytes) to the ring buffer.
 #[inline(always)]
 unsafe fn emit(s: *mut Scratch, kind: EventKind, fixed_len: usize, tail_len: u64) {
-    unsafe { emit_with(s, kind, fixed_len, tail_len, false) }
-}
-
-/// [`emit`], waking the agent at once when `urgent` (a frozen process waits).
-#[inline(always)]
-unsafe fn emit_with(
-    s: *mut Scratch,
-    kind: EventKind,
-    fixed_len: usize,
-    tail_len: u64,
-    urgent: bool,
-) {
     // Move the tail right behind the fixed struct: records are sent as one
     // contiguous copy of `fixed_len + tail_len` bytes starting at the fixed
     // struct, so the fixed part is right-aligned against the tail.
@@ -209,7 +203,7 @@ unsafe fn emit_with(
             }
         }
         let wake: u32 = cfg!(wakeup_bytes);
-        let flags = if urgent || avail >= wake as u64 {
+        let flags = if avail >= wake as u64 {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -550,15 +544,12 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         if nlink == 0 {
             flags |= EXEC_FLAG_DELETED;
         }
-        let mut frozen = 0u32;
+        // Decided before the walk (verifier), done after the record is built:
+        // the process is stopped only once its record has room in the ring.
+        let mut want_freeze = false;
         if should_freeze(s, file, parent_serves) {
             if agent_alive() {
-                // Stops the whole (single-threaded, freshly exec'd) process
-                // before it runs its first instruction.
-                if aya_ebpf::helpers::generated::bpf_send_signal(SIGSTOP) == 0 {
-                    frozen = EXEC_FLAG_FROZEN;
-                    stat_add(STAT_FROZEN, 1);
-                }
+                want_freeze = true;
             } else {
                 stat_add(STAT_FREEZE_NO_AGENT, 1);
             }
@@ -621,14 +612,78 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         flags |= eflags;
         (*e).preload_len = plen2 as u32;
         stdio_kinds(task, &mut (*e).stdio_mode, &mut (*e).stdio_family);
-        (*e).flags = flags | frozen;
-        emit_with(
-            s,
-            EventKind::Exec,
-            core::mem::size_of::<ExecEvent>(),
-            plen + got + flen + plen2,
-            frozen != 0,
+        (*e).flags = flags;
+        let fixed_len = core::mem::size_of::<ExecEvent>();
+        let tail_len = plen + got + flen + plen2;
+        if want_freeze && emit_frozen(s, e, tgid, fixed_len, tail_len) {
+            return;
+        }
+        emit(s, EventKind::Exec, fixed_len, tail_len);
+    }
+}
+
+/// Room reserved for a frozen exec's record: the largest record there is.
+const FROZEN_RECORD_BYTES: u64 = (FIXED_MAX_BYTES + TAIL_MAX_BYTES) as u64;
+
+/// Stops the current (freshly exec'd) process and hands its record to the
+/// agent, in an order that cannot leave it stopped unseen: ring-buffer room
+/// first (no room: no freeze), then the `FROZEN` ledger entry (full: no
+/// freeze), then the SIGSTOP, then the record is committed (a reserved
+/// record cannot fail to reach the ring). Returns false when it did not
+/// freeze; the caller then emits the record as usual.
+#[inline(always)]
+unsafe fn emit_frozen(
+    s: *mut Scratch,
+    e: *mut ExecEvent,
+    tgid: u32,
+    fixed_len: usize,
+    tail_len: u64,
+) -> bool {
+    use aya_ebpf::helpers::generated::{
+        bpf_ringbuf_discard, bpf_ringbuf_reserve, bpf_ringbuf_submit, bpf_send_signal,
+    };
+    unsafe {
+        let rec = bpf_ringbuf_reserve(
+            core::ptr::addr_of!(EVENTS) as *mut c_void,
+            FROZEN_RECORD_BYTES,
+            0,
         );
+        if rec.is_null() {
+            stat_add(STAT_FREEZE_NO_ROOM, 1);
+            return false;
+        }
+        let entry = FrozenEntry {
+            start_boot_ns: (*e).hdr.start_boot_ns,
+            frozen_boot_ns: bpf_ktime_get_boot_ns(),
+        };
+        if FROZEN.insert(&tgid, &entry, 0).is_err() {
+            stat_add(STAT_FREEZE_NO_LEDGER, 1);
+            bpf_ringbuf_discard(rec, 0);
+            return false;
+        }
+        // Stops the whole (single-threaded, freshly exec'd) process before
+        // it runs its first instruction.
+        if bpf_send_signal(SIGSTOP) != 0 {
+            let _ = FROZEN.remove(&tgid);
+            bpf_ringbuf_discard(rec, 0);
+            return false;
+        }
+        stat_add(STAT_FROZEN, 1);
+        (*e).flags |= EXEC_FLAG_FROZEN;
+        let tail_len = tail_len & TAIL_MASK;
+        let total = fixed_len as u64 + tail_len;
+        let base = (s as *mut u8).add(FIXED_MAX_BYTES - fixed_len);
+        (*(base as *mut EventHeader)).size = total as u32;
+        if total <= FROZEN_RECORD_BYTES {
+            let _ = aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                rec,
+                total as u32,
+                base as *const c_void,
+            );
+        }
+        bpf_ringbuf_submit(rec, BPF_RB_FORCE_WAKEUP as u64);
+        stat_add(stat_emitted(EventKind::Exec), 1);
+        true
     }
 }
 

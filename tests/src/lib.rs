@@ -72,6 +72,11 @@ impl Agent {
     /// Starts the agent and waits until it reports ready (at most 120 s: the
     /// first load verifies every program).
     pub fn start(extra: &[&str]) -> Agent {
+        Agent::start_env(extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Agent {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("vigil-e2e")
@@ -92,6 +97,7 @@ impl Agent {
             .arg("--metrics-addr")
             .arg(&metrics_addr)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -202,6 +208,24 @@ impl Agent {
             .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent stopped").id()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or the OOM killer would
+    /// (nothing of its shutdown runs), and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("agent already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Log lines the agent wrote since the last call (or since it was ready).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stderr_lines.try_iter().collect()
     }
 
     /// Stops the agent with SIGINT; returns its exit status and the rest of

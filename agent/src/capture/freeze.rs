@@ -355,23 +355,12 @@ pub fn resume_leftovers(state_dir: &Path) -> Result<Vec<i32>, FreezeError> {
     };
     let mut resumed = Vec::new();
     for (pid, entry) in list {
-        let Ok(fd) = pidfd_open(pid) else { continue };
-        if procutil::start_time(pid).ok() != Some(entry.start_time) {
-            continue;
-        }
-        let r = match &fd {
-            Some(fd) => pidfd_send_signal(fd, libc::SIGCONT),
-            // SAFETY: kill has no memory-safety preconditions.
-            None => match unsafe { libc::kill(pid, libc::SIGCONT) } {
-                0 => Ok(()),
-                _ => Err(io::Error::last_os_error()),
-            },
-        };
-        match r {
-            Ok(()) => {
+        match signal_if_same(pid, Some(entry.start_time), libc::SIGCONT) {
+            Ok(true) => {
                 tracing::warn!(pid, since = %entry.since, "capture: resumed a process left stopped by a previous agent");
                 resumed.push(pid);
             }
+            Ok(false) => {}
             Err(e) => tracing::warn!(pid, error = %e, "capture: cannot resume leftover"),
         }
     }
@@ -380,6 +369,40 @@ pub fn resume_leftovers(state_dir: &Path) -> Result<Vec<i32>, FreezeError> {
         source,
     })?;
     Ok(resumed)
+}
+
+/// Sends `sig` to `pid` if it is still the process that started at
+/// `start_time` (clock ticks since boot; `None`: any process with that pid),
+/// through a pidfd so a pid recycled between the check and the signal is
+/// never hit. `Ok(false)`: gone or recycled, nothing sent.
+pub fn signal_if_same(pid: i32, start_time: Option<u64>, sig: i32) -> io::Result<bool> {
+    if pid <= 0 {
+        return Ok(false);
+    }
+    let fd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let Ok(actual) = procutil::start_time(pid) else {
+        return Ok(false);
+    };
+    if start_time.is_some_and(|t| t != actual) {
+        return Ok(false);
+    }
+    let r = match &fd {
+        Some(fd) => pidfd_send_signal(fd, sig),
+        // SAFETY: kill has no memory-safety preconditions.
+        None => match unsafe { libc::kill(pid, sig) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        },
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether every thread of `pid` is exiting (Z, X) or gone.

@@ -193,6 +193,20 @@ pub enum CaptureError {
     Bundle(#[from] BundleError),
 }
 
+/// `VIGIL_FAULT_CAPTURE_STALL_MS`: every capture blocks this long right
+/// after its freeze, as a read of a stalled FUSE/NFS executable would. For
+/// tests of the capture deadline; read once.
+fn fault_capture_stall() -> Option<std::time::Duration> {
+    static STALL: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *STALL.get_or_init(|| {
+        std::env::var("VIGIL_FAULT_CAPTURE_STALL_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&ms| ms > 0)
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 /// Captures processes: one per agent, shared (cheap to clone; captures can
 /// run in parallel, sealing is serialized by the chain lock).
 #[derive(Debug, Clone)]
@@ -246,6 +260,16 @@ impl Capturer {
             Some(st) => self.freezer.freeze_checked(pid, st)?,
             None => self.freezer.freeze(pid)?,
         };
+        if let Some(stall) = fault_capture_stall() {
+            // Fault injection (tests only): a read of the stopped process
+            // that blocks, as on a stalled FUSE/NFS executable.
+            tracing::warn!(
+                pid,
+                ms = stall.as_millis() as u64,
+                "fault injection: capture stalls"
+            );
+            std::thread::sleep(stall);
+        }
         self.capture_inner(frozen, req, t0, times)
     }
 

@@ -1,0 +1,337 @@
+//! Production safety on the real kernel: no process is ever left stopped
+//! (full ring buffer, agent killed after a freeze, capture stuck), and the
+//! running agent keeps only its documented capabilities.
+//!
+//! Each test runs its own agent, one at a time: an agent that starts while
+//! another runs leaves that one's freezes alone, and these tests look at
+//! what every agent on the machine did to their processes.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vigil_tests::{agent_bin, marker, Agent, EventExt};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State letter of `pid` from /proc/PID/stat ('?' when gone).
+fn state(pid: u32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.chars().next()
+        })
+        .unwrap_or('?')
+}
+
+/// Children of this test process in state T (stopped), by pid.
+fn stopped_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        if f.len() > 1 && f[0] == "T" && f[1] == me {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// This process listens on loopback: the freeze policy now watches its
+/// children (shells it starts are frozen at exec).
+fn become_server(agent: &Agent) -> TcpListener {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let me = std::process::id() as u64;
+    agent.expect_event("listen", |e| e.kind() == "listen" && e.pid() == me);
+    l
+}
+
+/// Waits (bounded) for a child; kills and reports it when it does not end.
+fn wait_bounded(mut c: Child, limit: Duration) -> Result<std::process::Output, String> {
+    let t0 = Instant::now();
+    loop {
+        if c.try_wait().unwrap().is_some() {
+            return Ok(c.wait_with_output().unwrap());
+        }
+        if t0.elapsed() > limit {
+            let pid = c.id();
+            let st = state(pid);
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = c.wait();
+            return Err(format!("pid {pid} still in state {st} after {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn shell(arg: &str) -> Child {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `pid` has been in state T for `hold` in a row (bounded).
+fn wait_stopped(pid: u32, hold: Duration, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    let mut since: Option<Instant> = None;
+    while t0.elapsed() < limit {
+        if state(pid) == 'T' {
+            let s = *since.get_or_insert_with(Instant::now);
+            if s.elapsed() >= hold {
+                return true;
+            }
+        } else {
+            since = None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+fn metric_eventually(agent: &Agent, series: &str, at_least: f64) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let v = agent.metric(series);
+        if v >= at_least || t0.elapsed() > Duration::from_secs(15) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write_config(dir: &std::path::Path, body: &str) -> String {
+    let p = dir.join("agent.toml");
+    std::fs::write(&p, body).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+/// (a) A tiny ring buffer, an exec storm, and the agent itself stalled for
+/// two seconds while a server keeps starting shells: the kernel refuses to
+/// freeze what it cannot report, the watchdog releases what it froze, and
+/// no shell is left stopped.
+#[test]
+fn tiny_ring_and_a_storm_leave_no_process_stopped() {
+    let _g = serial();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(cfg_dir.path(), "ring_buffer_bytes = 16384\n");
+    let mut agent = Agent::start(&["-c", &cfg, "--no-capture"]);
+    let _l = become_server(&agent);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The storm: processes that are not shells (not frozen), as fast as
+    // two threads can start them.
+    let storm: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Command::new("/bin/true").status();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    // The agent stalls (as under CPU starvation) from 1.5 s to 3.5 s: the
+    // ring fills and stays full.
+    let agent_pid = agent.pid() as i32;
+    let staller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(2000));
+        unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+    });
+    let t0 = Instant::now();
+    let mut shells = 0;
+    let mut stuck = Vec::new();
+    let mut longest = Duration::ZERO;
+    while t0.elapsed() < Duration::from_secs(6) {
+        let started = Instant::now();
+        match wait_bounded(shell("exit 0"), Duration::from_secs(20)) {
+            Ok(o) => assert!(o.status.success()),
+            Err(e) => stuck.push(e),
+        }
+        longest = longest.max(started.elapsed());
+        shells += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let storm_execs: u64 = storm.into_iter().map(|h| h.join().unwrap()).sum();
+    staller.join().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let left = stopped_children();
+    let frozen = metric_eventually(&agent, "vigil_frozen_total", 1.0);
+    let no_room = metric_eventually(&agent, "vigil_freeze_refused_no_room_total", 1.0);
+    let released = agent.metric("vigil_freeze_watchdog_released_total");
+    eprintln!(
+        "shells {shells}, storm execs {storm_execs}, frozen {frozen}, refused (no room) {no_room}, \
+         watchdog released {released}, longest shell {longest:?}"
+    );
+    assert!(stuck.is_empty(), "shells left stopped: {stuck:?}");
+    assert!(
+        left.is_empty(),
+        "processes of the test in state T: {left:?}"
+    );
+    assert!(frozen >= 1.0, "no shell was frozen: the test shows nothing");
+    assert!(
+        no_room >= 1.0,
+        "no freeze was refused for lack of ring space: the storm did not fill the ring"
+    );
+    assert_eq!(agent.metric("vigil_resume_errors_total"), 0.0);
+    let (st, _) = agent.stop();
+    assert!(st.success());
+}
+
+/// (b) The agent is SIGKILLed while a process it froze is stopped: the
+/// freeze outlives it; `vigil-agent resume-frozen` releases it, and so
+/// does the next agent start.
+#[test]
+fn a_freeze_outlives_a_killed_agent_and_is_released_after() {
+    let _g = serial();
+    // The capture holds the frozen shell (a stall of 60 s with a deadline
+    // of 120 s): the process stays stopped until the agent is killed.
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(cfg_dir.path(), "capture_deadline_ms = 120000\n");
+    for how in ["resume-frozen", "next start"] {
+        let mut agent =
+            Agent::start_env(&["-c", &cfg], &[("VIGIL_FAULT_CAPTURE_STALL_MS", "60000")]);
+        let capture_dir = agent.dir.path().join("capture");
+        let _l = become_server(&agent);
+        let m = marker("killed");
+        let child = shell(&format!("echo {m}"));
+        let pid = child.id();
+        assert!(
+            wait_stopped(pid, Duration::from_millis(1500), Duration::from_secs(20)),
+            "{how}: the shell was not held stopped (state {})",
+            state(pid)
+        );
+        agent.kill();
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            state(pid),
+            'T',
+            "{how}: the freeze did not outlive the agent"
+        );
+        let t0 = Instant::now();
+        let _next = match how {
+            "resume-frozen" => {
+                let out = Command::new(agent_bin())
+                    .arg("--capture-dir")
+                    .arg(&capture_dir)
+                    .arg("resume-frozen")
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+                let listed = |k: &str| {
+                    report[k]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|p| p.as_u64() == Some(pid as u64)))
+                };
+                assert!(
+                    listed("resumed_at_exec") || listed("resumed"),
+                    "{how}: {report}"
+                );
+                None
+            }
+            _ => Some(Agent::start(&["--no-capture"])),
+        };
+        let out = wait_bounded(child, Duration::from_secs(20)).expect(how);
+        eprintln!("{how}: released {:?} after it was started", t0.elapsed());
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), m, "{how}");
+    }
+}
+
+/// (c) A capture that blocks (a read of the stopped process that never
+/// returns, as on a stalled FUSE executable; injected here) is cut by its
+/// deadline: the process runs on and the capture is reported as timed out.
+#[test]
+fn a_stuck_capture_is_released_by_its_deadline() {
+    let _g = serial();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(cfg_dir.path(), "capture_deadline_ms = 1500\n");
+    let agent = Agent::start_env(&["-c", &cfg], &[("VIGIL_FAULT_CAPTURE_STALL_MS", "30000")]);
+    let _l = become_server(&agent);
+    let m = marker("stuck");
+    let t0 = Instant::now();
+    let child = shell(&format!("echo {m}"));
+    let pid = child.id();
+    let out = wait_bounded(child, Duration::from_secs(25)).expect("the shell was never released");
+    let held = t0.elapsed();
+    eprintln!("stuck capture: the shell ran to its end {held:?} after it started");
+    assert!(out.status.success());
+    assert!(
+        held < Duration::from_secs(20),
+        "released by the stall's end, not the deadline: {held:?}"
+    );
+    assert!(metric_eventually(&agent, "vigil_capture_timeouts_total", 1.0) >= 1.0);
+    // The outcome says so.
+    let t1 = Instant::now();
+    let line = loop {
+        if let Some(l) = agent.evidence().into_iter().find(|e| {
+            e["detection"]["process"]["pid"].as_u64() == Some(pid as u64)
+                && e["error"].as_str().is_some_and(|s| s.contains("timed out"))
+        }) {
+            break l;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(15),
+            "no timed-out outcome: {:?}",
+            agent.evidence()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(line["timed_out"], true, "{line}");
+}
+
+/// The running agent keeps exactly the documented capabilities, in every
+/// thread and every set, with no_new_privs.
+#[test]
+fn the_running_agent_keeps_only_its_documented_capabilities() {
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let want = format!("{:016x}", vigil_agent::privilege::runtime_mask());
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(tasks.len() > 1, "the agent runs threads");
+    for t in tasks {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(field(set), want, "{set} of {}", t.path().display());
+        }
+        assert_eq!(field("CapInh:"), "0000000000000000");
+        assert_eq!(field("CapAmb:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+    }
+}
