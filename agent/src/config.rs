@@ -83,6 +83,27 @@ pub struct AgentConfig {
     /// bpffs directory for the frozen-process ledger (survives an agent
     /// crash; `vigil-agent resume-frozen` reads it).
     pub bpf_pin_dir: PathBuf,
+    /// Disk budget of the capture directory, MiB: captures of detections
+    /// below high stop at 80 % of it, high and critical ones at 100 %; what
+    /// is refused is counted (`vigil_captures_refused_total{reason}`).
+    pub capture_max_disk_mib: u64,
+    /// Acknowledged archives kept on the node, MiB (0: an archive leaves
+    /// the node once the collector acknowledged it).
+    pub capture_keep_shipped_mib: u64,
+    /// Capture budget window, seconds.
+    pub capture_budget_window_secs: u64,
+    /// Captures per workload per window (detections below critical).
+    pub capture_budget_per_workload: u32,
+    /// Captures per uid per window (detections below critical).
+    pub capture_budget_per_uid: u32,
+    /// Captures per workload per window for critical detections, counted
+    /// apart so that a flood of lesser ones never uses them up.
+    pub capture_budget_critical: u32,
+    /// Window in which repeats of one detection (rule, workload,
+    /// executable, argv shape) collapse into one report, seconds.
+    pub aggregate_window_secs: u64,
+    /// Repeats reported one by one per window before they collapse.
+    pub aggregate_emit_first: u32,
     /// Write each capture outcome (bundle id, archive, timings) as a JSON
     /// line here.
     pub evidence_json: Option<PathBuf>,
@@ -143,6 +164,14 @@ impl Default for AgentConfig {
             capture_deadline_ms: 10_000,
             freeze_release_ms: 500,
             bpf_pin_dir: PathBuf::from(crate::frozen::DEFAULT_PIN_DIR),
+            capture_max_disk_mib: 2048,
+            capture_keep_shipped_mib: 0,
+            capture_budget_window_secs: 600,
+            capture_budget_per_workload: 100,
+            capture_budget_per_uid: 200,
+            capture_budget_critical: 50,
+            aggregate_window_secs: 60,
+            aggregate_emit_first: 3,
             evidence_json: None,
             collector: None,
             collector_pki: None,
@@ -174,6 +203,14 @@ impl AgentConfig {
             self.ring_buffer_bytes
         );
         anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
+        anyhow::ensure!(
+            self.aggregate_emit_first >= 1 && self.aggregate_window_secs >= 1,
+            "aggregate_emit_first and aggregate_window_secs must be >= 1"
+        );
+        anyhow::ensure!(
+            self.capture_budget_window_secs >= 1,
+            "capture_budget_window_secs must be >= 1"
+        );
         anyhow::ensure!(
             self.capture_deadline_ms >= 100,
             "capture_deadline_ms must be >= 100, got {}",
@@ -229,6 +266,16 @@ impl AgentConfig {
                 "capture_min_severity must be low, medium, high or critical, got {other:?}"
             ),
         })
+    }
+
+    /// The capture budget settings.
+    pub fn capture_budget(&self) -> crate::budget::BudgetOptions {
+        crate::budget::BudgetOptions {
+            window: std::time::Duration::from_secs(self.capture_budget_window_secs),
+            per_workload: self.capture_budget_per_workload,
+            per_uid: self.capture_budget_per_uid,
+            critical_per_workload: self.capture_budget_critical,
+        }
     }
 
     /// `freeze` as kernel policy bits.

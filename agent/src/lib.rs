@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod btf;
+pub mod budget;
 pub mod capture;
 pub mod config;
 pub mod decode;

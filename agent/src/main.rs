@@ -68,6 +68,10 @@ struct Cli {
     /// Spool size limit in MiB (default 1024).
     #[arg(long, value_name = "MIB")]
     spool_max_mib: Option<u64>,
+    /// Acknowledged evidence archives kept on the node, MiB (default 0:
+    /// an archive leaves once the collector acknowledged it).
+    #[arg(long, value_name = "MIB")]
+    keep_shipped_mib: Option<u64>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -166,6 +170,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
     }
     if let Some(m) = cli.spool_max_mib {
         cfg.spool_max_mib = m;
+    }
+    if let Some(m) = cli.keep_shipped_mib {
+        cfg.capture_keep_shipped_mib = m;
     }
     if let Some(f) = &cli.log_format {
         cfg.log_format = f.clone();

@@ -22,6 +22,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Label: why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: String,
+}
+
 /// Label: hook name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HookLabel {
@@ -93,6 +100,15 @@ pub struct Metrics {
     /// Frozen processes released by the watchdog: no capture owned them in
     /// time (record lost, queue behind, decode error).
     pub freeze_watchdog_released: Counter,
+    /// Detections folded into a repeat report instead of reported one by one.
+    pub detections_aggregated: Counter,
+    /// Captures refused by a budget, by reason (workload_budget,
+    /// uid_budget, critical_reserve, disk_budget).
+    pub captures_refused: Family<ReasonLabel, Counter>,
+    /// Archives removed from the node after the collector acknowledged them.
+    pub archives_pruned: Counter,
+    /// Bytes the capture directory holds (at the last capture decision).
+    pub capture_disk_bytes: Gauge,
     /// Captures stopped by their deadline (their process was resumed).
     pub capture_timeouts: Counter,
     /// Processes now stopped by the kernel and not yet released.
@@ -281,6 +297,26 @@ impl Metrics {
             "freeze_watchdog_released",
             "Frozen processes released by the watchdog because no capture owned them in time",
             self.freeze_watchdog_released.clone(),
+        );
+        r.register(
+            "detections_aggregated",
+            "Detections folded into one repeat report instead of reported one by one",
+            self.detections_aggregated.clone(),
+        );
+        r.register(
+            "captures_refused",
+            "Evidence captures refused by a budget, by reason",
+            self.captures_refused.clone(),
+        );
+        r.register(
+            "archives_pruned",
+            "Evidence archives removed from the node after the collector acknowledged them",
+            self.archives_pruned.clone(),
+        );
+        r.register(
+            "capture_disk_bytes",
+            "Bytes held by the capture directory",
+            self.capture_disk_bytes.clone(),
         );
         r.register(
             "capture_timeouts",

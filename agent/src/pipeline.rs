@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tracing::warn;
 
+use crate::budget::{AggregateOptions, Aggregator};
 use crate::decode::decode;
-use crate::detect::DetectEngine;
+use crate::detect::{DetectEngine, Detection, Severity};
 use crate::respond::{CaptureJob, Responder};
 use lru::LruCache;
 use std::collections::VecDeque;
@@ -135,6 +136,18 @@ impl Sink for JsonLinesSink {
     }
 }
 
+/// What makes two detections repeats of one another.
+type RepeatKey = (String, String, String, String);
+
+fn repeat_key(d: &Detection) -> RepeatKey {
+    (
+        d.rule.clone(),
+        d.process.workload.key(),
+        d.process.exe.clone(),
+        crate::detect::normalize::argv_shape(&d.process.argv),
+    )
+}
+
 /// Decode -> tree -> enrich -> sinks -> detect -> detection outputs.
 pub struct Pipeline {
     tree: ProcessTree,
@@ -146,6 +159,7 @@ pub struct Pipeline {
     responder: Option<Responder>,
     shipper: Option<crate::ship::Shipper>,
     ledger: Option<crate::frozen::FreezeLedger>,
+    repeats: Aggregator<RepeatKey, Detection>,
     timeline: LruCache<u32, VecDeque<Event>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
@@ -169,9 +183,17 @@ impl Pipeline {
             responder: None,
             shipper: None,
             ledger: None,
+            repeats: Aggregator::new(AggregateOptions::default(), 4096),
             timeline: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             wall_offset_ns: wall_offset_ns(),
         }
+    }
+
+    /// Collapses repeated detections with `opts` (default: 3 reported per
+    /// key per minute, the rest counted in one report).
+    pub fn with_aggregation(mut self, opts: AggregateOptions) -> Self {
+        self.repeats = Aggregator::new(opts, 4096);
+        self
     }
 
     /// Adds the detection stage, writing detections to `out` (if any).
@@ -251,7 +273,25 @@ impl Pipeline {
         self.remember(&enriched);
         let mut capture_asked = false;
         if let Some(engine) = &mut self.detect {
-            let mut dets = engine.observe(&enriched, &self.tree, Instant::now());
+            let now = Instant::now();
+            let mut ended = Vec::new();
+            let mut dets: Vec<Detection> = engine
+                .observe(&enriched, &self.tree, now)
+                .into_iter()
+                .filter_map(|d| {
+                    let time = d.time.clone();
+                    let kept = self
+                        .repeats
+                        .observe(repeat_key(&d), &time, d, now, &mut ended);
+                    if kept.is_none() {
+                        self.metrics.detections_aggregated.inc();
+                    }
+                    kept
+                })
+                .collect();
+            for (d, r) in ended {
+                self.report_repeat(d, r);
+            }
             if let Some(r) = &mut self.responder {
                 let e = &enriched.event;
                 let alive = !matches!(e.payload, Payload::Exit { .. });
@@ -277,31 +317,17 @@ impl Pipeline {
                             .collect(),
                         timeline: timeline_of(&self.timeline, e.pid, enriched.process.ppid),
                         frozen: matches!(&e.payload, Payload::Exec(x) if x.frozen),
+                        severity: dets
+                            .iter()
+                            .map(|d| d.severity)
+                            .max()
+                            .unwrap_or(Severity::Low),
                     };
                     r.submit(job);
                 }
             }
             for d in dets {
-                self.metrics.count_detection(&d);
-                tracing::warn!(
-                    rule = %d.rule,
-                    severity = ?d.severity,
-                    mitre = ?d.mitre,
-                    pid = d.process.pid,
-                    "detection: {}",
-                    d.summary
-                );
-                if let Some(out) = &mut self.detection_out {
-                    out.write(&d);
-                }
-                if let Some(s) = &self.shipper {
-                    match serde_json::to_string(&d) {
-                        Ok(line) => s.detection(line),
-                        Err(_) => {
-                            self.metrics.output_errors.inc();
-                        }
-                    }
-                }
+                self.report(&d);
             }
         }
         // A process the kernel froze at exec waits for us: inspection (and
@@ -341,6 +367,61 @@ impl Pipeline {
             q.pop_front();
         }
         q.push_back(ev.event.clone());
+    }
+
+    /// One detection out: counted, logged, written, shipped.
+    fn report(&mut self, d: &Detection) {
+        self.metrics.count_detection(d);
+        tracing::warn!(
+            rule = %d.rule,
+            severity = ?d.severity,
+            mitre = ?d.mitre,
+            pid = d.process.pid,
+            repeats = d.repeat.as_ref().map_or(0, |r| r.count),
+            "detection: {}",
+            d.summary
+        );
+        if let Some(out) = &mut self.detection_out {
+            out.write(d);
+        }
+        if let Some(s) = &self.shipper {
+            match serde_json::to_string(d) {
+                Ok(line) => s.detection(line, d.severity >= Severity::High),
+                Err(_) => {
+                    self.metrics.output_errors.inc();
+                }
+            }
+        }
+    }
+
+    /// The report standing for a detection's repeats in a window.
+    fn report_repeat(&mut self, mut d: Detection, r: crate::budget::Repeat) {
+        d.summary = format!(
+            "{} (repeated {} times in {} s, {} not reported one by one)",
+            d.summary, r.count, r.window_secs, r.suppressed
+        );
+        d.evidence = None;
+        d.repeat = Some(r);
+        self.report(&d);
+    }
+
+    /// Reports repeats whose window ended (call from `tick`), or all of
+    /// them (`all`, at shutdown).
+    fn flush_repeats(&mut self, now: Instant, all: bool) {
+        let ended = if all {
+            self.repeats.drain()
+        } else {
+            self.repeats.expire(now)
+        };
+        for (d, r) in ended {
+            self.report_repeat(d, r);
+        }
+    }
+
+    /// At shutdown: what is still tallied is reported.
+    pub fn finish(&mut self) {
+        self.flush_repeats(Instant::now(), true);
+        self.flush();
     }
 
     fn enrich(&mut self, ev: Event) -> EnrichedEvent {
@@ -392,6 +473,7 @@ impl Pipeline {
 
     /// Periodic housekeeping: reap exited processes, publish tree metrics.
     pub fn tick(&mut self, now: Instant) {
+        self.flush_repeats(now, false);
         self.tree.reap(now);
         let st = self.tree.stats();
         self.metrics.tree_size.set(self.tree.len() as i64);

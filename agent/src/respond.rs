@@ -11,18 +11,19 @@
 use std::io::Write;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use tracing::{info, warn};
 
+use crate::budget::{disk_usage, BudgetOptions, CaptureBudget, Refusal};
 use crate::capture::freeze::FreezeError;
 use crate::capture::{CaptureConfig, CaptureError, CaptureOutcome, CaptureRequest, Capturer};
 use crate::detect::{Detection, Severity};
 use crate::frozen::FreezeLedger;
 use crate::metrics::Metrics;
+use crate::metrics::ReasonLabel;
 
 /// Capture settings (from the agent config).
 #[derive(Clone, Debug)]
@@ -51,6 +52,11 @@ pub struct ResponseOptions {
     /// Wall-clock limit of one capture: past it the watchdog resumes the
     /// process and the capture is reported as timed out.
     pub deadline: Duration,
+    /// Captures per workload / uid per window, and the critical reserve.
+    pub budget: BudgetOptions,
+    /// Bytes the capture directory may hold: captures of detections below
+    /// high stop at 80 % of it, high and critical ones at 100 %.
+    pub max_disk_bytes: u64,
 }
 
 /// One capture to do.
@@ -70,11 +76,15 @@ pub struct CaptureJob {
     pub timeline: Vec<serde_json::Value>,
     /// Stopped by the kernel at exec: must be released whatever happens.
     pub frozen: bool,
+    /// Severity of the detection that asked: high and critical jobs have
+    /// reserved room in the queue, on disk and in the spool.
+    pub severity: Severity,
 }
 
 /// The pipeline's handle on the capture worker.
 pub struct Responder {
-    tx: Option<SyncSender<CaptureJob>>,
+    queue: Arc<JobQueue>,
+    budget: CaptureBudget,
     min_severity: Severity,
     capture_rules: std::collections::HashSet<String>,
     metrics: Arc<Metrics>,
@@ -116,8 +126,11 @@ impl Responder {
         if !resumed.is_empty() {
             warn!(pids = ?resumed, "resumed processes a previous agent left stopped");
         }
-        let (tx, rx) = sync_channel::<CaptureJob>(16);
+        let queue = Arc::new(JobQueue::default());
+        let rx = queue.clone();
         let m = metrics.clone();
+        let capture_dir = opts.dir.clone();
+        let max_disk = opts.max_disk_bytes;
         let ctx = JobContext {
             capturer,
             ledger: ledger.clone(),
@@ -146,7 +159,7 @@ impl Responder {
             .name("vigil-capture".into())
             .spawn(move || {
                 let mut stuck: Vec<std::thread::JoinHandle<()>> = Vec::new();
-                for job in rx {
+                while let Some(job) = rx.pop() {
                     stuck.retain(|h| !h.is_finished());
                     let start_ticks = (job.start_boot_ns > 0)
                         .then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns));
@@ -158,7 +171,19 @@ impl Responder {
                         }
                         continue;
                     }
-                    let line = if stuck.len() >= MAX_STUCK_CAPTURES {
+                    let core_cap = disk_room(&capture_dir, max_disk, job.severity, &m)
+                        .map(|room| (room / 2).min(ctx.capturer.config().core.max_total_bytes));
+                    let line = if core_cap.is_none() {
+                        refused(&m, Refusal::Disk);
+                        warn!(pid = job.pid, "capture directory at its disk budget: capture refused");
+                        if job.frozen {
+                            led.release(job.pid, start_ticks);
+                        }
+                        serde_json::json!({
+                            "detection": job.detection,
+                            "error": format!("capture refused: the capture directory holds its budget of {max_disk} bytes"),
+                        })
+                    } else if stuck.len() >= MAX_STUCK_CAPTURES {
                         m.captures_dropped.inc();
                         warn!(pid = job.pid, stuck = stuck.len(), "captures are stuck past their deadline: capture skipped");
                         if job.frozen {
@@ -174,10 +199,11 @@ impl Responder {
                         let (done_tx, done_rx) = std::sync::mpsc::channel::<JobResult>();
                         let c = ctx.clone();
                         let until = Instant::now() + deadline;
+                        let severity = job.severity;
                         let spawned = std::thread::Builder::new()
                             .name("vigil-capture-job".into())
                             .spawn(move || {
-                                let r = capture_job(&c, &job, until);
+                                let r = capture_job(&c, &job, until, core_cap);
                                 let _ = done_tx.send(r);
                             });
                         // The watchdog resumes the process at the deadline;
@@ -200,7 +226,15 @@ impl Responder {
                                         led.release(pid, start_ticks);
                                     }
                                 }
-                                outcome_line(&m, ship.as_ref(), pid, detection, result, stand_in)
+                                outcome_line(
+                                    &m,
+                                    ship.as_ref(),
+                                    pid,
+                                    severity,
+                                    detection,
+                                    result,
+                                    stand_in,
+                                )
                             }
                             Err(e) => {
                                 m.capture_errors.inc();
@@ -234,7 +268,8 @@ impl Responder {
                 }
             })?;
         Ok(Self {
-            tx: Some(tx),
+            queue,
+            budget: CaptureBudget::new(opts.budget.clone()),
             min_severity: opts.min_severity,
             capture_rules: opts.capture_rules.iter().cloned().collect(),
             metrics,
@@ -252,7 +287,7 @@ impl Responder {
     pub fn shutdown(&mut self, timeout: std::time::Duration) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.tx.take();
+        self.queue.close();
         let Some(w) = self.worker.take() else { return };
         let deadline = std::time::Instant::now() + timeout;
         while !w.is_finished() && std::time::Instant::now() < deadline {
@@ -266,14 +301,39 @@ impl Responder {
     }
 
     /// Which of `dets` asks for a capture of its process (severity at or
-    /// above the minimum, or a capture rule), if any and if the process was
-    /// not captured yet.
+    /// above the minimum, or a capture rule; the most severe of those), if
+    /// any, if the process was not captured yet and if the capture budget
+    /// allows it (refusals are counted by reason).
     pub fn wants(&mut self, dets: &[Detection], pid: u32, start_boot_ns: u64) -> Option<usize> {
         if self.captured.contains(&(pid, start_boot_ns)) {
             return None;
         }
-        dets.iter()
-            .position(|d| d.severity >= self.min_severity || self.capture_rules.contains(&d.rule))
+        // The most severe of the detections that qualify asks (the first
+        // of equals): the bundle is linked to it.
+        let i = dets
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| {
+                d.severity >= self.min_severity || self.capture_rules.contains(&d.rule)
+            })
+            .max_by_key(|(i, d)| (d.severity, std::cmp::Reverse(*i)))
+            .map(|(i, _)| i)?;
+        // The most severe detection of the event decides which budget pays.
+        let critical = dets.iter().any(|d| d.severity >= Severity::Critical);
+        let d = &dets[i];
+        match self.budget.admit(
+            &d.process.workload.key(),
+            d.process.uid,
+            critical,
+            Instant::now(),
+        ) {
+            Ok(()) => Some(i),
+            Err(r) => {
+                refused(&self.metrics, r);
+                tracing::debug!(pid, reason = r.as_str(), "capture refused by its budget");
+                None
+            }
+        }
     }
 
     /// Queues a capture; never blocks. A dropped job of a frozen process
@@ -281,21 +341,103 @@ impl Responder {
     pub fn submit(&mut self, job: CaptureJob) {
         self.captured.put((job.pid, job.start_boot_ns), ());
         let (pid, frozen) = (job.pid, job.frozen);
-        let sent = match &self.tx {
-            Some(tx) => tx.try_send(job),
-            None => Err(TrySendError::Disconnected(job)),
-        };
-        match sent {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.captures_dropped.inc();
-                warn!(pid, "capture queue full: capture dropped");
-                if frozen {
-                    self.ledger.release(pid, None);
-                }
+        if self.queue.push(job).is_err() {
+            self.metrics.captures_dropped.inc();
+            warn!(pid, "capture queue full: capture dropped");
+            if frozen {
+                self.ledger.release(pid, None);
             }
         }
     }
+}
+
+/// Capture jobs waiting for the worker: bounded, with room kept for high
+/// and critical detections (a flood of lesser ones fills only the rest),
+/// which also go first.
+#[derive(Default)]
+struct JobQueue {
+    state: std::sync::Mutex<QueueState>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    urgent: std::collections::VecDeque<CaptureJob>,
+    normal: std::collections::VecDeque<CaptureJob>,
+    closed: bool,
+}
+
+/// Jobs the queue holds.
+const QUEUE_SLOTS: usize = 16;
+/// Of those, kept for high and critical detections.
+const QUEUE_RESERVED: usize = 4;
+
+impl JobQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job`, or hands it back when there is no room for it.
+    fn push(&self, job: CaptureJob) -> Result<(), CaptureJob> {
+        let mut st = self.lock();
+        let held = st.urgent.len() + st.normal.len();
+        let urgent = job.severity >= Severity::High;
+        let room = if urgent {
+            QUEUE_SLOTS
+        } else {
+            QUEUE_SLOTS - QUEUE_RESERVED
+        };
+        if st.closed || held >= room {
+            return Err(job);
+        }
+        if urgent {
+            st.urgent.push_back(job);
+        } else {
+            st.normal.push_back(job);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job (urgent first); `None` once closed and empty.
+    fn pop(&self) -> Option<CaptureJob> {
+        let mut st = self.lock();
+        loop {
+            if let Some(j) = st.urgent.pop_front().or_else(|| st.normal.pop_front()) {
+                return Some(j);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+fn refused(m: &Metrics, r: Refusal) {
+    m.captures_refused
+        .get_or_create(&ReasonLabel {
+            reason: r.as_str().into(),
+        })
+        .inc();
+}
+
+/// Bytes a capture of `severity` may still write under `dir` (`None`: the
+/// directory holds its budget already).
+fn disk_room(dir: &std::path::Path, max: u64, severity: Severity, m: &Metrics) -> Option<u64> {
+    let used = disk_usage(dir);
+    m.capture_disk_bytes.set(used as i64);
+    let allowed = if severity >= Severity::High {
+        max
+    } else {
+        max / 5 * 4
+    };
+    allowed.checked_sub(used).filter(|&room| room > 0)
 }
 
 /// How long past a capture's deadline the worker waits for its thread
@@ -303,10 +445,12 @@ impl Responder {
 const DEADLINE_GRACE: Duration = Duration::from_millis(500);
 
 /// Counts and reports a capture that came back (the evidence output line).
+#[allow(clippy::too_many_arguments)]
 fn outcome_line(
     m: &Metrics,
     ship: Option<&crate::ship::Shipper>,
     pid: u32,
+    severity: Severity,
     detection: serde_json::Value,
     result: Result<CaptureOutcome, CaptureError>,
     stand_in: Option<i32>,
@@ -327,7 +471,11 @@ fn outcome_line(
                 "evidence captured"
             );
             if let Some(s) = ship {
-                s.bundle(&outcome.archive, &outcome.bundle_id);
+                s.bundle(
+                    &outcome.archive,
+                    &outcome.bundle_id,
+                    severity >= Severity::High,
+                );
             }
             serde_json::json!({
                 "detection": detection,
@@ -369,7 +517,12 @@ pub const FALLBACK_QUIET: Duration = Duration::from_secs(30);
 /// Captures the job's process; when it is gone (exited, pid recycled) and
 /// `fallback` is on, its nearest living ancestor instead (never pid 1 or 2,
 /// never the agent). Returns the outcome and, for a stand-in, its pid.
-fn capture_job(ctx: &JobContext, job: &CaptureJob, deadline: Instant) -> JobResult {
+fn capture_job(
+    ctx: &JobContext,
+    job: &CaptureJob,
+    deadline: Instant,
+    core_cap: Option<u64>,
+) -> JobResult {
     let (capturer, contain, fallback) = (&ctx.capturer, ctx.contain, ctx.fallback);
     // Each process this job stops is claimed until the deadline: the
     // watchdog resumes it then, whatever the capture is doing.
@@ -384,7 +537,10 @@ fn capture_job(ctx: &JobContext, job: &CaptureJob, deadline: Instant) -> JobResu
         ancestors: job.ancestors.clone(),
         timeline: job.timeline.clone(),
         contain,
-        core: None,
+        core: core_cap.map(|max_total_bytes| crate::capture::core::CoreOptions {
+            max_total_bytes,
+            ..capturer.config().core.clone()
+        }),
         stand_in_for: None,
     };
     let first = capture(job.pid as i32, &req);
@@ -507,6 +663,7 @@ mod tests {
             ],
             timeline: vec![],
             frozen: false,
+            severity: Severity::High,
         };
         let metrics = Arc::new(Metrics::default());
         let ledger = FreezeLedger::new(
@@ -528,11 +685,11 @@ mod tests {
         };
         let until = Instant::now() + Duration::from_secs(60);
 
-        let (r, _) = capture_job(&ctx, &job, until);
+        let (r, _) = capture_job(&ctx, &job, until, None);
         assert!(r.is_err(), "no fallback when it is off");
 
         ctx.fallback = true;
-        let (r, stand_in) = capture_job(&ctx, &job, until);
+        let (r, stand_in) = capture_job(&ctx, &job, until, None);
         assert_eq!(stand_in, Some(parent.id() as i32));
         let out = r.unwrap();
         assert_eq!(out.pid, parent.id() as i32);
@@ -547,7 +704,7 @@ mod tests {
         assert!(parent.try_wait().unwrap().is_none());
 
         // Within the quiet period the same ancestor is not captured again.
-        let (r, _) = capture_job(&ctx, &job, until);
+        let (r, _) = capture_job(&ctx, &job, until, None);
         assert!(r.is_err());
         parent.kill().unwrap();
         parent.wait().unwrap();

@@ -136,6 +136,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 spool_dir: cfg.spool_dir.clone(),
                 spool_max_bytes: cfg.spool_max_mib << 20,
                 spool_max_items: cfg.spool_max_items,
+                archive_dir: cfg.capture.then(|| cfg.capture_dir.join("bundles")),
+                keep_shipped_bytes: cfg.capture_keep_shipped_mib << 20,
             },
             metrics.clone(),
         )?),
@@ -150,7 +152,12 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             Some(p) => Some(JsonLinesSink::open(p, metrics.clone())?),
             None => None,
         };
-        pipeline = pipeline.with_detection(engine, out);
+        pipeline = pipeline.with_detection(engine, out).with_aggregation(
+            crate::budget::AggregateOptions {
+                window: Duration::from_secs(cfg.aggregate_window_secs),
+                emit_first: cfg.aggregate_emit_first,
+            },
+        );
         if cfg.capture {
             let agent_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
@@ -167,6 +174,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                     ship: shipper.clone(),
                     ancestor_fallback: cfg.capture_ancestor_fallback,
                     deadline: Duration::from_millis(cfg.capture_deadline_ms),
+                    budget: cfg.capture_budget(),
+                    max_disk_bytes: cfg.capture_max_disk_mib << 20,
                 },
                 ledger.clone(),
                 metrics.clone(),
@@ -237,7 +246,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     if let Ok(stats) = sensor.kernel_stats() {
         metrics.update_kernel(&stats);
     }
-    pipeline.flush();
+    pipeline.finish();
     save_baseline(&cfg, &mut pipeline);
     // Detaches every program (the ledger map lives on in `ledger`).
     drop(sensor);

@@ -116,9 +116,13 @@ impl Drop for Collector {
 }
 
 /// The agent's arguments to ship to the collector at `url` as `name`, with
-/// the certificates of `pki` and its spool in `spool`.
+/// the certificates of `pki` and its spool in `spool`. Shipped archives stay
+/// on the node (`--keep-shipped-mib`) so that tests can compare them with
+/// what the collector stored; the default (they leave) has its own test.
 pub fn shipping_args(url: &str, pki: &Path, name: &str, spool: &Path) -> Vec<String> {
     vec![
+        "--keep-shipped-mib".into(),
+        "4096".into(),
         "--collector".into(),
         url.into(),
         "--collector-pki".into(),

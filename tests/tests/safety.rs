@@ -335,3 +335,203 @@ fn the_running_agent_keeps_only_its_documented_capabilities() {
         assert_eq!(field("NoNewPrivs:"), "1");
     }
 }
+
+/// A flood: 1,000 execs of a binary in /tmp (each a medium detection that
+/// asks for a capture), then a critical attack (a server starting a
+/// reverse shell). The capture budgets and the disk budget hold, repeats
+/// collapse, the drops are counted, the critical detection and its bundle
+/// still reach the collector, and shipped archives leave the node.
+#[test]
+fn a_flood_stays_bounded_and_a_critical_attack_still_gets_through() {
+    use std::os::fd::OwnedFd;
+    use vigil_tests::collector::{init_pki, shipping_args, vigil_cli, Collector};
+    let _g = serial();
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path().join("pki");
+    init_pki(&pki, "flood");
+    let port = vigil_tests::free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let coll = Collector::start(port, &pki, &work.path().join("data"));
+    let budget_mib = 24u64;
+    let cfg = write_config(
+        work.path(),
+        &format!(
+            "capture_max_disk_mib = {budget_mib}\n\
+             capture_budget_per_workload = 5\n\
+             capture_budget_per_uid = 8\n\
+             capture_budget_critical = 3\n\
+             capture_max_core_mib = 16\n\
+             aggregate_window_secs = 3\n"
+        ),
+    );
+    // Shipped archives leave the node (the default): no --keep-shipped-mib.
+    let mut args = shipping_args(&url, &pki, "flood", &work.path().join("spool"));
+    let k = args.iter().position(|a| a == "--keep-shipped-mib").unwrap();
+    args.drain(k..k + 2);
+    args.extend(["-c".to_string(), cfg]);
+    let agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let capture_dir = agent.dir.path().join("capture");
+
+    // The flood: 50 programs in a temp directory, each run 20 times (a
+    // distinct program is a distinct detection: the budgets bound those;
+    // repeats of one collapse).
+    let tmp = tempfile::Builder::new()
+        .prefix("vigil-flood")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let progs: Vec<_> = (0..50)
+        .map(|i| {
+            let p = tmp.path().join(format!("worker{i}"));
+            std::fs::copy("/bin/true", &p).unwrap();
+            p
+        })
+        .collect();
+    let t0 = Instant::now();
+    for round in 0..20 {
+        for p in &progs {
+            assert!(Command::new(p).status().unwrap().success(), "round {round}");
+        }
+    }
+    eprintln!("flood: 1000 execs in {:?}", t0.elapsed());
+
+    // The attack: this process serves, and starts a shell whose stdin and
+    // stdout are a TCP connection.
+    let _l = become_server(&agent);
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let conn = std::net::TcpStream::connect(peer.local_addr().unwrap()).unwrap();
+    let (_accepted, _) = peer.accept().unwrap();
+    let m = marker("revshell");
+    let mut sh = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("sleep 0.5; echo {m} >/dev/null"))
+        .stdin(Stdio::from(OwnedFd::from(conn.try_clone().unwrap())))
+        .stdout(Stdio::from(OwnedFd::from(conn)))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(sh.wait().unwrap().success());
+
+    // Its bundle is sealed and reaches the collector.
+    let t1 = Instant::now();
+    let outcome = loop {
+        if let Some(e) = agent.evidence().into_iter().find(|e| {
+            e["detection"]["rule"] == "reverse_shell"
+                && e["detection"]["process"]["argv"].to_string().contains(&m)
+        }) {
+            break e;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "no evidence outcome for the reverse shell: {:?}",
+            agent.evidence().last()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let id = outcome["evidence"]["bundle_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the critical capture failed: {outcome}"))
+        .to_string();
+    let blob = coll.blob(&id);
+    let t2 = Instant::now();
+    while !blob.exists() {
+        assert!(
+            t2.elapsed() < Duration::from_secs(60),
+            "bundle {id} not stored"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The critical detection is stored at the collector.
+    let t3 = Instant::now();
+    loop {
+        let out = vigil_cli(
+            &url,
+            &pki,
+            &["detections", "list", "--json", "--limit", "1000"],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if list.iter().any(|d| {
+            d["detection"]["rule"] == "reverse_shell"
+                && d["detection"]["process"]["argv"].to_string().contains(&m)
+        }) {
+            break;
+        }
+        assert!(
+            t3.elapsed() < Duration::from_secs(60),
+            "the reverse shell detection is not at the collector"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Shipped archives left the node.
+    let archive = std::path::PathBuf::from(outcome["evidence"]["archive"].as_str().unwrap());
+    let t4 = Instant::now();
+    while archive.exists() {
+        assert!(
+            t4.elapsed() < Duration::from_secs(30),
+            "the acknowledged archive is still on the node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Bounded, and counted.
+    let used = vigil_agent::budget::disk_usage(&capture_dir);
+    let refused = agent.metric("vigil_captures_refused_total{reason=\"workload_budget\"}")
+        + agent.metric("vigil_captures_refused_total{reason=\"uid_budget\"}");
+    let aggregated = agent.metric("vigil_detections_aggregated_total");
+    let pruned = agent.metric("vigil_archives_pruned_total");
+    let captures = agent.metric("vigil_captures_total");
+    eprintln!(
+        "flood: captures {captures}, refused by budget {refused}, detections aggregated {aggregated}, \
+         archives pruned {pruned}, capture dir {used} bytes (budget {} bytes)",
+        budget_mib << 20
+    );
+    assert!(used <= budget_mib << 20, "capture dir {used} bytes");
+    // 50 programs x 3 reported occurrences asked; 5 (+3 critical) allowed.
+    assert!(
+        refused >= 100.0,
+        "the budget did not hold: {refused} refused"
+    );
+    assert!(captures <= 5.0 + 3.0, "{captures} captures");
+    assert!(
+        aggregated >= 500.0,
+        "repeats were not collapsed: {aggregated}"
+    );
+    assert!(pruned >= 1.0);
+    // Each program's repeats reached the collector as one report that says
+    // how many.
+    let t5 = Instant::now();
+    loop {
+        let out = vigil_cli(
+            &url,
+            &pki,
+            &[
+                "detections",
+                "list",
+                "--json",
+                "--search",
+                "repeated",
+                "--limit",
+                "1000",
+            ],
+        );
+        let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let reports = list
+            .iter()
+            .filter(|d| {
+                d["detection"]["process"]["exe"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with(&*tmp.path().to_string_lossy()))
+                    && d["detection"]["summary"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("repeated"))
+            })
+            .count();
+        if reports >= 45 {
+            break;
+        }
+        assert!(
+            t5.elapsed() < Duration::from_secs(60),
+            "repeat reports at the collector: {reports}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

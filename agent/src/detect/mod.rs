@@ -86,6 +86,11 @@ pub struct Detection {
     pub event: Event,
     /// Evidence captured for this detection (filled by the capture stage).
     pub evidence: Option<serde_json::Value>,
+    /// Set on the one detection that stands for repeats of the same
+    /// (rule, workload, executable, argv shape) within a window: how many,
+    /// and the first and last time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<crate::budget::Repeat>,
 }
 
 /// Who wrote a file (for ingress tool transfer).
@@ -327,6 +332,7 @@ impl DetectEngine {
             ancestry: ev.ancestry.clone(),
             event: ev.event.clone(),
             evidence: None,
+            repeat: None,
         }
     }
 }

@@ -29,7 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::metrics::{KindLabel, Metrics};
 use client::{Client, PkiFiles, ShipError};
-use spool::{Item, ItemKind, Spool};
+use spool::{Item, ItemKind, Priority, Spool};
 
 /// Detection lines waiting for the shipper thread.
 const QUEUE: usize = 4096;
@@ -56,10 +56,16 @@ pub struct ShipOptions {
     pub spool_max_bytes: u64,
     /// Spool item limit.
     pub spool_max_items: u64,
+    /// Where the sealed archives are (the capture's bundle directory):
+    /// once the collector acknowledged one, it leaves the node, except the
+    /// newest acknowledged ones up to `keep_shipped_bytes`.
+    pub archive_dir: Option<PathBuf>,
+    /// Bytes of acknowledged archives kept on the node for local analysis.
+    pub keep_shipped_bytes: u64,
 }
 
 enum Msg {
-    Detection(String),
+    Detection(String, Priority),
     Wake,
     /// Everything sent before this is in the spool: reply.
     Flush(std::sync::mpsc::Sender<()>),
@@ -69,6 +75,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct Shipper {
     tx: SyncSender<Msg>,
+    /// Detections in the channel: those below high may use only 3/4 of it.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     spool: Arc<Spool>,
     metrics: Arc<Metrics>,
 }
@@ -104,24 +112,48 @@ impl Shipper {
         let (items, bytes) = spool.usage();
         info!(collector = %opts.collector, spool = %opts.spool_dir.display(), items, bytes, "shipping to the collector");
         let (tx, rx) = sync_channel(QUEUE);
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = Worker {
             url: opts.collector,
             files,
             spool: spool.clone(),
             metrics: metrics.clone(),
             client: None,
+            pending: pending.clone(),
+            archive_dir: opts.archive_dir,
+            keep_shipped_bytes: opts.keep_shipped_bytes,
         };
         std::thread::Builder::new()
             .name("vigil-ship".into())
             .spawn(move || worker.run(rx))?;
-        Ok(Shipper { tx, spool, metrics })
+        Ok(Shipper {
+            tx,
+            pending,
+            spool,
+            metrics,
+        })
     }
 
-    /// Queues a detection JSON line; never blocks.
-    pub fn detection(&self, json: String) {
-        match self.tx.try_send(Msg::Detection(json)) {
+    /// Queues a detection JSON line; never blocks. `high`: a high or
+    /// critical detection, which has reserved room in the channel and the
+    /// spool.
+    pub fn detection(&self, json: String, high: bool) {
+        use std::sync::atomic::Ordering;
+        let prio = if high {
+            Priority::High
+        } else {
+            Priority::Normal
+        };
+        if !high && self.pending.load(Ordering::Relaxed) >= QUEUE / 4 * 3 {
+            self.metrics.spool_dropped.inc();
+            warn!("shipping queue 3/4 full: detection below high not shipped (room kept for high and critical)");
+            return;
+        }
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Msg::Detection(json, prio)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.spool_dropped.inc();
                 warn!("shipping queue full: detection not shipped");
             }
@@ -144,8 +176,13 @@ impl Shipper {
 
     /// Queues a sealed evidence archive (from the capture worker: does
     /// file I/O). The archive stays where it is.
-    pub fn bundle(&self, archive: &Path, id: &str) {
-        match self.spool.enqueue_bundle(archive, id) {
+    pub fn bundle(&self, archive: &Path, id: &str, high: bool) {
+        let prio = if high {
+            Priority::High
+        } else {
+            Priority::Normal
+        };
+        match self.spool.enqueue_bundle(archive, id, prio) {
             Ok(p) => debug!(bundle = id, path = %p.display(), "bundle spooled"),
             Err(e) => {
                 // A full spool counts its refusals itself.
@@ -189,6 +226,9 @@ struct Worker {
     spool: Arc<Spool>,
     metrics: Arc<Metrics>,
     client: Option<Client>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    archive_dir: Option<PathBuf>,
+    keep_shipped_bytes: u64,
 }
 
 impl Worker {
@@ -248,8 +288,10 @@ impl Worker {
 
     fn take(&mut self, m: Msg) {
         match m {
-            Msg::Detection(json) => {
-                if let Err(e) = self.spool.enqueue_detection(&json) {
+            Msg::Detection(json, prio) => {
+                self.pending
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = self.spool.enqueue_detection(&json, prio) {
                     warn!(error = %e, "detection not spooled: it will not reach the collector");
                 }
             }
@@ -286,6 +328,7 @@ impl Worker {
                         Ok(()) => {
                             info!(bundle = %id, bytes = item.size, ms = t0.elapsed().as_millis() as u64, "evidence shipped to the collector");
                             self.done(&[item], "bundle")?;
+                            self.prune_shipped(&id);
                         }
                         Err(ShipError::Rejected(m)) => self.reject(&item, &m)?,
                         Err(e) => return Err(e),
@@ -350,6 +393,64 @@ impl Worker {
             })?;
         }
         Ok(())
+    }
+
+    /// After the collector acknowledged bundle `id`: its archive leaves the
+    /// node, unless acknowledged archives are kept up to
+    /// `keep_shipped_bytes` (then the oldest acknowledged go first; what is
+    /// still in the spool is never touched).
+    fn prune_shipped(&self, id: &str) {
+        let Some(dir) = &self.archive_dir else {
+            return;
+        };
+        let remove = |p: &Path| match std::fs::remove_file(p) {
+            Ok(()) => {
+                self.metrics.archives_pruned.inc();
+                debug!(archive = %p.display(), "shipped archive removed from the node");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(archive = %p.display(), error = %e, "could not remove a shipped archive")
+            }
+        };
+        if self.keep_shipped_bytes == 0 {
+            remove(&dir.join(format!("{id}.tar.zst")));
+            return;
+        }
+        let waiting: std::collections::HashSet<String> = match self.spool.list() {
+            Ok(items) => items
+                .into_iter()
+                .filter_map(|i| match i.kind {
+                    ItemKind::Bundle(id) => Some(id),
+                    ItemKind::Detection => None,
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut shipped: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.strip_suffix(".tar.zst")?;
+                if waiting.contains(id) || !vigil_proto::is_valid_bundle_id(id) {
+                    return None;
+                }
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        shipped.sort();
+        let mut total: u64 = shipped.iter().map(|(_, n, _)| n).sum();
+        for (_, n, p) in shipped {
+            if total <= self.keep_shipped_bytes {
+                break;
+            }
+            remove(&p);
+            total -= n;
+        }
     }
 
     fn reject(&self, item: &Item, why: &str) -> Result<(), ShipError> {

@@ -101,6 +101,15 @@ fn parse_name(name: &str) -> Option<(u64, ItemKind)> {
     vigil_proto::is_valid_bundle_id(id).then(|| (seq, ItemKind::Bundle(id.to_string())))
 }
 
+/// How much of the spool an item may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Below high: up to 4/5 of the limits.
+    Normal,
+    /// High and critical detections and their bundles: all of it.
+    High,
+}
+
 impl Spool {
     /// Opens (creating) the spool directory, removing leftover temporaries
     /// and counting what is queued.
@@ -149,9 +158,15 @@ impl Spool {
     }
 
     /// Reserves room and a sequence number for an item of `size` bytes.
-    fn reserve(&self, size: u64) -> Result<u64, SpoolError> {
+    /// Items below high priority may fill only 4/5 of the limits: the rest
+    /// is kept for high and critical detections and their bundles.
+    fn reserve(&self, size: u64, prio: Priority) -> Result<u64, SpoolError> {
         let mut st = self.lock();
-        if st.items + 1 > self.max_items || st.bytes + size > self.max_bytes {
+        let (max_items, max_bytes) = match prio {
+            Priority::High => (self.max_items, self.max_bytes),
+            Priority::Normal => (self.max_items / 5 * 4, self.max_bytes / 5 * 4),
+        };
+        if st.items + 1 > max_items || st.bytes + size > max_bytes {
             self.metrics.spool_dropped.inc();
             return Err(SpoolError::Full {
                 items: st.items,
@@ -201,9 +216,9 @@ impl Spool {
     }
 
     /// Queues one detection JSON line.
-    pub fn enqueue_detection(&self, json: &str) -> Result<PathBuf, SpoolError> {
+    pub fn enqueue_detection(&self, json: &str, prio: Priority) -> Result<PathBuf, SpoolError> {
         let size = json.len() as u64;
-        let seq = self.reserve(size)?;
+        let seq = self.reserve(size, prio)?;
         self.commit(seq, size, &format!("{seq:020}.det.json"), |tmp| {
             let mut f = fs::File::create(tmp)?;
             f.write_all(json.as_bytes())?;
@@ -213,12 +228,17 @@ impl Spool {
 
     /// Queues a sealed evidence archive (hard link when on the same file
     /// system, else a copy). `id` is its SHA-256.
-    pub fn enqueue_bundle(&self, archive: &Path, id: &str) -> Result<PathBuf, SpoolError> {
+    pub fn enqueue_bundle(
+        &self,
+        archive: &Path,
+        id: &str,
+        prio: Priority,
+    ) -> Result<PathBuf, SpoolError> {
         if !vigil_proto::is_valid_bundle_id(id) {
             return Err(SpoolError::InvalidId(id.to_string()));
         }
         let size = fs::metadata(archive)?.len();
-        let seq = self.reserve(size)?;
+        let seq = self.reserve(size, prio)?;
         self.commit(seq, size, &format!("{seq:020}.{id}.tar.zst"), |tmp| {
             if fs::hard_link(archive, tmp).is_err() {
                 fs::copy(archive, tmp)?;
@@ -286,14 +306,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::default());
         let s = Spool::open(d.path(), 1000, 3, m.clone()).unwrap();
-        s.enqueue_detection("{\"a\":1}").unwrap();
+        s.enqueue_detection("{\"a\":1}", Priority::High).unwrap();
         let arch = d.path().join("x.tar.zst");
         fs::write(&arch, b"bundle").unwrap();
         let id = "ab".repeat(32);
-        s.enqueue_bundle(&arch, &id).unwrap();
-        s.enqueue_detection("{\"a\":2}").unwrap();
+        s.enqueue_bundle(&arch, &id, Priority::High).unwrap();
+        s.enqueue_detection("{\"a\":2}", Priority::High).unwrap();
         assert!(matches!(
-            s.enqueue_detection("{\"a\":3}"),
+            s.enqueue_detection("{\"a\":3}", Priority::High),
             Err(SpoolError::Full { .. })
         ));
         assert_eq!(m.spool_dropped.get(), 1);
@@ -305,12 +325,36 @@ mod tests {
         assert_eq!(fs::read(&items[1].path).unwrap(), b"bundle");
         assert_eq!(fs::read_to_string(&items[2].path).unwrap(), "{\"a\":2}");
         s.remove(&items[0]).unwrap();
-        let p = s.enqueue_detection("{\"a\":4}").unwrap();
+        let p = s.enqueue_detection("{\"a\":4}", Priority::High).unwrap();
         assert!(p
             .to_string_lossy()
             .contains("00000000000000000003.det.json"));
         assert_eq!(s.usage().0, 3);
         assert_eq!(m.spool_items.get(), 3);
-        assert!(s.enqueue_bundle(&arch, "../x").is_err());
+        assert!(s.enqueue_bundle(&arch, "../x", Priority::High).is_err());
+    }
+
+    #[test]
+    fn room_is_kept_for_high_priority_items() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        // 10 items: those below high may use 8.
+        let s = Spool::open(d.path(), 1 << 20, 10, m.clone()).unwrap();
+        for i in 0..8 {
+            s.enqueue_detection(&format!("{{\"n\":{i}}}"), Priority::Normal)
+                .unwrap();
+        }
+        assert!(matches!(
+            s.enqueue_detection("{\"n\":8}", Priority::Normal),
+            Err(SpoolError::Full { .. })
+        ));
+        s.enqueue_detection("{\"critical\":1}", Priority::High)
+            .unwrap();
+        s.enqueue_detection("{\"critical\":2}", Priority::High)
+            .unwrap();
+        assert!(s
+            .enqueue_detection("{\"critical\":3}", Priority::High)
+            .is_err());
+        assert_eq!(s.usage().0, 10);
     }
 }
