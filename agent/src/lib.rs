@@ -12,6 +12,7 @@ pub mod capture;
 pub mod config;
 pub mod decode;
 pub mod detect;
+pub mod dirs;
 pub mod event;
 pub mod metrics;
 pub mod pipeline;

@@ -146,6 +146,8 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Evidence and state are private (modes are also set explicitly).
+    vigil_bundle::private::set_private_umask();
     let cli = Cli::parse();
     let cfg = match load_config(&cli) {
         Ok(c) => c,
@@ -159,6 +161,10 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     init_logging(&cfg.log_format);
+    if let Err(e) = vigil_agent::dirs::secure_dirs(&cfg) {
+        eprintln!("vigil-agent: configuration error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
