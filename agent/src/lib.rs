@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod decode;
 pub mod detect;
+pub mod dirs;
 pub mod event;
 pub mod frozen;
 pub mod metrics;

@@ -195,6 +195,8 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Evidence and state are private (modes are also set explicitly).
+    vigil_bundle::private::set_private_umask();
     let cli = Cli::parse();
     let cfg = match load_config(&cli) {
         Ok(c) => c,
@@ -219,6 +221,10 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         };
+    }
+    if let Err(e) = vigil_agent::dirs::secure_dirs(&cfg) {
+        eprintln!("vigil-agent: configuration error: {e:#}");
+        return std::process::ExitCode::from(2);
     }
     // Privileged start on this one thread, then every capability but the
     // runtime set goes, then the threads start.

@@ -95,22 +95,17 @@ impl JsonLinesSink {
 
     /// To stdout for "-", else appending to the file.
     pub fn open(path: &std::path::Path, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let w: Box<dyn Write + Send> = if path.as_os_str() == "-" {
-            Box::new(std::io::stdout())
-        } else {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        anyhow::anyhow!("opening events output {}: {e}", path.display())
-                    })?,
-            )
-        };
+        let w: Box<dyn Write + Send> =
+            if path.as_os_str() == "-" {
+                Box::new(std::io::stdout())
+            } else {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    vigil_bundle::private::create_missing_dirs(dir)?;
+                }
+                Box::new(vigil_bundle::private::open_append(path).map_err(|e| {
+                    anyhow::anyhow!("opening events output {}: {e}", path.display())
+                })?)
+            };
         Ok(Self {
             out: std::io::BufWriter::with_capacity(256 * 1024, w),
             metrics,

@@ -144,10 +144,7 @@ impl Responder {
         let ship = opts.ship.clone();
         let mut out = match &opts.evidence_json {
             Some(p) => Some(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
+                vigil_bundle::private::open_append(p)
                     .map_err(|e| anyhow::anyhow!("opening {}: {e}", p.display()))?,
             )),
             None => None,

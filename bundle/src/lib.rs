@@ -15,6 +15,8 @@
 //! order, with fixed owner, mode and mtime (the capture time), so the same
 //! inputs give the same archive.
 
+pub mod private;
+
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
@@ -326,10 +328,10 @@ pub struct SealedBundle {
 impl BundleBuilder {
     /// A new, empty bundle directory (created; must not exist).
     pub fn create(dir: &Path) -> Result<BundleBuilder, BundleError> {
-        if let Some(parent) = dir.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            private::secure_dir(parent).map_err(io_err(parent))?;
         }
-        fs::create_dir(dir).map_err(io_err(dir))?;
+        private::create_dir(dir).map_err(io_err(dir))?;
         Ok(BundleBuilder {
             dir: dir.to_path_buf(),
             artifacts: Vec::new(),
@@ -380,7 +382,9 @@ impl BundleBuilder {
             source,
         })?;
         let path = self.dir.join(name);
-        fs::write(&path, &bytes).map_err(io_err(&path))?;
+        private::replace_new(&path)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(io_err(&path))?;
         let mut h = HashingWriter::new(io::sink());
         h.write_all(&bytes).map_err(io_err(&path))?;
         let (sha, size, _) = h.finish();
@@ -412,15 +416,10 @@ impl BundleBuilder {
         cfg: &BundleConfig,
         mut manifest: Manifest,
     ) -> Result<SealedBundle, BundleError> {
-        fs::create_dir_all(&cfg.out_dir).map_err(io_err(&cfg.out_dir))?;
-        fs::create_dir_all(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
+        private::secure_dir(&cfg.out_dir).map_err(io_err(&cfg.out_dir))?;
+        private::secure_dir(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
         let lock_path = cfg.state_dir.join(CHAIN_LOCK);
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let lock_file = private::open_rw(&lock_path).map_err(io_err(&lock_path))?;
         let _lock = flock_exclusive(&lock_file).map_err(io_err(&lock_path))?;
 
         let state_path = cfg.state_dir.join(CHAIN_STATE);
@@ -443,7 +442,9 @@ impl BundleBuilder {
                 name: MANIFEST.to_string(),
                 source,
             })?;
-        fs::write(&manifest_path, &manifest_bytes).map_err(io_err(&manifest_path))?;
+        private::replace_new(&manifest_path)
+            .and_then(|mut f| f.write_all(&manifest_bytes))
+            .map_err(io_err(&manifest_path))?;
 
         let tmp = cfg.out_dir.join(format!(
             ".sealing-{}-{}.tar.zst",
@@ -455,7 +456,9 @@ impl BundleBuilder {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let (id, archive_size, content_size) = (|| -> Result<_, BundleError> {
-            let file = File::create(&tmp).map_err(io_err(&tmp))?;
+            // Under the chain lock: a leftover of a crashed run with the
+            // same pid and seq is stale.
+            let file = private::replace_new(&tmp).map_err(io_err(&tmp))?;
             let hw = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
             let mut enc = zstd::Encoder::new(hw, cfg.zstd_level).map_err(io_err(&tmp))?;
             enc.include_checksum(true).map_err(io_err(&tmp))?;
@@ -469,7 +472,7 @@ impl BundleBuilder {
                 let size = f.metadata().map_err(io_err(&path))?.len();
                 let mut h = tar::Header::new_gnu();
                 h.set_size(size);
-                h.set_mode(0o644);
+                h.set_mode(0o600); // extracted private, like the files it holds
                 h.set_uid(0);
                 h.set_gid(0);
                 h.set_mtime(mtime);
@@ -503,7 +506,7 @@ impl BundleBuilder {
             source,
         })?;
         (|| {
-            let mut f = File::create(&tmp_state)?;
+            let mut f = private::replace_new(&tmp_state)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp_state, &state_path)

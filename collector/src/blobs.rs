@@ -142,10 +142,7 @@ impl BlobStore {
         let blobs = data_dir.join("blobs").join("sha256");
         let partial = data_dir.join("partial");
         for d in [&blobs, &partial] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)?;
+            vigil_bundle::private::secure_dir(d)?;
         }
         Ok(BlobStore { blobs, partial })
     }
@@ -254,6 +251,7 @@ impl BlobStore {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(self.part_path(id))?;
         file.set_len(offset)?;
         let mut hasher = Sha256::new();
@@ -462,12 +460,7 @@ impl Upload {
 /// Writes a small file atomically: temp file, fsync, rename.
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = vigil_bundle::private::replace_new(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(&tmp, path)

@@ -24,7 +24,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -334,12 +333,16 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 /// Writes atomically (temp file, fsync, rename); keys are 0600.
 fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)
+    // New file, O_EXCL | O_NOFOLLOW, 0600; certificates are public (0644
+    // in the 0700 directory).
+    let mut f = vigil_bundle::private::replace_new(&tmp)
+        .and_then(|f| {
+            if !secret {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(fs::Permissions::from_mode(0o644))?;
+            }
+            Ok(f)
+        })
         .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(data)
         .and_then(|()| f.sync_all())

@@ -97,8 +97,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let tls = pki::server_tls(&cfg.pki_dir)?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+    vigil_bundle::private::secure_dir(&cfg.data_dir).context("the data directory")?;
     let store: Arc<dyn Store> = match &cfg.store {
         StoreConfig::Sqlite => {
             let db = cfg.data_dir.join("vigil.db");

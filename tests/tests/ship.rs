@@ -118,7 +118,18 @@ fn detection_and_bundle_reach_the_collector() {
     let url = format!("https://127.0.0.1:{port}");
     let coll = Collector::start(port, &pki, &work.path().join("data"));
     let spool = work.path().join("spool");
-    let agent = shipping_agent(&url, &pki, "agent1", &spool);
+    // Every output the agent can write, for the mode walk at the end (in a
+    // directory the agent creates).
+    let outputs = work.path().join("out");
+    let mut args = shipping_args(&url, &pki, "agent1", &spool);
+    for (flag, name) in [
+        ("--detections-json", "detections.jsonl"),
+        ("--baseline-file", "baseline.json"),
+    ] {
+        args.push(flag.into());
+        args.push(outputs.join(name).to_string_lossy().into_owned());
+    }
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let _l = TcpListener::bind("127.0.0.1:0").unwrap();
     let m = marker("ship");
     let ev = trigger_capture(&agent, &m);
@@ -187,6 +198,115 @@ fn detection_and_bundle_reach_the_collector() {
     assert_eq!(agent.metric("vigil_spool_items"), 0.0);
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 1.0);
     assert!(agent.metric("vigil_ship_sent_total{kind=\"detection\"}") >= 1.0);
+
+    // Evidence and state are private: everything the agent wrote (capture
+    // work, bundles, chain and freeze state, events, evidence, detections,
+    // baseline, spool) and the collector wrote (database and its -wal/-shm,
+    // blobs, partial uploads) is the running user's only.
+    let (st, _) = agent.stop();
+    assert!(st.success(), "{st:?}");
+    assert!(
+        outputs.join("baseline.json").exists(),
+        "baseline saved at exit"
+    );
+    assert!(agent.dir.path().join("capture/state/chain.json").exists());
+    assert!(coll.data.join("vigil.db-wal").exists());
+    let mut seen = 0;
+    // (The agent's temp dir itself is the test's.)
+    let a = agent.dir.path();
+    for root in [
+        &a.join("capture"),
+        &a.join("events.jsonl"),
+        &a.join("evidence.jsonl"),
+        &outputs,
+        &spool,
+        &coll.data,
+    ] {
+        seen += assert_private(root);
+    }
+    assert!(seen >= 12, "walked {seen} paths");
+}
+
+/// Walks `root` (not following links): directories must be 0700, files
+/// 0600 (complete collector blobs are 0400, read-only by design). Returns
+/// how many paths were checked. Nothing else (sockets, FIFOs, links) is
+/// expected there: any is a failure.
+fn assert_private(root: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let mode = meta.mode() & 0o7777;
+        n += 1;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "directory {} is {mode:04o}", p.display());
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else if meta.is_file() {
+            assert!(
+                mode == 0o600 || (mode == 0o400 && p.starts_with(root.join("blobs"))),
+                "file {} is {mode:04o}",
+                p.display()
+            );
+        } else {
+            panic!("{} is neither a file nor a directory", p.display());
+        }
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() }, "{}", p.display());
+    }
+    n
+}
+
+/// The agent refuses (exit 2, the path and the reason on stderr) a capture
+/// directory anyone could write to, or a symbolic link; so does the
+/// collector for its data directory. Nothing is loaded before the check.
+#[test]
+fn unsafe_directories_are_refused_at_start() {
+    vigil_tests::require_root();
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let open = work.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let real = work.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let refused = |cmd: &mut Command, dir: &Path, why: &str| {
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", dir.display());
+        assert!(
+            err.contains(&dir.display().to_string()) && err.contains(why),
+            "{err}"
+        );
+    };
+    for (dir, why) in [
+        (&open, "writable by group or others (mode 0777)"),
+        (&link, "symbolic link"),
+    ] {
+        refused(
+            Command::new(vigil_tests::agent_bin())
+                .arg("--capture-dir")
+                .arg(dir),
+            dir,
+            why,
+        );
+        refused(
+            Command::new(vigil_tests::collector::collector_bin("vigil-collector"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir),
+            dir,
+            why,
+        );
+    }
+    // Left as they were.
+    assert_eq!(
+        std::fs::metadata(&open).unwrap().permissions().mode() & 0o7777,
+        0o777
+    );
+    assert!(std::fs::read_dir(&real).unwrap().next().is_none());
 }
 
 #[test]
@@ -355,14 +475,22 @@ fn an_oversized_bundle_is_set_aside_not_retried() {
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 0.0);
 }
 
-/// A tmpfs of `kib` KiB mounted at `dir` (unmounted on drop).
+/// A tmpfs of `kib` KiB mounted at `dir` (unmounted on drop); its root is
+/// 0700 (a tmpfs is 1777 by default, which the agent refuses as a capture
+/// directory).
 struct SmallFs(PathBuf);
 
 impl SmallFs {
     fn mount(dir: &Path, kib: u64) -> SmallFs {
         std::fs::create_dir_all(dir).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "vigil-test"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kib}k,mode=0700"),
+                "vigil-test",
+            ])
             .arg(dir)
             .status()
             .unwrap();

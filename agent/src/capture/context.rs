@@ -374,7 +374,7 @@ pub fn copy_exe(pid: i32, dest: &Path, max_bytes: u64) -> io::Result<ExeCopy> {
 /// a deleted executable or a memfd readable after the process is gone).
 pub fn copy_exe_from(mut src: File, dest: &Path, max_bytes: u64) -> io::Result<ExeCopy> {
     use sha2::{Digest, Sha256};
-    let mut out = io::BufWriter::new(File::create(dest)?);
+    let mut out = io::BufWriter::new(vigil_bundle::private::create_new(dest)?);
     let mut full = Sha256::new();
     let mut copied_h = Sha256::new();
     let (mut size, mut copied) = (0u64, 0u64);

@@ -23,7 +23,6 @@
 //! still on disk (which can be read again from the file); the file is
 //! written in address order.
 
-use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -232,7 +231,7 @@ pub fn write_core(pid: i32, out: &Path, opts: &CoreOptions) -> Result<CoreReport
     let (notes, note_names) = build_notes(pid, &stat, &threads, &auxv, &maps.0, page);
 
     // Lay out, then stream.
-    let file = File::create(out).map_err(|source| CoreError::Write {
+    let file = vigil_bundle::private::create_new(out).map_err(|source| CoreError::Write {
         path: out.to_path_buf(),
         source,
     })?;

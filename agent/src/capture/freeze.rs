@@ -440,12 +440,11 @@ fn read_list(path: &Path) -> io::Result<StoppedList> {
 }
 
 fn write_list(path: &Path, list: &StoppedList) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(list).map_err(io::Error::other)?,
-    )?;
-    fs::rename(&tmp, path)
+    // 0600, via stopped.json.tmp.
+    vigil_bundle::private::write_atomic(
+        path,
+        &serde_json::to_vec_pretty(list).map_err(io::Error::other)?,
+    )
 }
 
 /// `Ok(None)` when the kernel has no pidfd_open (fall back to kill).

@@ -220,12 +220,20 @@ impl Capturer {
     /// Creates the directories, resumes processes a previous agent left
     /// stopped (see [`freeze`]), and returns the capturer with their pids.
     pub fn new(config: CaptureConfig) -> Result<(Capturer, Vec<i32>), CaptureError> {
+        // Private (0700, refused when a link or writable by others): the
+        // evidence holds the process's secrets.
+        for d in [
+            &config.work_dir,
+            &config.bundle.out_dir,
+            &config.bundle.state_dir,
+        ] {
+            bundle::private::secure_dir(d).map_err(|source| BundleError::Io {
+                path: d.clone(),
+                source,
+            })?;
+        }
         let resumed = freeze::resume_leftovers(&config.bundle.state_dir)?;
         let freezer = Freezer::new(&config.bundle.state_dir, config.freeze.clone())?;
-        std::fs::create_dir_all(&config.work_dir).map_err(|source| BundleError::Io {
-            path: config.work_dir.clone(),
-            source,
-        })?;
         let identity = AgentIdentity::current(&config.bundle.agent_id);
         Ok((
             Capturer {

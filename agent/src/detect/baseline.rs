@@ -75,12 +75,11 @@ impl Baseline {
             workloads: self.learned.clone(),
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            vigil_bundle::private::create_missing_dirs(dir)?;
         }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&f)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        // 0600, via NAME.tmp.
+        vigil_bundle::private::write_atomic(path, &serde_json::to_vec_pretty(&f)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         self.dirty = false;
         Ok(())
     }

@@ -119,7 +119,7 @@ impl Spool {
         max_items: u64,
         metrics: Arc<Metrics>,
     ) -> Result<Spool, SpoolError> {
-        fs::create_dir_all(dir)?;
+        vigil_bundle::private::secure_dir(dir)?;
         let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -220,7 +220,7 @@ impl Spool {
         let size = json.len() as u64;
         let seq = self.reserve(size, prio)?;
         self.commit(seq, size, &format!("{seq:020}.det.json"), |tmp| {
-            let mut f = fs::File::create(tmp)?;
+            let mut f = vigil_bundle::private::replace_new(tmp)?;
             f.write_all(json.as_bytes())?;
             f.sync_all()
         })
@@ -240,9 +240,12 @@ impl Spool {
         let size = fs::metadata(archive)?.len();
         let seq = self.reserve(size, prio)?;
         self.commit(seq, size, &format!("{seq:020}.{id}.tar.zst"), |tmp| {
+            // A link shares the archive's inode (0600); a copy is a new
+            // 0600 file.
             if fs::hard_link(archive, tmp).is_err() {
-                fs::copy(archive, tmp)?;
-                fs::File::open(tmp)?.sync_all()?;
+                let mut f = vigil_bundle::private::replace_new(tmp)?;
+                std::io::copy(&mut fs::File::open(archive)?, &mut f)?;
+                f.sync_all()?;
             }
             Ok(())
         })
@@ -283,7 +286,7 @@ impl Spool {
     /// for an operator; no longer counted against the limits).
     pub fn reject(&self, item: &Item) -> Result<PathBuf, SpoolError> {
         let dir = self.dir.join("rejected");
-        fs::create_dir_all(&dir)?;
+        vigil_bundle::private::secure_dir(&dir)?;
         let dst = dir.join(item.path.file_name().unwrap_or_default());
         fs::rename(&item.path, &dst)?;
         self.unreserve(item.size);

@@ -162,8 +162,19 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    // Evidence, the database and private keys are the collector user's only
+    // (modes are also set explicitly).
+    vigil_bundle::private::set_private_umask();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    if let Command::Serve(a) = &cli.command {
+        // Refused before anything starts: a link, a directory writable by
+        // others or owned by another user (a looser mode is tightened).
+        if let Err(e) = vigil_bundle::private::secure_dir(&a.data_dir) {
+            eprintln!("vigil-collector: configuration error: data directory (--data-dir): {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -177,6 +177,18 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 impl SqliteStore {
     /// Opens (creating and migrating when needed) the database at `path`.
     pub fn open(path: &Path, grouping: Grouping) -> Result<SqliteStore, StoreError> {
+        // Created (or tightened) 0600 before SQLite opens it: SQLite gives
+        // the -wal and -shm files the database file's mode.
+        vigil_bundle::private::open_rw(path)
+            .map_err(|e| StoreError::Schema(format!("{}: {e}", path.display())))?;
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            if std::path::Path::new(&p).exists() {
+                vigil_bundle::private::open_rw(std::path::Path::new(&p))
+                    .map_err(|e| StoreError::Schema(format!("{}: {e}", path.display())))?;
+            }
+        }
         let mut writer = Connection::open(path)?;
         configure(&writer)?;
         let version: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0))?;
