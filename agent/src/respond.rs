@@ -85,6 +85,7 @@ pub struct CaptureJob {
 pub struct Responder {
     queue: Arc<JobQueue>,
     budget: CaptureBudget,
+    deadline: Duration,
     min_severity: Severity,
     capture_rules: std::collections::HashSet<String>,
     metrics: Arc<Metrics>,
@@ -156,7 +157,7 @@ impl Responder {
             .name("vigil-capture".into())
             .spawn(move || {
                 let mut stuck: Vec<std::thread::JoinHandle<()>> = Vec::new();
-                while let Some(job) = rx.pop() {
+                while let Some(Queued { job, hold }) = rx.pop() {
                     stuck.retain(|h| !h.is_finished());
                     let start_ticks = (job.start_boot_ns > 0)
                         .then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns));
@@ -200,6 +201,9 @@ impl Responder {
                         let spawned = std::thread::Builder::new()
                             .name("vigil-capture-job".into())
                             .spawn(move || {
+                                // The queue's hold on the process lasts
+                                // until the capture claims it itself.
+                                let _hold = hold;
                                 let r = capture_job(&c, &job, until, core_cap);
                                 let _ = done_tx.send(r);
                             });
@@ -267,6 +271,7 @@ impl Responder {
         Ok(Self {
             queue,
             budget: CaptureBudget::new(opts.budget.clone()),
+            deadline,
             min_severity: opts.min_severity,
             capture_rules: opts.capture_rules.iter().cloned().collect(),
             metrics,
@@ -338,7 +343,16 @@ impl Responder {
     pub fn submit(&mut self, job: CaptureJob) {
         self.captured.put((job.pid, job.start_boot_ns), ());
         let (pid, frozen) = (job.pid, job.frozen);
-        if self.queue.push(job).is_err() {
+        // A frozen process waiting in the queue is owned by its job: the
+        // watchdog leaves it stopped until the capture deadline counted from
+        // now (the capture's own claim replaces this one when it starts).
+        let hold = frozen.then(|| {
+            let start =
+                (job.start_boot_ns > 0).then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns));
+            self.ledger
+                .claim(pid, start, Instant::now() + self.deadline)
+        });
+        if self.queue.push(Queued { job, hold }).is_err() {
             self.metrics.captures_dropped.inc();
             warn!(pid, "capture queue full: capture dropped");
             if frozen {
@@ -346,6 +360,12 @@ impl Responder {
             }
         }
     }
+}
+
+/// A job in the queue, with the hold on its frozen process.
+struct Queued {
+    job: CaptureJob,
+    hold: Option<crate::frozen::ClaimGuard>,
 }
 
 /// Capture jobs waiting for the worker: bounded, with room kept for high
@@ -359,8 +379,8 @@ struct JobQueue {
 
 #[derive(Default)]
 struct QueueState {
-    urgent: std::collections::VecDeque<CaptureJob>,
-    normal: std::collections::VecDeque<CaptureJob>,
+    urgent: std::collections::VecDeque<Queued>,
+    normal: std::collections::VecDeque<Queued>,
     closed: bool,
 }
 
@@ -375,10 +395,10 @@ impl JobQueue {
     }
 
     /// Queues `job`, or hands it back when there is no room for it.
-    fn push(&self, job: CaptureJob) -> Result<(), CaptureJob> {
+    fn push(&self, job: Queued) -> Result<(), Queued> {
         let mut st = self.lock();
         let held = st.urgent.len() + st.normal.len();
-        let urgent = job.severity >= Severity::High;
+        let urgent = job.job.severity >= Severity::High;
         let room = if urgent {
             QUEUE_SLOTS
         } else {
@@ -397,7 +417,7 @@ impl JobQueue {
     }
 
     /// The next job (urgent first); `None` once closed and empty.
-    fn pop(&self) -> Option<CaptureJob> {
+    fn pop(&self) -> Option<Queued> {
         let mut st = self.lock();
         loop {
             if let Some(j) = st.urgent.pop_front().or_else(|| st.normal.pop_front()) {

@@ -52,7 +52,27 @@ impl Collector {
 
     /// [`Collector::start`] with more `serve` arguments.
     pub fn start_with(port: u16, pki: &Path, data: &Path, extra: &[&str]) -> Collector {
-        let mut child = Command::new(collector_bin("vigil-collector"))
+        Collector::spawn(port, pki, data, extra, None)
+    }
+
+    /// [`Collector::start`] as user (and group) `uid`, unprivileged, as it
+    /// is deployed: `pki` and the parent of `data` must be theirs.
+    pub fn start_as(port: u16, pki: &Path, data: &Path, uid: u32) -> Collector {
+        Collector::spawn(port, pki, data, &[], Some(uid))
+    }
+
+    /// The collector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(port: u16, pki: &Path, data: &Path, extra: &[&str], uid: Option<u32>) -> Collector {
+        let mut cmd = Command::new(collector_bin("vigil-collector"));
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
+        let mut child = cmd
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(data)

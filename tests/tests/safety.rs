@@ -162,19 +162,45 @@ fn tiny_ring_and_a_storm_leave_no_process_stopped() {
         std::thread::sleep(Duration::from_millis(2000));
         unsafe { libc::kill(agent_pid, libc::SIGCONT) };
     });
-    let t0 = Instant::now();
-    let mut shells = 0;
-    let mut stuck = Vec::new();
+    // Shells started every 20 ms without waiting for one another (a
+    // frozen one must not hold the others back), then each waited for.
+    // Reaped round-robin all along, so each shell's lifetime is seen (to
+    // 5 ms) when it ends.
     let mut longest = Duration::ZERO;
+    let mut reap = |started: &mut Vec<(Instant, Child)>| {
+        started.retain_mut(|(at, c)| match c.try_wait().unwrap() {
+            Some(st) => {
+                assert!(st.success());
+                longest = longest.max(at.elapsed());
+                false
+            }
+            None => true,
+        })
+    };
+    let t0 = Instant::now();
+    let mut started = Vec::new();
+    let mut shells = 0;
     while t0.elapsed() < Duration::from_secs(6) {
-        let started = Instant::now();
-        match wait_bounded(shell("exit 0"), Duration::from_secs(20)) {
-            Ok(o) => assert!(o.status.success()),
-            Err(e) => stuck.push(e),
-        }
-        longest = longest.max(started.elapsed());
+        started.push((Instant::now(), shell("exit 0")));
         shells += 1;
-        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..4 {
+            std::thread::sleep(Duration::from_millis(5));
+            reap(&mut started);
+        }
+    }
+    let mut stuck = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !started.is_empty() {
+        reap(&mut started);
+        if Instant::now() > deadline {
+            for (_, c) in &mut started {
+                stuck.push(format!("pid {} in state {}", c.id(), state(c.id())));
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let storm_execs: u64 = storm.into_iter().map(|h| h.join().unwrap()).sum();
@@ -311,6 +337,30 @@ fn a_stuck_capture_is_released_by_its_deadline() {
 #[test]
 fn the_running_agent_keeps_only_its_documented_capabilities() {
     let _g = serial();
+    // The code's list is the documented one.
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../SECURITY.md")).unwrap();
+    let table = doc
+        .split("<!-- capabilities")
+        .nth(1)
+        .and_then(|t| t.split("<!-- /capabilities -->").next())
+        .expect("SECURITY.md has the capabilities table");
+    let mut documented: Vec<String> = table
+        .split('`')
+        .filter(|w| w.starts_with("CAP_"))
+        .map(String::from)
+        .collect();
+    let mut kept: Vec<String> = vigil_agent::privilege::KEPT
+        .iter()
+        .map(|(c, _)| c.to_string())
+        .collect();
+    documented.sort();
+    kept.sort();
+    assert_eq!(
+        documented, kept,
+        "SECURITY.md and agent/src/privilege.rs disagree"
+    );
+
     let agent = Agent::start(&[]);
     let want = format!("{:016x}", vigil_agent::privilege::runtime_mask());
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
@@ -351,7 +401,31 @@ fn a_flood_stays_bounded_and_a_critical_attack_still_gets_through() {
     init_pki(&pki, "flood");
     let port = vigil_tests::free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let coll = Collector::start(port, &pki, &work.path().join("data"));
+    // The collector runs as an unprivileged user (nobody), as deployed.
+    let coll_dir = work.path().join("collector");
+    std::fs::create_dir(&coll_dir).unwrap();
+    let nobody = 65534;
+    for p in [work.path(), coll_dir.as_path()] {
+        std::os::unix::fs::chown(p, Some(nobody), Some(nobody)).unwrap();
+    }
+    let chown_tree = |p: &std::path::Path| {
+        let st = Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    chown_tree(&pki);
+    let coll = Collector::start_as(port, &pki, &coll_dir.join("data"), nobody);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", coll.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "{status}"
+    );
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
     let budget_mib = 24u64;
     let cfg = write_config(
         work.path(),
