@@ -167,6 +167,8 @@ pub struct AggregateOptions {
     /// Occurrences reported individually per key and window (at least 1:
     /// the first is always reported at once).
     pub emit_first: u32,
+    /// The same for high and critical detections.
+    pub emit_first_high: u32,
 }
 
 impl Default for AggregateOptions {
@@ -174,6 +176,7 @@ impl Default for AggregateOptions {
         AggregateOptions {
             window: Duration::from_secs(60),
             emit_first: 3,
+            emit_first_high: 20,
         }
     }
 }
@@ -195,6 +198,8 @@ pub struct Repeat {
 
 struct Tally<D> {
     start: Instant,
+    /// Occurrences reported one by one in this window.
+    limit: u32,
     count: u64,
     first: String,
     last: String,
@@ -217,14 +222,16 @@ impl<K: std::hash::Hash + Eq + Clone, D> Aggregator<K, D> {
         }
     }
 
-    /// Records one occurrence at `time`: `None` when it is to be reported
-    /// now, else it was folded into the tally. A key whose window ended is
-    /// returned in `ended` (with its sample) before the new window starts.
+    /// Records one occurrence at `time` (`high`: a high or critical
+    /// detection): `Some` when it is to be reported now, `None` when it was
+    /// folded into the tally. A key whose window ended is returned in
+    /// `ended` (with its sample) before the new window starts.
     pub fn observe(
         &mut self,
         key: K,
         time: &str,
         d: D,
+        high: bool,
         now: Instant,
         ended: &mut Vec<(D, Repeat)>,
     ) -> Option<D> {
@@ -242,7 +249,7 @@ impl<K: std::hash::Hash + Eq + Clone, D> Aggregator<K, D> {
             Some(t) => {
                 t.count += 1;
                 t.last = time.to_string();
-                if t.count > self.opts.emit_first as u64 {
+                if t.count > t.limit as u64 {
                     t.sample = Some(d);
                     return None;
                 }
@@ -251,6 +258,11 @@ impl<K: std::hash::Hash + Eq + Clone, D> Aggregator<K, D> {
             None => {
                 let t = Tally {
                     start: now,
+                    limit: if high {
+                        self.opts.emit_first_high
+                    } else {
+                        self.opts.emit_first
+                    },
                     count: 1,
                     first: time.to_string(),
                     last: time.to_string(),
@@ -299,7 +311,7 @@ impl<K: std::hash::Hash + Eq + Clone, D> Aggregator<K, D> {
     }
 
     fn close(&self, t: Tally<D>) -> Option<(D, Repeat)> {
-        let suppressed = t.count.saturating_sub(self.opts.emit_first as u64);
+        let suppressed = t.count.saturating_sub(t.limit as u64);
         let sample = t.sample?;
         Some((
             sample,
@@ -365,6 +377,7 @@ mod tests {
             AggregateOptions {
                 window: Duration::from_secs(60),
                 emit_first: 2,
+                emit_first_high: 5,
             },
             16,
         );
@@ -372,27 +385,40 @@ mod tests {
         let mut ended = Vec::new();
         let mut emitted = 0;
         for i in 0..10u32 {
-            if a.observe("k", &format!("t{i}"), i, t0, &mut ended)
+            if a.observe("k", &format!("t{i}"), i, false, t0, &mut ended)
                 .is_some()
             {
                 emitted += 1;
             }
         }
         // A different key is not affected.
-        assert_eq!(a.observe("other", "x", 99, t0, &mut ended), Some(99));
+        assert_eq!(a.observe("other", "x", 99, false, t0, &mut ended), Some(99));
+        // High ones are reported one by one for longer.
+        let high = (0..10u32)
+            .filter(|&i| a.observe("h", "t", i, true, t0, &mut ended).is_some())
+            .count();
+        assert_eq!(high, 5);
         assert_eq!(emitted, 2);
         assert!(ended.is_empty());
         assert!(a.expire(t0 + Duration::from_secs(30)).is_empty());
         let out = a.expire(t0 + Duration::from_secs(60));
-        assert_eq!(out.len(), 1, "only the key with suppressed repeats reports");
-        let (sample, r) = &out[0];
+        assert_eq!(out.len(), 2, "only the keys with suppressed repeats report");
+        assert!(out.iter().any(|(_, r)| r.count == 10 && r.suppressed == 5));
+        let (sample, r) = out.iter().find(|(_, r)| r.suppressed == 8).unwrap();
         assert_eq!(*sample, 9);
         assert_eq!(r.count, 10);
         assert_eq!(r.suppressed, 8);
         assert_eq!((r.first.as_str(), r.last.as_str()), ("t0", "t9"));
         // A new window starts fresh.
         assert_eq!(
-            a.observe("k", "t10", 10, t0 + Duration::from_secs(61), &mut ended),
+            a.observe(
+                "k",
+                "t10",
+                10,
+                false,
+                t0 + Duration::from_secs(61),
+                &mut ended
+            ),
             Some(10)
         );
     }
@@ -403,15 +429,16 @@ mod tests {
             AggregateOptions {
                 window: Duration::from_secs(10),
                 emit_first: 1,
+                emit_first_high: 1,
             },
             16,
         );
         let t0 = Instant::now();
         let mut ended = Vec::new();
-        assert!(a.observe("k", "a", 1, t0, &mut ended).is_some());
-        assert!(a.observe("k", "b", 2, t0, &mut ended).is_none());
+        assert!(a.observe("k", "a", 1, false, t0, &mut ended).is_some());
+        assert!(a.observe("k", "b", 2, false, t0, &mut ended).is_none());
         assert!(a
-            .observe("k", "c", 3, t0 + Duration::from_secs(11), &mut ended)
+            .observe("k", "c", 3, false, t0 + Duration::from_secs(11), &mut ended)
             .is_some());
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].1.count, 2);

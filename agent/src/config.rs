@@ -104,6 +104,8 @@ pub struct AgentConfig {
     pub aggregate_window_secs: u64,
     /// Repeats reported one by one per window before they collapse.
     pub aggregate_emit_first: u32,
+    /// The same for high and critical detections.
+    pub aggregate_emit_first_high: u32,
     /// Write each capture outcome (bundle id, archive, timings) as a JSON
     /// line here.
     pub evidence_json: Option<PathBuf>,
@@ -172,6 +174,7 @@ impl Default for AgentConfig {
             capture_budget_critical: 50,
             aggregate_window_secs: 60,
             aggregate_emit_first: 3,
+            aggregate_emit_first_high: 20,
             evidence_json: None,
             collector: None,
             collector_pki: None,
@@ -204,8 +207,15 @@ impl AgentConfig {
         );
         anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
         anyhow::ensure!(
-            self.aggregate_emit_first >= 1 && self.aggregate_window_secs >= 1,
-            "aggregate_emit_first and aggregate_window_secs must be >= 1"
+            self.aggregate_emit_first >= 1
+                && self.aggregate_emit_first_high >= 1
+                && self.aggregate_window_secs >= 1,
+            "aggregate_emit_first, aggregate_emit_first_high and aggregate_window_secs must be >= 1"
+        );
+        anyhow::ensure!(
+            self.freeze.is_empty() || self.ring_buffer_bytes >= 16384,
+            "ring_buffer_bytes must be >= 16384 while freeze is on (a frozen exec's record reserves 8320 bytes), got {}",
+            self.ring_buffer_bytes
         );
         anyhow::ensure!(
             self.capture_budget_window_secs >= 1,

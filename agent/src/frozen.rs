@@ -15,11 +15,12 @@
 //!   ([`FreezeLedger::claim`]). Agent-side freezes are also listed in the
 //!   capture state's `stopped.json` (see `capture::freeze`).
 //! - **The watchdog** (a thread, every [`WATCHDOG_TICK`]) resumes every
-//!   process in the ledger that no capture owns after `release_after` (a
-//!   record lost to a decode error, a job waiting behind another capture,
-//!   a detection that asked for nothing), and every claimed process whose
-//!   capture passed its deadline (the capture is then reported as timed
-//!   out). Entries of processes that are gone are dropped.
+//!   process in the ledger that nothing owns after `release_after` (a
+//!   record lost to a decode error, a detection that asked for nothing),
+//!   and every claimed process (a capture job, queued or running) whose
+//!   deadline passed (the capture is then reported as timed out), again at
+//!   every pass while the stuck capture could stop it again. Entries of
+//!   processes that are gone are dropped.
 //!
 //! Signals go through pidfds checked against the start time, so a recycled
 //! pid is never resumed.
@@ -83,9 +84,15 @@ pub struct ClaimGuard {
     ledger: FreezeLedger,
     pid: u32,
     id: u64,
+    deadline: Instant,
 }
 
 impl ClaimGuard {
+    /// When the claim expires.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// Whether the deadline passed (the watchdog resumed the process).
     pub fn timed_out(&self) -> bool {
         let claims = self.ledger.claims();
@@ -163,81 +170,124 @@ impl FreezeLedger {
             ledger: self.clone(),
             pid,
             id,
+            deadline,
         }
     }
 
-    /// Lets a stopped process go: SIGCONT (if it is still the process that
-    /// started at the ledger's start time, else at `start_ticks` when
-    /// known) and its ledger entry removed. Counted in `resumed`.
+    /// Lets a kernel-frozen process go: its ledger entry is removed, then it
+    /// gets SIGCONT if it is still the process the entry names. Nothing
+    /// happens when there is no entry (someone released it already). Only
+    /// without a ledger map (unit tests) is `start_ticks` used instead.
     pub fn release(&self, pid: u32, start_ticks: Option<u64>) {
-        let entry = self.take_entry(pid);
-        let start = entry
-            .map(|e| boot_ns_to_ticks(e.start_boot_ns))
-            .or(start_ticks);
+        let start = match self.inner.map {
+            Some(_) => match self.take_entry(pid, None) {
+                Some(e) => Some(boot_ns_to_ticks(e.start_boot_ns)),
+                None => return,
+            },
+            None => start_ticks,
+        };
+        self.resume(pid, start);
+    }
+
+    /// SIGCONT to `pid` if it still has `start` (clock ticks), counted.
+    fn resume(&self, pid: u32, start: Option<u64>) -> bool {
         match signal_if_same(pid as i32, start, libc::SIGCONT) {
-            Ok(_) => {
-                self.inner.metrics.resumed.inc();
+            Ok(sent) => {
+                if sent {
+                    self.inner.metrics.resumed.inc();
+                }
+                sent
             }
             Err(e) => {
                 self.inner.metrics.resume_errors.inc();
                 warn!(pid, error = %e, "could not resume a frozen process");
+                false
             }
         }
     }
 
-    /// Forgets `pid`'s entry: its capture released it already.
-    pub fn forget(&self, pid: u32) {
-        self.take_entry(pid);
+    /// Forgets `pid`'s entry once its capture released it, if the entry is
+    /// that freeze's: one made before `before_boot_ns` (a freeze of a later
+    /// exec of the same process is left to be released).
+    pub fn forget(&self, pid: u32, before_boot_ns: u64) {
+        self.take_entry(pid, Some(before_boot_ns));
     }
 
-    fn take_entry(&self, pid: u32) -> Option<FrozenEntry> {
+    /// Removes and returns `pid`'s entry (only if frozen before `before`).
+    fn take_entry(&self, pid: u32, before: Option<u64>) -> Option<FrozenEntry> {
         let mut map = self.map()?;
-        let e = map.get(&pid, 0).ok();
-        if e.is_some() {
-            let _ = map.remove(&pid);
+        let e = map.get(&pid, 0).ok()?;
+        if before.is_some_and(|b| e.frozen_boot_ns >= b) {
+            return None;
         }
-        e
+        let _ = map.remove(&pid);
+        Some(e)
     }
 
     /// One watchdog pass at `now` (boot ns `now_boot`): resumes claimed
-    /// processes past their deadline and unowned kernel freezes older than
-    /// `release_after`, drops entries of processes that are gone. Returns
-    /// how many processes it resumed.
+    /// processes past their deadline (and again at every pass while their
+    /// capture still runs and they are stopped: nothing may stop them
+    /// again), unowned kernel freezes older than `release_after`, and drops
+    /// entries of processes that are gone. Locks are held only to read and
+    /// update the tables, never across a signal. Returns how many processes
+    /// it resumed.
     pub fn sweep(&self, now: Instant, now_boot: u64) -> usize {
         let mut resumed = 0;
-        let mut claims = self.claims();
-        for (&pid, c) in claims.iter_mut() {
-            if c.expired || now < c.deadline {
-                continue;
+        // Claims past their deadline.
+        let mut expired_now = Vec::new();
+        let mut still_expired = Vec::new();
+        let owned: std::collections::HashSet<u32> = {
+            let mut claims = self.claims();
+            for (&pid, c) in claims.iter_mut() {
+                if c.expired {
+                    still_expired.push((pid, c.start_ticks));
+                } else if now >= c.deadline {
+                    c.expired = true;
+                    expired_now.push((pid, c.start_ticks));
+                }
             }
-            c.expired = true;
+            claims
+                .iter()
+                .filter(|(_, c)| !c.expired)
+                .map(|(&p, _)| p)
+                .collect()
+        };
+        for &(pid, start) in &expired_now {
             self.inner.metrics.capture_timeouts.inc();
             warn!(pid, "capture passed its deadline: resuming the process");
-            if let Ok(true) = signal_if_same(pid as i32, c.start_ticks, libc::SIGCONT) {
-                self.inner.metrics.resumed.inc();
-                resumed += 1;
-            }
             if let Some(mut map) = self.map() {
                 let _ = map.remove(&pid);
             }
+            resumed += self.resume(pid, start) as usize;
         }
-        let Some(mut map) = self.map() else {
-            return resumed;
+        for (pid, start) in still_expired {
+            if process_state(pid) == Some('T') {
+                warn!(
+                    pid,
+                    "the capture past its deadline stopped the process again: resuming"
+                );
+                resumed += self.resume(pid, start) as usize;
+            }
+        }
+        // Unowned kernel freezes.
+        let entries: Vec<(u32, FrozenEntry)> = match self.map() {
+            Some(map) => map.iter().filter_map(Result::ok).collect(),
+            None => return resumed,
         };
-        let entries: Vec<(u32, FrozenEntry)> = map.iter().filter_map(Result::ok).collect();
         let release_after = self.inner.options.release_after.as_nanos() as u64;
         let mut now_frozen = 0i64;
         for (pid, e) in entries {
-            if claims.get(&pid).is_some_and(|c| !c.expired) {
+            let age = now_boot.saturating_sub(e.frozen_boot_ns);
+            if owned.contains(&pid) || age < release_after {
                 now_frozen += 1;
+                continue;
+            }
+            // Removed first (only if still this freeze), then resumed: a
+            // new freeze of the same pid is never forgotten.
+            if self.take_entry(pid, Some(e.frozen_boot_ns + 1)).is_none() {
                 continue;
             }
             let start = boot_ns_to_ticks(e.start_boot_ns);
-            let age = now_boot.saturating_sub(e.frozen_boot_ns);
-            if age < release_after {
-                now_frozen += 1;
-                continue;
-            }
             match signal_if_same(pid as i32, Some(start), libc::SIGCONT) {
                 Ok(true) => {
                     self.inner.metrics.freeze_watchdog_released.inc();
@@ -253,11 +303,8 @@ impl FreezeLedger {
                 Err(err) => {
                     self.inner.metrics.resume_errors.inc();
                     warn!(pid, error = %err, "watchdog: could not resume a frozen process");
-                    now_frozen += 1;
-                    continue;
                 }
             }
-            let _ = map.remove(&pid);
         }
         self.inner.metrics.frozen_now.set(now_frozen);
         resumed
@@ -279,21 +326,20 @@ impl FreezeLedger {
     /// At shutdown: resumes every process still in the ledger and removes
     /// the pin (nothing is left for a later start to do).
     pub fn release_all(&self) -> usize {
-        let mut n = 0;
-        if let Some(mut map) = self.map() {
-            let entries: Vec<(u32, FrozenEntry)> = map.iter().filter_map(Result::ok).collect();
-            for (pid, e) in entries {
-                if let Ok(true) = signal_if_same(
-                    pid as i32,
-                    Some(boot_ns_to_ticks(e.start_boot_ns)),
-                    libc::SIGCONT,
-                ) {
-                    self.inner.metrics.resumed.inc();
-                    n += 1;
+        let entries: Vec<(u32, FrozenEntry)> = match self.map() {
+            Some(mut map) => {
+                let all: Vec<_> = map.iter().filter_map(Result::ok).collect();
+                for (pid, _) in &all {
+                    let _ = map.remove(pid);
                 }
-                let _ = map.remove(&pid);
+                all
             }
-        }
+            None => Vec::new(),
+        };
+        let n = entries
+            .into_iter()
+            .filter(|(pid, e)| self.resume(*pid, Some(boot_ns_to_ticks(e.start_boot_ns))))
+            .count();
         if let Some(p) = &self.inner.pin_path {
             if let Err(e) = std::fs::remove_file(p) {
                 warn!(path = %p.display(), error = %e, "could not remove the ledger pin");
@@ -301,6 +347,14 @@ impl FreezeLedger {
         }
         n
     }
+}
+
+/// The state letter of `pid` (/proc/PID/stat), if it exists.
+fn process_state(pid: u32) -> Option<char> {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.state)
 }
 
 /// The pin file name of this agent's ledger: `frozen.<pid>.<start ticks>`.

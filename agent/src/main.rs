@@ -177,7 +177,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
     if let Some(f) = &cli.log_format {
         cfg.log_format = f.clone();
     }
-    cfg.validate()?;
+    // `resume-frozen` reads only where the ledgers and the capture state
+    // are: a configuration the agent would refuse (e.g. a collector without
+    // an agent name) must not keep it from releasing processes.
+    if cli.command.is_none() {
+        cfg.validate()?;
+    }
     Ok(cfg)
 }
 

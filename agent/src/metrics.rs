@@ -100,6 +100,8 @@ pub struct Metrics {
     /// Frozen processes released by the watchdog: no capture owned them in
     /// time (record lost, queue behind, decode error).
     pub freeze_watchdog_released: Counter,
+    /// Capture threads past their deadline that have not come back.
+    pub captures_stuck: Gauge,
     /// Detections folded into a repeat report instead of reported one by one.
     pub detections_aggregated: Counter,
     /// Captures refused by a budget, by reason (workload_budget,
@@ -140,6 +142,59 @@ pub struct Metrics {
     /// Items refused because the spool (or the queue to it) was full.
     pub spool_dropped: Counter,
     last_kernel: std::sync::Mutex<Vec<u64>>,
+    /// Liveness and readiness of the event loop (`/healthz`, `/readyz`).
+    pub health: Health,
+}
+
+/// Liveness and readiness for probes, independent of how busy the agent
+/// is: live while the event loop drained the ring buffer lately (it does
+/// at least every `poll_interval_ms` when it runs at all), ready once the
+/// programs are attached and the loop runs.
+#[derive(Debug, Default)]
+pub struct Health {
+    last_drain_boot_ns: std::sync::atomic::AtomicU64,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+/// `/healthz` fails when the ring buffer was not drained for this long.
+pub const LIVENESS_MAX_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Health {
+    /// The event loop drained the ring buffer now.
+    pub fn drained(&self) {
+        self.last_drain_boot_ns.store(
+            crate::detect::boot_ns_now(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The agent is attached and running.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `Ok` while live; else how long the loop has been stalled.
+    pub fn live(&self) -> Result<(), String> {
+        let last = self
+            .last_drain_boot_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let age =
+            std::time::Duration::from_nanos(crate::detect::boot_ns_now().saturating_sub(last));
+        if last != 0 && age < LIVENESS_MAX_STALL {
+            Ok(())
+        } else {
+            Err(format!(
+                "the event loop has not drained the ring buffer for {} s",
+                age.as_secs()
+            ))
+        }
+    }
+
+    /// Whether the agent is ready.
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Metrics {
@@ -299,6 +354,11 @@ impl Metrics {
             self.freeze_watchdog_released.clone(),
         );
         r.register(
+            "captures_stuck",
+            "Capture threads past their deadline that have not come back (blocked in the kernel)",
+            self.captures_stuck.clone(),
+        );
+        r.register(
             "detections_aggregated",
             "Detections folded into one repeat report instead of reported one by one",
             self.detections_aggregated.clone(),
@@ -423,9 +483,18 @@ impl Metrics {
 }
 
 /// Serves GET /metrics (and /healthz) until the task is dropped.
-pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
-    use axum::{http::header, routing::get, Router};
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    use axum::{
+        http::{header, StatusCode},
+        routing::get,
+        Router,
+    };
     let registry = Arc::new(registry);
+    let (live, ready) = (metrics.clone(), metrics);
     let app = Router::new()
         .route(
             "/metrics",
@@ -449,11 +518,57 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route(
+            "/healthz",
+            get(move || {
+                let m = live.clone();
+                async move {
+                    match m.health.live() {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let m = ready.clone();
+                async move {
+                    if m.health.ready() {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n")
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding metrics address {addr}: {e}"))?;
     tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_follows_the_event_loop_and_readiness_its_state() {
+        let h = Health::default();
+        assert!(h.live().is_err(), "never drained: not live");
+        assert!(!h.ready());
+        h.drained();
+        h.set_ready(true);
+        assert!(h.live().is_ok());
+        assert!(h.ready());
+        // A loop that stopped draining long ago is not live.
+        h.last_drain_boot_ns.store(
+            crate::detect::boot_ns_now() - LIVENESS_MAX_STALL.as_nanos() as u64 - 1,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        assert!(h.live().unwrap_err().contains("not drained"));
+    }
 }

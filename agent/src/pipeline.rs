@@ -184,8 +184,9 @@ impl Pipeline {
         }
     }
 
-    /// Collapses repeated detections with `opts` (default: 3 reported per
-    /// key per minute, the rest counted in one report).
+    /// Collapses repeated detections with `opts` (default: per key and
+    /// minute, 3 reported one by one, 20 for high and critical ones, the
+    /// rest counted in one report).
     pub fn with_aggregation(mut self, opts: AggregateOptions) -> Self {
         self.repeats = Aggregator::new(opts, 4096);
         self
@@ -269,24 +270,9 @@ impl Pipeline {
         let mut capture_asked = false;
         if let Some(engine) = &mut self.detect {
             let now = Instant::now();
-            let mut ended = Vec::new();
-            let mut dets: Vec<Detection> = engine
-                .observe(&enriched, &self.tree, now)
-                .into_iter()
-                .filter_map(|d| {
-                    let time = d.time.clone();
-                    let kept = self
-                        .repeats
-                        .observe(repeat_key(&d), &time, d, now, &mut ended);
-                    if kept.is_none() {
-                        self.metrics.detections_aggregated.inc();
-                    }
-                    kept
-                })
-                .collect();
-            for (d, r) in ended {
-                self.report_repeat(d, r);
-            }
+            let mut dets = engine.observe(&enriched, &self.tree, now);
+            // The capture decision sees every detection (its budget bounds
+            // it); only their reporting collapses repeats.
             if let Some(r) = &mut self.responder {
                 let e = &enriched.event;
                 let alive = !matches!(e.payload, Payload::Exit { .. });
@@ -321,25 +307,37 @@ impl Pipeline {
                     r.submit(job);
                 }
             }
+            // Detections whose process is being captured are each reported
+            // (the bundle links to them); the rest may collapse.
+            let mut ended = Vec::new();
             for d in dets {
-                self.report(&d);
+                let d = if capture_asked {
+                    Some(d)
+                } else {
+                    let time = d.time.clone();
+                    let high = d.severity >= Severity::High;
+                    let kept =
+                        self.repeats
+                            .observe(repeat_key(&d), &time, d, high, now, &mut ended);
+                    if kept.is_none() {
+                        self.metrics.detections_aggregated.inc();
+                    }
+                    kept
+                };
+                if let Some(d) = d {
+                    self.report(&d);
+                }
+            }
+            for (d, r) in ended {
+                self.report_repeat(d, r);
             }
         }
         // A process the kernel froze at exec waits for us: inspection (and
         // later evidence capture) is done, let it run.
         // (A capture job releases its process itself.)
-        if let Payload::Exec(x) = &enriched.event.payload {
+        if let (Payload::Exec(x), Some(l)) = (&enriched.event.payload, &self.ledger) {
             if x.frozen && !capture_asked {
-                let pid = enriched.event.pid;
-                match &self.ledger {
-                    Some(l) => l.release(
-                        pid,
-                        Some(crate::frozen::boot_ns_to_ticks(
-                            enriched.event.start_boot_ns,
-                        )),
-                    ),
-                    None => crate::respond::resume(pid, &self.metrics),
-                }
+                l.release(enriched.event.pid, None);
             }
         }
         if is_exit {

@@ -52,11 +52,18 @@ pub fn drop_to_runtime_set() -> anyhow::Result<()> {
         "dropping capabilities needs a single thread, found {threads}"
     );
     let keep = runtime_set();
-    // The bounding set first: that needs CAP_SETPCAP, which goes last.
-    let supported = caps::runtime::thread_all_supported();
-    for cap in supported.iter().filter(|c| !keep.contains(c)) {
-        caps::drop(None, CapSet::Bounding, *cap)
-            .with_context(|| format!("dropping {cap} from the bounding set"))?;
+    // The bounding set first, while CAP_SETPCAP is still effective. Where
+    // the agent was not given CAP_SETPCAP (a container granted only what
+    // it needs), the runtime's bounding set stays as it is, logged.
+    let effective = caps::read(None, CapSet::Effective).context("reading the effective set")?;
+    if effective.contains(&Capability::CAP_SETPCAP) {
+        let supported = caps::runtime::thread_all_supported();
+        for cap in supported.iter().filter(|c| !keep.contains(c)) {
+            caps::drop(None, CapSet::Bounding, *cap)
+                .with_context(|| format!("dropping {cap} from the bounding set"))?;
+        }
+    } else {
+        tracing::warn!("no CAP_SETPCAP: the bounding set is left as the runtime set it");
     }
     caps::clear(None, CapSet::Ambient).context("clearing the ambient set")?;
     caps::clear(None, CapSet::Inheritable).context("clearing the inheritable set")?;

@@ -110,7 +110,173 @@ struct JobContext {
     recent: Arc<std::sync::Mutex<LruCache<(i32, i32), Instant>>>,
 }
 
-type JobResult = (Result<CaptureOutcome, CaptureError>, Option<i32>);
+/// A capture's result, the stand-in it took (if any), and whether it ran
+/// past its deadline (the process was resumed during it).
+type JobResult = (Result<CaptureOutcome, CaptureError>, Option<i32>, bool);
+
+/// The capture worker thread: takes jobs in priority order, runs each on
+/// its own thread with a deadline, reports each outcome.
+struct Worker {
+    ctx: JobContext,
+    metrics: Arc<Metrics>,
+    ship: Option<crate::ship::Shipper>,
+    deadline: Duration,
+    capture_dir: PathBuf,
+    max_disk: u64,
+    /// Capture threads past their deadline that have not come back.
+    stuck: Vec<std::thread::JoinHandle<()>>,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl Worker {
+    fn run(mut self, queue: &JobQueue, stop: &std::sync::atomic::AtomicBool) {
+        while let Some(q) = queue.pop() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Shutting down: no new captures, but nothing stays stopped.
+                if q.job.frozen {
+                    self.ctx.ledger.release(q.job.pid, None);
+                }
+                continue;
+            }
+            let line = self.handle(q);
+            self.write(&line);
+        }
+    }
+
+    /// One job: budget checks, then the capture on its own thread. Returns
+    /// the evidence output line.
+    fn handle(&mut self, Queued { job, hold }: Queued) -> serde_json::Value {
+        let m = self.metrics.clone();
+        let led = self.ctx.ledger.clone();
+        self.stuck.retain(|h| !h.is_finished());
+        m.captures_stuck.set(self.stuck.len() as i64);
+        let refuse = |why: String| {
+            warn!(pid = job.pid, "{why}");
+            if job.frozen {
+                led.release(job.pid, None);
+            }
+            serde_json::json!({"detection": job.detection, "error": why})
+        };
+        let Some(room) = disk_room(&self.capture_dir, self.max_disk, job.severity, &m) else {
+            refused(&m, Refusal::Disk);
+            return refuse(format!(
+                "capture refused: the capture directory holds its budget of {} bytes",
+                self.max_disk
+            ));
+        };
+        // Critical detections are captured even then: each may add a stuck
+        // thread, bounded by the critical budget.
+        if self.stuck.len() >= MAX_STUCK_CAPTURES && job.severity < Severity::Critical {
+            m.captures_dropped.inc();
+            return refuse(format!(
+                "capture skipped: {} earlier captures are stuck past their deadline",
+                self.stuck.len()
+            ));
+        }
+        let (pid, frozen, severity) = (job.pid, job.frozen, job.severity);
+        let detection = job.detection.clone();
+        let started_boot = crate::detect::boot_ns_now();
+        // A process frozen while queued has been stopped since its hold
+        // began: the capture gets what is left of that deadline.
+        let mut until = Instant::now() + self.deadline;
+        if let Some(h) = &hold {
+            until = until.min(h.deadline());
+        }
+        // The work files and the sealed archive coexist: half the room each.
+        let limits = CaptureLimits {
+            core_bytes: (room / 2).min(self.ctx.capturer.config().core.max_total_bytes),
+            exe_bytes: (room / 2).min(self.ctx.capturer.config().max_exe_bytes),
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<JobResult>();
+        let c = self.ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vigil-capture-job".into())
+            .spawn(move || {
+                // The queue's hold lasts until the capture claims the
+                // process itself.
+                let _hold = hold;
+                let _ = done_tx.send(capture_job(&c, &job, until, limits));
+            });
+        // The watchdog resumes the process at the deadline; this waits a
+        // little longer for the thread to say how it ended.
+        let wait = until.saturating_duration_since(Instant::now()) + DEADLINE_GRACE;
+        let waited = match &spawned {
+            Ok(_) => done_rx.recv_timeout(wait),
+            Err(_) => Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+        };
+        match waited {
+            Ok((result, stand_in, timed_out)) => {
+                // The capture releases its own process; any other way, a
+                // process the kernel froze is released here.
+                if frozen {
+                    if result.is_ok() && stand_in.is_none() {
+                        led.forget(pid, started_boot);
+                    } else {
+                        led.release(pid, None);
+                    }
+                }
+                let mut line = outcome_line(
+                    &m,
+                    self.ship.as_ref(),
+                    pid,
+                    severity,
+                    detection,
+                    result,
+                    stand_in,
+                );
+                if timed_out {
+                    line["timed_out"] = serde_json::Value::Bool(true);
+                }
+                line
+            }
+            Err(e) => {
+                m.capture_errors.inc();
+                if frozen {
+                    led.release(pid, None);
+                }
+                let (why, timed_out) = match (e, spawned) {
+                    (std::sync::mpsc::RecvTimeoutError::Timeout, Ok(h)) => {
+                        self.stuck.push(h);
+                        m.captures_stuck.set(self.stuck.len() as i64);
+                        (
+                            format!(
+                                "capture timed out after {} ms; the process was resumed",
+                                self.deadline.as_millis()
+                            ),
+                            true,
+                        )
+                    }
+                    (_, Err(e)) => (format!("capture thread could not start: {e}"), false),
+                    (_, Ok(_)) => (
+                        "capture thread panicked; the process was resumed".into(),
+                        false,
+                    ),
+                };
+                warn!(pid, "{why}");
+                serde_json::json!({"detection": detection, "error": why, "timed_out": timed_out})
+            }
+        }
+    }
+
+    fn write(&mut self, line: &serde_json::Value) {
+        let Some(w) = &mut self.out else { return };
+        let r = serde_json::to_writer(&mut *w, line)
+            .map_err(std::io::Error::other)
+            .and_then(|()| w.write_all(b"\n"))
+            .and_then(|()| w.flush());
+        if let Err(e) = r {
+            self.metrics.output_errors.inc();
+            warn!(error = %e, "writing evidence output failed");
+        }
+    }
+}
+
+/// Byte caps of one capture (from the disk budget's room).
+#[derive(Clone, Copy, Debug)]
+struct CaptureLimits {
+    core_bytes: u64,
+    exe_bytes: u64,
+}
 
 impl Responder {
     /// Starts the worker. Processes a previous agent left stopped are resumed
@@ -128,22 +294,7 @@ impl Responder {
             warn!(pids = ?resumed, "resumed processes a previous agent left stopped");
         }
         let queue = Arc::new(JobQueue::default());
-        let rx = queue.clone();
-        let m = metrics.clone();
-        let capture_dir = opts.dir.clone();
-        let max_disk = opts.max_disk_bytes;
-        let ctx = JobContext {
-            capturer,
-            ledger: ledger.clone(),
-            contain: opts.contain,
-            fallback: opts.ancestor_fallback,
-            recent: Arc::new(std::sync::Mutex::new(LruCache::new(
-                NonZeroUsize::new(256).expect("non-zero"),
-            ))),
-        };
-        let deadline = opts.deadline;
-        let ship = opts.ship.clone();
-        let mut out = match &opts.evidence_json {
+        let out = match &opts.evidence_json {
             Some(p) => Some(std::io::BufWriter::new(
                 vigil_bundle::private::open_append(p)
                     .map_err(|e| anyhow::anyhow!("opening {}: {e}", p.display()))?,
@@ -151,123 +302,29 @@ impl Responder {
             None => None,
         };
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop = stopping.clone();
-        let led = ledger.clone();
+        let worker = Worker {
+            ctx: JobContext {
+                capturer,
+                ledger: ledger.clone(),
+                contain: opts.contain,
+                fallback: opts.ancestor_fallback,
+                recent: Arc::new(std::sync::Mutex::new(LruCache::new(
+                    NonZeroUsize::new(256).expect("non-zero"),
+                ))),
+            },
+            metrics: metrics.clone(),
+            ship: opts.ship.clone(),
+            deadline: opts.deadline,
+            capture_dir: opts.dir.clone(),
+            max_disk: opts.max_disk_bytes,
+            stuck: Vec::new(),
+            out,
+        };
+        let (rx, stop) = (queue.clone(), stopping.clone());
+        let deadline = opts.deadline;
         let worker = std::thread::Builder::new()
             .name("vigil-capture".into())
-            .spawn(move || {
-                let mut stuck: Vec<std::thread::JoinHandle<()>> = Vec::new();
-                while let Some(Queued { job, hold }) = rx.pop() {
-                    stuck.retain(|h| !h.is_finished());
-                    let start_ticks = (job.start_boot_ns > 0)
-                        .then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns));
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        // Shutting down: no new captures, but nothing stays
-                        // stopped.
-                        if job.frozen {
-                            led.release(job.pid, start_ticks);
-                        }
-                        continue;
-                    }
-                    let core_cap = disk_room(&capture_dir, max_disk, job.severity, &m)
-                        .map(|room| (room / 2).min(ctx.capturer.config().core.max_total_bytes));
-                    let line = if core_cap.is_none() {
-                        refused(&m, Refusal::Disk);
-                        warn!(pid = job.pid, "capture directory at its disk budget: capture refused");
-                        if job.frozen {
-                            led.release(job.pid, start_ticks);
-                        }
-                        serde_json::json!({
-                            "detection": job.detection,
-                            "error": format!("capture refused: the capture directory holds its budget of {max_disk} bytes"),
-                        })
-                    } else if stuck.len() >= MAX_STUCK_CAPTURES {
-                        m.captures_dropped.inc();
-                        warn!(pid = job.pid, stuck = stuck.len(), "captures are stuck past their deadline: capture skipped");
-                        if job.frozen {
-                            led.release(job.pid, start_ticks);
-                        }
-                        serde_json::json!({
-                            "detection": job.detection,
-                            "error": format!("capture skipped: {} earlier captures are stuck past their deadline", stuck.len()),
-                        })
-                    } else {
-                        let (pid, frozen) = (job.pid, job.frozen);
-                        let detection = job.detection.clone();
-                        let (done_tx, done_rx) = std::sync::mpsc::channel::<JobResult>();
-                        let c = ctx.clone();
-                        let until = Instant::now() + deadline;
-                        let severity = job.severity;
-                        let spawned = std::thread::Builder::new()
-                            .name("vigil-capture-job".into())
-                            .spawn(move || {
-                                // The queue's hold on the process lasts
-                                // until the capture claims it itself.
-                                let _hold = hold;
-                                let r = capture_job(&c, &job, until, core_cap);
-                                let _ = done_tx.send(r);
-                            });
-                        // The watchdog resumes the process at the deadline;
-                        // this waits a little longer for the thread to say
-                        // how it ended.
-                        let waited = match &spawned {
-                            Ok(_) => done_rx.recv_timeout(deadline + DEADLINE_GRACE),
-                            Err(_) => Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
-                        };
-                        match waited {
-                            Ok((result, stand_in)) => {
-                                // The capture releases its own process; any
-                                // other way, a process the kernel froze is
-                                // released here.
-                                let released = result.is_ok() && stand_in.is_none();
-                                if frozen {
-                                    if released {
-                                        led.forget(pid);
-                                    } else {
-                                        led.release(pid, start_ticks);
-                                    }
-                                }
-                                outcome_line(
-                                    &m,
-                                    ship.as_ref(),
-                                    pid,
-                                    severity,
-                                    detection,
-                                    result,
-                                    stand_in,
-                                )
-                            }
-                            Err(e) => {
-                                m.capture_errors.inc();
-                                led.release(pid, start_ticks);
-                                let why = match (e, spawned) {
-                                    (std::sync::mpsc::RecvTimeoutError::Timeout, Ok(h)) => {
-                                        stuck.push(h);
-                                        format!(
-                                            "capture timed out after {} ms; the process was resumed",
-                                            deadline.as_millis()
-                                        )
-                                    }
-                                    (_, Err(e)) => format!("capture thread could not start: {e}"),
-                                    (_, Ok(_)) => "capture thread panicked; the process was resumed".to_string(),
-                                };
-                                warn!(pid, "{why}");
-                                serde_json::json!({"detection": detection, "error": why, "timed_out": true})
-                            }
-                        }
-                    };
-                    if let Some(w) = &mut out {
-                        let r = serde_json::to_writer(&mut *w, &line)
-                            .map_err(std::io::Error::other)
-                            .and_then(|()| w.write_all(b"\n"))
-                            .and_then(|()| w.flush());
-                        if let Err(e) = r {
-                            m.output_errors.inc();
-                            warn!(error = %e, "writing evidence output failed");
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || worker.run(&rx, &stop))?;
         Ok(Self {
             queue,
             budget: CaptureBudget::new(opts.budget.clone()),
@@ -352,7 +409,7 @@ impl Responder {
             self.ledger
                 .claim(pid, start, Instant::now() + self.deadline)
         });
-        if self.queue.push(Queued { job, hold }).is_err() {
+        if !self.queue.push(Queued { job, hold }) {
             self.metrics.captures_dropped.inc();
             warn!(pid, "capture queue full: capture dropped");
             if frozen {
@@ -394,8 +451,8 @@ impl JobQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `job`, or hands it back when there is no room for it.
-    fn push(&self, job: Queued) -> Result<(), Queued> {
+    /// Queues `job`; false (the job dropped) when there is no room for it.
+    fn push(&self, job: Queued) -> bool {
         let mut st = self.lock();
         let held = st.urgent.len() + st.normal.len();
         let urgent = job.job.severity >= Severity::High;
@@ -405,7 +462,7 @@ impl JobQueue {
             QUEUE_SLOTS - QUEUE_RESERVED
         };
         if st.closed || held >= room {
-            return Err(job);
+            return false;
         }
         if urgent {
             st.urgent.push_back(job);
@@ -413,7 +470,7 @@ impl JobQueue {
             st.normal.push_back(job);
         }
         self.ready.notify_one();
-        Ok(())
+        true
     }
 
     /// The next job (urgent first); `None` once closed and empty.
@@ -511,20 +568,6 @@ fn outcome_line(
     }
 }
 
-/// SIGCONT, counted.
-pub fn resume(pid: u32, metrics: &Metrics) {
-    use nix::sys::signal::{kill, Signal};
-    match kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT) {
-        Ok(()) => {
-            metrics.resumed.inc();
-        }
-        Err(e) => {
-            metrics.resume_errors.inc();
-            warn!(pid, error = %e, "could not resume a frozen process");
-        }
-    }
-}
-
 /// An ancestor captured in place of a detected process is not captured
 /// again for another process of the same branch (under the same child of
 /// that ancestor: one script, one request) for this long: a burst of
@@ -538,14 +581,25 @@ fn capture_job(
     ctx: &JobContext,
     job: &CaptureJob,
     deadline: Instant,
-    core_cap: Option<u64>,
+    limits: CaptureLimits,
 ) -> JobResult {
     let (capturer, contain, fallback) = (&ctx.capturer, ctx.contain, ctx.fallback);
+    let timed_out = std::cell::Cell::new(false);
     // Each process this job stops is claimed until the deadline: the
     // watchdog resumes it then, whatever the capture is doing.
     let capture = |pid: i32, req: &CaptureRequest| {
-        let _claim = ctx.ledger.claim(pid as u32, req.start_time, deadline);
-        capturer.capture_process(pid, req)
+        let claim = ctx.ledger.claim(pid as u32, req.start_time, deadline);
+        let mut r = capturer.capture_process(pid, req);
+        if claim.timed_out() {
+            timed_out.set(true);
+            if let Ok(o) = &mut r {
+                o.warnings.push(
+                    "the capture passed its deadline: the process was resumed while it was read"
+                        .into(),
+                );
+            }
+        }
+        r
     };
     let req = CaptureRequest {
         start_time: (job.start_boot_ns > 0)
@@ -554,10 +608,11 @@ fn capture_job(
         ancestors: job.ancestors.clone(),
         timeline: job.timeline.clone(),
         contain,
-        core: core_cap.map(|max_total_bytes| crate::capture::core::CoreOptions {
-            max_total_bytes,
+        core: Some(crate::capture::core::CoreOptions {
+            max_total_bytes: limits.core_bytes,
             ..capturer.config().core.clone()
         }),
+        max_exe_bytes: Some(limits.exe_bytes),
         stand_in_for: None,
     };
     let first = capture(job.pid as i32, &req);
@@ -568,7 +623,7 @@ fn capture_job(
         ))
     );
     if !gone || !fallback {
-        return (first, None);
+        return (first, None, timed_out.get());
     }
     let me = std::process::id() as i32;
     let Err(first) = first else {
@@ -634,13 +689,13 @@ fn capture_job(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .put((anc, branch), started);
-                return (r, Some(anc));
+                return (r, Some(anc), timed_out.get());
             }
         }
     }
     match last {
-        Some((e, anc)) => (Err(e), Some(anc)),
-        None => (Err(first), None),
+        Some((e, anc)) => (Err(e), Some(anc), timed_out.get()),
+        None => (Err(first), None, timed_out.get()),
     }
 }
 
@@ -650,6 +705,51 @@ const MAX_STAND_IN_TRIES: usize = 4;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_room_keeps_a_fifth_for_high_and_critical() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), vec![0u8; 800]).unwrap();
+        let m = Metrics::default();
+        // 800 of 1000 used: nothing left below high, 200 for high+.
+        assert_eq!(disk_room(d.path(), 1000, Severity::Medium, &m), None);
+        assert_eq!(disk_room(d.path(), 1000, Severity::High, &m), Some(200));
+        assert_eq!(disk_room(d.path(), 1000, Severity::Critical, &m), Some(200));
+        assert_eq!(m.capture_disk_bytes.get(), 800);
+        std::fs::write(d.path().join("b"), vec![0u8; 200]).unwrap();
+        assert_eq!(disk_room(d.path(), 1000, Severity::Critical, &m), None);
+        assert_eq!(disk_room(d.path(), 10_000, Severity::Low, &m), Some(7000));
+    }
+
+    #[test]
+    fn the_queue_keeps_room_for_high_and_serves_them_first() {
+        let q = JobQueue::default();
+        let job = |pid: u32, severity: Severity| Queued {
+            job: CaptureJob {
+                pid,
+                start_boot_ns: 0,
+                detection: serde_json::Value::Null,
+                ancestors: vec![],
+                ancestor_starts: vec![],
+                timeline: vec![],
+                frozen: false,
+                severity,
+            },
+            hold: None,
+        };
+        for i in 0..(QUEUE_SLOTS - QUEUE_RESERVED) as u32 {
+            assert!(q.push(job(i, Severity::Medium)));
+        }
+        assert!(!q.push(job(99, Severity::Medium)));
+        for i in 0..QUEUE_RESERVED as u32 {
+            assert!(q.push(job(100 + i, Severity::Critical)));
+        }
+        assert!(!q.push(job(200, Severity::Critical)));
+        assert_eq!(q.pop().unwrap().job.pid, 100, "high first");
+        q.close();
+        let rest: Vec<u32> = std::iter::from_fn(|| q.pop().map(|j| j.job.pid)).collect();
+        assert_eq!(rest.len(), QUEUE_SLOTS - 1, "closing serves what is queued");
+    }
 
     #[test]
     fn capture_gone_process_falls_back_to_its_nearest_living_ancestor() {
@@ -701,12 +801,16 @@ mod tests {
             ))),
         };
         let until = Instant::now() + Duration::from_secs(60);
+        const LIMITS: CaptureLimits = CaptureLimits {
+            core_bytes: 64 << 20,
+            exe_bytes: 64 << 20,
+        };
 
-        let (r, _) = capture_job(&ctx, &job, until, None);
+        let (r, _, _) = capture_job(&ctx, &job, until, LIMITS);
         assert!(r.is_err(), "no fallback when it is off");
 
         ctx.fallback = true;
-        let (r, stand_in) = capture_job(&ctx, &job, until, None);
+        let (r, stand_in, _) = capture_job(&ctx, &job, until, LIMITS);
         assert_eq!(stand_in, Some(parent.id() as i32));
         let out = r.unwrap();
         assert_eq!(out.pid, parent.id() as i32);
@@ -721,7 +825,7 @@ mod tests {
         assert!(parent.try_wait().unwrap().is_none());
 
         // Within the quiet period the same ancestor is not captured again.
-        let (r, _) = capture_job(&ctx, &job, until, None);
+        let (r, _, _) = capture_job(&ctx, &job, until, LIMITS);
         assert!(r.is_err());
         parent.kill().unwrap();
         parent.wait().unwrap();

@@ -156,6 +156,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             crate::budget::AggregateOptions {
                 window: Duration::from_secs(cfg.aggregate_window_secs),
                 emit_first: cfg.aggregate_emit_first,
+                emit_first_high: cfg.aggregate_emit_first_high,
             },
         );
         if cfg.capture {
@@ -192,7 +193,11 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             let listener_check = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("binding metrics address {addr}"))?;
             drop(listener_check);
-            Some(tokio::spawn(metrics::serve(addr, registry)))
+            Some(tokio::spawn(metrics::serve(
+                addr,
+                registry,
+                metrics.clone(),
+            )))
         }
         None => None,
     };
@@ -212,6 +217,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    metrics.health.drained();
+    metrics.health.set_ready(true);
     info!("vigil-agent running");
     eprintln!("vigil-agent: ready");
 
@@ -221,8 +228,12 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut pipeline);
                 guard.clear_ready();
+                metrics.health.drained();
             }
-            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
+            _ = poll.tick() => {
+                drain(ring.get_mut(), &mut pipeline);
+                metrics.health.drained();
+            }
             _ = housekeeping.tick() => {
                 sensor.heartbeat();
                 pipeline.tick(Instant::now());
@@ -238,6 +249,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    metrics.health.set_ready(false);
     info!("shutting down: draining the ring buffer and detaching");
     // No new freezes from here on; every process frozen so far is in the ring
     // buffer and gets resumed by the drains below.
@@ -246,14 +258,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     if let Ok(stats) = sensor.kernel_stats() {
         metrics.update_kernel(&stats);
     }
-    pipeline.finish();
+    pipeline.flush();
     save_baseline(&cfg, &mut pipeline);
     // Detaches every program (the ledger map lives on in `ledger`).
     drop(sensor);
     // A program that passed its heartbeat check just before the clear may
     // have frozen one more process: the ring buffer outlives the programs.
     drain_all(ring.get_mut(), &mut pipeline);
-    pipeline.flush();
+    // Repeats still tallied are reported (after the last drain).
+    pipeline.finish();
     drop(ring);
     // Never exit with a process stopped by a capture in progress.
     pipeline.shutdown_responder(Duration::from_secs(30));

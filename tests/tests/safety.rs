@@ -215,6 +215,12 @@ fn tiny_ring_and_a_storm_leave_no_process_stopped() {
          watchdog released {released}, longest shell {longest:?}"
     );
     assert!(stuck.is_empty(), "shells left stopped: {stuck:?}");
+    // The agent was stalled for 2 s: a shell frozen just before waited that
+    // long (its record waits in the ring); nothing waits much longer.
+    assert!(
+        longest < Duration::from_secs(5),
+        "a shell was held {longest:?}"
+    );
     assert!(
         left.is_empty(),
         "processes of the test in state T: {left:?}"
@@ -362,6 +368,19 @@ fn the_running_agent_keeps_only_its_documented_capabilities() {
     );
 
     let agent = Agent::start(&[]);
+    // Probes answer (the event loop runs).
+    for path in ["/healthz", "/readyz"] {
+        let mut s = std::net::TcpStream::connect(&agent.metrics_addr).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+    }
     let want = format!("{:016x}", vigil_agent::privilege::runtime_mask());
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
         .unwrap()

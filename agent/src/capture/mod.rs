@@ -103,6 +103,8 @@ pub struct CaptureRequest {
     pub contain: bool,
     /// Core caps for this capture (else the config's).
     pub core: Option<CoreOptions>,
+    /// Bytes of the executable copied for this capture (else the config's).
+    pub max_exe_bytes: Option<u64>,
     /// Set when this process is captured in place of the detected one,
     /// which exited before it could be stopped: who that was (goes into
     /// the manifest's `subject.stands_in_for`).
@@ -294,8 +296,10 @@ impl Capturer {
         &self,
         src: std::io::Result<std::fs::File>,
         b: &BundleBuilder,
+        req: &CaptureRequest,
     ) -> std::io::Result<context::ExeCopy> {
-        context::copy_exe_from(src?, &b.path_of("exe"), self.config.max_exe_bytes)
+        let max = req.max_exe_bytes.unwrap_or(self.config.max_exe_bytes);
+        context::copy_exe_from(src?, &b.path_of("exe"), max)
     }
 
     fn capture_inner(
@@ -369,7 +373,7 @@ impl Capturer {
         let exe_src = std::fs::File::open(format!("/proc/{pid}/exe"));
         let copy_now = ctx.subject.exe_deleted || ctx.subject.exe.is_none();
         let (mut exe_result, exe_src) = if copy_now {
-            let r = self.copy_exe(exe_src, &b);
+            let r = self.copy_exe(exe_src, &b, req);
             timings.exe_us = t.elapsed().as_micros() as u64;
             (Some(r), None)
         } else {
@@ -407,7 +411,7 @@ impl Capturer {
 
         if let Some((src, opened)) = exe_src {
             let t = Instant::now();
-            exe_result = Some(self.copy_exe(src, &b));
+            exe_result = Some(self.copy_exe(src, &b, req));
             timings.exe_us = (opened + t.elapsed()).as_micros() as u64;
         }
         let exe = match exe_result {

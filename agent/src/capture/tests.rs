@@ -70,6 +70,7 @@ fn capture_process_end_to_end_resume() {
         timeline: vec![serde_json::json!({"type": "exec", "pid": pid})],
         contain: false,
         core: None,
+        max_exe_bytes: None,
         stand_in_for: None,
     };
     let out = cap.capture_process(pid, &req).unwrap();
