@@ -1,6 +1,7 @@
 //! Developer tasks for vigil: `cargo xtask <command>` (see `cargo xtask --help`).
 
 mod bench;
+mod deploy;
 mod prom;
 mod run;
 mod setup;
@@ -74,10 +75,11 @@ enum Cmd {
     /// Runs setup (plus clippy/rustfmt components), `cargo build -p
     /// vigil-agent`, `cargo test --workspace` with VIGIL_AGENT_BIN set to the
     /// absolute path of target/debug/vigil-agent, `cargo clippy --workspace
-    /// --all-targets -- -D warnings` and `cargo fmt --all -- --check`.
+    /// --all-targets -- -D warnings`, `cargo fmt --all -- --check` and
+    /// `deploy-check` (the Kubernetes manifests, see there).
     /// Arguments after `--` are appended to `cargo test` (with `-p`, the
-    /// `--workspace` flag is dropped). Test, clippy and fmt all run even if
-    /// one fails; a summary names the failed steps and the exit code is
+    /// `--workspace` flag is dropped). Test, clippy, fmt and deploy-check all
+    /// run even if one fails; a summary names the failed steps and the exit code is
     /// non-zero. The end-to-end tests need root.
     Test {
         /// Per-step timeout in minutes (build, test, clippy, fmt); the step's
@@ -128,6 +130,20 @@ enum Cmd {
         outage: Option<u64>,
     },
 
+    /// Render and validate the Kubernetes manifests (deploy/kubernetes)
+    ///
+    /// Renders the kustomize base and every overlay with `kubectl kustomize`,
+    /// validates every document with `kubernetes-validate --strict` against
+    /// Kubernetes 1.32.0, and checks the invariants the design depends on:
+    /// the agent DaemonSet's hostPID, tolerations, preStop `resume-frozen`,
+    /// probes, no CPU limit, host mounts; the least-privilege overlay's exact
+    /// capability list; the unprivileged collector. With the agent and
+    /// collector binaries (VIGIL_AGENT_BIN, VIGIL_COLLECTOR_BIN, else
+    /// target/debug) also the config and flags against them and
+    /// `make-pki-secrets.sh` for real. Needs kubectl and kubernetes-validate
+    /// in PATH; no cluster. Prints `N passed, N failed`.
+    DeployCheck,
+
     /// Run only the exec-storm generator (no agent, no build)
     ///
     /// For calibrating the machine or checking the benchmark's plumbing.
@@ -171,6 +187,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             cargo_test_args,
         } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
         Cmd::Bench(args) => bench::bench(args),
+        Cmd::DeployCheck => deploy::deploy_check(),
         Cmd::Scenarios {
             dir,
             work,
@@ -312,6 +329,20 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
     let mut cmd = util::cargo();
     cmd.args(["fmt", "--all", "--", "--check"]);
     steps.push(util::run_step("cargo fmt --check", &mut cmd, step_timeout));
+    if util::interrupted() {
+        return util::summarize(&steps);
+    }
+
+    // The Kubernetes manifests, against the binaries `cargo test` built.
+    println!("==> deploy-check");
+    let start = std::time::Instant::now();
+    let checked = deploy::deploy_check();
+    steps.push(util::StepResult {
+        name: "deploy-check".into(),
+        ok: checked.is_ok(),
+        detail: checked.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        elapsed: start.elapsed(),
+    });
 
     util::summarize(&steps)
 }
