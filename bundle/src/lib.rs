@@ -1169,7 +1169,9 @@ mod tests {
             "{e}"
         );
 
-        // One byte of the archive, in the middle of the core's data.
+        // One byte of the archive, in the middle (compressed: where it
+        // lands in the content varies with the content; the zstd checksum
+        // or an artifact's hash catches it either way).
         let mut arch = fs::read(&a.archive).unwrap();
         let mid = arch.len() / 2;
         arch[mid] ^= 0x40;
@@ -1177,7 +1179,10 @@ mod tests {
         let e = verify_bundle(&a.archive).unwrap_err();
         let msg = e.to_string();
         eprintln!("corrupted archive: {msg}");
-        assert!(msg.contains("core"), "{msg}");
+        assert!(
+            msg.contains("core") || msg.contains("corrupt") || msg.contains("checksum"),
+            "{msg}"
+        );
         // And the chain through it is no longer valid.
         assert!(verify_chain(&[a.archive.clone(), b.archive.clone()]).is_err());
 

@@ -297,7 +297,8 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
 
     let agent = util::agent_bin(false);
     let mut cmd = util::cargo();
-    cmd.arg("test");
+    // Every test binary runs even after one failed: one run shows them all.
+    cmd.args(["test", "--no-fail-fast"]);
     // `-p`/`--package` narrows the run: then --workspace would conflict.
     let narrowed = cargo_test_args
         .iter()
