@@ -2,6 +2,7 @@
 
 mod bench;
 mod deploy;
+mod image;
 mod prom;
 mod run;
 mod setup;
@@ -76,7 +77,8 @@ enum Cmd {
     /// vigil-agent`, `cargo test --workspace` with VIGIL_AGENT_BIN set to the
     /// absolute path of target/debug/vigil-agent, `cargo clippy --workspace
     /// --all-targets -- -D warnings`, `cargo fmt --all -- --check` and
-    /// `deploy-check` (the Kubernetes manifests, see there).
+    /// `deploy-check` (the Kubernetes manifests, see there) and the images
+    /// (`cargo xtask image --debug --no-build`: needs podman).
     /// Arguments after `--` are appended to `cargo test` (with `-p`, the
     /// `--workspace` flag is dropped). Test, clippy, fmt and deploy-check all
     /// run even if one fails; a summary names the failed steps and the exit code is
@@ -144,6 +146,15 @@ enum Cmd {
     /// in PATH; no cluster. Prints `N passed, N failed`.
     DeployCheck,
 
+    /// Build the agent and collector OCI images with podman (offline)
+    ///
+    /// From `scratch`: the binaries in /usr/bin, exactly the shared
+    /// libraries `ldd` lists, a minimal /etc (root and nobody); labels with
+    /// version, source and licence; the collector runs as 65534. Uses the
+    /// project's deploy/podman/containers.conf. Tags `vigil-agent:VERSION`
+    /// and `vigil-collector:VERSION`, prints each image's size.
+    Image(image::ImageArgs),
+
     /// Run only the exec-storm generator (no agent, no build)
     ///
     /// For calibrating the machine or checking the benchmark's plumbing.
@@ -187,6 +198,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             cargo_test_args,
         } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
         Cmd::Bench(args) => bench::bench(args),
+        Cmd::Image(args) => image::image(args),
         Cmd::DeployCheck => deploy::deploy_check(),
         Cmd::Scenarios {
             dir,
@@ -342,6 +354,21 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
         name: "deploy-check".into(),
         ok: checked.is_ok(),
         detail: checked.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        elapsed: start.elapsed(),
+    });
+
+    // The OCI images, from the debug binaries `cargo test` used (a release
+    // build would double the CI time; `cargo xtask image` makes release ones).
+    println!("==> images");
+    let start = std::time::Instant::now();
+    let built = image::image(image::ImageArgs {
+        debug: true,
+        no_build: true,
+    });
+    steps.push(util::StepResult {
+        name: "images".into(),
+        ok: built.is_ok(),
+        detail: built.err().map(|e| format!("{e:#}")).unwrap_or_default(),
         elapsed: start.elapsed(),
     });
 
