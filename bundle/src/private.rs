@@ -255,25 +255,26 @@ pub fn replace_new(path: &Path) -> io::Result<File> {
 /// another user is refused. Other kinds (a FIFO, /dev/stdout) are left as
 /// they are.
 pub fn open_append(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| nofollow_error(path, e))?;
-    tighten_file(path, &f)?;
-    Ok(f)
+    open_private(path, OpenOptions::new().append(true).create(true))
 }
 
 /// Opens (creating 0600 when missing) a file for reading and writing
 /// without truncating it, e.g. a lock file; like [`open_append`] otherwise.
 pub fn open_rw(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
+    open_private(
+        path,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+}
+
+/// Opens with `o`, never through a symbolic link, creating 0600, and
+/// tightens an existing file of ours to 0600.
+fn open_private(path: &Path, o: &mut OpenOptions) -> io::Result<File> {
+    let f = o
         .mode(FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
