@@ -1,6 +1,6 @@
 //! `cargo xtask image`: OCI images of the agent and the collector, built
-//! offline with podman from `scratch`: the binaries, exactly the shared
-//! libraries `ldd` says they load, and a minimal /etc. No registry, no base
+//! offline with podman from `scratch`: the binaries (debug info stripped),
+//! exactly the shared libraries `ldd` says they load, and a minimal /etc. No registry, no base
 //! image, no package manager inside.
 
 use std::collections::BTreeSet;
@@ -139,7 +139,17 @@ fn stage(spec: &Spec, release: bool, dir: &Path, version: &str) -> Result<()> {
                 }
             );
         }
-        std::fs::copy(&src, root.join("usr/bin").join(b))?;
+        let dst = root.join("usr/bin").join(b);
+        std::fs::copy(&src, &dst)?;
+        // Debug info stays in target/; the image carries the code only.
+        let st = Command::new("strip")
+            .arg("--strip-debug")
+            .arg(&dst)
+            .status()
+            .context("running strip (binutils)")?;
+        if !st.success() {
+            bail!("strip --strip-debug {} failed", dst.display());
+        }
         libs.extend(libraries(&src)?);
     }
     for l in &libs {
