@@ -347,7 +347,12 @@ fn stage_package(
     for d in pkg.dirs {
         mkdirs(stage, &stage.join(d))?;
     }
-    install(stage, &deb.join("copyright"), &format!("{doc}/copyright"), 0o644)?;
+    install(
+        stage,
+        &deb.join("copyright"),
+        &format!("{doc}/copyright"),
+        0o644,
+    )?;
     install(
         stage,
         &deb.join(format!("{}.README.Debian", pkg.name)),
@@ -413,7 +418,10 @@ fn shlibs_depends(work: &Path, pkg: &str, bins: &[PathBuf]) -> Result<String> {
     }
     let out = run_output(&mut cmd)?;
     out.lines()
-        .find_map(|l| l.split_once("shlibs:Depends=").map(|(_, d)| d.trim().to_string()))
+        .find_map(|l| {
+            l.split_once("shlibs:Depends=")
+                .map(|(_, d)| d.trim().to_string())
+        })
         .filter(|d| !d.is_empty())
         .with_context(|| format!("dpkg-shlibdeps printed no shlibs:Depends for {pkg}: {out:?}"))
 }
@@ -439,7 +447,11 @@ fn installed_size(stage: &Path) -> Result<u64> {
     let mut kib = 0;
     for p in all.iter().filter(|p| !p.starts_with(stage.join("DEBIAN"))) {
         let m = std::fs::symlink_metadata(p)?;
-        kib += if m.is_file() { m.len().div_ceil(1024) } else { 1 };
+        kib += if m.is_file() {
+            m.len().div_ceil(1024)
+        } else {
+            1
+        };
     }
     Ok(kib)
 }
@@ -523,10 +535,10 @@ fn man_page(bin: &Path, name: &str, section: u8, version: &str) -> Result<String
             roff_escape(&sub)
         ));
         if path.len() < 2 {
-            for c in subcommands(&sub) {
+            for (k, c) in subcommands(&sub).into_iter().enumerate() {
                 let mut p = path.clone();
                 p.push(c);
-                queue.insert(i + 1, p);
+                queue.insert(i + 1 + k, p);
             }
         }
         i += 1;
@@ -782,14 +794,18 @@ fn check_deb(report: &mut Report, b: &Built, version: &str) {
         .collect();
     report.check(
         &format!("{name}: conffiles = every file in /etc"),
-        run_output(Command::new("dpkg-deb").arg("--info").arg(&b.deb).arg("conffiles")).and_then(
-            |c| {
-                let have: BTreeSet<String> = c.lines().map(|l| l.trim().to_string()).collect();
-                ensure(have == want_conf && etc_files == want_conf, || {
-                    format!("conffiles {have:?}, files in /etc {etc_files:?}, want {want_conf:?}")
-                })
-            },
-        ),
+        run_output(
+            Command::new("dpkg-deb")
+                .arg("--info")
+                .arg(&b.deb)
+                .arg("conffiles"),
+        )
+        .and_then(|c| {
+            let have: BTreeSet<String> = c.lines().map(|l| l.trim().to_string()).collect();
+            ensure(have == want_conf && etc_files == want_conf, || {
+                format!("conffiles {have:?}, files in /etc {etc_files:?}, want {want_conf:?}")
+            })
+        }),
     );
     report.check(
         &format!("{name}: postinst, prerm, postrm (0755)"),
@@ -969,7 +985,10 @@ fn check_exec_lines(report: &mut Report, bin_dir: &Path, root: &Path) {
             attempt(|| {
                 ensure(!execs.is_empty(), || "no Exec line".into())?;
                 for line in &execs {
-                    let words: Vec<&str> = line.trim_start_matches(['-', '@', '+', '!']).split_whitespace().collect();
+                    let words: Vec<&str> = line
+                        .trim_start_matches(['-', '@', '+', '!'])
+                        .split_whitespace()
+                        .collect();
                     let bin = Path::new(words[0])
                         .file_name()
                         .context("no program")?
@@ -988,14 +1007,19 @@ fn check_exec_lines(report: &mut Report, bin_dir: &Path, root: &Path) {
         let addrs: Vec<(String, String)> = settings
             .iter()
             .filter(|(k, _)| k == "Environment")
-            .filter_map(|(_, v)| v.split_once('=').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|(_, v)| {
+                v.split_once('=')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         if !addrs.is_empty() {
             report.check(
                 &format!("{}: Environment= addresses parse", pkg.unit),
                 attempt(|| {
                     for (k, v) in &addrs {
-                        ensure(k.starts_with("VIGIL_COLLECTOR_"), || format!("{k}: unexpected"))?;
+                        ensure(k.starts_with("VIGIL_COLLECTOR_"), || {
+                            format!("{k}: unexpected")
+                        })?;
                         v.parse::<std::net::SocketAddr>()
                             .with_context(|| format!("{k}={v}"))?;
                     }
@@ -1032,13 +1056,11 @@ fn check_exec_lines(report: &mut Report, bin_dir: &Path, root: &Path) {
             || format!("{s:?}"),
         ),
     );
+    let bounding = get("CapabilityBoundingSet");
     report.check(
         "vigil-agent.service: bounding set exactly the documented one, covering SECURITY.md's",
         crate::deploy::security_md_caps().and_then(|kept| {
-            let have: BTreeSet<&str> = get("CapabilityBoundingSet")
-                .iter()
-                .flat_map(|v| v.split_whitespace())
-                .collect();
+            let have: BTreeSet<&str> = bounding.iter().flat_map(|v| v.split_whitespace()).collect();
             let want: BTreeSet<&str> = AGENT_BOUNDING_SET.iter().copied().collect();
             let missing: Vec<String> = kept
                 .iter()
@@ -1046,12 +1068,15 @@ fn check_exec_lines(report: &mut Report, bin_dir: &Path, root: &Path) {
                 .filter(|c| !have.contains(c.as_str()))
                 .collect();
             ensure(have == want && missing.is_empty(), || {
-                format!("bounding set {have:?}, want {want:?}; SECURITY.md's not in it: {missing:?}")
+                format!(
+                    "bounding set {have:?}, want {want:?}; SECURITY.md's not in it: {missing:?}"
+                )
             })
         }),
     );
-    let collector = std::fs::read_to_string(root.join("lib/systemd/system/vigil-collector.service"))
-        .unwrap_or_default();
+    let collector =
+        std::fs::read_to_string(root.join("lib/systemd/system/vigil-collector.service"))
+            .unwrap_or_default();
     let c = unit_settings(&collector);
     let cget = |k: &str| -> Vec<&str> {
         c.iter()
@@ -1176,8 +1201,8 @@ fn check_lintian(report: &mut Report, built: &[Built]) {
     for b in built {
         let mut cmd = Command::new(&lintian);
         cmd.args(["--fail-on", "error", "--show-overrides"])
-        .arg(&b.deb)
-        .env("LC_ALL", "C.UTF-8");
+            .arg(&b.deb)
+            .env("LC_ALL", "C.UTF-8");
         let result = cmd
             .stdin(Stdio::null())
             .output()
@@ -1329,7 +1354,7 @@ fn check_dpkg_root(report: &mut Report, built: &[Built]) {
     };
     let r = root.dir.as_path();
     let debs: Vec<&std::ffi::OsStr> = built.iter().map(|b| b.deb.as_os_str()).collect();
-    let mut install: Vec<&std::ffi::OsStr> = vec!["-i".as_ref()];
+    let mut install: Vec<&std::ffi::OsStr> = vec![std::ffi::OsStr::new("-i")];
     install.extend(&debs);
     let installed = dpkg(r, &install);
     let ok = installed.is_ok();
@@ -1359,9 +1384,10 @@ fn check_dpkg_root(report: &mut Report, built: &[Built]) {
                 || line.to_string(),
             )?;
             let group = std::fs::read_to_string(r.join("etc/group"))?;
-            ensure(group.lines().any(|l| l.starts_with("vigil-collector:")), || {
-                "no vigil-collector group".into()
-            })
+            ensure(
+                group.lines().any(|l| l.starts_with("vigil-collector:")),
+                || "no vigil-collector group".into(),
+            )
         }),
     );
     let (uid, gid) = ids.unwrap_or((u32::MAX, u32::MAX));
@@ -1416,13 +1442,20 @@ fn check_dpkg_root(report: &mut Report, built: &[Built]) {
             })
         }),
     );
-    let names: Vec<&std::ffi::OsStr> = PACKAGES.iter().map(|p| p.name.as_ref()).collect();
-    let mut remove: Vec<&std::ffi::OsStr> = vec!["-r".as_ref()];
+    let names: Vec<&std::ffi::OsStr> = PACKAGES
+        .iter()
+        .map(|p| std::ffi::OsStr::new(p.name))
+        .collect();
+    let mut remove: Vec<&std::ffi::OsStr> = vec![std::ffi::OsStr::new("-r")];
     remove.extend(&names);
     report.check(
         "dpkg --root -r: binaries gone; conffiles, state, PKI and user kept",
         dpkg(r, &remove).and_then(|_| {
-            for gone in ["usr/bin/vigil-agent", "usr/bin/vigil-collector", "usr/bin/vigil"] {
+            for gone in [
+                "usr/bin/vigil-agent",
+                "usr/bin/vigil-collector",
+                "usr/bin/vigil",
+            ] {
                 ensure(!r.join(gone).exists(), || format!("{gone} still there"))?;
             }
             for kept in [
@@ -1440,7 +1473,7 @@ fn check_dpkg_root(report: &mut Report, built: &[Built]) {
             })
         }),
     );
-    let mut purge: Vec<&std::ffi::OsStr> = vec!["-P".as_ref()];
+    let mut purge: Vec<&std::ffi::OsStr> = vec![std::ffi::OsStr::new("-P")];
     purge.extend(&names);
     report.check(
         "dpkg --root -P: /etc/vigil, /var/lib/vigil*, /var/log/vigil, the user and unit links gone",
@@ -1485,11 +1518,16 @@ fn collector_starts(r: &Path, uid: u32, gid: u32) -> Result<()> {
         .gid(gid);
     // (std drops the supplementary groups when root sets a uid.)
     util::die_with_parent(&mut cmd, libc::SIGKILL);
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
