@@ -652,7 +652,7 @@ fn toml_keys(toml: &str) -> Vec<String> {
 
 /// The capabilities SECURITY.md lists between its `capabilities` markers,
 /// without the CAP_ prefix.
-fn security_md_caps() -> Result<Vec<String>> {
+pub fn security_md_caps() -> Result<Vec<String>> {
     let text = std::fs::read_to_string(util::workspace_root().join("SECURITY.md"))
         .context("reading SECURITY.md")?;
     let start = text

@@ -3,6 +3,7 @@
 mod bench;
 mod deploy;
 mod image;
+mod package;
 mod prom;
 mod run;
 mod setup;
@@ -71,18 +72,19 @@ enum Cmd {
         agent_args: Vec<String>,
     },
 
-    /// Build the agent, run all tests, clippy and rustfmt (what CI runs)
+    /// Build the agent, run all tests, clippy, rustfmt, deploy and package checks (what CI runs)
     ///
     /// Runs setup (plus clippy/rustfmt components), `cargo build -p
     /// vigil-agent`, `cargo test --workspace` with VIGIL_AGENT_BIN set to the
     /// absolute path of target/debug/vigil-agent, `cargo clippy --workspace
-    /// --all-targets -- -D warnings`, `cargo fmt --all -- --check` and
-    /// `deploy-check` (the Kubernetes manifests, see there) and the images
-    /// (`cargo xtask image --debug --no-build`: needs podman).
+    /// --all-targets -- -D warnings`, `cargo fmt --all -- --check`,
+    /// `deploy-check` (the Kubernetes manifests, see there), `package
+    /// --check --debug --no-build` (the Debian packages, see there) and the
+    /// images (`cargo xtask image --debug --no-build`: needs podman).
     /// Arguments after `--` are appended to `cargo test` (with `-p`, the
-    /// `--workspace` flag is dropped). Test, clippy, fmt and deploy-check all
-    /// run even if one fails; a summary names the failed steps and the exit code is
-    /// non-zero. The end-to-end tests need root.
+    /// `--workspace` flag is dropped). Test, clippy, fmt, deploy-check and
+    /// package all run even if one fails; a summary names the failed steps
+    /// and the exit code is non-zero. The end-to-end tests need root.
     Test {
         /// Per-step timeout in minutes (build, test, clippy, fmt); the step's
         /// process group is killed when it expires.
@@ -155,6 +157,37 @@ enum Cmd {
     /// and `vigil-collector:VERSION`, prints each image's size.
     Image(image::ImageArgs),
 
+    /// Build the Debian packages vigil-agent and vigil-collector
+    ///
+    /// Runs setup and `cargo build --release -p vigil-agent -p
+    /// vigil-collector --bins` (unless --no-build), then stages each package
+    /// (stripped binaries in /usr/bin, the units from deploy/systemd,
+    /// conffiles, maintainer scripts and docs from deploy/debian, manual
+    /// pages generated from --help) and builds
+    /// target/debian/vigil-{agent,collector}_VERSION_amd64.deb with
+    /// `dpkg-deb --build`. With --check, tests them and prints `N passed, N
+    /// failed`: contents and modes, conffiles, maintainer scripts (sh -n,
+    /// shellcheck), the packaged agent.toml against the agent, the units'
+    /// command lines, `systemd-analyze verify` and `security --offline`
+    /// (exposure score), lintian (no error), and as root install, upgrade,
+    /// remove and purge with `dpkg --root` in a throwaway root (the
+    /// maintainer scripts run there through $DPKG_ROOT; the collector is
+    /// started as its new user on the PKI the postinst made).
+    Package {
+        /// Package the release binaries (the default).
+        #[arg(long, conflicts_with = "debug")]
+        release: bool,
+        /// Package the debug binaries instead (what `xtask test` does).
+        #[arg(long)]
+        debug: bool,
+        /// Test the packages after building them.
+        #[arg(long)]
+        check: bool,
+        /// Package the binaries already built (no setup, no cargo build).
+        #[arg(long)]
+        no_build: bool,
+    },
+
     /// Run only the exec-storm generator (no agent, no build)
     ///
     /// For calibrating the machine or checking the benchmark's plumbing.
@@ -200,6 +233,16 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Image(args) => image::image(args),
         Cmd::DeployCheck => deploy::deploy_check(),
+        Cmd::Package {
+            release: _,
+            debug,
+            check,
+            no_build,
+        } => package::package(&package::PackageArgs {
+            release: !debug,
+            check,
+            no_build,
+        }),
         Cmd::Scenarios {
             dir,
             work,
@@ -356,6 +399,29 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
         detail: checked.err().map(|e| format!("{e:#}")).unwrap_or_default(),
         elapsed: start.elapsed(),
     });
+    if util::interrupted() {
+        return util::summarize(&steps);
+    }
+
+    // The Debian packages, from the debug binaries the steps above built
+    // (a release build would take minutes more).
+    println!("==> package --check (debug binaries)");
+    let start = std::time::Instant::now();
+    // A narrowed `cargo test` may not have built the collector's binaries.
+    let have_bins = ["vigil-agent", "vigil-collector", "vigil"]
+        .iter()
+        .all(|b| util::is_executable(&util::bin_path(b, false)));
+    let packaged = package::package_after_setup(&package::PackageArgs {
+        release: false,
+        check: true,
+        no_build: have_bins,
+    });
+    steps.push(util::StepResult {
+        name: "package --check".into(),
+        ok: packaged.is_ok(),
+        detail: packaged.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        elapsed: start.elapsed(),
+    });
 
     // The OCI images, from the debug binaries `cargo test` used (a release
     // build would double the CI time; `cargo xtask image` makes release ones).
@@ -363,7 +429,7 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
     let start = std::time::Instant::now();
     let built = image::image(image::ImageArgs {
         debug: true,
-        no_build: true,
+        no_build: have_bins,
     });
     steps.push(util::StepResult {
         name: "images".into(),
