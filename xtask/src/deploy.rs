@@ -70,32 +70,7 @@ const RENDERINGS: &[(&str, Flavor)] = &[
     ("overlays/privileged", Flavor::Privileged),
 ];
 
-#[derive(Default)]
-struct Report {
-    passed: usize,
-    failed: usize,
-    skipped: usize,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, result: Result<()>) {
-        match result {
-            Ok(()) => {
-                self.passed += 1;
-                println!("  ok    {name}");
-            }
-            Err(e) => {
-                self.failed += 1;
-                println!("  FAIL  {name}: {e:#}");
-            }
-        }
-    }
-
-    fn skip(&mut self, name: &str, why: &str) {
-        self.skipped += 1;
-        println!("  skip  {name}: {why}");
-    }
-}
+use crate::util::Report;
 
 fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {

@@ -219,22 +219,7 @@ fn build_images(args: &ImageArgs) -> Result<()> {
     }
     let release = !args.debug;
     if !args.no_build {
-        let mut cmd = util::cargo();
-        cmd.args([
-            "build",
-            "-p",
-            "vigil-agent",
-            "-p",
-            "vigil-collector",
-            "--bins",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().context("cargo build")?;
-        if !st.success() {
-            bail!("building the binaries failed");
-        }
+        util::build_binaries(release, Duration::from_secs(3600))?;
     }
     let version = version()?;
     let out = util::target_dir().join("image");

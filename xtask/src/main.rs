@@ -391,14 +391,7 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
 
     // The Kubernetes manifests, against the binaries `cargo test` built.
     println!("==> deploy-check");
-    let start = std::time::Instant::now();
-    let checked = deploy::deploy_check();
-    steps.push(util::StepResult {
-        name: "deploy-check".into(),
-        ok: checked.is_ok(),
-        detail: checked.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-        elapsed: start.elapsed(),
-    });
+    steps.push(util::fn_step("deploy-check", deploy::deploy_check));
     if util::interrupted() {
         return util::summarize(&steps);
     }
@@ -406,37 +399,27 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
     // The Debian packages, from the debug binaries the steps above built
     // (a release build would take minutes more).
     println!("==> package --check (debug binaries)");
-    let start = std::time::Instant::now();
     // A narrowed `cargo test` may not have built the collector's binaries.
     let have_bins = ["vigil-agent", "vigil-collector", "vigil"]
         .iter()
         .all(|b| util::is_executable(&util::bin_path(b, false)));
-    let packaged = package::package_after_setup(&package::PackageArgs {
-        release: false,
-        check: true,
-        no_build: have_bins,
-    });
-    steps.push(util::StepResult {
-        name: "package --check".into(),
-        ok: packaged.is_ok(),
-        detail: packaged.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-        elapsed: start.elapsed(),
-    });
+    steps.push(util::fn_step("package --check", || {
+        package::package_after_setup(&package::PackageArgs {
+            release: false,
+            check: true,
+            no_build: have_bins,
+        })
+    }));
 
     // The OCI images, from the debug binaries `cargo test` used (a release
     // build would double the CI time; `cargo xtask image` makes release ones).
     println!("==> images");
-    let start = std::time::Instant::now();
-    let built = image::image(image::ImageArgs {
-        debug: true,
-        no_build: have_bins,
-    });
-    steps.push(util::StepResult {
-        name: "images".into(),
-        ok: built.is_ok(),
-        detail: built.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-        elapsed: start.elapsed(),
-    });
+    steps.push(util::fn_step("images", || {
+        image::image(image::ImageArgs {
+            debug: true,
+            no_build: have_bins,
+        })
+    }));
 
     util::summarize(&steps)
 }

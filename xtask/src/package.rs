@@ -129,22 +129,7 @@ pub fn package(args: &PackageArgs) -> Result<()> {
 /// [`package`] without `setup` (`xtask test` ran it already).
 pub fn package_after_setup(args: &PackageArgs) -> Result<()> {
     if !args.no_build {
-        let mut cmd = util::cargo();
-        cmd.args([
-            "build",
-            "-p",
-            "vigil-agent",
-            "-p",
-            "vigil-collector",
-            "--bins",
-        ]);
-        if args.release {
-            cmd.arg("--release");
-        }
-        let step = util::run_step("build agent and collector", &mut cmd, QUERY * 30);
-        if !step.ok {
-            bail!("building the binaries failed: {}", step.detail);
-        }
+        util::build_binaries(args.release, QUERY * 30)?;
     }
     let bin_dir = util::target_dir().join(if args.release { "release" } else { "debug" });
     let out = util::target_dir().join("debian");
@@ -572,32 +557,7 @@ fn man_page(bin: &Path, name: &str, section: u8, version: &str) -> Result<String
 // ---------------------------------------------------------------------------
 // Checks.
 
-#[derive(Default)]
-struct Report {
-    passed: usize,
-    failed: usize,
-    skipped: usize,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, result: Result<()>) {
-        match result {
-            Ok(()) => {
-                self.passed += 1;
-                println!("  ok    {name}");
-            }
-            Err(e) => {
-                self.failed += 1;
-                println!("  FAIL  {name}: {e:#}");
-            }
-        }
-    }
-
-    fn skip(&mut self, name: &str, why: &str) {
-        self.skipped += 1;
-        println!("  skip  {name}: {why}");
-    }
-}
+use crate::util::Report;
 
 /// Runs a block that returns a Result (a closure with `?` inside).
 fn attempt<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {

@@ -405,3 +405,69 @@ fn is_cargo_run_var(key: &str) -> bool {
             "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
         )
 }
+
+/// Builds the agent's and the collector's binaries (`--release` if asked),
+/// as one step bounded by `timeout`.
+pub fn build_binaries(release: bool, timeout: Duration) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "vigil-agent",
+        "-p",
+        "vigil-collector",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let step = run_step("build agent and collector", &mut cmd, timeout);
+    if !step.ok {
+        bail!("building the binaries failed: {}", step.detail);
+    }
+    Ok(())
+}
+
+/// Runs `f` as a named step of `xtask test` (timed, its error the detail).
+pub fn fn_step(name: &str, f: impl FnOnce() -> Result<()>) -> StepResult {
+    let start = std::time::Instant::now();
+    let r = f();
+    StepResult {
+        name: name.into(),
+        ok: r.is_ok(),
+        detail: r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Tally of a checking subcommand (`deploy-check`, `package --check`):
+/// each check printed as it ends, the `N passed, N failed` line from the
+/// counts.
+#[derive(Default)]
+pub struct Report {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+impl Report {
+    /// Records and prints one check.
+    pub fn check(&mut self, name: &str, result: Result<()>) {
+        match result {
+            Ok(()) => {
+                self.passed += 1;
+                println!("  ok    {name}");
+            }
+            Err(e) => {
+                self.failed += 1;
+                println!("  FAIL  {name}: {e:#}");
+            }
+        }
+    }
+
+    /// Records and prints a check that could not run here.
+    pub fn skip(&mut self, name: &str, why: &str) {
+        self.skipped += 1;
+        println!("  skip  {name}: {why}");
+    }
+}
