@@ -66,6 +66,18 @@ pub struct Agent {
     /// Metrics address.
     pub metrics_addr: String,
     stderr_lines: mpsc::Receiver<String>,
+    /// Events parsed so far: the file is read from where the last read
+    /// stopped, so waiting on a large events file costs only its new lines.
+    seen: std::sync::Mutex<EventCache>,
+}
+
+/// The events file as read so far.
+#[derive(Default)]
+struct EventCache {
+    /// Bytes of the file consumed (complete lines only).
+    offset: u64,
+    /// Parsed events, in file order.
+    events: Vec<Value>,
 }
 
 impl Agent {
@@ -136,6 +148,7 @@ impl Agent {
             events_path,
             metrics_addr,
             stderr_lines: rx,
+            seen: Default::default(),
         }
     }
 
@@ -148,13 +161,35 @@ impl Agent {
             .collect()
     }
 
+    /// Reads the lines appended to the events file since the last read
+    /// (a line still being written waits for the next read), and runs `f`
+    /// on every event parsed so far.
+    fn with_events<R>(&self, f: impl FnOnce(&[Value]) -> R) -> R {
+        use std::io::{Seek, SeekFrom};
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fresh = Vec::new();
+        if let Ok(mut file) = std::fs::File::open(&self.events_path) {
+            if file.seek(SeekFrom::Start(seen.offset)).is_ok() {
+                let _ = file.read_to_end(&mut fresh);
+            }
+        }
+        let complete = fresh.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for line in fresh[..complete].split(|&b| b == b'\n') {
+            if line.is_empty() {
+                continue;
+            }
+            let v = serde_json::from_slice(line).unwrap_or_else(|e| {
+                panic!("bad JSON line {:?}: {e}", String::from_utf8_lossy(line))
+            });
+            seen.events.push(v);
+        }
+        seen.offset += complete as u64;
+        f(&seen.events)
+    }
+
     /// Every event written so far.
     pub fn events(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(&self.events_path).unwrap_or_default();
-        text.lines()
-            .filter(|l| l.ends_with('}'))
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-            .collect()
+        self.with_events(<[Value]>::to_vec)
     }
 
     /// Waits (at most `timeout`) until `pred` holds for the events seen.
@@ -165,40 +200,62 @@ impl Agent {
     ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let evs = self.events();
-            if pred(&evs) {
-                return evs;
-            }
-            if Instant::now() > deadline {
+            let done = Instant::now() > deadline;
+            if let Some(evs) = self.with_events(|evs| (pred(evs) || done).then(|| evs.to_vec())) {
                 return evs;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Waits for the first event matching `pred`; panics with context if none.
+    /// Waits (at most 60 s: a debug agent may be busy with a burst) for the
+    /// first event matching `pred`; panics with context if none.
     pub fn expect_event(&self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
-        let evs = self.wait_until(Duration::from_secs(20), |evs| evs.iter().any(&mut pred));
-        evs.into_iter().find(|e| pred(e)).unwrap_or_else(|| {
-            panic!(
-                "no event for {what} (events file {})",
-                self.events_path.display()
-            )
-        })
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(e) = self.with_events(|evs| evs.iter().find(|e| pred(e)).cloned()) {
+                return e;
+            }
+            if Instant::now() > deadline {
+                let (n, last) = self.with_events(|evs| (evs.len(), evs.last().cloned()));
+                let drops: Vec<String> = self
+                    .try_metrics()
+                    .unwrap_or_else(|e| format!("no metrics: {e}"))
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("no metrics")
+                            || (!l.starts_with('#')
+                                && (l.contains("dropped") || l.contains("decode_errors")))
+                    })
+                    .map(String::from)
+                    .collect();
+                panic!(
+                    "no event for {what} (events file {}, {n} events, the last: {}; {})",
+                    self.events_path.display(),
+                    last.map_or_else(|| "none".into(), |v| v.to_string()),
+                    drops.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The Prometheus exposition text.
     pub fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(&self.metrics_addr).expect("metrics connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        self.try_metrics().expect("reading the agent's metrics")
+    }
+
+    /// The Prometheus exposition text, or why it could not be read.
+    pub fn try_metrics(&self) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(&self.metrics_addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             s,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        )?;
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+        s.read_to_string(&mut out)?;
+        Ok(out)
     }
 
     /// A metric sample's value (`name{labels}` exactly as exposed), 0 if absent.
