@@ -128,6 +128,13 @@ pub struct AgentConfig {
     /// in memory while it is unreachable, never at the expense of
     /// detections and evidence).
     pub ship_events: bool,
+    /// Name containers (name, image and digest, Kubernetes pod and
+    /// namespace) from the container runtimes' state files.
+    pub container_meta: bool,
+    /// Root below which the runtimes' state is read (`/run/containerd`,
+    /// `/var/lib/containers`, `/var/lib/docker`): "/" on a host,
+    /// "/proc/1/root" for an agent in a pod with the host's PID namespace.
+    pub runtime_state_root: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -183,6 +190,8 @@ impl Default for AgentConfig {
             spool_max_mib: 1024,
             spool_max_items: 100_000,
             ship_events: true,
+            container_meta: true,
+            runtime_state_root: PathBuf::from("/"),
         }
     }
 }

@@ -111,6 +111,9 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 
     let mut tree = ProcessTree::new(cfg.max_processes, Duration::from_secs(cfg.exit_grace_secs));
     let mut workloads = WorkloadCache::new(4096);
+    if cfg.container_meta {
+        workloads = workloads.with_runtime_state(&cfg.runtime_state_root);
+    }
     let n = crate::procscan::bootstrap(&mut tree, &mut workloads).context("scanning /proc")?;
     info!(processes = n, "process tree bootstrapped from /proc");
     if let (true, Some(url), Some(pki), Some(name)) = (

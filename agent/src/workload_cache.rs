@@ -2,13 +2,16 @@
 //!
 //! A process's workload is read from /proc/PID/cgroup the first time its
 //! cgroup is seen; when the process is already gone, the cgroup v2 directory
-//! whose inode number is the cgroup id is looked up instead.
+//! whose inode number is the cgroup id is looked up instead. A container's
+//! name, image and pod come from its runtime's state
+//! ([`crate::container_meta`]), read once per container id.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::container_meta::{ContainerMeta, RuntimeState};
 use crate::workload::Workload;
 
 /// Bounded cache of workloads by cgroup id; identical workloads share one
@@ -19,6 +22,10 @@ pub struct WorkloadCache {
     cap: usize,
     cgroup2_root: Option<PathBuf>,
     host: Arc<Workload>,
+    runtime: Option<RuntimeState>,
+    /// Container id -> what its runtime's state says (also when nothing:
+    /// a container is looked up once).
+    meta: HashMap<String, ContainerMeta>,
 }
 
 impl WorkloadCache {
@@ -30,7 +37,16 @@ impl WorkloadCache {
             cap: cap.max(16),
             cgroup2_root: find_cgroup2_root(),
             host: Arc::new(Workload::from_cgroup_path("/")),
+            runtime: None,
+            meta: HashMap::new(),
         }
+    }
+
+    /// Also names containers from the runtimes' state below `root` (`/` on
+    /// the host, `/proc/1/root` from a pod sharing the host's PID namespace).
+    pub fn with_runtime_state(mut self, root: impl Into<PathBuf>) -> Self {
+        self.runtime = Some(RuntimeState::new(root));
+        self
     }
 
     /// A shared handle for `w`.
@@ -58,12 +74,33 @@ impl WorkloadCache {
                 None => return self.host.clone(),
             },
         };
+        let w = self.named(w);
         let w = self.intern(w);
         if self.by_cgroup.len() >= self.cap {
             self.by_cgroup.clear();
         }
         self.by_cgroup.insert(cgroup_id, w.clone());
         w
+    }
+
+    /// `w` with its container's name, image and pod, when it is a container
+    /// and the runtime's state says.
+    fn named(&mut self, w: Workload) -> Workload {
+        let (Some(rt), Some(id)) = (self.runtime.as_mut(), w.container_id.as_deref()) else {
+            return w;
+        };
+        let m = match self.meta.get(id) {
+            Some(m) => m.clone(),
+            None => {
+                let m = rt.lookup(id);
+                if self.meta.len() >= self.cap {
+                    self.meta.clear();
+                }
+                self.meta.insert(id.to_string(), m.clone());
+                m
+            }
+        };
+        w.with_meta(m)
     }
 
     /// Finds the cgroup v2 directory whose inode is `id` (bounded walk).
