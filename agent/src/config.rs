@@ -132,8 +132,9 @@ pub struct AgentConfig {
     /// namespace) from the container runtimes' state files.
     pub container_meta: bool,
     /// Root below which the runtimes' state is read (`/run/containerd`,
-    /// `/var/lib/containers`, `/var/lib/docker`): "/" on a host,
-    /// "/proc/1/root" for an agent in a pod with the host's PID namespace.
+    /// `/var/lib/containers`, `/var/lib/docker`): "/" on a host and in the
+    /// DaemonSet (which mounts them at their host paths), or where an
+    /// agent in a container sees the host's root (e.g. "/host").
     pub runtime_state_root: PathBuf,
 }
 

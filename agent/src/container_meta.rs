@@ -26,8 +26,9 @@
 //!    image as run, image id, labels: `io.kubernetes.*` under cri-dockerd)
 //!    and `var/lib/docker/image/<driver>/repositories.json` for the digest.
 //!
-//! Every path is taken below `root` (`runtime_state_root`: `/` on a host,
-//! `/proc/1/root` for an agent in a pod with the host's PID namespace).
+//! Every path is taken below `root` (`runtime_state_root`: `/` on a host
+//! and in the DaemonSet, which mounts exactly these directories read-only
+//! at their host paths).
 //! Every read is bounded in size; a file that is missing, too large or
 //! malformed leaves its fields empty and is never an error for the event.
 //!

@@ -43,7 +43,7 @@ impl WorkloadCache {
     }
 
     /// Also names containers from the runtimes' state below `root` (`/` on
-    /// the host, `/proc/1/root` from a pod sharing the host's PID namespace).
+    /// the host and in the DaemonSet, which mounts them at their host paths).
     pub fn with_runtime_state(mut self, root: impl Into<PathBuf>) -> Self {
         self.runtime = Some(RuntimeState::new(root));
         self

@@ -50,6 +50,11 @@ const AGENT_HOST_MOUNTS: &[(&str, bool)] = &[
     ("/sys/fs/cgroup", true),
     ("/run/containerd", true),
     ("/run/crio", true),
+    ("/var/lib/containers/storage/overlay-containers", true),
+    ("/var/lib/containers/storage/overlay-images", true),
+    ("/run/containers/storage/overlay-containers", true),
+    ("/var/lib/docker/containers", true),
+    ("/var/lib/docker/image", true),
     ("/var/lib/kubelet/pods", true),
     ("/var/log/pods", true),
     ("/var/lib/vigil", false),
@@ -72,7 +77,7 @@ const RENDERINGS: &[(&str, Flavor)] = &[
 
 use crate::util::Report;
 
-fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
     } else {
@@ -149,7 +154,7 @@ pub fn deploy_check() -> Result<()> {
     Ok(())
 }
 
-fn render(kubectl: &Path, dir: &Path) -> Result<String> {
+pub(crate) fn render(kubectl: &Path, dir: &Path) -> Result<String> {
     let mut cmd = Command::new(kubectl);
     cmd.arg("kustomize").arg(dir);
     let (status, out) = util::capture(&mut cmd, Duration::from_secs(60))?;
@@ -188,7 +193,7 @@ fn kubernetes_validate(validate: &Path, yaml: &str) -> Result<()> {
     })
 }
 
-fn parse(yaml: &str) -> Result<Vec<Value>> {
+pub(crate) fn parse(yaml: &str) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
     for de in serde_norway::Deserializer::from_str(yaml) {
         let v: Value = serde::Deserialize::deserialize(de).context("parsing the rendered YAML")?;
@@ -199,7 +204,7 @@ fn parse(yaml: &str) -> Result<Vec<Value>> {
     Ok(docs)
 }
 
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+pub(crate) fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
     docs.iter().find(|d| {
         d["kind"] == kind
             && d["metadata"]["name"]

@@ -78,7 +78,7 @@ fn license() -> String {
 
 /// The shared libraries `bin` loads, as absolute paths (the dynamic loader
 /// included), from `ldd`.
-fn libraries(bin: &Path) -> Result<BTreeSet<PathBuf>> {
+pub(crate) fn libraries(bin: &Path) -> Result<BTreeSet<PathBuf>> {
     let out = Command::new("ldd")
         .arg(bin)
         .output()
@@ -107,7 +107,7 @@ fn libraries(bin: &Path) -> Result<BTreeSet<PathBuf>> {
 
 /// Copies `src` to `root` + its absolute path, following symlinks (the
 /// image gets the file under the name the loader asks for).
-fn copy_into(root: &Path, src: &Path) -> Result<()> {
+pub(crate) fn copy_into(root: &Path, src: &Path) -> Result<()> {
     let dst = root.join(src.strip_prefix("/").unwrap_or(src));
     if let Some(d) = dst.parent() {
         std::fs::create_dir_all(d)?;
