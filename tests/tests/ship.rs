@@ -263,6 +263,9 @@ fn assert_private(root: &Path) -> usize {
 /// collector for its data directory. Nothing is loaded before the check.
 #[test]
 fn unsafe_directories_are_refused_at_start() {
+    // Its agents and collectors are children of this (listening) test
+    // process: while another test's agent watches, they must not run.
+    let _serial = serial();
     vigil_tests::require_root();
     use std::os::unix::fs::PermissionsExt;
     let work = tempfile::tempdir().unwrap();
