@@ -67,7 +67,16 @@ impl Collector {
     }
 
     fn spawn(port: u16, pki: &Path, data: &Path, extra: &[&str], uid: Option<u32>) -> Collector {
-        let mut cmd = Command::new(collector_bin("vigil-collector"));
+        let mut bin = collector_bin("vigil-collector");
+        if let Some(uid) = uid {
+            // The build tree may be where `uid` cannot reach (a checkout in
+            // /root): it runs a copy kept beside its data directory.
+            let dir = data.parent().expect("data has a parent");
+            let copy = dir.join("vigil-collector");
+            std::fs::copy(&bin, &copy).expect("copying vigil-collector");
+            bin = copy;
+        }
+        let mut cmd = Command::new(&bin);
         if let Some(uid) = uid {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(uid);
