@@ -329,3 +329,28 @@ node server.js (/usr/bin/node)  [pid 100]
 }
 
 on_both_stores!(analyst_cli_lists_shows_downloads_and_verifies,);
+
+/// `vigil-collector ui-token` prints the token a serving collector made
+/// (for images with no shell), and says clearly when there is none yet.
+#[test]
+fn ui_token_prints_the_token_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_vigil-collector"))
+            .args(["ui-token", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let missing = run();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("ui-token") && err.contains("--ui-addr"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("ui-token"), "abc123\n").unwrap();
+    let ok = run();
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "abc123\n");
+}

@@ -327,6 +327,10 @@ impl PodRun {
                     )
                 }),
         );
+        report.check(
+            "the incident page shows the container (UI token from `vigil-collector ui-token`)",
+            ui_shows_container(&coll, &victim),
+        );
         let state = self.host_path_dir("/var/lib/vigil");
         report.check(
             "its evidence bundle reaches the collector (downloaded and verified)",
@@ -854,22 +858,53 @@ fn probe_all(pod: &Pod, kind: &str, limit: Duration) -> Result<()> {
 
 /// GET http://127.0.0.1:PORT/PATH answered 200.
 fn http_get_ok(port: u64, path: &str) -> bool {
+    http_get(port, path, None).is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// The whole HTTP/1.1 response to GET http://127.0.0.1:PORT/PATH.
+fn http_get(port: u64, path: &str, bearer: Option<&str>) -> Result<String> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port as u16)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .is_err()
-    {
-        return false;
-    }
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The collector's incident page for the victim's detection names its
+/// container and image, read as an analyst would: the token printed by
+/// `vigil-collector ui-token` in the collector's container (its image has
+/// no shell), the UI port from the StatefulSet's command line.
+fn ui_shows_container(coll: &str, victim: &Victim) -> Result<()> {
+    let token = run_out(podman().args(["exec", coll, "/usr/bin/vigil-collector", "ui-token"]))?;
+    let token = token.trim();
+    let port = 7480;
+    let body = |r: String| {
+        r.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    };
+    let list = body(http_get(port, "/api/incidents", Some(token))?);
+    let incidents: Value =
+        serde_json::from_str(list.trim()).with_context(|| format!("/api/incidents: {list}"))?;
+    let short = &victim.id[..12];
+    let id = incidents
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["workload"].as_str().is_some_and(|w| w.contains(short)))
+        .and_then(|i| i["id"].as_i64())
+        .with_context(|| format!("no incident for container {short}: {incidents}"))?;
+    let page = body(http_get(port, &format!("/incidents/{id}"), Some(token))?);
+    crate::deploy::ensure(
+        page.contains(&format!("container {}", victim.name)) && page.contains(VICTIM),
+        || format!("incident {id} does not name the container and image"),
+    )
 }
 
 /// The preStop exec hook of the pod's main container, in that container.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use vigil_collector::incident::Grouping;
 use vigil_collector::ingest::Limits;
@@ -31,6 +31,24 @@ enum Command {
     /// Create or complete a PKI directory: CA, server and client
     /// certificates. Existing files are kept unless --renew or --rotate-ca.
     InitPki(InitPkiArgs),
+    /// Print the web UI's login token (from the data directory, or
+    /// --ui-token-file): for images without a shell or `cat`, e.g.
+    /// `kubectl exec vigil-collector-0 -- vigil-collector ui-token`.
+    UiToken(UiTokenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UiTokenArgs {
+    /// The collector's data directory.
+    #[arg(
+        long,
+        default_value = "/var/lib/vigil-collector",
+        env = "VIGIL_COLLECTOR_DATA"
+    )]
+    data_dir: PathBuf,
+    /// The token file, when `serve` was given another one.
+    #[arg(long)]
+    ui_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -186,6 +204,20 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::UiToken(a) => {
+            let path = a
+                .ui_token_file
+                .unwrap_or_else(|| a.data_dir.join("ui-token"));
+            let token = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "reading the UI token {} (it is made when `serve` first runs with --ui-addr)",
+                    path.display()
+                )
+            })?;
+            anyhow::ensure!(!token.trim().is_empty(), "{} is empty", path.display());
+            println!("{}", token.trim());
+            Ok(())
+        }
         Command::InitPki(a) => {
             let mut analysts = a.analysts;
             let (existing, _) = pki::client_paths(&a.dir, pki::Role::Analyst, "analyst");
