@@ -68,7 +68,7 @@ impl Collector {
 
     fn spawn(port: u16, pki: &Path, data: &Path, extra: &[&str], uid: Option<u32>) -> Collector {
         let mut bin = collector_bin("vigil-collector");
-        if let Some(uid) = uid {
+        if uid.is_some() {
             // The build tree may be where `uid` cannot reach (a checkout in
             // /root): it runs a copy kept beside its data directory.
             let dir = data.parent().expect("data has a parent");
