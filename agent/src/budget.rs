@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
+use crate::model::Repeat;
+
 /// Capture budget settings.
 #[derive(Clone, Debug)]
 pub struct BudgetOptions {
@@ -179,21 +181,6 @@ impl Default for AggregateOptions {
             emit_first_high: 20,
         }
     }
-}
-
-/// A repeated detection's tally, as reported at the end of its window.
-#[derive(Clone, Debug, serde::Serialize, PartialEq)]
-pub struct Repeat {
-    /// Occurrences in the window, the individually reported ones included.
-    pub count: u64,
-    /// Occurrences not reported one by one.
-    pub suppressed: u64,
-    /// Event time of the first occurrence (RFC 3339).
-    pub first: String,
-    /// Event time of the last occurrence (RFC 3339).
-    pub last: String,
-    /// Window length in seconds.
-    pub window_secs: u64,
 }
 
 struct Tally<D> {

@@ -275,8 +275,8 @@ impl AgentConfig {
     }
 
     /// `capture_min_severity` parsed.
-    pub fn capture_severity(&self) -> anyhow::Result<crate::detect::Severity> {
-        use crate::detect::Severity;
+    pub fn capture_severity(&self) -> anyhow::Result<crate::model::Severity> {
+        use crate::model::Severity;
         Ok(match self.capture_min_severity.as_str() {
             "low" => Severity::Low,
             "medium" => Severity::Medium,

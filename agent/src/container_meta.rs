@@ -41,6 +41,8 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
+use crate::model::Workload;
+
 /// Largest OCI `config.json` / docker `config.v2.json` read.
 const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// Largest containers/storage index (`containers.json`, `images.json`) or
@@ -85,6 +87,17 @@ impl ContainerMeta {
                 *mine = theirs;
             }
         }
+    }
+
+    /// `w` with this container's name, image and pod; its identity from
+    /// the cgroup (and so its key) stays.
+    pub fn apply_to(self, mut w: Workload) -> Workload {
+        w.container_name = self.name;
+        w.image = self.image;
+        w.image_digest = self.image_digest;
+        w.pod_name = self.pod_name;
+        w.pod_namespace = self.pod_namespace;
+        w
     }
 
     fn complete(&self) -> bool {

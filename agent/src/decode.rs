@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use vigil_sensor_common as raw;
 use vigil_sensor_common::{EventHeader, EventKind};
 
-use crate::event::{Chmod, Connect, Event, Exec, FileOpen, Listen, Payload, Rename, Stdio};
+use crate::model::event::{Chmod, Connect, Event, Exec, FileOpen, Listen, Payload, Rename, Stdio};
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

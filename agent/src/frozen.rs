@@ -317,7 +317,7 @@ impl FreezeLedger {
             .name("vigil-freeze-watchdog".into())
             .spawn(move || loop {
                 std::thread::sleep(WATCHDOG_TICK);
-                ledger.sweep(Instant::now(), crate::detect::boot_ns_now());
+                ledger.sweep(Instant::now(), crate::model::boot_ns_now());
             })
             .context("starting the freeze watchdog")?;
         Ok(())

@@ -163,7 +163,7 @@ impl Health {
     /// The event loop drained the ring buffer now.
     pub fn drained(&self) {
         self.last_drain_boot_ns.store(
-            crate::detect::boot_ns_now(),
+            crate::model::boot_ns_now(),
             std::sync::atomic::Ordering::Relaxed,
         );
     }
@@ -179,8 +179,7 @@ impl Health {
         let last = self
             .last_drain_boot_ns
             .load(std::sync::atomic::Ordering::Relaxed);
-        let age =
-            std::time::Duration::from_nanos(crate::detect::boot_ns_now().saturating_sub(last));
+        let age = std::time::Duration::from_nanos(crate::model::boot_ns_now().saturating_sub(last));
         if last != 0 && age < LIVENESS_MAX_STALL {
             Ok(())
         } else {
@@ -421,7 +420,7 @@ impl Metrics {
     }
 
     /// Counts a detection.
-    pub fn count_detection(&self, d: &crate::detect::Detection) {
+    pub fn count_detection(&self, d: &crate::model::Detection) {
         self.detections
             .get_or_create(&RuleLabel {
                 rule: d.rule.clone(),
@@ -566,7 +565,7 @@ mod tests {
         assert!(h.ready());
         // A loop that stopped draining long ago is not live.
         h.last_drain_boot_ns.store(
-            crate::detect::boot_ns_now() - LIVENESS_MAX_STALL.as_nanos() as u64 - 1,
+            crate::model::boot_ns_now() - LIVENESS_MAX_STALL.as_nanos() as u64 - 1,
             std::sync::atomic::Ordering::Relaxed,
         );
         assert!(h.live().unwrap_err().contains("not drained"));

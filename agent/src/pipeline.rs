@@ -11,7 +11,8 @@ use tracing::warn;
 
 use crate::budget::{AggregateOptions, Aggregator};
 use crate::decode::decode;
-use crate::detect::{DetectEngine, Detection, Severity};
+use crate::detect::DetectEngine;
+use crate::model::{Detection, EnrichedEvent, ProcessView, Severity};
 use crate::respond::{CaptureJob, Responder};
 use lru::LruCache;
 use std::collections::VecDeque;
@@ -19,46 +20,10 @@ use std::num::NonZeroUsize;
 
 /// Events kept per process for evidence timelines.
 const TIMELINE_PER_PROCESS: usize = 32;
-use crate::event::{Event, Payload};
 use crate::metrics::Metrics;
-use crate::tree::{Ancestor, ProcessTree};
-use crate::workload::Workload;
+use crate::model::event::{Event, Payload};
+use crate::tree::ProcessTree;
 use crate::workload_cache::WorkloadCache;
-
-/// The process an event is about, as the tree knows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProcessView {
-    /// Process id.
-    pub pid: u32,
-    /// Parent process id.
-    pub ppid: u32,
-    /// Executable path.
-    pub exe: String,
-    /// comm.
-    pub comm: String,
-    /// Arguments.
-    pub argv: Vec<String>,
-    /// Real uid.
-    pub uid: u32,
-    /// Effective uid.
-    pub euid: u32,
-    /// Workload identity.
-    pub workload: Arc<Workload>,
-}
-
-/// An event with its process and ancestry: what sinks receive.
-#[derive(Clone, Debug, Serialize)]
-pub struct EnrichedEvent {
-    /// RFC 3339 wall-clock time of the event.
-    pub time: String,
-    /// The decoded event.
-    #[serde(flatten)]
-    pub event: Event,
-    /// The subject process.
-    pub process: ProcessView,
-    /// Its ancestors, parent first, up to init.
-    pub ancestry: Vec<Ancestor>,
-}
 
 /// A consumer of enriched events.
 pub trait Sink: Send {
@@ -388,7 +353,7 @@ impl Pipeline {
     }
 
     /// The report standing for a detection's repeats in a window.
-    fn report_repeat(&mut self, mut d: Detection, r: crate::budget::Repeat) {
+    fn report_repeat(&mut self, mut d: Detection, r: crate::model::Repeat) {
         d.summary = format!(
             "{} (repeated {} times in {} s, {} not reported one by one)",
             d.summary, r.count, r.window_secs, r.suppressed

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tracing::debug;
 
+use crate::model::workload::Workload;
 use crate::tree::{Process, ProcessTree};
-use crate::workload::Workload;
 use crate::workload_cache::WorkloadCache;
 
 /// Reads every process in /proc into `tree`. Returns how many were added.

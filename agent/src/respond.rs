@@ -20,10 +20,10 @@ use tracing::{info, warn};
 use crate::budget::{disk_usage, BudgetOptions, CaptureBudget, Refusal};
 use crate::capture::freeze::FreezeError;
 use crate::capture::{CaptureConfig, CaptureError, CaptureOutcome, CaptureRequest, Capturer};
-use crate::detect::{Detection, Severity};
 use crate::frozen::FreezeLedger;
 use crate::metrics::Metrics;
 use crate::metrics::ReasonLabel;
+use crate::model::{Detection, Severity};
 
 /// Capture settings (from the agent config).
 #[derive(Clone, Debug)]
@@ -175,7 +175,7 @@ impl Worker {
         }
         let (pid, frozen, severity) = (job.pid, job.frozen, job.severity);
         let detection = job.detection.clone();
-        let started_boot = crate::detect::boot_ns_now();
+        let started_boot = crate::model::boot_ns_now();
         // A process frozen while queued has been stopped since its hold
         // began: the capture gets what is left of that deadline.
         let mut until = Instant::now() + self.deadline;

@@ -281,7 +281,7 @@ impl Sensor {
         if !self.freeze_enabled {
             return;
         }
-        let now = crate::detect::boot_ns_now();
+        let now = crate::model::boot_ns_now();
         if let Err(e) = self.alive.set(0, now, 0) {
             tracing::warn!(error = %e, "heartbeat to the kernel failed: in-kernel freezing pauses");
         }
@@ -343,7 +343,7 @@ impl SensorHandle {
         if !self.freeze_enabled {
             return;
         }
-        let now = crate::detect::boot_ns_now();
+        let now = crate::model::boot_ns_now();
         if let Err(e) = self.alive.set(0, now, 0) {
             tracing::warn!(error = %e, "heartbeat to the kernel failed: in-kernel freezing pauses");
         }

@@ -14,10 +14,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use crate::event::{Event, Payload};
-use crate::workload::Workload;
+use crate::model::event::{Event, Payload};
+use crate::model::workload::Workload;
+use crate::model::Ancestor;
 
 /// Most ancestors reported for one process.
 pub const MAX_ANCESTRY: usize = 64;
@@ -54,17 +53,6 @@ pub struct Process {
     /// exited process with children is kept, so its descendants keep their
     /// ancestry).
     pub children: u32,
-}
-
-/// One ancestor in an event's ancestry.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Ancestor {
-    /// Process id.
-    pub pid: u32,
-    /// Executable path.
-    pub exe: String,
-    /// Arguments.
-    pub argv: Vec<String>,
 }
 
 /// Counters the tree keeps about itself.
@@ -368,7 +356,7 @@ impl ProcessTree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Exec;
+    use crate::model::event::Exec;
 
     fn ev(pid: u32, start: u64, payload: Payload) -> Event {
         Event {
@@ -401,7 +389,7 @@ mod tests {
                 exe_deleted: false,
                 script: None,
                 ld_preload: None,
-                stdio: [crate::event::Stdio::Closed; 3],
+                stdio: [crate::model::event::Stdio::Closed; 3],
                 frozen: false,
             }),
         )

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::container_meta::{ContainerMeta, RuntimeState};
-use crate::workload::Workload;
+use crate::model::workload::Workload;
 
 /// Bounded cache of workloads by cgroup id; identical workloads share one
 /// allocation.
@@ -100,7 +100,7 @@ impl WorkloadCache {
                 m
             }
         };
-        w.with_meta(m)
+        m.apply_to(w)
     }
 
     /// Finds the cgroup v2 directory whose inode is `id` (bounded walk).

@@ -17,81 +17,11 @@ use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use lru::LruCache;
-use serde::Serialize;
 
-use crate::event::{Event, Payload};
-use crate::pipeline::{EnrichedEvent, ProcessView};
-use crate::tree::{Ancestor, ProcessTree};
+use crate::model::event::Payload;
+use crate::model::{boot_ns_now, Detection, EnrichedEvent, Finding, Severity};
+use crate::tree::ProcessTree;
 use baseline::Baseline;
-
-/// How bad.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Unusual, worth a look.
-    Low,
-    /// Suspicious.
-    Medium,
-    /// Likely malicious.
-    High,
-    /// Malicious.
-    Critical,
-}
-
-/// What a rule found about one event.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Finding {
-    /// Stable rule id.
-    pub rule: String,
-    /// "builtin" or "sigma".
-    pub source: &'static str,
-    /// Severity.
-    pub severity: Severity,
-    /// MITRE ATT&CK technique ids.
-    pub mitre: Vec<String>,
-    /// One sentence for a human.
-    pub summary: String,
-    /// Never suppressed by the baseline (masquerade, fileless, reverse shell,
-    /// miner, and everything critical).
-    pub never_suppress: bool,
-    /// What the baseline learns/matches for this finding when the event is
-    /// not an exec (exec findings use the exec edge).
-    pub object: String,
-}
-
-/// One detection: the output contract of `--detections-json`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Detection {
-    /// Event time (RFC 3339).
-    pub time: String,
-    /// When the agent decided (RFC 3339).
-    pub detected_at: String,
-    /// From the kernel event to the decision, in ns.
-    pub latency_ns: u64,
-    /// Stable rule id.
-    pub rule: String,
-    /// "builtin" or "sigma".
-    pub rule_source: &'static str,
-    /// Severity.
-    pub severity: Severity,
-    /// MITRE ATT&CK technique ids.
-    pub mitre: Vec<String>,
-    /// One sentence for a human.
-    pub summary: String,
-    /// The process that triggered it.
-    pub process: ProcessView,
-    /// Its ancestors, parent first.
-    pub ancestry: Vec<Ancestor>,
-    /// The triggering event.
-    pub event: Event,
-    /// Evidence captured for this detection (filled by the capture stage).
-    pub evidence: Option<serde_json::Value>,
-    /// Set on the one detection that stands for repeats of the same
-    /// (rule, workload, executable, argv shape) within a window: how many,
-    /// and the first and last time.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub repeat: Option<crate::budget::Repeat>,
-}
 
 /// Who wrote a file (for ingress tool transfer).
 #[derive(Clone, Debug)]
@@ -357,11 +287,4 @@ pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
         normalize::shape(&child),
         normalize::argv_shape(&x.argv)
     ))
-}
-
-/// CLOCK_BOOTTIME now, ns.
-pub fn boot_ns_now() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }

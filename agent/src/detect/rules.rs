@@ -4,8 +4,9 @@
 //! wrote it, what a socket is.
 
 use super::classify::*;
-use super::{Ctx, Finding, Severity};
-use crate::event::{Exec, Payload, Stdio};
+use super::Ctx;
+use crate::model::event::{Exec, Payload, Stdio};
+use crate::model::{Finding, Severity};
 
 /// Rule ids (stable).
 pub mod ids {
@@ -517,10 +518,10 @@ mod tests {
 
     use super::*;
     use crate::detect::{DetectState, Provenance};
-    use crate::event::{Chmod, Connect, Event, FileOpen};
-    use crate::pipeline::{EnrichedEvent, ProcessView};
+    use crate::model::event::{Chmod, Connect, Event, FileOpen};
+    use crate::model::workload::Workload;
+    use crate::model::{EnrichedEvent, ProcessView};
     use crate::tree::ProcessTree;
-    use crate::workload::Workload;
     use std::sync::Arc;
 
     struct World {
@@ -620,7 +621,7 @@ mod tests {
         fn listen(&mut self, pid: u32) {
             let ev = self.event(
                 pid,
-                Payload::Listen(crate::event::Listen {
+                Payload::Listen(crate::model::event::Listen {
                     protocol: "tcp".into(),
                     addr: "127.0.0.1".parse().unwrap(),
                     port: 3000,

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
-use super::{Finding, Severity};
-use crate::event::Payload;
-use crate::pipeline::EnrichedEvent;
+use crate::model::event::Payload;
+use crate::model::EnrichedEvent;
+use crate::model::{Finding, Severity};
 use crate::tree::ProcessTree;
 
 /// Sigma log source categories vigil produces.

@@ -23,7 +23,8 @@ use vigil_proto::Event;
 use super::client::{Client, PkiFiles, ShipError};
 use super::{BACKOFF_MAX, BACKOFF_MIN};
 use crate::metrics::{KindLabel, Metrics};
-use crate::pipeline::{EnrichedEvent, Sink};
+use crate::model::EnrichedEvent;
+use crate::pipeline::Sink;
 
 /// Serialized events waiting for the thread.
 const QUEUE: usize = 16_384;

@@ -149,7 +149,7 @@ pub struct Workload {
     pub systemd_unit: Option<String>,
     /// The container's name: the Kubernetes container name in a pod, else
     /// the runtime's (`--name`). From the runtime's state, see
-    /// [`crate::container_meta`].
+    /// `agent::container_meta`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_name: Option<String>,
     /// The image the container runs, as it was named, e.g.
@@ -168,17 +168,6 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Adds what the container runtime's state says of this container
-    /// (name, image, pod); the identity from the cgroup and the key stay.
-    pub fn with_meta(mut self, m: crate::container_meta::ContainerMeta) -> Workload {
-        self.container_name = m.name;
-        self.image = m.image;
-        self.image_digest = m.image_digest;
-        self.pod_name = m.pod_name;
-        self.pod_namespace = m.pod_namespace;
-        self
-    }
-
     /// Derives the workload from one cgroup path, e.g.
     /// `/system.slice/docker-<64hex>.scope`. Never fails: anything
     /// unrecognised is kind `host`. See the module docs for the rules.

@@ -2,7 +2,7 @@
 //!
 //! These are the agent's internal currency between decode, the process tree
 //! and the sinks. They carry only what the kernel reported; enrichment
-//! (ancestry, workload) is added by [`crate::pipeline`].
+//! (ancestry, workload) is added by the pipeline ([`super::EnrichedEvent`]).
 
 use std::net::IpAddr;
 

@@ -1,0 +1,220 @@
+//! The agent's shared data model: the types every stage passes on, and
+//! nothing else. Stages import from here; this module imports no stage
+//! (checked by `tests::model_is_a_leaf`).
+//!
+//! - [`event`]: what the decoder makes of a kernel record ([`Event`]);
+//! - [`workload`]: which container, pod, unit or session a process is in;
+//! - [`ProcessView`], [`Ancestor`], [`EnrichedEvent`]: an event with its
+//!   process and ancestry, as the process tree knows them;
+//! - [`Severity`], [`Finding`], [`Detection`], [`Repeat`]: what detection
+//!   says about an event;
+//! - [`boot_ns_now`]: the clock kernel timestamps are in.
+
+pub mod event;
+pub mod workload;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use event::{Event, Payload};
+pub use workload::Workload;
+
+/// The process an event is about, as the tree knows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessView {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Executable path.
+    pub exe: String,
+    /// comm.
+    pub comm: String,
+    /// Arguments.
+    pub argv: Vec<String>,
+    /// Real uid.
+    pub uid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Workload identity.
+    pub workload: Arc<Workload>,
+}
+
+/// An event with its process and ancestry: what sinks receive.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnrichedEvent {
+    /// RFC 3339 wall-clock time of the event.
+    pub time: String,
+    /// The decoded event.
+    #[serde(flatten)]
+    pub event: Event,
+    /// The subject process.
+    pub process: ProcessView,
+    /// Its ancestors, parent first, up to init.
+    pub ancestry: Vec<Ancestor>,
+}
+
+/// One ancestor in an event's ancestry.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Ancestor {
+    /// Process id.
+    pub pid: u32,
+    /// Executable path.
+    pub exe: String,
+    /// Arguments.
+    pub argv: Vec<String>,
+}
+
+/// How bad.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Unusual, worth a look.
+    Low,
+    /// Suspicious.
+    Medium,
+    /// Likely malicious.
+    High,
+    /// Malicious.
+    Critical,
+}
+
+/// What a rule found about one event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    /// Stable rule id.
+    pub rule: String,
+    /// "builtin" or "sigma".
+    pub source: &'static str,
+    /// Severity.
+    pub severity: Severity,
+    /// MITRE ATT&CK technique ids.
+    pub mitre: Vec<String>,
+    /// One sentence for a human.
+    pub summary: String,
+    /// Never suppressed by the baseline (masquerade, fileless, reverse shell,
+    /// miner, and everything critical).
+    pub never_suppress: bool,
+    /// What the baseline learns/matches for this finding when the event is
+    /// not an exec (exec findings use the exec edge).
+    pub object: String,
+}
+
+/// One detection: the output contract of `--detections-json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Detection {
+    /// Event time (RFC 3339).
+    pub time: String,
+    /// When the agent decided (RFC 3339).
+    pub detected_at: String,
+    /// From the kernel event to the decision, in ns.
+    pub latency_ns: u64,
+    /// Stable rule id.
+    pub rule: String,
+    /// "builtin" or "sigma".
+    pub rule_source: &'static str,
+    /// Severity.
+    pub severity: Severity,
+    /// MITRE ATT&CK technique ids.
+    pub mitre: Vec<String>,
+    /// One sentence for a human.
+    pub summary: String,
+    /// The process that triggered it.
+    pub process: ProcessView,
+    /// Its ancestors, parent first.
+    pub ancestry: Vec<Ancestor>,
+    /// The triggering event.
+    pub event: Event,
+    /// Evidence captured for this detection (filled by the capture stage).
+    pub evidence: Option<serde_json::Value>,
+    /// Set on the one detection that stands for repeats of the same
+    /// (rule, workload, executable, argv shape) within a window: how many,
+    /// and the first and last time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<Repeat>,
+}
+
+/// CLOCK_BOOTTIME now, ns.
+pub fn boot_ns_now() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// A repeated detection's tally, as reported at the end of its window.
+#[derive(Clone, Debug, serde::Serialize, PartialEq)]
+pub struct Repeat {
+    /// Occurrences in the window, the individually reported ones included.
+    pub count: u64,
+    /// Occurrences not reported one by one.
+    pub suppressed: u64,
+    /// Event time of the first occurrence (RFC 3339).
+    pub first: String,
+    /// Event time of the last occurrence (RFC 3339).
+    pub last: String,
+    /// Window length in seconds.
+    pub window_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// The agent modules (`crate::NAME`) named by code (not comments) in
+    /// the Rust files at `rel` (a file or a directory, walked).
+    fn crate_modules_named(rel: &str) -> BTreeSet<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![root.join(rel)];
+        let mut out = BTreeSet::new();
+        while let Some(p) = files.pop() {
+            if p.is_dir() {
+                files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if p.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            for line in text.lines().map(str::trim_start) {
+                if line.starts_with("//") {
+                    continue;
+                }
+                for (i, _) in line.match_indices("crate::") {
+                    let name: String = line[i + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() {
+                        out.insert(name);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_only(rel: &str, allowed: &[&str]) {
+        let named = crate_modules_named(rel);
+        let extra: Vec<_> = named
+            .iter()
+            .filter(|m| !allowed.contains(&m.as_str()))
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "src/{rel} names {extra:?}: it may only use {allowed:?} (ARCHITECTURE.md, invariants)"
+        );
+    }
+
+    #[test]
+    fn model_is_a_leaf() {
+        assert_only("model", &["model"]);
+    }
+
+    #[test]
+    fn state_and_detect_import_no_later_stage() {
+        assert_only("tree.rs", &["model"]);
+        assert_only("detect", &["model", "tree", "detect"]);
+    }
+}
