@@ -68,6 +68,19 @@ pub struct AgentConfig {
     pub capture_rules: Vec<String>,
     /// Kill the process after its capture instead of resuming it.
     pub capture_contain: bool,
+    /// Contain the processes of these rules' detections (see
+    /// `contain_action`); their memory is captured first.
+    pub contain_rules: Vec<String>,
+    /// Also contain every detection at or above this severity: low,
+    /// medium, high, critical, or "off".
+    pub contain_min_severity: String,
+    /// What containment does: "kill" (the process) or "kill_group" (its
+    /// whole process group).
+    pub contain_action: String,
+    /// Report what containment would do and kill nothing.
+    pub contain_dry_run: bool,
+    /// Write each containment action (done or dry run) as a JSON line here.
+    pub actions_json: Option<PathBuf>,
     /// Cap on the memory bytes in one core file, MiB.
     pub capture_max_core_mib: u64,
     /// When the detected process exited before it could be stopped,
@@ -169,6 +182,11 @@ impl Default for AgentConfig {
             capture_min_severity: "high".into(),
             capture_rules: vec!["exec_from_temp_dir".into(), "exec_from_hidden_dir".into()],
             capture_contain: false,
+            contain_rules: Vec::new(),
+            contain_min_severity: "off".into(),
+            contain_action: "kill".into(),
+            contain_dry_run: false,
+            actions_json: None,
             capture_max_core_mib: 512,
             capture_ancestor_fallback: true,
             capture_deadline_ms: 10_000,
@@ -265,6 +283,7 @@ impl AgentConfig {
         }
         self.freeze_policy()?;
         self.capture_severity()?;
+        self.contain_policy()?;
         anyhow::ensure!(
             self.freeze_names
                 .iter()
@@ -286,6 +305,28 @@ impl AgentConfig {
                 "capture_min_severity must be low, medium, high or critical, got {other:?}"
             ),
         })
+    }
+
+    /// The containment policy; `None` when containment is off.
+    pub fn contain_policy(&self) -> anyhow::Result<Option<crate::contain::Policy>> {
+        use crate::model::Severity;
+        let min = match self.contain_min_severity.as_str() {
+            "off" => None,
+            "low" => Some(Severity::Low),
+            "medium" => Some(Severity::Medium),
+            "high" => Some(Severity::High),
+            "critical" => Some(Severity::Critical),
+            other => anyhow::bail!(
+                "contain_min_severity must be off, low, medium, high or critical, got {other:?}"
+            ),
+        };
+        let action = crate::contain::Action::parse(&self.contain_action)?;
+        Ok(crate::contain::Policy::new(
+            &self.contain_rules,
+            min,
+            action,
+            self.contain_dry_run,
+        ))
     }
 
     /// The capture budget settings.

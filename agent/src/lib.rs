@@ -11,6 +11,7 @@ pub mod btf;
 pub mod budget;
 pub mod capture;
 pub mod config;
+pub mod contain;
 pub mod container_meta;
 pub mod decode;
 pub mod detect;

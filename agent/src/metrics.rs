@@ -29,6 +29,15 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Labels: a containment action and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    /// kill, kill_group.
+    pub action: String,
+    /// done, dry_run, gone, refused, failed.
+    pub result: String,
+}
+
 /// Label: hook name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HookLabel {
@@ -107,6 +116,8 @@ pub struct Metrics {
     /// Captures refused by a budget, by reason (workload_budget,
     /// uid_budget, critical_reserve, disk_budget).
     pub captures_refused: Family<ReasonLabel, Counter>,
+    /// Containment actions, by action and result.
+    pub containment_actions: Family<ActionLabel, Counter>,
     /// Archives removed from the node after the collector acknowledged them.
     pub archives_pruned: Counter,
     /// Bytes the capture directory holds (at the last capture decision).
@@ -366,6 +377,11 @@ impl Metrics {
             "captures_refused",
             "Evidence captures refused by a budget, by reason",
             self.captures_refused.clone(),
+        );
+        r.register(
+            "containment_actions",
+            "Containment actions (kill, kill_group) by result (done, dry_run, gone, refused, failed)",
+            self.containment_actions.clone(),
         );
         r.register(
             "archives_pruned",

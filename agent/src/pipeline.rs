@@ -119,6 +119,7 @@ pub struct Pipeline {
     responder: Option<Responder>,
     shipper: Option<crate::ship::Shipper>,
     ledger: Option<crate::frozen::FreezeLedger>,
+    contain: Option<(crate::contain::Policy, Arc<crate::contain::ActionLog>)>,
     repeats: Aggregator<RepeatKey, Detection>,
     timeline: LruCache<u32, VecDeque<Event>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
@@ -143,6 +144,7 @@ impl Pipeline {
             responder: None,
             shipper: None,
             ledger: None,
+            contain: None,
             repeats: Aggregator::new(AggregateOptions::default(), 4096),
             timeline: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             wall_offset_ns: wall_offset_ns(),
@@ -174,6 +176,17 @@ impl Pipeline {
     /// frozen-process ledger (which also forgets them).
     pub fn with_ledger(mut self, l: crate::frozen::FreezeLedger) -> Self {
         self.ledger = Some(l);
+        self
+    }
+
+    /// Contains (kills) the processes `policy` names, reporting each action
+    /// to `log`; with a responder, their evidence is captured first.
+    pub fn with_containment(
+        mut self,
+        policy: crate::contain::Policy,
+        log: Arc<crate::contain::ActionLog>,
+    ) -> Self {
+        self.contain = Some((policy, log));
         self
     }
 
@@ -236,13 +249,18 @@ impl Pipeline {
         if let Some(engine) = &mut self.detect {
             let now = Instant::now();
             let mut dets = engine.observe(&enriched, &self.tree, now);
+            let alive = !is_exit;
+            let mut held = false;
+            let contain = match &self.contain {
+                Some((policy, _)) if alive => policy.decide(&dets),
+                _ => None,
+            };
             // The capture decision sees every detection (its budget bounds
             // it); only their reporting collapses repeats.
             if let Some(r) = &mut self.responder {
                 let e = &enriched.event;
-                let alive = !matches!(e.payload, Payload::Exit { .. });
                 let asking = if alive {
-                    r.wants(&dets, e.pid, e.start_boot_ns)
+                    r.wants(&dets, e.pid, e.start_boot_ns, contain.as_ref())
                 } else {
                     None
                 };
@@ -268,9 +286,18 @@ impl Pipeline {
                             .map(|d| d.severity)
                             .max()
                             .unwrap_or(Severity::Low),
+                        contain: contain.clone(),
                     };
-                    r.submit(job);
+                    // A dropped job holds nothing: contained below.
+                    held = r.submit(job);
                 }
+            }
+            // Containment the capture does not carry out happens now.
+            if let (Some(d), false, Some((_, log))) = (&contain, held, &self.contain) {
+                let e = &enriched.event;
+                let start =
+                    (e.start_boot_ns > 0).then(|| crate::frozen::boot_ns_to_ticks(e.start_boot_ns));
+                log.record(&crate::contain::execute_now(d, e.pid, start));
             }
             // Detections whose process is being captured are each reported
             // (the bundle links to them); the rest may collapse.

@@ -57,6 +57,8 @@ pub struct ResponseOptions {
     /// Bytes the capture directory may hold: captures of detections below
     /// high stop at 80 % of it, high and critical ones at 100 %.
     pub max_disk_bytes: u64,
+    /// Where containment actions taken after a capture are reported.
+    pub actions: Option<Arc<crate::contain::ActionLog>>,
 }
 
 /// One capture to do.
@@ -79,6 +81,10 @@ pub struct CaptureJob {
     /// Severity of the detection that asked: high and critical jobs have
     /// reserved room in the queue, on disk and in the spool.
     pub severity: Severity,
+    /// Containment asked for this process: the capture kills it instead of
+    /// resuming it (unless a dry run); when the capture does not hold it,
+    /// it is contained right after.
+    pub contain: Option<crate::contain::Decision>,
 }
 
 /// The pipeline's handle on the capture worker.
@@ -126,20 +132,76 @@ struct Worker {
     /// Capture threads past their deadline that have not come back.
     stuck: Vec<std::thread::JoinHandle<()>>,
     out: Option<std::io::BufWriter<std::fs::File>>,
+    actions: Option<Arc<crate::contain::ActionLog>>,
 }
 
 impl Worker {
     fn run(mut self, queue: &JobQueue, stop: &std::sync::atomic::AtomicBool) {
         while let Some(q) = queue.pop() {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // Shutting down: no new captures, but nothing stays stopped.
+                // Shutting down: no new captures, but nothing stays stopped
+                // (and what asked for containment is contained).
+                if let Some(d) = &q.job.contain {
+                    let rec = crate::contain::execute_now(d, q.job.pid, start_ticks(&q.job));
+                    self.record(&rec);
+                }
                 if q.job.frozen {
                     self.ctx.ledger.release(q.job.pid, None);
                 }
                 continue;
             }
-            let line = self.handle(q);
+            let line = self.handle_contained(q);
             self.write(&line);
+        }
+    }
+
+    /// [`Worker::handle`], then the containment the job asked for: done by
+    /// the capture (it killed the process instead of resuming it), else
+    /// now. The evidence line gets the action's record.
+    fn handle_contained(&mut self, q: Queued) -> serde_json::Value {
+        use crate::contain::{Action, Outcome, Record};
+        let Some(d) = q.job.contain.clone() else {
+            return self.handle(q);
+        };
+        let pid = q.job.pid;
+        let start = start_ticks(&q.job);
+        // The group is read while the process exists: the capture kills it.
+        let group = (d.action == Action::KillGroup && !d.dry_run)
+            .then(|| crate::contain::killable_group(pid));
+        let mut line = self.handle(q);
+        let killed = line["evidence"]["killed"] == true && line["stand_in"] != true;
+        let mut rec = if d.dry_run {
+            Record::new(&d, pid, Outcome::DryRun)
+        } else if killed {
+            let mut r = Record::new(&d, pid, Outcome::Done);
+            match group {
+                Some(Ok(g)) => {
+                    r.process_group = Some(g);
+                    if let Err(e) = crate::contain::kill_group(g) {
+                        r.result = Outcome::Failed;
+                        r.error = Some(e);
+                    }
+                }
+                Some(Err(e)) => {
+                    r.result = Outcome::Refused;
+                    r.error = Some(e);
+                }
+                None => {}
+            }
+            r
+        } else {
+            // Refused, failed, gone or a stand-in: the process was not held.
+            crate::contain::execute_now(&d, pid, start)
+        };
+        rec.bundle_id = line["evidence"]["bundle_id"].as_str().map(String::from);
+        self.record(&rec);
+        line["containment"] = serde_json::to_value(&rec).unwrap_or_default();
+        line
+    }
+
+    fn record(&self, rec: &crate::contain::Record) {
+        if let Some(log) = &self.actions {
+            log.record(rec);
         }
     }
 
@@ -319,6 +381,7 @@ impl Responder {
             max_disk: opts.max_disk_bytes,
             stuck: Vec::new(),
             out,
+            actions: opts.actions.clone(),
         };
         let (rx, stop) = (queue.clone(), stopping.clone());
         let deadline = opts.deadline;
@@ -363,7 +426,13 @@ impl Responder {
     /// above the minimum, or a capture rule; the most severe of those), if
     /// any, if the process was not captured yet and if the capture budget
     /// allows it (refusals are counted by reason).
-    pub fn wants(&mut self, dets: &[Detection], pid: u32, start_boot_ns: u64) -> Option<usize> {
+    pub fn wants(
+        &mut self,
+        dets: &[Detection],
+        pid: u32,
+        start_boot_ns: u64,
+        contain: Option<&crate::contain::Decision>,
+    ) -> Option<usize> {
         if self.captured.contains(&(pid, start_boot_ns)) {
             return None;
         }
@@ -373,7 +442,9 @@ impl Responder {
             .iter()
             .enumerate()
             .filter(|(_, d)| {
-                d.severity >= self.min_severity || self.capture_rules.contains(&d.rule)
+                d.severity >= self.min_severity
+                    || self.capture_rules.contains(&d.rule)
+                    || contain.is_some_and(|c| c.rule == d.rule)
             })
             .max_by_key(|(i, d)| (d.severity, std::cmp::Reverse(*i)))
             .map(|(i, _)| i)?;
@@ -396,8 +467,8 @@ impl Responder {
     }
 
     /// Queues a capture; never blocks. A dropped job of a frozen process
-    /// resumes it.
-    pub fn submit(&mut self, job: CaptureJob) {
+    /// resumes it. False when the job was dropped (queue full, closed).
+    pub fn submit(&mut self, job: CaptureJob) -> bool {
         self.captured.put((job.pid, job.start_boot_ns), ());
         let (pid, frozen) = (job.pid, job.frozen);
         // A frozen process waiting in the queue is owned by its job: the
@@ -415,7 +486,9 @@ impl Responder {
             if frozen {
                 self.ledger.release(pid, None);
             }
+            return false;
         }
+        true
     }
 }
 
@@ -583,7 +656,10 @@ fn capture_job(
     deadline: Instant,
     limits: CaptureLimits,
 ) -> JobResult {
-    let (capturer, contain, fallback) = (&ctx.capturer, ctx.contain, ctx.fallback);
+    let (capturer, fallback) = (&ctx.capturer, ctx.fallback);
+    // Kill instead of resume: everything (capture_contain), or this job's
+    // containment (not a dry run). Stand-ins are never killed.
+    let contain = ctx.contain || job.contain.as_ref().is_some_and(|d| !d.dry_run);
     let timed_out = std::cell::Cell::new(false);
     // Each process this job stops is claimed until the deadline: the
     // watchdog resumes it then, whatever the capture is doing.
@@ -702,6 +778,11 @@ fn capture_job(
 /// Ancestors tried in turn when they are gone too.
 const MAX_STAND_IN_TRIES: usize = 4;
 
+/// The job's process start time in clock ticks (what /proc shows), if known.
+fn start_ticks(job: &CaptureJob) -> Option<u64> {
+    (job.start_boot_ns > 0).then(|| crate::frozen::boot_ns_to_ticks(job.start_boot_ns))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,6 +815,7 @@ mod tests {
                 timeline: vec![],
                 frozen: false,
                 severity,
+                contain: None,
             },
             hold: None,
         };
@@ -781,6 +863,7 @@ mod tests {
             timeline: vec![],
             frozen: false,
             severity: Severity::High,
+            contain: None,
         };
         let metrics = Arc::new(Metrics::default());
         let ledger = FreezeLedger::new(

@@ -162,6 +162,18 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 emit_first_high: cfg.aggregate_emit_first_high,
             },
         );
+        // Containment (opt-in): its actions reported from the pipeline and
+        // from the capture worker alike.
+        let actions = match cfg.contain_policy()? {
+            Some(policy) => {
+                let log =
+                    crate::contain::ActionLog::open(cfg.actions_json.as_deref(), metrics.clone())?;
+                info!(dry_run = cfg.contain_dry_run, action = %cfg.contain_action, "containment on");
+                pipeline = pipeline.with_containment(policy, log.clone());
+                Some(log)
+            }
+            None => None,
+        };
         if cfg.capture {
             let agent_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
@@ -180,6 +192,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                     deadline: Duration::from_millis(cfg.capture_deadline_ms),
                     budget: cfg.capture_budget(),
                     max_disk_bytes: cfg.capture_max_disk_mib << 20,
+                    actions: actions.clone(),
                 },
                 ledger.clone(),
                 metrics.clone(),
