@@ -74,8 +74,9 @@ pub struct AgentConfig {
     /// Also contain every detection at or above this severity: low,
     /// medium, high, critical, or "off".
     pub contain_min_severity: String,
-    /// What containment does: "kill" (the process) or "kill_group" (its
-    /// whole process group).
+    /// What containment does: "kill" (the process), "kill_group" (its
+    /// whole process group) or "deny_connect" (its connects and those of
+    /// its children refused in the kernel; it runs on).
     pub contain_action: String,
     /// Report what containment would do and kill nothing.
     pub contain_dry_run: bool,

@@ -1,12 +1,16 @@
 //! Containment: opt-in response actions on a detection, by rule or by
 //! severity (`contain_rules`, `contain_min_severity`): kill the process, or
-//! its whole process group (`contain_action`). Off unless configured.
+//! its whole process group, or refuse its (and its children's) connects in
+//! the kernel (`contain_action`). Off unless configured.
 //!
 //! Evidence comes first: a detection that asks for containment also asks
 //! for a capture (within the capture budgets), and the capture kills the
 //! process instead of resuming it, so it never runs another instruction
 //! after its memory was taken. When no capture is taken (budget, queue,
-//! capture off or failed), the process is killed at once.
+//! capture off or failed), the process is killed at once. `deny_connect`
+//! is applied at once (the `DENY_CONNECT` map, read by cgroup
+//! connect4/connect6/sendmsg4/sendmsg6 programs attached only for it) and
+//! the process runs on, captured like any other.
 //!
 //! With `contain_dry_run`, nothing is killed: every action is reported as
 //! what would have been done. Every action, done or not, is a JSON line in
@@ -39,6 +43,10 @@ pub enum Action {
     /// children; a non-interactive shell shares its parent's group, so this
     /// can take the parent down too).
     KillGroup,
+    /// The process keeps running (and can be examined) but its connects
+    /// and unconnected sends, and those of its children, are refused in
+    /// the kernel (cgroup connect4/connect6/sendmsg4/sendmsg6 hooks).
+    DenyConnect,
 }
 
 impl Action {
@@ -47,9 +55,10 @@ impl Action {
         match s {
             "kill" => Ok(Action::Kill),
             "kill_group" => Ok(Action::KillGroup),
-            other => {
-                anyhow::bail!("contain_action must be \"kill\" or \"kill_group\", got {other:?}")
-            }
+            "deny_connect" => Ok(Action::DenyConnect),
+            other => anyhow::bail!(
+                "contain_action must be \"kill\", \"kill_group\" or \"deny_connect\", got {other:?}"
+            ),
         }
     }
 
@@ -58,6 +67,7 @@ impl Action {
         match self {
             Action::Kill => "kill",
             Action::KillGroup => "kill_group",
+            Action::DenyConnect => "deny_connect",
         }
     }
 }
@@ -101,6 +111,11 @@ impl Policy {
             action,
             dry_run,
         })
+    }
+
+    /// What it does.
+    pub fn action(&self) -> Action {
+        self.action
     }
 
     /// Whether a detection of `rule` at `severity` asks for containment.
@@ -303,11 +318,35 @@ pub fn kill_group(pgid: i32) -> Result<(), String> {
     }
 }
 
+/// Refuses `pid`'s connects from now on (and its children's), through the
+/// kernel's deny list (`None`: the hooks could not be attached here).
+pub fn deny_now(d: &Decision, pid: u32, deny: Option<&crate::sensor::DenyList>) -> Record {
+    if d.dry_run {
+        return Record::new(d, pid, Outcome::DryRun);
+    }
+    let mut rec = Record::new(d, pid, Outcome::Done);
+    let r = match deny {
+        Some(list) => list.deny(pid),
+        None => Err("the connect refusal hooks are not attached on this kernel".into()),
+    };
+    if let Err(e) = r {
+        rec.result = Outcome::Failed;
+        rec.error = Some(e);
+    }
+    rec
+}
+
 /// Carries out `d` on `pid` now (no capture holds it): the process if it is
 /// still the one that started at `start_ticks`, or its group.
 pub fn execute_now(d: &Decision, pid: u32, start_ticks: Option<u64>) -> Record {
     if d.dry_run {
         return Record::new(d, pid, Outcome::DryRun);
+    }
+    if d.action == Action::DenyConnect {
+        // Applied by the pipeline, which holds the deny list; never a kill.
+        let mut rec = Record::new(d, pid, Outcome::Failed);
+        rec.error = Some("deny_connect is applied through the deny list".into());
+        return rec;
     }
     let mut rec = Record::new(d, pid, Outcome::Done);
     if d.action == Action::KillGroup {
@@ -423,6 +462,23 @@ mod tests {
         assert!(child.try_wait().unwrap().is_none());
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    #[test]
+    fn deny_connect_without_its_hooks_fails_clearly() {
+        assert_eq!(Action::parse("deny_connect").unwrap(), Action::DenyConnect);
+        assert!(Action::parse("quarantine").is_err());
+        let d = Decision {
+            rule: "r".into(),
+            severity: Severity::High,
+            action: Action::DenyConnect,
+            dry_run: false,
+        };
+        let rec = deny_now(&d, std::process::id(), None);
+        assert_eq!(rec.result, Outcome::Failed);
+        assert!(rec.error.unwrap().contains("not attached"));
+        // Never a kill, whoever asks.
+        assert_eq!(execute_now(&d, 1, None).result, Outcome::Failed);
     }
 
     #[test]

@@ -96,6 +96,13 @@ impl Sink for JsonLinesSink {
     }
 }
 
+/// The containment stage's policy and outputs.
+struct Containment {
+    policy: crate::contain::Policy,
+    log: Arc<crate::contain::ActionLog>,
+    deny: Option<crate::sensor::DenyList>,
+}
+
 /// What makes two detections repeats of one another.
 type RepeatKey = (String, String, String, String);
 
@@ -119,7 +126,7 @@ pub struct Pipeline {
     responder: Option<Responder>,
     shipper: Option<crate::ship::Shipper>,
     ledger: Option<crate::frozen::FreezeLedger>,
-    contain: Option<(crate::contain::Policy, Arc<crate::contain::ActionLog>)>,
+    contain: Option<Containment>,
     repeats: Aggregator<RepeatKey, Detection>,
     timeline: LruCache<u32, VecDeque<Event>>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
@@ -179,14 +186,16 @@ impl Pipeline {
         self
     }
 
-    /// Contains (kills) the processes `policy` names, reporting each action
-    /// to `log`; with a responder, their evidence is captured first.
+    /// Contains the processes `policy` names, reporting each action to
+    /// `log`; with a responder, their evidence is captured first. `deny` is
+    /// the kernel's connect deny list, for `deny_connect`.
     pub fn with_containment(
         mut self,
         policy: crate::contain::Policy,
         log: Arc<crate::contain::ActionLog>,
+        deny: Option<crate::sensor::DenyList>,
     ) -> Self {
-        self.contain = Some((policy, log));
+        self.contain = Some(Containment { policy, log, deny });
         self
     }
 
@@ -252,9 +261,21 @@ impl Pipeline {
             let alive = !is_exit;
             let mut held = false;
             let contain = match &self.contain {
-                Some((policy, _)) if alive => policy.decide(&dets),
+                Some(c) if alive => c.policy.decide(&dets),
                 _ => None,
             };
+            // Connects are refused at once, before any capture; the process
+            // runs on and is captured like any other.
+            let denying = contain
+                .as_ref()
+                .is_some_and(|d| d.action == crate::contain::Action::DenyConnect);
+            if let (true, Some(d), Some(c)) = (denying, &contain, &self.contain) {
+                c.log.record(&crate::contain::deny_now(
+                    d,
+                    enriched.event.pid,
+                    c.deny.as_ref(),
+                ));
+            }
             // The capture decision sees every detection (its budget bounds
             // it); only their reporting collapses repeats.
             if let Some(r) = &mut self.responder {
@@ -286,18 +307,19 @@ impl Pipeline {
                             .map(|d| d.severity)
                             .max()
                             .unwrap_or(Severity::Low),
-                        contain: contain.clone(),
+                        // deny_connect is done: the capture kills nothing.
+                        contain: contain.clone().filter(|_| !denying),
                     };
                     // A dropped job holds nothing: contained below.
                     held = r.submit(job);
                 }
             }
             // Containment the capture does not carry out happens now.
-            if let (Some(d), false, Some((_, log))) = (&contain, held, &self.contain) {
+            if let (Some(d), false, false, Some(c)) = (&contain, held, denying, &self.contain) {
                 let e = &enriched.event;
                 let start =
                     (e.start_boot_ns > 0).then(|| crate::frozen::boot_ns_to_ticks(e.start_boot_ns));
-                log.record(&crate::contain::execute_now(d, e.pid, start));
+                c.log.record(&crate::contain::execute_now(d, e.pid, start));
             }
             // Detections whose process is being captured are each reported
             // (the bundle links to them); the rest may collapse.

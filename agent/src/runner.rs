@@ -75,6 +75,9 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
         freeze_policy: cfg.freeze_policy()?,
         freeze_names: cfg.freeze_names.clone(),
         pin_dir: cfg.bpf_pin_dir.clone(),
+        deny_connect: cfg
+            .contain_policy()?
+            .is_some_and(|p| p.action() == crate::contain::Action::DenyConnect),
     })?;
     metrics.set_hooks(&sensor.hooks);
     let (frozen_map, pin) = match sensor.frozen.take() {
@@ -108,6 +111,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         ledger,
     } = prepared;
     ledger.start_watchdog()?;
+    let deny_list = sensor.deny.clone();
 
     let mut tree = ProcessTree::new(cfg.max_processes, Duration::from_secs(cfg.exit_grace_secs));
     let mut workloads = WorkloadCache::new(4096);
@@ -169,7 +173,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 let log =
                     crate::contain::ActionLog::open(cfg.actions_json.as_deref(), metrics.clone())?;
                 info!(dry_run = cfg.contain_dry_run, action = %cfg.contain_action, "containment on");
-                pipeline = pipeline.with_containment(policy, log.clone());
+                pipeline = pipeline.with_containment(policy, log.clone(), deny_list.clone());
                 Some(log)
             }
             None => None,

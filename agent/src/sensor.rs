@@ -32,6 +32,8 @@ pub enum Feature {
     Connect,
     /// listen.
     Listen,
+    /// Containment's connect refusal (cgroup connect/sendmsg hooks).
+    DenyConnect,
 }
 
 /// Where a program attaches.
@@ -127,6 +129,60 @@ pub struct SensorOptions {
     /// bpffs directory where the frozen-process ledger is pinned (so that
     /// a freeze outlives an agent crash in a record the next start reads).
     pub pin_dir: PathBuf,
+    /// Attach the connect-refusal programs (containment `deny_connect`).
+    pub deny_connect: bool,
+}
+
+/// Cgroup programs that refuse the connects and unconnected sends of the
+/// processes in the `DENY_CONNECT` map.
+const DENY_PROGRAMS: &[&str] = &[
+    "vigil_deny_connect4",
+    "vigil_deny_connect6",
+    "vigil_deny_sendmsg4",
+    "vigil_deny_sendmsg6",
+];
+
+/// The kernel's list of contained processes whose connects are refused
+/// (inherited by their children, cleared at their exit).
+#[derive(Clone)]
+pub struct DenyList(std::sync::Arc<std::sync::Mutex<aya::maps::HashMap<MapData, u32, u8>>>);
+
+impl DenyList {
+    /// Refuses `tgid`'s (and its future children's) connects from now on.
+    pub fn deny(&self, tgid: u32) -> Result<(), String> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(tgid, 1, 0)
+            .map_err(|e| format!("adding {tgid} to the connect deny list: {e}"))
+    }
+}
+
+impl std::fmt::Debug for DenyList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DenyList")
+    }
+}
+
+/// Attaches the connect-refusal programs to the cgroup v2 root (every
+/// process is below it) as links, beside any other program there.
+fn attach_deny(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+    let root =
+        crate::workload_cache::find_cgroup2_root().context("no cgroup v2 hierarchy is mounted")?;
+    for name in DENY_PROGRAMS {
+        let cg =
+            std::fs::File::open(&root).with_context(|| format!("opening {}", root.display()))?;
+        let p: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()
+            .with_context(|| format!("program {name}"))?;
+        p.load().with_context(|| format!("loading {name}"))?;
+        // A link (kernel >= 5.7) is always one of many on its cgroup, and
+        // refuses the multi flag; on older kernels this is a plain attach.
+        p.attach(cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to {}", root.display()))?;
+    }
+    Ok(())
 }
 
 /// The loaded, attached sensor. Dropping it detaches every program; only
@@ -144,6 +200,8 @@ pub struct Sensor {
     servers: aya::maps::HashMap<MapData, u32, u8>,
     /// One entry per hook.
     pub hooks: Vec<HookStatus>,
+    /// The connect deny list, when its programs are attached.
+    pub deny: Option<DenyList>,
 }
 
 impl Sensor {
@@ -210,6 +268,26 @@ impl Sensor {
                 error: result.err().map(|e| format!("{e:#}")),
             });
         }
+        let mut deny = None;
+        if opts.deny_connect {
+            let r = attach_deny(&mut ebpf);
+            if let Err(e) = &r {
+                warn!(error = %format!("{e:#}"), "connect refusal unavailable: containment's deny_connect will fail");
+            }
+            hooks.push(HookStatus {
+                hook: "cgroup/connect4,connect6,sendmsg4,sendmsg6".into(),
+                feature: Feature::DenyConnect,
+                error: r.as_ref().err().map(|e| format!("{e:#}")),
+            });
+            if r.is_ok() {
+                let m = ebpf
+                    .take_map("DENY_CONNECT")
+                    .context("DENY_CONNECT map missing")?;
+                deny = Some(DenyList(std::sync::Arc::new(std::sync::Mutex::new(
+                    aya::maps::HashMap::try_from(m).context("DENY_CONNECT map")?,
+                ))));
+            }
+        }
         let ok = hooks.iter().filter(|h| h.error.is_none()).count();
         info!(
             attached = ok,
@@ -272,6 +350,7 @@ impl Sensor {
             alive,
             servers,
             hooks,
+            deny,
         };
         sensor.handle_heartbeat();
         Ok(sensor)

@@ -138,7 +138,7 @@ impl WorkloadCache {
 
 /// The cgroup2 mount point: /sys/fs/cgroup on unified hosts,
 /// /sys/fs/cgroup/unified on hybrid ones.
-fn find_cgroup2_root() -> Option<PathBuf> {
+pub(crate) fn find_cgroup2_root() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
     mounts
         .lines()

@@ -9,9 +9,9 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_ringbuf_output},
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{cgroup_sock_addr, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{RawTracePointContext, SockAddrContext, TracePointContext},
 };
 use vigil_sensor_common::*;
 
@@ -83,6 +83,12 @@ static FREEZE_NAMES: HashMap<[u8; FREEZE_NAME_LEN], u8> = HashMap::with_max_entr
 /// The agent pins this map in bpffs, so it outlives an agent that dies.
 #[map]
 static FROZEN: HashMap<u32, FrozenEntry> = HashMap::with_max_entries(FROZEN_MAX_ENTRIES, 0);
+
+/// Processes contained by "deny_connect", keyed by tgid: their connects
+/// and unconnected sends are refused (EPERM). Written by the agent,
+/// inherited by fork, cleared at exit.
+#[map]
+static DENY_CONNECT: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// The agent's heartbeat (boot ns), refreshed every second.
 #[map]
@@ -718,6 +724,9 @@ unsafe fn on_fork(child: u64) {
         if SERVERS.get_ptr(&me).is_some() {
             let _ = SERVERS.insert(&ctgid, &1u8, 0);
         }
+        if DENY_CONNECT.get_ptr(&me).is_some() {
+            let _ = DENY_CONNECT.insert(&ctgid, &1u8, 0);
+        }
         emit(s, EventKind::Fork, core::mem::size_of::<ForkEvent>(), 0);
     }
 }
@@ -742,6 +751,7 @@ unsafe fn on_exit(task: u64) {
         }
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let _ = SERVERS.remove(&tgid);
+        let _ = DENY_CONNECT.remove(&tgid);
         if is_agent(tgid) {
             return;
         }
@@ -1115,4 +1125,38 @@ unsafe fn on_listen(task: u64, ret: i64, fd: u64) {
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+// ---- containment: outbound connects of contained processes ---------------
+// Attached to the cgroup v2 root only when containment uses "deny_connect".
+// 1 lets the call through, 0 refuses it with EPERM.
+
+#[inline(always)]
+fn connect_verdict() -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if DENY_CONNECT.get_ptr(&tgid).is_some() {
+        0
+    } else {
+        1
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn vigil_deny_connect4(_ctx: SockAddrContext) -> i32 {
+    connect_verdict()
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn vigil_deny_connect6(_ctx: SockAddrContext) -> i32 {
+    connect_verdict()
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn vigil_deny_sendmsg4(_ctx: SockAddrContext) -> i32 {
+    connect_verdict()
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn vigil_deny_sendmsg6(_ctx: SockAddrContext) -> i32 {
+    connect_verdict()
 }

@@ -213,3 +213,42 @@ fn kill_group_takes_the_whole_process_group() {
     assert_eq!(a["result"], "done", "{a}");
     assert_eq!(a["process_group"].as_u64(), Some(outer.id() as u64), "{a}");
 }
+
+#[test]
+fn deny_connect_cuts_the_process_and_its_children_off() {
+    use std::io::Read;
+    let _g = serial();
+    let (agent, dir) =
+        agent_with("contain_rules = [\"reverse_shell\"]\ncontain_action = \"deny_connect\"");
+    // Where the contained shell's child will try to connect.
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let probe = dir.path().join("probe.py");
+    std::fs::write(
+        &probe,
+        format!(
+            "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5)\n    print('connected', flush=True)\nexcept OSError as e:\n    print('refused', e.errno, flush=True)\n"
+        ),
+    )
+    .unwrap();
+    let (l, mut sh) = reverse_shell(&agent, &format!("sleep 1; python3 {}", probe.display()));
+    let pid = sh.id();
+    let (mut peer, _) = l.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut said = String::new();
+    let _ = peer.read_to_string(&mut said);
+    assert_eq!(
+        said.trim(),
+        format!("refused {}", libc::EPERM),
+        "the contained shell's child connected"
+    );
+    // The shell itself ran on to its end (it was not killed).
+    let st = wait_end(&mut sh, Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    // Everyone else still connects.
+    TcpStream::connect(("127.0.0.1", port)).expect("an uncontained process connects");
+    let a = action_for(&dir, pid);
+    assert_eq!(a["action"], "deny_connect", "{a}");
+    assert_eq!(a["result"], "done", "{a}");
+}
