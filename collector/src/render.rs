@@ -273,6 +273,38 @@ pub fn timeline_text(
     out
 }
 
+/// What the agent learned of a detection's container from its runtime
+/// (pod, container name, image and digest), as one line; `None` when the
+/// detection names no container.
+pub fn container_identity(detection_json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(detection_json).ok()?;
+    let w = &v["process"]["workload"];
+    let field = |k: &str| w[k].as_str().filter(|s| !s.is_empty());
+    let mut parts = Vec::new();
+    if let Some(pod) = field("pod_name") {
+        let ns = field("pod_namespace").unwrap_or("?");
+        parts.push(format!("pod {ns}/{pod}"));
+    }
+    if let Some(c) = field("container_name") {
+        parts.push(format!("container {c}"));
+    }
+    if let Some(img) = field("image") {
+        match field("image_digest") {
+            Some(d) => parts.push(format!("image {img} ({d})")),
+            None => parts.push(format!("image {img}")),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join(" · "))
+}
+
+/// The container identity of an incident's first detection that names one.
+pub fn incident_container(d: &IncidentDetail) -> Option<String> {
+    d.detections
+        .iter()
+        .filter_map(|s| s.detection.as_ref())
+        .find_map(|det| container_identity(&det.json))
+}
+
 /// `vigil incidents show`.
 pub fn incident_text(d: &IncidentDetail, max_events: usize) -> String {
     let mut out = String::new();
@@ -287,6 +319,10 @@ pub fn incident_text(d: &IncidentDetail, max_events: usize) -> String {
         ("severity", severity(i.max_severity).to_string()),
         ("agent", clean(&i.agent)),
         ("workload", clean(&i.workload_key)),
+        (
+            "container",
+            incident_container(d).map(|c| clean(&c)).unwrap_or_default(),
+        ),
         (
             "root",
             format!("{} (pid {})", clean(&i.root_exe), i.root_pid),
@@ -303,7 +339,9 @@ pub fn incident_text(d: &IncidentDetail, max_events: usize) -> String {
         ("rules", clean(&i.rules.join(", "))),
         ("mitre", clean(&i.mitre.join(", "))),
     ] {
-        let _ = writeln!(out, "  {k:<10}  {v}");
+        if !v.is_empty() || k != "container" {
+            let _ = writeln!(out, "  {k:<10}  {v}");
+        }
     }
     let _ = writeln!(out, "\nProcess tree");
     out.push_str(&tree_text(&build_tree(&d.detections, &d.events)));
@@ -425,6 +463,19 @@ pub fn incident_json(d: &IncidentDetail) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_identity_from_the_detection() {
+        let j = r#"{"process":{"workload":{"kind":"pod","pod_name":"shop-1","pod_namespace":"prod",
+            "container_name":"web","image":"reg.example/web:2","image_digest":"sha256:ab"}}}"#;
+        assert_eq!(
+            container_identity(j).as_deref(),
+            Some("pod prod/shop-1 · container web · image reg.example/web:2 (sha256:ab)")
+        );
+        let host = r#"{"process":{"workload":{"kind":"host","cgroup":"/"}}}"#;
+        assert_eq!(container_identity(host), None);
+        assert_eq!(container_identity("not json"), None);
+    }
 
     fn n(pid: u32, argv: &[&str], rules: &[&str], children: Vec<TreeNode>) -> TreeNode {
         TreeNode {

@@ -504,30 +504,6 @@ pub fn tree_svg(roots: &[TreeNode]) -> String {
     )
 }
 
-/// What the agent learned of a detection's container from its runtime
-/// (pod, container name, image and digest), as one line; `None` when the
-/// detection names no container.
-fn container_identity(detection_json: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(detection_json).ok()?;
-    let w = &v["process"]["workload"];
-    let field = |k: &str| w[k].as_str().filter(|s| !s.is_empty());
-    let mut parts = Vec::new();
-    if let Some(pod) = field("pod_name") {
-        let ns = field("pod_namespace").unwrap_or("?");
-        parts.push(format!("pod {ns}/{pod}"));
-    }
-    if let Some(c) = field("container_name") {
-        parts.push(format!("container {c}"));
-    }
-    if let Some(img) = field("image") {
-        match field("image_digest") {
-            Some(d) => parts.push(format!("image {img} ({d})")),
-            None => parts.push(format!("image {img}")),
-        }
-    }
-    (!parts.is_empty()).then(|| parts.join(" · "))
-}
-
 fn incident_html(d: &IncidentDetail) -> String {
     let mut b = String::new();
     let Some(i) = &d.incident else {
@@ -545,10 +521,7 @@ fn incident_html(d: &IncidentDetail) -> String {
         esc(&i.title),
         esc(&i.agent),
         esc(&i.workload_key),
-        d.detections
-            .iter()
-            .filter_map(|s| s.detection.as_ref())
-            .find_map(|det| container_identity(&det.json))
+        render::incident_container(d)
             .map(|c| format!("<br>{}", esc(&c)))
             .unwrap_or_default(),
         esc(&i.root_exe),
@@ -802,19 +775,6 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
-    }
-
-    #[test]
-    fn container_identity_from_the_detection() {
-        let j = r#"{"process":{"workload":{"kind":"pod","pod_name":"shop-1","pod_namespace":"prod",
-            "container_name":"web","image":"reg.example/web:2","image_digest":"sha256:ab"}}}"#;
-        assert_eq!(
-            container_identity(j).as_deref(),
-            Some("pod prod/shop-1 · container web · image reg.example/web:2 (sha256:ab)")
-        );
-        let host = r#"{"process":{"workload":{"kind":"host","cgroup":"/"}}}"#;
-        assert_eq!(container_identity(host), None);
-        assert_eq!(container_identity("not json"), None);
     }
 
     #[test]
