@@ -284,15 +284,33 @@ impl ActionLog {
     }
 }
 
-/// The process group of `pid` (read while it exists), if it may be killed
-/// whole: not group 0 or 1, not init's, not the agent's.
-pub fn killable_group(pid: u32) -> Result<i32, String> {
+/// Whether `pid` is still the process that started at `start_ticks`.
+fn same_process(pid: u32, start_ticks: Option<u64>) -> bool {
+    start_ticks
+        .is_some_and(|t| crate::capture::procutil::start_time(pid as i32).is_ok_and(|now| now == t))
+}
+
+/// The process group of `pid`, if it may be killed whole: `pid` is still
+/// the process that started at `start_ticks` (checked after the group is
+/// read, so a recycled pid never names a group), and the group is not 0
+/// or 1, not init's, not the agent's.
+pub fn killable_group(pid: u32, start_ticks: Option<u64>) -> Result<i32, String> {
+    if start_ticks.is_none() {
+        return Err(format!(
+            "start time of {pid} unknown: its process group is not killed"
+        ));
+    }
     // SAFETY: getpgid has no memory-safety preconditions.
     let pgid = unsafe { libc::getpgid(pid as i32) };
     if pgid < 0 {
         return Err(format!(
             "process group of {pid}: {}",
             std::io::Error::last_os_error()
+        ));
+    }
+    if !same_process(pid, start_ticks) {
+        return Err(format!(
+            "{pid} is gone or another process now: its group is not killed"
         ));
     }
     // SAFETY: as above.
@@ -320,18 +338,32 @@ pub fn kill_group(pgid: i32) -> Result<(), String> {
 
 /// Refuses `pid`'s connects from now on (and its children's), through the
 /// kernel's deny list (`None`: the hooks could not be attached here).
-pub fn deny_now(d: &Decision, pid: u32, deny: Option<&crate::sensor::DenyList>) -> Record {
+pub fn deny_now(
+    d: &Decision,
+    pid: u32,
+    start_ticks: Option<u64>,
+    deny: Option<&crate::sensor::DenyList>,
+) -> Record {
     if d.dry_run {
         return Record::new(d, pid, Outcome::DryRun);
     }
     let mut rec = Record::new(d, pid, Outcome::Done);
-    let r = match deny {
-        Some(list) => list.deny(pid),
-        None => Err("the connect refusal hooks are not attached on this kernel".into()),
+    let Some(list) = deny else {
+        rec.result = Outcome::Failed;
+        rec.error = Some("the connect refusal hooks are not attached on this kernel".into());
+        return rec;
     };
-    if let Err(e) = r {
+    if let Err(e) = list.deny(pid) {
         rec.result = Outcome::Failed;
         rec.error = Some(e);
+        return rec;
+    }
+    // Checked after the entry is in: a process that exits from now on has
+    // it cleared by the kernel; one already gone (its pid free or reused)
+    // must not leave it to whoever gets the pid.
+    if !same_process(pid, start_ticks) {
+        list.allow(pid);
+        rec.result = Outcome::Gone;
     }
     rec
 }
@@ -350,7 +382,7 @@ pub fn execute_now(d: &Decision, pid: u32, start_ticks: Option<u64>) -> Record {
     }
     let mut rec = Record::new(d, pid, Outcome::Done);
     if d.action == Action::KillGroup {
-        match killable_group(pid) {
+        match killable_group(pid, start_ticks) {
             Ok(pgid) => {
                 rec.process_group = Some(pgid);
                 // The process itself first (checked against its start
@@ -474,7 +506,7 @@ mod tests {
             action: Action::DenyConnect,
             dry_run: false,
         };
-        let rec = deny_now(&d, std::process::id(), None);
+        let rec = deny_now(&d, std::process::id(), None, None);
         assert_eq!(rec.result, Outcome::Failed);
         assert!(rec.error.unwrap().contains("not attached"));
         // Never a kill, whoever asks.
@@ -484,6 +516,19 @@ mod tests {
     #[test]
     fn the_agents_own_group_is_never_killed() {
         let me = std::process::id();
-        assert!(killable_group(me).is_err());
+        let start = crate::capture::procutil::start_time(me as i32).unwrap();
+        assert!(killable_group(me, Some(start)).is_err());
+        // Nor any group when the process cannot be told from a newer one.
+        let mut child = std::process::Command::new("setsid")
+            .args(["sleep", "5"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let cs = crate::capture::procutil::start_time(child.id() as i32).unwrap();
+        assert!(killable_group(child.id(), None).is_err());
+        assert!(killable_group(child.id(), Some(cs + 1)).is_err());
+        assert_eq!(killable_group(child.id(), Some(cs)), Ok(child.id() as i32));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

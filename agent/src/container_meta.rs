@@ -234,7 +234,13 @@ impl RuntimeState {
         meta.name = text(&labels["io.kubernetes.container.name"])
             .or_else(|| text(&v["Name"]).map(|n| n.trim_start_matches('/').to_string()));
         meta.image = text(&v["Config"]["Image"]);
-        let driver = text(&v["Driver"]).unwrap_or_else(|| "overlay2".into());
+        // A directory name, never a path: the file is the runtime's, not ours.
+        let driver = text(&v["Driver"])
+            .filter(|d| {
+                d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })
+            .unwrap_or_else(|| "overlay2".into());
         if let Some(image_id) = text(&v["Image"]) {
             let repos = self
                 .root

@@ -101,6 +101,8 @@ struct Containment {
     policy: crate::contain::Policy,
     log: Arc<crate::contain::ActionLog>,
     deny: Option<crate::sensor::DenyList>,
+    /// Processes (pid, start) already contained: each once.
+    done: LruCache<(u32, u64), ()>,
 }
 
 /// What makes two detections repeats of one another.
@@ -195,7 +197,12 @@ impl Pipeline {
         log: Arc<crate::contain::ActionLog>,
         deny: Option<crate::sensor::DenyList>,
     ) -> Self {
-        self.contain = Some(Containment { policy, log, deny });
+        self.contain = Some(Containment {
+            policy,
+            log,
+            deny,
+            done: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
+        });
         self
     }
 
@@ -260,10 +267,22 @@ impl Pipeline {
             let mut dets = engine.observe(&enriched, &self.tree, now);
             let alive = !is_exit;
             let mut held = false;
-            let contain = match &self.contain {
-                Some(c) if alive => c.policy.decide(&dets),
+            // Once per process: a later detection of a process already
+            // contained (or waiting for its capture to contain it) asks
+            // nothing more.
+            let key = (enriched.event.pid, enriched.event.start_boot_ns);
+            let contain = match &mut self.contain {
+                Some(c) if alive && !c.done.contains(&key) => {
+                    let d = c.policy.decide(&dets);
+                    if d.is_some() {
+                        c.done.put(key, ());
+                    }
+                    d
+                }
                 _ => None,
             };
+            let start_ticks = (enriched.event.start_boot_ns > 0)
+                .then(|| crate::frozen::boot_ns_to_ticks(enriched.event.start_boot_ns));
             // Connects are refused at once, before any capture; the process
             // runs on and is captured like any other.
             let denying = contain
@@ -273,6 +292,7 @@ impl Pipeline {
                 c.log.record(&crate::contain::deny_now(
                     d,
                     enriched.event.pid,
+                    start_ticks,
                     c.deny.as_ref(),
                 ));
             }
@@ -316,10 +336,11 @@ impl Pipeline {
             }
             // Containment the capture does not carry out happens now.
             if let (Some(d), false, false, Some(c)) = (&contain, held, denying, &self.contain) {
-                let e = &enriched.event;
-                let start =
-                    (e.start_boot_ns > 0).then(|| crate::frozen::boot_ns_to_ticks(e.start_boot_ns));
-                c.log.record(&crate::contain::execute_now(d, e.pid, start));
+                c.log.record(&crate::contain::execute_now(
+                    d,
+                    enriched.event.pid,
+                    start_ticks,
+                ));
             }
             // Detections whose process is being captured are each reported
             // (the bundle links to them); the rest may collapse.

@@ -167,7 +167,7 @@ impl Worker {
         let start = start_ticks(&q.job);
         // The group is read while the process exists: the capture kills it.
         let group = (d.action == Action::KillGroup && !d.dry_run)
-            .then(|| crate::contain::killable_group(pid));
+            .then(|| crate::contain::killable_group(pid, start));
         let mut line = self.handle(q);
         let killed = line["evidence"]["killed"] == true && line["stand_in"] != true;
         let mut rec = if d.dry_run {
@@ -182,10 +182,8 @@ impl Worker {
                         r.error = Some(e);
                     }
                 }
-                Some(Err(e)) => {
-                    r.result = Outcome::Refused;
-                    r.error = Some(e);
-                }
+                // The process itself is dead; say why its group is not.
+                Some(Err(e)) => r.error = Some(e),
                 None => {}
             }
             r
@@ -659,7 +657,7 @@ fn capture_job(
     let (capturer, fallback) = (&ctx.capturer, ctx.fallback);
     // Kill instead of resume: everything (capture_contain), or this job's
     // containment (not a dry run). Stand-ins are never killed.
-    let contain = ctx.contain || job.contain.as_ref().is_some_and(|d| !d.dry_run);
+    let contain = job.contain.as_ref().map_or(ctx.contain, |d| !d.dry_run);
     let timed_out = std::cell::Cell::new(false);
     // Each process this job stops is claimed until the deadline: the
     // watchdog resumes it then, whatever the capture is doing.

@@ -154,6 +154,12 @@ impl DenyList {
         m.insert(tgid, 1, 0)
             .map_err(|e| format!("adding {tgid} to the connect deny list: {e}"))
     }
+
+    /// Lets `tgid` connect again (its entry was made for a process gone).
+    pub fn allow(&self, tgid: u32) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = m.remove(&tgid);
+    }
 }
 
 impl std::fmt::Debug for DenyList {

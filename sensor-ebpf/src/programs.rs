@@ -86,9 +86,11 @@ static FROZEN: HashMap<u32, FrozenEntry> = HashMap::with_max_entries(FROZEN_MAX_
 
 /// Processes contained by "deny_connect", keyed by tgid: their connects
 /// and unconnected sends are refused (EPERM). Written by the agent,
-/// inherited by fork, cleared at exit.
+/// inherited by fork, cleared at exit. Not an LRU: a fork storm must not
+/// evict the contained process itself (children past the bound are not
+/// covered).
 #[map]
-static DENY_CONNECT: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+static DENY_CONNECT: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
 /// The agent's heartbeat (boot ns), refreshed every second.
 #[map]

@@ -29,7 +29,7 @@ pub use vigil_bundle as bundle;
 pub mod context;
 pub mod core;
 pub mod freeze;
-mod procutil;
+pub(crate) mod procutil;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
