@@ -194,7 +194,7 @@ impl PodRun {
         });
         docs.extend(secrets);
         // An analyst certificate for checking what reached the collector.
-        run_ok(
+        run_out(
             Command::new(&collector_bin)
                 .args(["init-pki", "--dir"])
                 .arg(&pki)
@@ -296,7 +296,7 @@ impl PodRun {
         let host_payload = host_tmp.join(".sys/sshd");
         std::fs::create_dir_all(host_payload.parent().unwrap_or(&host_tmp))?;
         std::fs::copy("/bin/sleep", &host_payload)?;
-        run_ok(Command::new(&host_payload).arg("1"))?;
+        run_out(Command::new(&host_payload).arg("1"))?;
         let victim = self.run_victim()?;
         report.check(
             "the agent detects a payload on the host, at the collector",
@@ -348,7 +348,7 @@ impl PodRun {
         let t0 = Instant::now();
         report.check(
             &format!("agent pod: stops within its grace period ({grace} s)"),
-            run_ok(podman().args(["stop", "-t", &grace.to_string(), &agent_ctr])).and_then(|_| {
+            run_out(podman().args(["stop", "-t", &grace.to_string(), &agent_ctr])).and_then(|_| {
                 let code = run_out(podman().args([
                     "inspect",
                     "--format",
@@ -381,7 +381,7 @@ impl PodRun {
             let mut cmd = podman();
             cmd.args(["run", "--name", &name]).args(&args);
             self.started.push(name.clone());
-            run_ok(&mut cmd).with_context(|| format!("init container {name}"))?;
+            run_out(&mut cmd).with_context(|| format!("init container {name}"))?;
         }
         let containers = arr(&pod.spec["containers"]);
         let [main] = containers else {
@@ -396,7 +396,7 @@ impl PodRun {
         let mut cmd = podman();
         cmd.args(["run", "--detach", "--name", &name]).args(&args);
         self.started.push(name.clone());
-        run_ok(&mut cmd).with_context(|| format!("starting {name}"))?;
+        run_out(&mut cmd).with_context(|| format!("starting {name}"))?;
         Ok(name)
     }
 
@@ -502,7 +502,7 @@ impl PodRun {
     }
 
     fn build(&mut self, tag: &str, dir: &Path) -> Result<()> {
-        run_ok(
+        run_out(
             podman()
                 .args(["build", "--quiet", "--pull=never", "-t", tag])
                 .arg(dir),
@@ -539,7 +539,7 @@ impl PodRun {
         let name = "podrun-victim".to_string();
         let cid = dir.join("cid");
         self.started.push(name.clone());
-        run_ok(
+        run_out(
             podman()
                 .args([
                     "run",
@@ -607,11 +607,11 @@ impl PodRun {
                 .arg(pki)
                 .args(["evidence", "get", "--quiet", &bundle, "-o"])
                 .arg(&out);
-            if run_ok(&mut cmd).is_ok() {
+            if run_out(&mut cmd).is_ok() {
                 return Ok(());
             }
             if t0.elapsed() > Duration::from_secs(90) {
-                return run_ok(&mut cmd).map(|_| ());
+                return run_out(&mut cmd).map(|_| ());
             }
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -1062,10 +1062,6 @@ fn obj_keys(v: &Value) -> Vec<String> {
     v.as_object()
         .map(|o| o.keys().cloned().collect())
         .unwrap_or_default()
-}
-
-fn run_ok(cmd: &mut Command) -> Result<String> {
-    run_out(cmd)
 }
 
 fn run_out(cmd: &mut Command) -> Result<String> {
