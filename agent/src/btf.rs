@@ -353,6 +353,7 @@ const OFFSET_TABLE: &[(&str, &[Spec])] = &[
             spec!(file_f_path, ["f_path"], Want::Any),
             spec!(file_f_inode, ["f_inode"], Want::Ptr),
             spec!(file_private_data, ["private_data"], Want::Ptr),
+            spec!(file_f_flags, ["f_flags"], Want::Int(4)),
         ],
     ),
     (
@@ -735,6 +736,7 @@ mod tests {
             file_f_path,
             file_f_inode,
             file_private_data,
+            file_f_flags,
             path_mnt,
             path_dentry,
             dentry_d_parent,
@@ -788,6 +790,7 @@ mod tests {
             ("file_f_path", file_f_path),
             ("file_f_inode", file_f_inode),
             ("file_private_data", file_private_data),
+            ("file_f_flags", file_f_flags),
             ("path_mnt", path_mnt),
             ("path_dentry", path_dentry),
             ("dentry_d_parent", dentry_d_parent),

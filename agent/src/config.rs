@@ -55,6 +55,16 @@ pub struct AgentConfig {
     pub freeze: Vec<String>,
     /// Program names frozen under "server_child".
     pub freeze_names: Vec<String>,
+    /// What the kernel refuses to exec at all (same policy names as
+    /// `freeze`): on kernels with BPF LSM the exec fails with EPERM before
+    /// the program exists and an `exec_denied` event is reported; where the
+    /// LSM hook cannot attach, these execs are frozen instead.
+    pub deny_exec: Vec<String>,
+    /// Serve file writes and connects with BPF LSM hooks (`file_open`,
+    /// `socket_connect`) where the kernel allows them: one program each, and
+    /// they see what the syscall tracepoints miss (io_uring). Else, or where
+    /// BPF LSM is unavailable, syscall tracepoints.
+    pub prefer_lsm: bool,
     /// Capture evidence (core, context, executable) on detection.
     pub capture: bool,
     /// Where capture work, sealed bundles and chain state live.
@@ -192,6 +202,8 @@ impl Default for AgentConfig {
             capture_ancestor_fallback: true,
             capture_deadline_ms: 10_000,
             freeze_release_ms: 500,
+            deny_exec: Vec::new(),
+            prefer_lsm: true,
             bpf_pin_dir: PathBuf::from(crate::frozen::DEFAULT_PIN_DIR),
             capture_max_disk_mib: 2048,
             capture_keep_shipped_mib: 0,
@@ -283,6 +295,7 @@ impl AgentConfig {
             );
         }
         self.freeze_policy()?;
+        self.deny_policy()?;
         self.capture_severity()?;
         self.contain_policy()?;
         anyhow::ensure!(
@@ -342,17 +355,12 @@ impl AgentConfig {
 
     /// `freeze` as kernel policy bits.
     pub fn freeze_policy(&self) -> anyhow::Result<u32> {
-        use vigil_sensor_common as c;
-        self.freeze.iter().try_fold(0u32, |acc, f| {
-            Ok(acc
-                | match f.as_str() {
-                    "server_child" => c::FREEZE_SERVER_CHILD,
-                    "memfd" => c::FREEZE_MEMFD,
-                    other => anyhow::bail!(
-                        "unknown freeze policy {other:?} (known: server_child, memfd)"
-                    ),
-                })
-        })
+        policy_bits("freeze", &self.freeze)
+    }
+
+    /// `deny_exec` as kernel policy bits.
+    pub fn deny_policy(&self) -> anyhow::Result<u32> {
+        policy_bits("deny_exec", &self.deny_exec)
     }
 
     /// `learn` as a duration.
@@ -381,6 +389,21 @@ impl AgentConfig {
             })
             .collect()
     }
+}
+
+/// Exec policy names (`freeze`, `deny_exec`) as kernel policy bits.
+fn policy_bits(key: &str, names: &[String]) -> anyhow::Result<u32> {
+    use vigil_sensor_common as c;
+    names.iter().try_fold(0u32, |acc, f| {
+        Ok(acc
+            | match f.as_str() {
+                "server_child" => c::FREEZE_SERVER_CHILD,
+                "memfd" => c::FREEZE_MEMFD,
+                other => {
+                    anyhow::bail!("unknown {key} policy {other:?} (known: server_child, memfd)")
+                }
+            })
+    })
 }
 
 #[cfg(test)]

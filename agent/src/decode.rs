@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use vigil_sensor_common as raw;
 use vigil_sensor_common::{EventHeader, EventKind};
 
-use crate::model::event::{Chmod, Connect, Event, Exec, FileOpen, Listen, Payload, Rename, Stdio};
+use crate::model::event::{
+    Chmod, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio,
+};
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -114,6 +116,28 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 frozen: e.flags & raw::EXEC_FLAG_FROZEN != 0,
             })
         }
+        EventKind::ExecDenied => {
+            let e: raw::ExecDeniedEvent = read(buf, "exec_denied")?;
+            let base = size_of::<raw::ExecDeniedEvent>();
+            let path = tail(buf, base, e.path_len, "exec_denied path")?;
+            let filename = tail(
+                buf,
+                base + e.path_len as usize,
+                e.filename_len,
+                "exec_denied filename",
+            )?;
+            Payload::ExecDenied(ExecDenied {
+                ppid: e.ppid,
+                exe: walked_path(path),
+                filename: cstr(filename),
+                policy: match e.policy {
+                    raw::FREEZE_MEMFD => "memfd",
+                    _ => "server_child",
+                },
+                exe_ino: e.exe_ino,
+                exe_dev: e.exe_dev,
+            })
+        }
         EventKind::Fork => {
             let e: raw::ForkEvent = read(buf, "fork")?;
             Payload::Fork { ppid: e.ppid }
@@ -141,7 +165,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 dport: e.dport,
                 saddr: ip(e.family, e.saddr),
                 sport: e.sport,
-                ret: e.ret,
+                ret: (e.flags & raw::CONNECT_FLAG_ATTEMPT == 0).then_some(e.ret),
             })
         }
         EventKind::Listen => {
@@ -354,6 +378,44 @@ mod tests {
         assert_eq!(e.exe, "/usr/bin/curl");
         assert_eq!(e.argv, ["curl", "-s", "http://x/"]);
         assert_eq!(ev.comm, "sh");
+    }
+
+    #[test]
+    fn exec_denied_roundtrip() {
+        let path = b"dash\0bin\0usr\0";
+        let filename = b"/bin/sh\0";
+        let size = size_of::<raw::ExecDeniedEvent>() + path.len() + filename.len();
+        let e = raw::ExecDeniedEvent {
+            hdr: header(EventKind::ExecDenied, size),
+            ppid: 7,
+            policy: raw::FREEZE_SERVER_CHILD,
+            exe_ino: 42,
+            exe_dev: 3,
+            path_len: path.len() as u32,
+            filename_len: filename.len() as u32,
+            flags: 0,
+        };
+        let mut r = bytes(&e);
+        r.extend_from_slice(path);
+        r.extend_from_slice(filename);
+        let ev = decode(&r).unwrap();
+        assert_eq!(ev.kind(), EventKind::ExecDenied);
+        let Payload::ExecDenied(d) = ev.payload else {
+            panic!("not exec_denied")
+        };
+        assert_eq!(d.exe, "/usr/bin/dash");
+        assert_eq!(d.filename, "/bin/sh");
+        assert_eq!(d.policy, "server_child");
+        assert_eq!(d.ppid, 7);
+        let ev = decode(&r).unwrap();
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "exec_denied", "{json}");
+        assert_eq!(json["ppid"], 7, "{json}");
+        assert_eq!(json["filename"], "/bin/sh", "{json}");
+        // Every truncation is an error, not a panic.
+        for n in 0..r.len() {
+            assert!(decode(&r[..n]).is_err(), "prefix of {n} bytes decoded");
+        }
     }
 
     #[test]

@@ -45,6 +45,15 @@ pub struct HookLabel {
     pub hook: String,
 }
 
+/// Labels: a sensor feature and the kind of hook serving it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    /// e.g. "file_write".
+    pub feature: String,
+    /// "lsm", "tracepoint", "cgroup", "freeze" or "off".
+    pub path: String,
+}
+
 /// Label: detection rule.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabel {
@@ -83,6 +92,12 @@ pub struct Metrics {
     pub kernel_read_errors: Counter,
     /// 1 if a hook is attached, 0 if unavailable.
     pub hook_attached: Family<HookLabel, Gauge>,
+    /// 1 for the kind of hook that serves each feature (see
+    /// `sensor::feature_path`).
+    pub hook_path: Family<PathLabel, Gauge>,
+    /// 1 when the deny_exec policy is enforced by the BPF LSM exec hook, 0
+    /// when it is off or frozen instead (no BPF LSM here).
+    pub exec_deny_active: Gauge,
     /// Failures writing event output.
     pub output_errors: Counter,
     /// Detections raised, by rule.
@@ -306,6 +321,16 @@ impl Metrics {
             "hook_attached",
             "1 if the hook is attached, 0 if unavailable",
             self.hook_attached.clone(),
+        );
+        r.register(
+            "hook_path",
+            "1 for the kind of hook serving each feature: lsm, tracepoint, cgroup, freeze (deny_exec without BPF LSM) or off",
+            self.hook_path.clone(),
+        );
+        r.register(
+            "exec_deny_active",
+            "1 if deny_exec is enforced in the kernel (BPF LSM), 0 if off or frozen instead",
+            self.exec_deny_active.clone(),
         );
         r.register(
             "output_errors",

@@ -73,6 +73,8 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
         wakeup_bytes: cfg.wakeup_bytes,
         disabled: cfg.disabled_features()?,
         freeze_policy: cfg.freeze_policy()?,
+        deny_policy: cfg.deny_policy()?,
+        prefer_lsm: cfg.prefer_lsm,
         freeze_names: cfg.freeze_names.clone(),
         pin_dir: cfg.bpf_pin_dir.clone(),
         deny_connect: cfg
@@ -80,6 +82,17 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
             .is_some_and(|p| p.action() == crate::contain::Action::DenyConnect),
     })?;
     metrics.set_hooks(&sensor.hooks);
+    metrics.exec_deny_active.set(sensor.exec_deny_active as i64);
+    for f in crate::sensor::Feature::ALL {
+        let fallback = f == crate::sensor::Feature::DenyExec && cfg.deny_policy()? != 0;
+        metrics
+            .hook_path
+            .get_or_create(&crate::metrics::PathLabel {
+                feature: f.name().into(),
+                path: crate::sensor::feature_path(&sensor.hooks, f, fallback).into(),
+            })
+            .set(1);
+    }
     let (frozen_map, pin) = match sensor.frozen.take() {
         Some((m, pin)) => (Some(m), pin),
         None => (None, None),

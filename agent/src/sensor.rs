@@ -34,6 +34,58 @@ pub enum Feature {
     Listen,
     /// Containment's connect refusal (cgroup connect/sendmsg hooks).
     DenyConnect,
+    /// The deny_exec policy (BPF LSM `bprm_check_security`).
+    DenyExec,
+}
+
+impl Feature {
+    /// Every feature, for reporting.
+    pub const ALL: [Feature; 8] = [
+        Feature::Process,
+        Feature::FileWrite,
+        Feature::Chmod,
+        Feature::Rename,
+        Feature::Connect,
+        Feature::Listen,
+        Feature::DenyConnect,
+        Feature::DenyExec,
+    ];
+
+    /// Stable name (metrics label, config's `disable`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::Process => "process",
+            Feature::FileWrite => "file_write",
+            Feature::Chmod => "chmod",
+            Feature::Rename => "rename",
+            Feature::Connect => "connect",
+            Feature::Listen => "listen",
+            Feature::DenyConnect => "deny_connect",
+            Feature::DenyExec => "deny_exec",
+        }
+    }
+}
+
+/// Which kind of hook serves a feature, from the hooks that attached:
+/// "lsm", "tracepoint" (raw or syscall), "cgroup", "freeze" (deny_exec
+/// without BPF LSM: its execs are frozen instead) or "off".
+pub fn feature_path(hooks: &[HookStatus], feature: Feature, freeze_fallback: bool) -> &'static str {
+    let attached = |prefix: &str| {
+        hooks
+            .iter()
+            .any(|h| h.feature == feature && h.error.is_none() && h.hook.starts_with(prefix))
+    };
+    if attached("lsm/") {
+        "lsm"
+    } else if attached("raw_tp/") || attached("syscalls/") {
+        "tracepoint"
+    } else if attached("cgroup/") {
+        "cgroup"
+    } else if feature == Feature::DenyExec && freeze_fallback {
+        "freeze"
+    } else {
+        "off"
+    }
 }
 
 /// Where a program attaches.
@@ -124,6 +176,9 @@ pub struct SensorOptions {
     pub disabled: Vec<Feature>,
     /// `FREEZE_*` policy bits.
     pub freeze_policy: u32,
+    /// `FREEZE_*` bits of the execs refused in the kernel (BPF LSM); where
+    /// that hook cannot attach they are frozen instead.
+    pub deny_policy: u32,
     /// Program base names frozen when a server starts them.
     pub freeze_names: Vec<String>,
     /// bpffs directory where the frozen-process ledger is pinned (so that
@@ -131,6 +186,9 @@ pub struct SensorOptions {
     pub pin_dir: PathBuf,
     /// Attach the connect-refusal programs (containment `deny_connect`).
     pub deny_connect: bool,
+    /// Use the BPF LSM programs for file writes and connects where the
+    /// kernel allows them (else syscall tracepoints).
+    pub prefer_lsm: bool,
 }
 
 /// Cgroup programs that refuse the connects and unconnected sends of the
@@ -166,6 +224,44 @@ impl std::fmt::Debug for DenyList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DenyList")
     }
+}
+
+/// BPF LSM programs that replace a feature's syscall tracepoints where the
+/// kernel allows them (tried first at load; `prefer_lsm = false` skips
+/// them): (program, LSM hook, feature).
+const LSM_HOOKS: &[(&str, &str, Feature)] = &[
+    ("vigil_lsm_file_open", "file_open", Feature::FileWrite),
+    ("vigil_lsm_connect", "socket_connect", Feature::Connect),
+];
+
+/// Loads and attaches one BPF LSM program (needs BTF, a kernel booted with
+/// `bpf` in its LSM list, and a kernel that lets this process load LSM
+/// programs).
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    program: &str,
+    hook: &str,
+) -> anyhow::Result<()> {
+    use aya::programs::Lsm;
+    let btf = btf.context("no kernel BTF (/sys/kernel/btf/vmlinux)")?;
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    if !lsms.is_empty() && !lsms.split(',').any(|l| l.trim() == "bpf") {
+        bail!(
+            "BPF LSM is not active (/sys/kernel/security/lsm: {}; boot with lsm=...,bpf)",
+            lsms.trim()
+        );
+    }
+    let p: &mut Lsm = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing"))?
+        .try_into()
+        .with_context(|| format!("program {program}"))?;
+    p.load(hook, btf)
+        .with_context(|| format!("loading the LSM program {program}"))?;
+    p.attach()
+        .with_context(|| format!("attaching {program} to lsm/{hook}"))?;
+    Ok(())
 }
 
 /// Attaches the connect-refusal programs to the cgroup v2 root (every
@@ -208,6 +304,9 @@ pub struct Sensor {
     pub hooks: Vec<HookStatus>,
     /// The connect deny list, when its programs are attached.
     pub deny: Option<DenyList>,
+    /// The deny_exec policy is enforced by the BPF LSM hook (else its execs
+    /// are frozen, or no such policy is configured).
+    pub exec_deny_active: bool,
 }
 
 impl Sensor {
@@ -216,11 +315,15 @@ impl Sensor {
         ensure_tracefs();
         raise_memlock();
         let btf = aya::Btf::from_sys_fs().ok();
+        // The deny policy's execs are in the freeze policy too: where the
+        // LSM hook refuses them they never reach the exec tracepoint; where
+        // it cannot attach, the tracepoint stops them instead.
+        let freeze_policy = opts.freeze_policy | opts.deny_policy;
         let config = SensorConfig {
             agent_tgid: std::process::id(),
             wakeup_bytes: opts.wakeup_bytes,
-            freeze_policy: opts.freeze_policy,
-            _reserved: 0,
+            freeze_policy,
+            deny_policy: opts.deny_policy,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
@@ -231,9 +334,33 @@ impl Sensor {
             .context("loading the eBPF object")?;
 
         let mut hooks = Vec::new();
+        // BPF LSM first: a feature it serves skips its syscall tracepoints.
+        let mut by_lsm = Vec::new();
+        let mut lsm_refusal = None;
+        for (program, hook, feature) in LSM_HOOKS {
+            if !opts.prefer_lsm || opts.disabled.contains(feature) || lsm_refusal.is_some() {
+                continue;
+            }
+            match attach_lsm(&mut ebpf, btf.as_ref(), program, hook) {
+                Ok(()) => {
+                    debug!(hook = %format!("lsm/{hook}"), "attached");
+                    by_lsm.push(*feature);
+                    hooks.push(HookStatus {
+                        hook: format!("lsm/{hook}"),
+                        feature: *feature,
+                        error: None,
+                    });
+                }
+                // One refusal says it for all: the kernel has no usable BPF LSM.
+                Err(e) => lsm_refusal = Some(format!("{e:#}")),
+            }
+        }
+        if let Some(why) = &lsm_refusal {
+            info!(reason = %why, "BPF LSM hooks unavailable: file writes and connects use syscall tracepoints");
+        }
         let mut exit_loaded = false;
         for hook in HOOKS {
-            if opts.disabled.contains(&hook.feature) {
+            if opts.disabled.contains(&hook.feature) || by_lsm.contains(&hook.feature) {
                 continue;
             }
             let (name, result) = match hook.attach {
@@ -294,10 +421,41 @@ impl Sensor {
                 ))));
             }
         }
+        let mut exec_deny_active = false;
+        if opts.deny_policy != 0 {
+            let r = attach_lsm(
+                &mut ebpf,
+                btf.as_ref(),
+                "vigil_exec_guard",
+                "bprm_check_security",
+            );
+            match &r {
+                Ok(()) => info!("deny_exec: matching execs are refused in the kernel (BPF LSM bprm_check_security)"),
+                Err(e) => warn!(
+                    error = %format!("{e:#}"),
+                    "deny_exec: the BPF LSM exec hook is unavailable on this kernel; matching execs are frozen at exec instead"
+                ),
+            }
+            exec_deny_active = r.is_ok();
+            hooks.push(HookStatus {
+                hook: "lsm/bprm_check_security".into(),
+                feature: Feature::DenyExec,
+                error: r.err().map(|e| format!("{e:#}")),
+            });
+        }
         let ok = hooks.iter().filter(|h| h.error.is_none()).count();
+        let paths = Feature::ALL
+            .iter()
+            .map(|f| {
+                let fallback = *f == Feature::DenyExec && opts.deny_policy != 0;
+                format!("{}={}", f.name(), feature_path(&hooks, *f, fallback))
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
         info!(
             attached = ok,
             unavailable = hooks.len() - ok,
+            paths = %paths,
             "sensor loaded"
         );
 
@@ -333,7 +491,7 @@ impl Sensor {
         // bpffs pinning is refused, `frozen::resume_leftovers` finds those
         // processes in /proc instead (stopped before their first
         // instruction), so freezing stays on either way.
-        let pin = if opts.freeze_policy == 0 {
+        let pin = if freeze_policy == 0 {
             None
         } else {
             match pin_ledger(&frozen_map, &opts.pin_dir) {
@@ -344,7 +502,7 @@ impl Sensor {
                 }
             }
         };
-        let freeze_enabled = opts.freeze_policy != 0;
+        let freeze_enabled = freeze_policy != 0;
         let frozen_map: crate::frozen::FrozenMap =
             aya::maps::HashMap::try_from(frozen_map).context("FROZEN map")?;
         let mut sensor = Self {
@@ -357,6 +515,7 @@ impl Sensor {
             servers,
             hooks,
             deny,
+            exec_deny_active,
         };
         sensor.handle_heartbeat();
         Ok(sensor)

@@ -71,6 +71,9 @@ pub enum EventKind {
     Rename = 7,
     /// A successful listen() on an IPv4/IPv6 socket: [`ListenEvent`].
     Listen = 8,
+    /// The BPF LSM exec hook refused an exec under the deny policy:
+    /// [`ExecDeniedEvent`]. The process keeps its old image.
+    ExecDenied = 9,
 }
 
 /// Number of slots indexed by [`EventKind`] (0 is unused; room to grow).
@@ -88,6 +91,7 @@ impl EventKind {
             6 => Self::Chmod,
             7 => Self::Rename,
             8 => Self::Listen,
+            9 => Self::ExecDenied,
             _ => return None,
         })
     }
@@ -102,10 +106,11 @@ impl EventKind {
             Self::Chmod => "chmod",
             Self::Rename => "rename",
             Self::Listen => "listen",
+            Self::ExecDenied => "exec_denied",
         }
     }
     /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         Self::Exec,
         Self::Fork,
         Self::Exit,
@@ -114,6 +119,7 @@ impl EventKind {
         Self::Chmod,
         Self::Rename,
         Self::Listen,
+        Self::ExecDenied,
     ];
 }
 
@@ -206,6 +212,32 @@ pub struct ExecEvent {
     pub stdio_family: [u16; 3],
 }
 
+/// An exec the BPF LSM hook (`bprm_check_security`) refused under the deny
+/// policy ([`SensorConfig::deny_policy`]). The header names the process
+/// that tried (it keeps its old image). Tail: `path_len` bytes of walked
+/// path of the program it tried to run, then `filename_len` bytes (NUL
+/// terminated) of the path as given to execve.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecDeniedEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// Parent process id (`real_parent->tgid`).
+    pub ppid: u32,
+    /// The `FREEZE_*` policy bit that matched.
+    pub policy: u32,
+    /// Inode number of the refused program's file.
+    pub exe_ino: u64,
+    /// Device of its super block (kernel `dev_t` encoding).
+    pub exe_dev: u32,
+    /// Bytes of walked path in the tail.
+    pub path_len: u32,
+    /// Bytes of the execve filename after the path.
+    pub filename_len: u32,
+    /// `FLAG_PATH_*` bits of the walk.
+    pub flags: u32,
+}
+
 /// A new process: the fork/clone of a thread group (threads are not reported).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -246,8 +278,8 @@ pub struct ConnectEvent {
     pub dport: u16,
     /// Source port, host order (0 if not bound yet).
     pub sport: u16,
-    /// Reserved.
-    pub _reserved: u16,
+    /// `CONNECT_FLAG_*` bits.
+    pub flags: u16,
     /// Return value of connect(): 0, or -errno (-115 EINPROGRESS is normal for
     /// non-blocking sockets).
     pub ret: i32,
@@ -256,6 +288,11 @@ pub struct ConnectEvent {
     /// Source address, same encoding.
     pub saddr: [u8; 16],
 }
+
+/// Connect flag: reported by the BPF LSM hook (`socket_connect`) when the
+/// connect was attempted, before it ran: `ret` is unknown (0), the source
+/// address and port are usually not bound yet.
+pub const CONNECT_FLAG_ATTEMPT: u16 = 1;
 
 /// A successful listen() on an IPv4 or IPv6 socket: the process serves.
 #[repr(C)]
@@ -398,6 +435,7 @@ pub struct KernelOffsets {
     pub sk_type: u32,
     pub sk_protocol: u32,
     pub sk_family: u32,
+    pub file_f_flags: u32,
     /// Non-zero once the agent filled the struct; programs emit nothing before.
     pub valid: u32,
 }
@@ -423,8 +461,10 @@ pub struct SensorConfig {
     /// `FREEZE_*` bits: which new programs the kernel stops (SIGSTOP) at
     /// exec, before their first instruction, for the agent to inspect.
     pub freeze_policy: u32,
-    /// Reserved.
-    pub _reserved: u32,
+    /// `FREEZE_*` bits: which execs the BPF LSM hook refuses (EPERM) before
+    /// they happen. Where that hook cannot attach the agent adds these bits
+    /// to `freeze_policy`, so the same execs are stopped instead.
+    pub deny_policy: u32,
 }
 
 /// Freeze policy: a shell or downloader (names in the `FREEZE_NAMES` map)
@@ -445,7 +485,7 @@ impl SensorConfig {
             agent_tgid: 0,
             wakeup_bytes: 0,
             freeze_policy: 0,
-            _reserved: 0,
+            deny_policy: 0,
         }
     }
 }
@@ -475,6 +515,8 @@ pub const STAT_FREEZE_NO_AGENT: u32 = STAT_BASE_OTHER + 6;
 pub const STAT_FREEZE_NO_ROOM: u32 = STAT_BASE_OTHER + 7;
 /// Freezes refused because the frozen-process ledger (`FROZEN`) was full.
 pub const STAT_FREEZE_NO_LEDGER: u32 = STAT_BASE_OTHER + 8;
+/// Execs refused by the BPF LSM hook under the deny policy.
+pub const STAT_EXEC_DENIED: u32 = STAT_BASE_OTHER + 9;
 
 /// Entries of the `FROZEN` map: at most this many processes stopped by the
 /// kernel and not yet released by the agent.

@@ -9,9 +9,9 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_ringbuf_output},
     },
-    macros::{cgroup_sock_addr, map, raw_tracepoint, tracepoint},
+    macros::{cgroup_sock_addr, lsm, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, SockAddrContext, TracePointContext},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext, TracePointContext},
 };
 use vigil_sensor_common::*;
 
@@ -139,6 +139,19 @@ const TAIL_MASK: u64 = (TAIL_MAX_BYTES - 1) as u64;
 #[inline(always)]
 unsafe fn rd<T>(base: u64, off: u64) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + off) as *const T) }
+}
+
+/// An optimization barrier: the compiler forgets what it knew of `v`, so a
+/// mask applied to the result stays in the program and the verifier bounds
+/// the value by that mask. Without it LLVM drops masks it can prove
+/// redundant and reuses registers whose bounds came from a branch; kernels
+/// before ~6.8 then see contradictory bounds on a dead path and turn the
+/// pointer that offset was added to into a plain number (the exec program
+/// was refused on 6.1 that way).
+#[inline(always)]
+fn opaque(v: u64) -> u64 {
+    // SAFETY: reads a local.
+    unsafe { core::ptr::read_volatile(&v) }
 }
 
 #[inline(always)]
@@ -476,14 +489,14 @@ fn agent_alive() -> bool {
     *t != 0 && now.saturating_sub(*t) < HEARTBEAT_MAX_AGE_NS
 }
 
-/// Whether the freeze policy stops this exec, judged before the path walk
-/// (from the executable dentry's own name) so the verifier sees one small
-/// branch instead of one per walk outcome.
+/// Which `FREEZE_*` bit of `policy` this exec of `file` matches (0: none),
+/// judged before any path walk (from the executable dentry's own name) so
+/// the verifier sees one small branch instead of one per walk outcome. The
+/// freeze (exec tracepoint) and the deny (LSM exec hook) use the same test.
 #[inline(always)]
-unsafe fn should_freeze(s: *mut Scratch, file: u64, parent_serves: bool) -> bool {
-    let policy: u32 = cfg!(freeze_policy);
+unsafe fn policy_match(s: *mut Scratch, file: u64, parent_serves: bool, policy: u32) -> u32 {
     if policy == 0 || (!parent_serves && policy & FREEZE_MEMFD == 0) {
-        return false;
+        return 0;
     }
     unsafe {
         let dentry: u64 = rd(file, off!(file_f_path) + off!(path_dentry)).unwrap_or(0);
@@ -496,18 +509,28 @@ unsafe fn should_freeze(s: *mut Scratch, file: u64, parent_serves: bool) -> bool
             name as *const c_void,
         );
         if n <= 0 {
-            return false;
+            return 0;
         }
         let key: [u8; FREEZE_NAME_LEN] = core::ptr::read_unaligned(buf as *const _);
         if policy & FREEZE_MEMFD != 0 && &key[..6] == b"memfd:" {
-            return true;
+            return FREEZE_MEMFD;
         }
         // A name that filled the buffer was cut: it cannot be a listed one.
-        policy & FREEZE_SERVER_CHILD != 0
+        if policy & FREEZE_SERVER_CHILD != 0
             && parent_serves
             && (n as usize) < FREEZE_NAME_LEN
             && FREEZE_NAMES.get(&key).is_some()
+        {
+            return FREEZE_SERVER_CHILD;
+        }
+        0
     }
+}
+
+/// Whether the freeze policy stops this exec.
+#[inline(always)]
+unsafe fn should_freeze(s: *mut Scratch, file: u64, parent_serves: bool) -> bool {
+    unsafe { policy_match(s, file, parent_serves, cfg!(freeze_policy)) != 0 }
 }
 
 // ---- process lifecycle -----------------------------------------------------
@@ -594,6 +617,9 @@ unsafe fn on_exec(task: u64, bprm: u64) {
                 got = alen;
             }
         }
+        // From here on `got` offsets pointers: bounded by a mask the
+        // compiler cannot drop (see `opaque`).
+        let got = opaque(got) & (ARGV_MAX_BYTES as u64 - 1);
         (*e).argv_len = got as u32;
         // Scripts: bprm->file is the interpreter by now; keep the script path
         // as given (bprm->interp stops pointing at bprm->filename once a
@@ -693,6 +719,81 @@ unsafe fn emit_frozen(
         stat_add(stat_emitted(EventKind::Exec), 1);
         true
     }
+}
+
+/// The deny policy on kernels with BPF LSM: an exec matching
+/// `CONFIG.deny_policy` is refused (EPERM) before the new program exists,
+/// and reported. Loaded only when a deny policy is configured; where it
+/// cannot attach the agent freezes the same execs instead.
+#[lsm(hook = "bprm_check_security")]
+pub fn vigil_exec_guard(ctx: LsmContext) -> i32 {
+    // (struct linux_binprm *bprm, int ret): a refusal by an earlier LSM stands.
+    let prev: i32 = ctx.arg(1);
+    if prev != 0 {
+        return prev;
+    }
+    let policy: u32 = cfg!(deny_policy);
+    if policy == 0 || !ready() {
+        return 0;
+    }
+    let bprm: u64 = ctx.arg(0);
+    unsafe { exec_guard(bprm, policy) }
+}
+
+const EPERM: i32 = 1;
+
+#[inline(always)]
+unsafe fn exec_guard(bprm: u64, policy: u32) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if is_agent(tgid) {
+        return 0;
+    }
+    let Some(s) = scratch() else { return 0 };
+    unsafe {
+        let task = bpf_get_current_task();
+        let parent: u64 = rd(task, off!(task_real_parent)).unwrap_or(0);
+        let ppid: u32 = rd(parent, off!(task_tgid)).unwrap_or(0);
+        let parent_serves = SERVERS.get_ptr(&ppid).is_some();
+        let file: u64 = rd(bprm, off!(binprm_file)).unwrap_or(0);
+        let matched = policy_match(s, file, parent_serves, policy);
+        if matched == 0 {
+            return 0;
+        }
+        stat_add(STAT_EXEC_DENIED, 1);
+        let e: *mut ExecDeniedEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::ExecDenied, task);
+        (*e).ppid = ppid;
+        (*e).policy = matched;
+        let inode: u64 = rd(file, off!(file_f_inode)).unwrap_or(0);
+        (*e).exe_ino = rd(inode, off!(inode_i_ino)).unwrap_or(0);
+        let sb: u64 = rd(inode, off!(inode_i_sb)).unwrap_or(0);
+        (*e).exe_dev = rd(sb, off!(sb_s_dev)).unwrap_or(0);
+        let t = tail(s);
+        let (plen, pflags) = walk_file(s, t, file);
+        let plen = plen & PATH_MASK;
+        (*e).path_len = plen as u32;
+        (*e).flags = pflags;
+        let filename: u64 = rd(bprm, off!(binprm_filename)).unwrap_or(0);
+        let mut flen = 0u64;
+        if filename != 0 {
+            let n = bpf_probe_read_kernel_str(
+                t.add(plen as usize) as *mut c_void,
+                USER_PATH_MAX_BYTES as u32,
+                filename as *const c_void,
+            );
+            if n > 0 {
+                flen = n as u64 & USER_LEN_MASK;
+            }
+        }
+        (*e).filename_len = flen as u32;
+        emit(
+            s,
+            EventKind::ExecDenied,
+            core::mem::size_of::<ExecDeniedEvent>(),
+            plen + flen,
+        );
+    }
+    -EPERM
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
@@ -926,9 +1027,17 @@ unsafe fn on_open(task: u64, ret: i64, open_flags: u64) {
         return;
     }
     unsafe {
-        let Some(file) = fd_file(task, ret as u64) else {
-            return;
-        };
+        if let Some(file) = fd_file(task, ret as u64) {
+            emit_open(task, file, open_flags);
+        }
+    }
+}
+
+/// Reports a regular file opened for writing, once per (process, file):
+/// from the syscall exit (the new fd's file) or the LSM `file_open` hook.
+#[inline(always)]
+unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
+    unsafe {
         let inode: u64 = match rd(file, off!(file_f_inode)) {
             Ok(v) => v,
             Err(_) => return,
@@ -1042,40 +1151,63 @@ unsafe fn on_rename(task: u64, ret: i64, a: &[u64; 4]) {
 #[inline(always)]
 unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
     unsafe {
-        let Some(s) = scratch() else { return };
-        let e: *mut ConnectEvent = fixed(s);
-        fill_header(&mut (*e).hdr, EventKind::Connect, task);
         let addr = a[1];
         let family: u16 = bpf_probe_read_user(addr as *const u16).unwrap_or(0);
         let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
+        let daddr = if family == AF_INET {
+            let v: [u8; 4] = bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
+            [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        } else {
+            bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16])
+        };
+        let sock: u64 = match fd_file(task, a[0]) {
+            Some(file) => rd(file, off!(file_private_data)).unwrap_or(0),
+            None => 0,
+        };
+        emit_connect(task, sock, family, port, daddr, ret as i32, 0);
+    }
+}
+
+/// Reports a connect on an IPv4/IPv6 socket: from the syscall exit (with
+/// its result) or the LSM `socket_connect` hook (an attempt,
+/// [`CONNECT_FLAG_ATTEMPT`]). `port` is in network order.
+#[inline(always)]
+unsafe fn emit_connect(
+    task: u64,
+    sock: u64,
+    family: u16,
+    port: u16,
+    daddr: [u8; 16],
+    ret: i32,
+    flags: u16,
+) {
+    unsafe {
+        let Some(s) = scratch() else { return };
+        let e: *mut ConnectEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::Connect, task);
         (*e).family = family;
         (*e).dport = u16::from_be(port);
-        (*e).ret = ret as i32;
-        (*e).daddr = [0u8; 16];
+        (*e).ret = ret;
+        (*e).daddr = daddr;
         (*e).saddr = [0u8; 16];
-        if family == AF_INET {
-            let v: [u8; 4] = bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
-            (*e).daddr = [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        } else {
-            (*e).daddr = bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16]);
-        }
         (*e).protocol = 0;
         (*e).sock_type = 0;
         (*e).sport = 0;
-        (*e)._reserved = 0;
-        if let Some(file) = fd_file(task, a[0]) {
-            let sock: u64 = rd(file, off!(file_private_data)).unwrap_or(0);
-            let sk: u64 = rd(sock, off!(socket_sk)).unwrap_or(0);
-            if sk != 0 {
-                (*e).sock_type = rd(sk, off!(sk_type)).unwrap_or(0);
-                (*e).protocol = rd(sk, off!(sk_protocol)).unwrap_or(0);
-                (*e).sport = rd(sk, off!(sk_num)).unwrap_or(0);
-                if family == AF_INET {
-                    let v: [u8; 4] = rd(sk, off!(sk_rcv_saddr)).unwrap_or([0; 4]);
-                    (*e).saddr = [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-                } else {
-                    (*e).saddr = rd(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
-                }
+        (*e).flags = flags;
+        let sk: u64 = if sock != 0 {
+            rd(sock, off!(socket_sk)).unwrap_or(0)
+        } else {
+            0
+        };
+        if sk != 0 {
+            (*e).sock_type = rd(sk, off!(sk_type)).unwrap_or(0);
+            (*e).protocol = rd(sk, off!(sk_protocol)).unwrap_or(0);
+            (*e).sport = rd(sk, off!(sk_num)).unwrap_or(0);
+            if family == AF_INET {
+                let v: [u8; 4] = rd(sk, off!(sk_rcv_saddr)).unwrap_or([0; 4]);
+                (*e).saddr = [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            } else {
+                (*e).saddr = rd(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
             }
         }
         emit(
@@ -1085,6 +1217,75 @@ unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
             0,
         );
     }
+}
+
+// ---- BPF LSM alternatives (kernels with BPF LSM; chosen at load) ------------
+
+/// File writes where BPF LSM is available: one program instead of the
+/// open/openat/openat2/creat enter+exit pairs, and it also sees opens that
+/// do not go through those syscalls (io_uring, open_by_handle_at). Never
+/// refuses anything.
+#[lsm(hook = "file_open")]
+pub fn vigil_lsm_file_open(ctx: LsmContext) -> i32 {
+    // (struct file *file, int ret)
+    let prev: i32 = ctx.arg(1);
+    if prev != 0 || !ready() {
+        return prev;
+    }
+    let file: u64 = ctx.arg(0);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if is_agent(tgid) {
+        return 0;
+    }
+    unsafe {
+        // f_flags still has O_CREAT/O_TRUNC here (cleared after this hook).
+        let flags: u32 = rd(file, off!(file_f_flags)).unwrap_or(0);
+        if flags as u64 & WRITE_FLAGS != 0 {
+            emit_open(bpf_get_current_task(), file, flags as u64);
+        }
+    }
+    0
+}
+
+/// Connects where BPF LSM is available: every IPv4/IPv6 connect attempt,
+/// io_uring's included, reported before it runs (result unknown). Never
+/// refuses anything (containment's refusal is the cgroup programs').
+#[lsm(hook = "socket_connect")]
+pub fn vigil_lsm_connect(ctx: LsmContext) -> i32 {
+    // (struct socket *sock, struct sockaddr *address, int addrlen, int ret)
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 || !ready() {
+        return prev;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if is_agent(tgid) {
+        return 0;
+    }
+    let sock: u64 = ctx.arg(0);
+    let addr: u64 = ctx.arg(1);
+    unsafe {
+        let family: u16 = rd(addr, 0).unwrap_or(0);
+        if family != AF_INET && family != AF_INET6 {
+            return 0;
+        }
+        let port: u16 = rd(addr, 2).unwrap_or(0);
+        let daddr = if family == AF_INET {
+            let v: [u8; 4] = rd(addr, 4).unwrap_or([0; 4]);
+            [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        } else {
+            rd(addr, 8).unwrap_or([0; 16])
+        };
+        emit_connect(
+            bpf_get_current_task(),
+            sock,
+            family,
+            port,
+            daddr,
+            0,
+            CONNECT_FLAG_ATTEMPT,
+        );
+    }
+    0
 }
 
 #[inline(always)]

@@ -98,6 +98,12 @@ impl Agent {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--events-json").arg(&events_path);
+        // Defaults, not the machine's /etc/vigil/agent.toml (a VM or host
+        // with the package installed has one): an empty config file, which
+        // a `-c` in `extra` (or VIGIL_AGENT_CONFIG in `env`) replaces.
+        let empty_cfg = dir.path().join("defaults.toml");
+        std::fs::write(&empty_cfg, "").expect("writing an empty config");
+        cmd.env("VIGIL_AGENT_CONFIG", &empty_cfg);
         // The caller may choose the capture directory (e.g. a small file
         // system); else one in the temp dir.
         if !extra.contains(&"--capture-dir") {

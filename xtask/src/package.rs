@@ -123,11 +123,12 @@ pub fn package(args: &PackageArgs) -> Result<()> {
     if !args.no_build {
         crate::setup::setup(crate::setup::TracefsPolicy::BestEffort)?;
     }
-    package_after_setup(args)
+    package_after_setup(args).map(drop)
 }
 
-/// [`package`] without `setup` (`xtask test` ran it already).
-pub fn package_after_setup(args: &PackageArgs) -> Result<()> {
+/// [`package`] without `setup` (`xtask test` ran it already). Returns the
+/// .deb files built.
+pub fn package_after_setup(args: &PackageArgs) -> Result<Vec<PathBuf>> {
     if !args.no_build {
         util::build_binaries(args.release, QUERY * 30)?;
     }
@@ -146,7 +147,7 @@ pub fn package_after_setup(args: &PackageArgs) -> Result<()> {
     if args.check {
         check_all(&built, &bin_dir, &out, &version)?;
     }
-    Ok(())
+    Ok(built.into_iter().map(|b| b.deb).collect())
 }
 
 fn deploy_dir() -> PathBuf {

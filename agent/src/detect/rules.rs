@@ -5,7 +5,7 @@
 
 use super::classify::*;
 use super::Ctx;
-use crate::model::event::{Exec, Payload, Stdio};
+use crate::model::event::{Exec, ExecDenied, Payload, Stdio};
 use crate::model::{Finding, Severity};
 
 /// Rule ids (stable).
@@ -36,6 +36,8 @@ pub mod ids {
     pub const MINER: &str = "cryptominer";
     /// Decoded or downloaded content piped into a shell.
     pub const PIPE_TO_SHELL: &str = "pipe_to_shell";
+    /// The kernel refused an exec under the deny_exec policy.
+    pub const EXEC_DENIED: &str = "exec_denied";
 }
 
 fn finding(
@@ -98,6 +100,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
                 ));
             }
         }
+        Payload::ExecDenied(d) => exec_denied(ctx, d, &mut out),
         Payload::FileOpen(f) => persistence(&f.path, "wrote", ctx, &mut out),
         Payload::Rename(r) => persistence(&r.new_path, "renamed a file into", ctx, &mut out),
         Payload::Chmod(c) => {
@@ -129,6 +132,41 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
         _ => {}
     }
     out
+}
+
+/// An exec the kernel refused (deny_exec, BPF LSM): what the freeze would
+/// have stopped, stopped earlier. The process that tried keeps its old
+/// image: for a server's child that is a copy of the server, whose memory
+/// the capture takes.
+fn exec_denied(ctx: &Ctx<'_>, d: &ExecDenied, out: &mut Vec<Finding>) {
+    let (mitre, why): (&[&str], String) = match d.policy {
+        "memfd" => (&["T1620"], "a program from memory (memfd)".into()),
+        _ => {
+            let server = serving_ancestor(ctx, d.ppid)
+                .map(|(pid, exe)| format!(" by server {exe} ({pid})"))
+                .unwrap_or_default();
+            (
+                &["T1190", "T1059"],
+                format!("a shell or network tool{server}"),
+            )
+        }
+    };
+    out.push(finding(
+        ids::EXEC_DENIED,
+        Severity::High,
+        mitre,
+        format!(
+            "the kernel refused to run {} ({why}; deny_exec {})",
+            if d.filename.is_empty() {
+                &d.exe
+            } else {
+                &d.filename
+            },
+            d.policy
+        ),
+        true,
+        &d.exe,
+    ));
 }
 
 /// Walks up from `ppid` through at most 3 shells to a process that serves.
@@ -756,7 +794,7 @@ mod tests {
                 dport: 80,
                 saddr: "10.0.0.2".parse().unwrap(),
                 sport: 5555,
-                ret: 0,
+                ret: Some(0),
             }),
         );
         w.run(ev);
@@ -829,7 +867,7 @@ mod tests {
                 dport: 4444,
                 saddr: "10.0.0.2".parse().unwrap(),
                 sport: 40000,
-                ret: 0,
+                ret: Some(0),
             }),
         );
         w.run(ev);

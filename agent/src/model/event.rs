@@ -45,6 +45,7 @@ impl Event {
             Payload::Chmod(_) => EventKind::Chmod,
             Payload::Rename(_) => EventKind::Rename,
             Payload::Listen(_) => EventKind::Listen,
+            Payload::ExecDenied(_) => EventKind::ExecDenied,
         }
     }
 }
@@ -79,6 +80,26 @@ pub enum Payload {
     Rename(Rename),
     /// A socket put in listening state: the process serves.
     Listen(Listen),
+    /// The kernel refused an exec under the deny policy (BPF LSM); the
+    /// process keeps its old image.
+    ExecDenied(ExecDenied),
+}
+
+/// An exec refused in the kernel.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExecDenied {
+    /// Parent process.
+    pub ppid: u32,
+    /// Path of the program it tried to run (the interpreter for a script).
+    pub exe: String,
+    /// The path as given to execve.
+    pub filename: String,
+    /// The policy that refused it: "server_child" or "memfd".
+    pub policy: &'static str,
+    /// The program's inode number.
+    pub exe_ino: u64,
+    /// The program's device (kernel encoding).
+    pub exe_dev: u32,
 }
 
 /// Listen details.
@@ -187,8 +208,11 @@ pub struct Connect {
     pub saddr: IpAddr,
     /// Source port (0 if not bound yet).
     pub sport: u16,
-    /// connect() result: 0 or -errno (-115, EINPROGRESS, is a normal start).
-    pub ret: i32,
+    /// connect() result: 0 or -errno (-115, EINPROGRESS, is a normal
+    /// start). Absent when the connect was reported as it was attempted
+    /// (the BPF LSM hook), before it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ret: Option<i32>,
 }
 
 /// File-open details.
