@@ -110,6 +110,8 @@ pub struct Metrics {
     pub sigma_rules: Gauge,
     /// Processes stopped at exec by the kernel's freeze policy.
     pub frozen: Counter,
+    /// Execs refused by the BPF LSM hook under deny_exec.
+    pub exec_denied: Counter,
     /// Frozen processes the agent resumed.
     pub resumed: Counter,
     /// Frozen processes the agent failed to resume.
@@ -359,6 +361,11 @@ impl Metrics {
             self.frozen.clone(),
         );
         r.register(
+            "exec_denied",
+            "Execs refused in the kernel under deny_exec (BPF LSM)",
+            self.exec_denied.clone(),
+        );
+        r.register(
             "resumed",
             "Stopped processes (kernel freeze or capture) resumed by the agent",
             self.resumed.clone(),
@@ -511,6 +518,8 @@ impl Metrics {
         self.kernel_read_errors
             .inc_by(delta(raw::STAT_READ_ERRORS, &mut last));
         self.frozen.inc_by(delta(raw::STAT_FROZEN, &mut last));
+        self.exec_denied
+            .inc_by(delta(raw::STAT_EXEC_DENIED, &mut last));
         self.freeze_skipped
             .inc_by(delta(raw::STAT_FREEZE_NO_AGENT, &mut last));
         self.freeze_no_room

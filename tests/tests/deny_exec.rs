@@ -37,6 +37,16 @@ fn deny_exec_refuses_the_exec_with_bpf_lsm_else_freezes_it() {
         });
         assert_eq!(e["policy"], "server_child", "{e}");
         assert!(e["exe"].as_str().unwrap_or("").starts_with('/'), "{e}");
+        // The kernel's count follows (read every second).
+        let mut denied = 0.0;
+        for _ in 0..100 {
+            denied = agent.metric("vigil_exec_denied_total");
+            if denied >= 1.0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(denied >= 1.0, "{}", agent.metrics());
     } else {
         let out = out.expect("the shell ran (frozen, then released)");
         assert!(out.status.success());

@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use crate::{package, util};
 
 /// Bump when the image's recipe below changes: the cached image is rebuilt.
-const RECIPE: &str = "vigil-vm-image v1: bookworm minbase, kernels 6.1 + 6.12";
+const RECIPE: &str = "vigil-vm-image v2: bookworm minbase + curl, kernels 6.1 + 6.12";
 
 /// Debian's mirror (override with VIGIL_VM_MIRROR for a local one).
 const MIRROR: &str = "http://deb.debian.org/debian";
@@ -39,7 +39,9 @@ const SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 
 /// Packages of the guest beyond debootstrap's minbase: systemd as init, what
 /// the maintainer scripts and the units use, and the test driver's tools
-/// (busybox's nc is the test's server, jq reads the JSON lines).
+/// (busybox's nc is the test's server, jq reads the JSON lines, curl reads
+/// the metrics: busybox's wget crashes on them, and bash's /dev/tcp is a
+/// shell connecting out, which the agent rightly detects).
 const GUEST_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
@@ -50,6 +52,7 @@ const GUEST_PACKAGES: &[&str] = &[
     "logrotate",
     "busybox",
     "jq",
+    "curl",
 ];
 
 /// The kernels, by the name `--kernel` takes and the Debian package that

@@ -49,7 +49,7 @@ wait_for() {
 # The agent's metrics. Not with bash's /dev/tcp: a shell connecting out is
 # what the shell_network_connection rule detects (and captures).
 metrics() {
-    busybox wget -q -T 10 -O - "http://127.0.0.1:$METRICS_PORT/metrics"
+    curl -sf --max-time 10 "http://127.0.0.1:$METRICS_PORT/metrics"
 }
 # metric NAME: the sum of every sample of NAME (0 when absent).
 metric() {
