@@ -119,11 +119,29 @@ impl ProcessTree {
         self.upsert(p);
     }
 
+    /// Whether `pid` is held from the /proc scan (no cgroup id) with a start
+    /// time that names the same process: the scan's is rounded down to the
+    /// clock tick, so it may be up to one tick earlier.
+    fn scanned_same(&self, pid: u32, start_boot_ns: u64) -> bool {
+        const TICK_SLACK_NS: u64 = 20_000_000;
+        self.procs.get(&pid).is_some_and(|p| {
+            p.cgroup_id == 0
+                && start_boot_ns >= p.start_boot_ns
+                && start_boot_ns - p.start_boot_ns < TICK_SLACK_NS
+        })
+    }
+
     /// Applies an exec/fork/exit event; other kinds only register an unknown
     /// pid. `workload_of` resolves the workload of a live pid (reads /proc);
     /// it is called only when the cgroup changed from the parent's.
     pub fn apply(&mut self, ev: &Event, workload_of: &mut dyn FnMut(u32, u64) -> Arc<Workload>) {
         match &ev.payload {
+            // A fork is a process's first event, so a record of the same
+            // process already here came from the /proc scan at start, read
+            // after this fork: it is fresher (an exec may have followed
+            // before the exec hook was attached) and the fork must not turn
+            // it back into a copy of its parent.
+            Payload::Fork { .. } if self.scanned_same(ev.pid, ev.start_boot_ns) => {}
             Payload::Fork { ppid } => {
                 let parent = self.procs.get(ppid).cloned();
                 let serves = parent.as_ref().is_some_and(|p| p.serves);
@@ -397,6 +415,29 @@ mod tests {
 
     fn wl() -> impl FnMut(u32, u64) -> Arc<Workload> {
         |_, _| Arc::new(Workload::default())
+    }
+
+    #[test]
+    fn a_late_fork_event_does_not_undo_what_the_start_scan_saw() {
+        let mut t = ProcessTree::new(100, Duration::from_secs(1));
+        let mut w = wl();
+        t.apply(&exec(20, 1, "/usr/bin/bash"), &mut w);
+        // The scan at start saw pid 21 already running curl (its exec came
+        // before the exec hook was attached); its start time is rounded
+        // down to the tick.
+        let mut scanned = t.get(20).unwrap().clone();
+        scanned.pid = 21;
+        scanned.ppid = 20;
+        scanned.start_boot_ns = 1_000_000_000;
+        scanned.exe = "/usr/bin/curl".into();
+        scanned.cgroup_id = 0;
+        t.insert(scanned);
+        // Then the fork event recorded before the scan is processed.
+        t.apply(&ev(21, 1_004_000_000, Payload::Fork { ppid: 20 }), &mut w);
+        assert_eq!(t.get(21).unwrap().exe, "/usr/bin/curl");
+        // A fork of another process that got the pid later is applied.
+        t.apply(&ev(21, 9_000_000_000, Payload::Fork { ppid: 20 }), &mut w);
+        assert_eq!(t.get(21).unwrap().exe, "/usr/bin/bash");
     }
 
     #[test]
