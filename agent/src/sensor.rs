@@ -117,16 +117,18 @@ const fn sys(program: &'static str, name: &'static str, feature: Feature) -> Hoo
     }
 }
 
-/// Every hook, in attach order.
+/// Every hook, in attach order. Exec before fork: a fork seen without the
+/// exec that followed it would leave the tree holding a copy of the parent
+/// (a subshell that became curl would still be "bash" to the rules).
 pub const HOOKS: &[Hook] = &[
-    Hook {
-        program: "vigil_fork",
-        attach: Attach::RawTp("sched_process_fork"),
-        feature: Feature::Process,
-    },
     Hook {
         program: "vigil_exec",
         attach: Attach::RawTp("sched_process_exec"),
+        feature: Feature::Process,
+    },
+    Hook {
+        program: "vigil_fork",
+        attach: Attach::RawTp("sched_process_fork"),
         feature: Feature::Process,
     },
     Hook {
@@ -334,72 +336,83 @@ impl Sensor {
             .context("loading the eBPF object")?;
 
         let mut hooks = Vec::new();
-        // BPF LSM first: a feature it serves skips its syscall tracepoints.
+        // Process hooks first: whatever acts once another hook is attached
+        // had its fork and exec seen (or is in the /proc scan that follows),
+        // so no event names a process the tree cannot know. Then BPF LSM: a
+        // feature it serves skips its syscall tracepoints.
         let mut by_lsm = Vec::new();
         let mut lsm_refusal = None;
-        for (program, hook, feature) in LSM_HOOKS {
-            if !opts.prefer_lsm || opts.disabled.contains(feature) || lsm_refusal.is_some() {
-                continue;
-            }
-            match attach_lsm(&mut ebpf, btf.as_ref(), program, hook) {
-                Ok(()) => {
-                    debug!(hook = %format!("lsm/{hook}"), "attached");
-                    by_lsm.push(*feature);
-                    hooks.push(HookStatus {
-                        hook: format!("lsm/{hook}"),
-                        feature: *feature,
-                        error: None,
-                    });
-                }
-                // One refusal says it for all: the kernel has no usable BPF LSM.
-                Err(e) => lsm_refusal = Some(format!("{e:#}")),
-            }
-        }
-        if let Some(why) = &lsm_refusal {
-            info!(reason = %why, "BPF LSM hooks unavailable: file writes and connects use syscall tracepoints");
-        }
         let mut exit_loaded = false;
-        for hook in HOOKS {
-            if opts.disabled.contains(&hook.feature) || by_lsm.contains(&hook.feature) {
-                continue;
+        for process_pass in [true, false] {
+            if !process_pass {
+                for (program, hook, feature) in LSM_HOOKS {
+                    if !opts.prefer_lsm || opts.disabled.contains(feature) || lsm_refusal.is_some()
+                    {
+                        continue;
+                    }
+                    match attach_lsm(&mut ebpf, btf.as_ref(), program, hook) {
+                        Ok(()) => {
+                            debug!(hook = %format!("lsm/{hook}"), "attached");
+                            by_lsm.push(*feature);
+                            hooks.push(HookStatus {
+                                hook: format!("lsm/{hook}"),
+                                feature: *feature,
+                                error: None,
+                            });
+                        }
+                        // One refusal says it for all: the kernel has no usable BPF LSM.
+                        Err(e) => lsm_refusal = Some(format!("{e:#}")),
+                    }
+                }
+                if let Some(why) = &lsm_refusal {
+                    info!(reason = %why, "BPF LSM hooks unavailable: file writes and connects use syscall tracepoints");
+                }
             }
-            let (name, result) = match hook.attach {
-                Attach::RawTp(tp) => (
-                    format!("raw_tp/{tp}"),
-                    attach_raw(&mut ebpf, hook.program, tp),
-                ),
-                Attach::Syscall(sc) => {
-                    let r = attach_tp(
-                        &mut ebpf,
-                        hook.program,
-                        &format!("sys_enter_{sc}"),
-                        &mut false,
-                    )
-                    .and_then(|()| {
-                        attach_tp(
+            for hook in HOOKS
+                .iter()
+                .filter(|h| (h.feature == Feature::Process) == process_pass)
+            {
+                if opts.disabled.contains(&hook.feature) || by_lsm.contains(&hook.feature) {
+                    continue;
+                }
+                let (name, result) = match hook.attach {
+                    Attach::RawTp(tp) => (
+                        format!("raw_tp/{tp}"),
+                        attach_raw(&mut ebpf, hook.program, tp),
+                    ),
+                    Attach::Syscall(sc) => {
+                        let r = attach_tp(
                             &mut ebpf,
-                            SYS_EXIT_PROGRAM,
-                            &format!("sys_exit_{sc}"),
-                            &mut exit_loaded,
+                            hook.program,
+                            &format!("sys_enter_{sc}"),
+                            &mut false,
                         )
-                    });
-                    (format!("syscalls/{sc}"), r)
+                        .and_then(|()| {
+                            attach_tp(
+                                &mut ebpf,
+                                SYS_EXIT_PROGRAM,
+                                &format!("sys_exit_{sc}"),
+                                &mut exit_loaded,
+                            )
+                        });
+                        (format!("syscalls/{sc}"), r)
+                    }
+                };
+                match &result {
+                    Ok(()) => debug!(hook = %name, "attached"),
+                    Err(e) if hook.feature == Feature::Process => {
+                        bail!("required hook {name} could not be attached: {e:#}")
+                    }
+                    Err(e) => {
+                        warn!(hook = %name, error = %format!("{e:#}"), "hook unavailable; carrying on without it")
+                    }
                 }
-            };
-            match &result {
-                Ok(()) => debug!(hook = %name, "attached"),
-                Err(e) if hook.feature == Feature::Process => {
-                    bail!("required hook {name} could not be attached: {e:#}")
-                }
-                Err(e) => {
-                    warn!(hook = %name, error = %format!("{e:#}"), "hook unavailable; carrying on without it")
-                }
+                hooks.push(HookStatus {
+                    hook: name,
+                    feature: hook.feature,
+                    error: result.err().map(|e| format!("{e:#}")),
+                });
             }
-            hooks.push(HookStatus {
-                hook: name,
-                feature: hook.feature,
-                error: result.err().map(|e| format!("{e:#}")),
-            });
         }
         let mut deny = None;
         if opts.deny_connect {

@@ -329,6 +329,11 @@ EOF
         wait_for 120 agent_ready || true
     fi
 
+    # The harness's own curl (reading metrics while an agent starts) is no
+    # shell: an agent that saw its fork but not its exec would say it is.
+    check "no shell detection for a process that had exec'd curl" bash -c \
+        "! jq -e 'select(.rule == \"shell_network_connection\" and .process.comm == \"curl\")' /var/log/vigil/detections.jsonl"
+
     dump_logs
     check "apt-get remove vigil-agent" apt-get remove -y -q vigil-agent
     check "agent unit gone after remove" bash -c '! systemctl is-active --quiet vigil-agent.service'
