@@ -375,17 +375,23 @@ impl AgentConfig {
 
     /// The `disable` list as features.
     pub fn disabled_features(&self) -> anyhow::Result<Vec<Feature>> {
+        // Process hooks cannot be left off; the deny hooks follow their policies.
+        const OPTIONAL: [Feature; 5] = [
+            Feature::FileWrite,
+            Feature::Chmod,
+            Feature::Rename,
+            Feature::Connect,
+            Feature::Listen,
+        ];
         self.disable
             .iter()
-            .map(|s| match s.as_str() {
-                "file_write" => Ok(Feature::FileWrite),
-                "chmod" => Ok(Feature::Chmod),
-                "rename" => Ok(Feature::Rename),
-                "connect" => Ok(Feature::Connect),
-                "listen" => Ok(Feature::Listen),
-                other => anyhow::bail!(
-                    "unknown hook group {other:?} in disable (known: file_write, chmod, rename, connect, listen; process hooks cannot be disabled)"
-                ),
+            .map(|s| {
+                OPTIONAL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown hook group {s:?} in disable (known: {}; process hooks cannot be disabled)",
+                        OPTIONAL.map(Feature::name).join(", ")
+                    )
+                })
             })
             .collect()
     }
