@@ -477,6 +477,22 @@ impl Metrics {
             .inc();
     }
 
+    /// Records which kind of hook serves each feature, and whether deny_exec
+    /// is enforced in the kernel.
+    pub fn set_paths(&self, paths: &[(crate::sensor::Feature, &'static str)]) {
+        for (f, path) in paths {
+            self.hook_path
+                .get_or_create(&PathLabel {
+                    feature: f.name().into(),
+                    path: (*path).into(),
+                })
+                .set(1);
+            if *f == crate::sensor::Feature::DenyExec {
+                self.exec_deny_active.set((*path == "lsm") as i64);
+            }
+        }
+    }
+
     /// Records hook status.
     pub fn set_hooks(&self, hooks: &[HookStatus]) {
         for h in hooks {

@@ -82,17 +82,7 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
             .is_some_and(|p| p.action() == crate::contain::Action::DenyConnect),
     })?;
     metrics.set_hooks(&sensor.hooks);
-    metrics.exec_deny_active.set(sensor.exec_deny_active as i64);
-    for f in crate::sensor::Feature::ALL {
-        let fallback = f == crate::sensor::Feature::DenyExec && cfg.deny_policy()? != 0;
-        metrics
-            .hook_path
-            .get_or_create(&crate::metrics::PathLabel {
-                feature: f.name().into(),
-                path: crate::sensor::feature_path(&sensor.hooks, f, fallback).into(),
-            })
-            .set(1);
-    }
+    metrics.set_paths(&sensor.paths);
     let (frozen_map, pin) = match sensor.frozen.take() {
         Some((m, pin)) => (Some(m), pin),
         None => (None, None),

@@ -69,7 +69,7 @@ impl Feature {
 /// Which kind of hook serves a feature, from the hooks that attached:
 /// "lsm", "tracepoint" (raw or syscall), "cgroup", "freeze" (deny_exec
 /// without BPF LSM: its execs are frozen instead) or "off".
-pub fn feature_path(hooks: &[HookStatus], feature: Feature, freeze_fallback: bool) -> &'static str {
+fn feature_path(hooks: &[HookStatus], feature: Feature, freeze_fallback: bool) -> &'static str {
     let attached = |prefix: &str| {
         hooks
             .iter()
@@ -306,9 +306,9 @@ pub struct Sensor {
     pub hooks: Vec<HookStatus>,
     /// The connect deny list, when its programs are attached.
     pub deny: Option<DenyList>,
-    /// The deny_exec policy is enforced by the BPF LSM hook (else its execs
-    /// are frozen, or no such policy is configured).
-    pub exec_deny_active: bool,
+    /// Which kind of hook serves each feature ([`feature_path`]), decided
+    /// once at load.
+    pub paths: Vec<(Feature, &'static str)>,
 }
 
 impl Sensor {
@@ -434,7 +434,6 @@ impl Sensor {
                 ))));
             }
         }
-        let mut exec_deny_active = false;
         if opts.deny_policy != 0 {
             let r = attach_lsm(
                 &mut ebpf,
@@ -449,7 +448,6 @@ impl Sensor {
                     "deny_exec: the BPF LSM exec hook is unavailable on this kernel; matching execs are frozen at exec instead"
                 ),
             }
-            exec_deny_active = r.is_ok();
             hooks.push(HookStatus {
                 hook: "lsm/bprm_check_security".into(),
                 feature: Feature::DenyExec,
@@ -457,18 +455,21 @@ impl Sensor {
             });
         }
         let ok = hooks.iter().filter(|h| h.error.is_none()).count();
-        let paths = Feature::ALL
-            .iter()
+        let paths: Vec<(Feature, &'static str)> = Feature::ALL
+            .into_iter()
             .map(|f| {
-                let fallback = *f == Feature::DenyExec && opts.deny_policy != 0;
-                format!("{}={}", f.name(), feature_path(&hooks, *f, fallback))
+                let fallback = f == Feature::DenyExec && opts.deny_policy != 0;
+                (f, feature_path(&hooks, f, fallback))
             })
-            .collect::<Vec<_>>()
-            .join(" ");
+            .collect();
         info!(
             attached = ok,
             unavailable = hooks.len() - ok,
-            paths = %paths,
+            paths = %paths
+                .iter()
+                .map(|(f, p)| format!("{}={p}", f.name()))
+                .collect::<Vec<_>>()
+                .join(" "),
             "sensor loaded"
         );
 
@@ -528,7 +529,7 @@ impl Sensor {
             servers,
             hooks,
             deny,
-            exec_deny_active,
+            paths,
         };
         sensor.handle_heartbeat();
         Ok(sensor)
