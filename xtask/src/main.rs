@@ -100,17 +100,19 @@ enum Cmd {
         cargo_test_args: Vec<String>,
     },
 
-    /// Exec-storm benchmark of the agent's overhead (needs root)
+    /// What the agent costs the workloads (needs root)
     ///
-    /// Builds the agent (release), then runs alternating windows without and
-    /// with the agent while threads spawn and wait for /bin/true as fast as
-    /// they can. The agent runs with `--events-json <out>/events.jsonl
-    /// --metrics-addr 127.0.0.1:<free port>`; the storm starts once its
-    /// /metrics answers. Reports per window and as medians: exec/s without and
-    /// with the agent and their ratio, decoded exec events/s, kernel
-    /// ring-buffer drops, decode errors, agent RSS (max/mean) and CPU (% of one
-    /// core). Prints a table and writes <out>/exec-storm.json. Every wait is
-    /// bounded.
+    /// Builds the agent (release), then for each workload (exec storm,
+    /// loopback TCP connect storm, file create/write storm, a mixed C build
+    /// beside an HTTP server under load) runs rounds of windows alternating
+    /// no sensor, vigil (`--events-json`, detection and capture on) and any
+    /// `--compare` command. Reports op/s ratios against the no-sensor
+    /// windows, sensor CPU (% of a core, us per event) and peak RSS, BPF
+    /// kernel time per op (`--bpf-stats`), events received and dropped per
+    /// kind, detection latency p50/p99 (a probe runs a program from a hidden
+    /// directory), shipping to a local collector (`--ship`). Writes
+    /// <out>/bench.json and bench.md; `--record LABEL` appends the table to
+    /// BENCHMARKS.md. Every wait is bounded.
     Bench(bench::BenchArgs),
 
     /// Run behaviour scenarios against the agent (needs root)
@@ -246,6 +248,14 @@ enum Cmd {
         no_e2e: bool,
     },
 
+    /// The benchmark's local HTTP server (internal: `bench` starts it)
+    #[command(hide = true)]
+    BenchServe {
+        /// Accepting threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+
     /// Run only the exec-storm generator (no agent, no build)
     ///
     /// For calibrating the machine or checking the benchmark's plumbing.
@@ -289,6 +299,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             cargo_test_args,
         } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
         Cmd::Bench(args) => bench::bench(args),
+        Cmd::BenchServe { threads } => bench::serve(threads),
         Cmd::Image(args) => image::image(args),
         Cmd::DeployCheck => deploy::deploy_check(),
         Cmd::PodRun => podrun::pod_run(),

@@ -147,18 +147,24 @@ fn default_agent_args(data_dir: &Path, ship: bool) -> Vec<OsString> {
         data_dir.join("capture").into(),
     ];
     if ship {
-        args.extend([
-            "--collector".into(),
-            format!("https://{GRPC_ADDR}").into(),
-            "--collector-pki".into(),
-            data_dir.join("pki").into(),
-            "--agent-name".into(),
-            agent_name().into(),
-            "--spool-dir".into(),
-            data_dir.join("spool").into(),
-        ]);
+        args.extend(ship_agent_args(data_dir));
     }
     args
+}
+
+/// The agent arguments that ship to the collector `Collector::start`
+/// runs for `data_dir`, with the agent certificate `init-pki` made.
+pub(crate) fn ship_agent_args(data_dir: &Path) -> Vec<OsString> {
+    vec![
+        "--collector".into(),
+        format!("https://{GRPC_ADDR}").into(),
+        "--collector-pki".into(),
+        data_dir.join("pki").into(),
+        "--agent-name".into(),
+        agent_name().into(),
+        "--spool-dir".into(),
+        data_dir.join("spool").into(),
+    ]
 }
 
 /// The agent certificate's name: the host name, reduced to what `init-pki`
@@ -236,7 +242,7 @@ fn log_tail(path: &Path, lines: usize) -> String {
 
 /// The collector child: leader of its own process group, SIGTERM from the
 /// kernel if xtask dies, stopped (SIGTERM, bounded wait, SIGKILL) on drop.
-struct Collector {
+pub(crate) struct Collector {
     child: Child,
     pgid: u32,
     log: PathBuf,
@@ -251,7 +257,7 @@ struct Collector {
 impl Collector {
     /// Creates the PKI when `DATA/pki/ca.pem` is missing, starts `serve` and
     /// waits (bounded) for its `listening on` and `ui on` lines.
-    fn start(release: bool, data_dir: &Path) -> Result<Self> {
+    pub(crate) fn start(release: bool, data_dir: &Path) -> Result<Self> {
         let bin = util::bin_path("vigil-collector", release);
         let pki = data_dir.join("pki");
         if !pki.join("ca.pem").exists() {
@@ -403,8 +409,13 @@ impl Collector {
         }
     }
 
+    /// Its process group (for CPU accounting).
+    pub(crate) fn pgid(&self) -> u32 {
+        self.pgid
+    }
+
     /// SIGTERM to the group, bounded wait, then SIGKILL. Describes the exit.
-    fn stop(&mut self) -> String {
+    pub(crate) fn stop(&mut self) -> String {
         if let Ok(Some(status)) = self.child.try_wait() {
             return format!("had already exited: {}", util::describe_status(status));
         }
