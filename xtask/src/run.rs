@@ -229,17 +229,6 @@ fn analyst_name(pki: &Path) -> String {
     names.into_iter().next().unwrap_or_else(|| "analyst".into())
 }
 
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    let tail = all[all.len().saturating_sub(lines)..].join("\n");
-    if tail.is_empty() {
-        format!("(log {} is empty)", path.display())
-    } else {
-        format!("last lines of {}:\n{tail}", path.display())
-    }
-}
-
 /// The collector child: leader of its own process group, SIGTERM from the
 /// kernel if xtask dies, stopped (SIGTERM, bounded wait, SIGKILL) on drop.
 pub(crate) struct Collector {
@@ -347,7 +336,7 @@ impl Collector {
                     bail!(
                         "the collector closed its output before it was ready ({}); is {GRPC_ADDR}, {UI_ADDR} or {METRICS_ADDR} in use? (`--no-collector` skips it)\n{}",
                         status.map_or_else(|| "still running".into(), util::describe_status),
-                        log_tail(&collector.log, 20)
+                        util::log_tail(&collector.log, 20)
                     );
                 }
             }
@@ -355,7 +344,7 @@ impl Collector {
                 bail!(
                     "the collector did not print `listening on` and `ui on` within {} s\n{}",
                     READY_TIMEOUT.as_secs(),
-                    log_tail(&collector.log, 20)
+                    util::log_tail(&collector.log, 20)
                 );
             }
         }
@@ -404,7 +393,7 @@ impl Collector {
             eprintln!(
                 "==> warning: the collector exited ({}); the agent keeps running\n{}",
                 util::describe_status(status),
-                log_tail(&self.log, 20)
+                util::log_tail(&self.log, 20)
             );
         }
     }
@@ -416,30 +405,7 @@ impl Collector {
 
     /// SIGTERM to the group, bounded wait, then SIGKILL. Describes the exit.
     pub(crate) fn stop(&mut self) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("had already exited: {}", util::describe_status(status));
-        }
-        util::kill_group(self.pgid, libc::SIGTERM);
-        match util::wait_timeout(&mut self.child, STOP_TIMEOUT) {
-            Ok(Some(status)) => util::describe_status(status),
-            _ => {
-                util::kill_group(self.pgid, libc::SIGKILL);
-                let _ = self.child.wait();
-                format!(
-                    "did not stop within {} s of SIGTERM: killed",
-                    STOP_TIMEOUT.as_secs()
-                )
-            }
-        }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let how = self.stop();
-            eprintln!("==> collector stopped ({how})");
-        }
+        util::stop_group_leader(&mut self.child, libc::SIGTERM, STOP_TIMEOUT)
     }
 }
 

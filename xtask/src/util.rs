@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -469,5 +469,50 @@ impl Report {
     pub fn skip(&mut self, name: &str, why: &str) {
         self.skipped += 1;
         println!("  skip  {name}: {why}");
+    }
+}
+
+/// The last `lines` lines of a log file, for an error message.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let tail = all[all.len().saturating_sub(lines)..].join("\n");
+    if tail.is_empty() {
+        format!("(log {} is empty)", path.display())
+    } else {
+        format!("last lines of {}:\n{tail}", path.display())
+    }
+}
+
+/// An error naming `what` and the end of its log if `child` has exited.
+pub fn check_running(child: &mut Child, what: &str, log: &Path, lines: usize) -> Result<()> {
+    if let Some(status) = child.try_wait()? {
+        bail!(
+            "{what} exited early ({})\n{}",
+            describe_status(status),
+            log_tail(log, lines)
+        );
+    }
+    Ok(())
+}
+
+/// Stops `child`, the leader of its own process group: `signal` to the
+/// group, a bounded wait, then SIGKILL to the group. Describes the exit.
+pub fn stop_group_leader(child: &mut Child, signal: libc::c_int, timeout: Duration) -> String {
+    if let Ok(Some(status)) = child.try_wait() {
+        return format!("had already exited ({})", describe_status(status));
+    }
+    let pgid = child.id();
+    kill_group(pgid, signal);
+    match wait_timeout(child, timeout) {
+        Ok(Some(status)) => describe_status(status),
+        _ => {
+            kill_group(pgid, libc::SIGKILL);
+            let _ = child.wait();
+            format!(
+                "did not stop within {} s of signal {signal}: killed",
+                timeout.as_secs()
+            )
+        }
     }
 }

@@ -37,6 +37,8 @@ const SETTLE_MAX: Duration = Duration::from_secs(6);
 const SETTLE_QUIET: Duration = Duration::from_millis(1500);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// Peak RSS is sampled every this many `SAMPLE_EVERY`s.
+const RSS_EVERY_SAMPLES: u32 = 10;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -217,17 +219,6 @@ fn free_local_addr() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    let tail = all[all.len().saturating_sub(lines)..].join("\n");
-    if tail.is_empty() {
-        format!("(log {} is empty)", path.display())
-    } else {
-        format!("last lines of {}:\n{tail}", path.display())
-    }
-}
-
 impl Agent {
     fn start(bin: &Path, args: &[OsString], log: PathBuf) -> Result<Self> {
         let addr = free_local_addr()?;
@@ -255,14 +246,7 @@ impl Agent {
     }
 
     fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "the agent exited early ({})\n{}",
-                util::describe_status(status),
-                log_tail(&self.log, 30)
-            );
-        }
-        Ok(())
+        util::check_running(&mut self.child, "the agent", &self.log, 30)
     }
 
     /// Waits until `/metrics` answers 200 (bounded).
@@ -281,7 +265,7 @@ impl Agent {
                     "the agent's metrics endpoint http://{}/metrics did not answer within {} s\n{}",
                     self.addr,
                     READY_TIMEOUT.as_secs(),
-                    log_tail(&self.log, 30)
+                    util::log_tail(&self.log, 30)
                 );
             }
             spinner.tick();
@@ -289,24 +273,9 @@ impl Agent {
         }
     }
 
-    /// SIGINT, bounded wait, then SIGKILL. Returns a description of the exit.
+    /// SIGINT, bounded wait, then SIGKILL (its group: any helpers too).
     fn stop(&mut self) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("had already exited ({})", util::describe_status(status));
-        }
-        util::kill_pid(self.pid, libc::SIGINT);
-        match util::wait_timeout(&mut self.child, STOP_TIMEOUT) {
-            Ok(Some(status)) => util::describe_status(status),
-            _ => {
-                // The agent leads its own process group: take any helpers too.
-                util::kill_group(self.pid, libc::SIGKILL);
-                let _ = self.child.wait();
-                format!(
-                    "did not stop within {} s of SIGINT: killed",
-                    STOP_TIMEOUT.as_secs()
-                )
-            }
-        }
+        util::stop_group_leader(&mut self.child, libc::SIGINT, STOP_TIMEOUT)
     }
 }
 
@@ -412,29 +381,11 @@ impl Other {
     }
 
     fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "the compared command exited early ({})\n{}",
-                util::describe_status(status),
-                log_tail(&self.log, 20)
-            );
-        }
-        Ok(())
+        util::check_running(&mut self.child, "the compared command", &self.log, 20)
     }
 
     fn stop(&mut self) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("had already exited ({})", util::describe_status(status));
-        }
-        util::kill_group(self.pgid, libc::SIGINT);
-        match util::wait_timeout(&mut self.child, Duration::from_secs(5)) {
-            Ok(Some(status)) => util::describe_status(status),
-            _ => {
-                util::kill_group(self.pgid, libc::SIGKILL);
-                let _ = self.child.wait();
-                "did not stop within 5 s of SIGINT: killed".into()
-            }
-        }
+        util::stop_group_leader(&mut self.child, libc::SIGINT, Duration::from_secs(5))
     }
 }
 
@@ -957,10 +908,14 @@ fn run_window(
     let probe = Probe::start(&ctx.probe, ctx.args.probe_rate);
     let load = Load::start(workload, ctx.args.threads, &ctx.load)?;
     let total = ctx.window.as_secs_f64();
+    let mut samples = 0u32;
     loop {
         std::thread::sleep(SAMPLE_EVERY);
+        samples += 1;
         let elapsed = load.elapsed().as_secs_f64();
-        if let Some(p) = pgid {
+        // A group sample walks /proc: once a second, so the benchmark's own
+        // work in sensor windows stays negligible next to the no-sensor ones.
+        if let Some(p) = pgid.filter(|_| samples % RSS_EVERY_SAMPLES == 1) {
             rss.push(group_usage(p).1 as f64 / 1024.0);
         }
         let rate = load.ops() as f64 / elapsed.max(1e-3);
