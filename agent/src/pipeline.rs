@@ -263,7 +263,9 @@ impl Pipeline {
         self.remember(&enriched);
         let mut capture_asked = false;
         if let Some(engine) = &mut self.detect {
-            let now = Instant::now();
+            // Windows (learning, repeats) count from when the event
+            // happened, not from when a lagging pipeline got to it.
+            let now = crate::model::event_instant(enriched.event.boot_ns);
             let mut dets = engine.observe(&enriched, &self.tree, now);
             let alive = !is_exit;
             let mut held = false;

@@ -454,7 +454,7 @@ fn a_flood_stays_bounded_and_a_critical_attack_still_gets_through() {
              capture_budget_per_uid = 8\n\
              capture_budget_critical = 3\n\
              capture_max_core_mib = 16\n\
-             aggregate_window_secs = 3\n"
+             aggregate_window_secs = 6\n"
         ),
     );
     // Shipped archives leave the node (the default): no --keep-shipped-mib.

@@ -58,11 +58,20 @@ metric() {
 metric_at_least() { [ "$(metric "$1" | cut -d. -f1)" -ge "$2" ]; }
 units_active() { systemctl is-active --quiet vigil-collector.service vigil-agent.service; }
 agent_ready() { units_active && metrics >/dev/null; }
+# The processes that used the most CPU so far, on the console (the host
+# echoes it: a slow run says where the guest's time went).
+busiest() {
+    say "busiest (cpu s, name): $(ps -eo times=,comm= --sort=-times 2>/dev/null | head -n 4 | awk '{printf "%s %s; ", $1, $2}')up $(cut -d' ' -f1 /proc/uptime) s"
+}
 dump_logs() {
     journalctl -b --no-pager -u vigil-agent.service >"$SHARE/agent-$phase.log" 2>&1
     journalctl -b --no-pager -u vigil-collector.service >"$SHARE/collector-$phase.log" 2>&1
     journalctl -b --no-pager -p warning >"$SHARE/warnings-$phase.log" 2>&1
     cp /var/log/vigil/*.jsonl "$SHARE/" 2>/dev/null || true
+    # Where the guest's CPU went (TCG is slow: a busy process shows here).
+    ps -eo pid,etimes,times,rss,comm --sort=-times 2>/dev/null | head -n 12 >"$SHARE/ps-$phase.txt"
+    metrics >"$SHARE/metrics-$phase.txt" 2>/dev/null || true
+    busiest
 }
 finish() {
     dump_logs
@@ -302,6 +311,7 @@ EOF
         for bin in "$SHARE"/tests/*; do
             t="${bin##*/}"
             cp "$bin" "/root/test-$t"
+            busiest
             say "running the $t end-to-end tests"
             (cd /root && VIGIL_AGENT_BIN=/usr/bin/vigil-agent timeout 1500 "./test-$t" --test-threads=2 \
                 >"$SHARE/test-$t.log" 2>&1)

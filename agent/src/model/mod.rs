@@ -142,6 +142,19 @@ pub fn boot_ns_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The instant, on this process's monotonic clock, at which something
+/// stamped `boot_ns` (CLOCK_BOOTTIME, the kernel's event clock) happened.
+/// `now` for a stamp of 0 (unknown) or one in the future.
+pub fn event_instant(boot_ns: u64) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    if boot_ns == 0 {
+        return now;
+    }
+    let age = boot_ns_now().saturating_sub(boot_ns);
+    now.checked_sub(std::time::Duration::from_nanos(age))
+        .unwrap_or(now)
+}
+
 /// A repeated detection's tally, as reported at the end of its window.
 #[derive(Clone, Debug, serde::Serialize, PartialEq)]
 pub struct Repeat {
@@ -161,6 +174,24 @@ pub struct Repeat {
 mod tests {
     use std::collections::BTreeSet;
     use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn event_instant_places_a_stamp_in_the_past() {
+        let before = Instant::now();
+        // An event stamped 2 s ago happened about 2 s before now, however
+        // late it is looked at.
+        let two_s_ago = super::boot_ns_now() - 2_000_000_000;
+        let t = super::event_instant(two_s_ago);
+        let age = before.saturating_duration_since(t);
+        assert!(
+            age > Duration::from_millis(1900) && age < Duration::from_millis(2500),
+            "{age:?}"
+        );
+        // Unknown (0) and future stamps are "now".
+        assert!(super::event_instant(0) >= before);
+        assert!(super::event_instant(super::boot_ns_now() + 10_000_000_000) >= before);
+    }
 
     /// The agent modules (`crate::NAME`) named by code (not comments) in
     /// the Rust files at `rel` (a file or a directory, walked).
