@@ -465,7 +465,9 @@ fn detection_on_a_frozen_exec_yields_a_sealed_evidence_bundle() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let ev = ev.expect("an evidence outcome for the detection");
-    let archive = ev["evidence"]["archive"].as_str().unwrap();
+    let archive = ev["evidence"]["archive"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no sealed archive: {ev}"));
     let manifest = vigil_agent::capture::bundle::verify_bundle(std::path::Path::new(archive))
         .expect("the bundle verifies");
     let _ = manifest;

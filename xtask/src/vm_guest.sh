@@ -121,7 +121,7 @@ exec_chain() {
         return
     fi
     local id=""
-    if wait_for 90 bash -c "grep -F -- '$mark' /var/log/vigil/evidence.jsonl | grep -q bundle_id"; then
+    if wait_for 180 bash -c "grep -F -- '$mark' /var/log/vigil/evidence.jsonl | grep -q bundle_id"; then
         id="$(bundle_of "$mark")"
         ok "$tag: evidence bundle sealed ($id)"
     else
