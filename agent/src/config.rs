@@ -18,6 +18,11 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vigil/agent.toml";
 pub struct AgentConfig {
     /// Write every event as a JSON line here; "-" is stdout.
     pub events_json: Option<PathBuf>,
+    /// Event lines give each ancestor's argv too (`{pid, exe, argv}`, the
+    /// form before version 0.2); by default an ancestor is `{pid, exe}`
+    /// and its arguments are in its own exec event. Detections always
+    /// carry the full ancestry.
+    pub events_ancestry_argv: bool,
     /// Serve Prometheus metrics on this address (GET /metrics).
     pub metrics_addr: Option<SocketAddr>,
     /// Kernel BTF file (default /sys/kernel/btf/vmlinux).
@@ -33,6 +38,10 @@ pub struct AgentConfig {
     pub max_processes: usize,
     /// Seconds an exited process stays in the tree (for late events).
     pub exit_grace_secs: u64,
+    /// Connects of one process to one destination are reported once per
+    /// this many seconds (the kernel counts the repeats in
+    /// `vigil_connect_dedup_total`); 0 reports every connect.
+    pub connect_dedup_secs: u64,
     /// Hooks to leave off: "file_write", "chmod", "rename", "connect", "listen".
     pub disable: Vec<String>,
     /// Log format: "text" or "json".
@@ -166,6 +175,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             events_json: None,
+            events_ancestry_argv: false,
             metrics_addr: None,
             btf_path: None,
             poll_interval_ms: 10,
@@ -173,6 +183,7 @@ impl Default for AgentConfig {
             ring_buffer_bytes: 16 * 1024 * 1024,
             max_processes: 65_536,
             exit_grace_secs: 10,
+            connect_dedup_secs: 10,
             disable: Vec::new(),
             log_format: "text".into(),
             detections_json: None,

@@ -4,7 +4,7 @@
 //!
 //! The event path, one direction only (see ARCHITECTURE.md):
 //! kernel ([`sensor`]) -> ring buffer -> [`decode`] -> [`tree`] ->
-//! [`pipeline`] (enrich) -> sinks (JSON lines) ; [`metrics`] observes.
+//! [`pipeline`] (enrich) -> [`outputs`] (JSON lines) ; [`metrics`] observes.
 #![deny(missing_docs)]
 
 pub mod btf;
@@ -19,9 +19,11 @@ pub mod dirs;
 pub mod frozen;
 pub mod metrics;
 pub mod model;
+pub mod outputs;
 pub mod pipeline;
 pub mod privilege;
 pub mod procscan;
+pub mod reaction;
 pub mod respond;
 pub mod runner;
 pub mod sensor;

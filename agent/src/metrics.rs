@@ -68,6 +68,8 @@ pub struct RuleLabel {
 pub struct Metrics {
     /// Events decoded by the agent, by kind.
     pub events: Family<KindLabel, Counter>,
+    /// `events`' counters indexed by kind, resolved on first use.
+    event_counters: std::sync::OnceLock<Vec<Counter>>,
     /// Records the kernel put in the ring buffer, by kind.
     pub kernel_events: Family<KindLabel, Counter>,
     /// Records the kernel dropped because the ring buffer was full, by kind.
@@ -86,6 +88,9 @@ pub struct Metrics {
     pub ringbuf_max_fill: Gauge,
     /// File opens suppressed by in-kernel de-duplication.
     pub file_dedup: Counter,
+    /// Connects suppressed by in-kernel de-duplication (same process and
+    /// destination within `connect_dedup_secs`).
+    pub connect_dedup: Counter,
     /// Syscalls not tracked because the in-flight table was full.
     pub inflight_full: Counter,
     /// Kernel pointer reads that failed.
@@ -310,6 +315,11 @@ impl Metrics {
             self.file_dedup.clone(),
         );
         r.register(
+            "connect_dedup",
+            "Connects suppressed by in-kernel de-duplication (same process and destination within connect_dedup_secs)",
+            self.connect_dedup.clone(),
+        );
+        r.register(
             "inflight_full",
             "Syscalls untracked because the in-flight table was full",
             self.inflight_full.clone(),
@@ -460,11 +470,23 @@ impl Metrics {
 
     /// Counts a decoded event.
     pub fn count_event(&self, kind: raw::EventKind) {
-        self.events
-            .get_or_create(&KindLabel {
-                kind: kind.name().into(),
-            })
-            .inc();
+        // One counter handle per kind, resolved once: no label string,
+        // hash or lock per event.
+        let by_kind = self.event_counters.get_or_init(|| {
+            let mut v = vec![Counter::default(); raw::EVENT_KIND_SLOTS];
+            for k in raw::EventKind::ALL {
+                v[k as usize] = self
+                    .events
+                    .get_or_create(&KindLabel {
+                        kind: k.name().into(),
+                    })
+                    .clone();
+            }
+            v
+        });
+        if let Some(c) = by_kind.get(kind as usize) {
+            c.inc();
+        }
     }
 
     /// Counts a detection.
@@ -529,6 +551,8 @@ impl Metrics {
         }
         self.file_dedup
             .inc_by(delta(raw::STAT_FILE_DEDUP, &mut last));
+        self.connect_dedup
+            .inc_by(delta(raw::STAT_CONNECT_DEDUP, &mut last));
         self.inflight_full
             .inc_by(delta(raw::STAT_STASH_FULL, &mut last));
         self.kernel_read_errors

@@ -14,7 +14,8 @@ use crate::detect::baseline::Baseline;
 use crate::detect::sigma::SigmaRules;
 use crate::detect::DetectEngine;
 use crate::metrics::{self, Metrics};
-use crate::pipeline::{JsonLinesSink, Pipeline, Sink};
+use crate::outputs::{JsonLinesSink, Sink};
+use crate::pipeline::Pipeline;
 use crate::respond::{Responder, ResponseOptions};
 use crate::sensor::{Sensor, SensorOptions};
 use crate::tree::ProcessTree;
@@ -51,7 +52,9 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
     let metrics = Arc::new(Metrics::default());
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(p) = &cfg.events_json {
-        sinks.push(Box::new(JsonLinesSink::open(p, metrics.clone())?));
+        sinks.push(Box::new(
+            JsonLinesSink::open(p, metrics.clone())?.with_ancestry_argv(cfg.events_ancestry_argv),
+        ));
     }
 
     // What a dead agent left frozen is released before anything else.
@@ -76,6 +79,7 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
         deny_policy: cfg.deny_policy()?,
         prefer_lsm: cfg.prefer_lsm,
         freeze_names: cfg.freeze_names.clone(),
+        connect_dedup_ns: cfg.connect_dedup_secs.saturating_mul(1_000_000_000),
         pin_dir: cfg.bpf_pin_dir.clone(),
         deny_connect: cfg
             .contain_policy()?

@@ -183,6 +183,8 @@ pub struct SensorOptions {
     pub deny_policy: u32,
     /// Program base names frozen when a server starts them.
     pub freeze_names: Vec<String>,
+    /// Window of the in-kernel connect de-duplication, ns (0: off).
+    pub connect_dedup_ns: u64,
     /// bpffs directory where the frozen-process ledger is pinned (so that
     /// a freeze outlives an agent crash in a record the next start reads).
     pub pin_dir: PathBuf,
@@ -326,6 +328,7 @@ impl Sensor {
             wakeup_bytes: opts.wakeup_bytes,
             freeze_policy,
             deny_policy: opts.deny_policy,
+            connect_dedup_ns: opts.connect_dedup_ns,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::model::event::{Event, Payload};
 use crate::model::workload::Workload;
-use crate::model::Ancestor;
+use crate::model::{Ancestor, Image};
 
 /// Most ancestors reported for one process.
 pub const MAX_ANCESTRY: usize = 64;
@@ -30,10 +30,8 @@ pub struct Process {
     pub ppid: u32,
     /// Start time, ns since boot (0 if unknown).
     pub start_boot_ns: u64,
-    /// Executable path ("" if unknown, e.g. kernel threads).
-    pub exe: String,
-    /// Arguments.
-    pub argv: Vec<String>,
+    /// Executable and arguments, shared with the events that name it.
+    pub image: Arc<Image>,
     /// comm.
     pub comm: String,
     /// Real uid.
@@ -78,6 +76,8 @@ pub struct ProcessTree {
     grace: Duration,
     stats: TreeStats,
     host: Arc<Workload>,
+    /// The image of a process the tree learnt of without its exec.
+    unknown: Arc<Image>,
 }
 
 impl ProcessTree {
@@ -91,6 +91,7 @@ impl ProcessTree {
             grace,
             stats: TreeStats::default(),
             host: Arc::new(Workload::from_cgroup_path("/")),
+            unknown: Arc::default(),
         }
     }
 
@@ -143,14 +144,15 @@ impl ProcessTree {
             // it back into a copy of its parent.
             Payload::Fork { .. } if self.scanned_same(ev.pid, ev.start_boot_ns) => {}
             Payload::Fork { ppid } => {
-                let parent = self.procs.get(ppid).cloned();
-                let serves = parent.as_ref().is_some_and(|p| p.serves);
-                let (exe, argv, euid, workload) = match parent {
-                    Some(p) if p.cgroup_id == ev.cgroup_id => (p.exe, p.argv, p.euid, p.workload),
-                    Some(p) => (p.exe, p.argv, p.euid, workload_of(ev.pid, ev.cgroup_id)),
+                let parent = self.procs.get(ppid);
+                let serves = parent.is_some_and(|p| p.serves);
+                let (image, euid, workload) = match parent {
+                    Some(p) if p.cgroup_id == ev.cgroup_id => {
+                        (p.image.clone(), p.euid, p.workload.clone())
+                    }
+                    Some(p) => (p.image.clone(), p.euid, workload_of(ev.pid, ev.cgroup_id)),
                     None => (
-                        String::new(),
-                        Vec::new(),
+                        self.unknown.clone(),
                         ev.uid,
                         workload_of(ev.pid, ev.cgroup_id),
                     ),
@@ -159,8 +161,7 @@ impl ProcessTree {
                     pid: ev.pid,
                     ppid: *ppid,
                     start_boot_ns: ev.start_boot_ns,
-                    exe,
-                    argv,
+                    image,
                     comm: ev.comm.clone(),
                     uid: ev.uid,
                     euid,
@@ -190,8 +191,7 @@ impl ProcessTree {
                     pid: ev.pid,
                     ppid: x.ppid,
                     start_boot_ns: ev.start_boot_ns,
-                    exe: x.exe.clone(),
-                    argv: x.argv.clone(),
+                    image: Image::new(x.exe.clone(), x.argv.clone()),
                     comm: ev.comm.clone(),
                     uid: ev.uid,
                     euid: x.euid,
@@ -354,8 +354,7 @@ impl ProcessTree {
             }
             out.push(Ancestor {
                 pid: p.pid,
-                exe: p.exe.clone(),
-                argv: p.argv.clone(),
+                image: p.image.clone(),
             });
             if p.pid == 1 {
                 break;
@@ -429,15 +428,15 @@ mod tests {
         scanned.pid = 21;
         scanned.ppid = 20;
         scanned.start_boot_ns = 1_000_000_000;
-        scanned.exe = "/usr/bin/curl".into();
+        scanned.image = Image::new("/usr/bin/curl".into(), vec![]);
         scanned.cgroup_id = 0;
         t.insert(scanned);
         // Then the fork event recorded before the scan is processed.
         t.apply(&ev(21, 1_004_000_000, Payload::Fork { ppid: 20 }), &mut w);
-        assert_eq!(t.get(21).unwrap().exe, "/usr/bin/curl");
+        assert_eq!(t.get(21).unwrap().image.exe, "/usr/bin/curl");
         // A fork of another process that got the pid later is applied.
         t.apply(&ev(21, 9_000_000_000, Payload::Fork { ppid: 20 }), &mut w);
-        assert_eq!(t.get(21).unwrap().exe, "/usr/bin/bash");
+        assert_eq!(t.get(21).unwrap().image.exe, "/usr/bin/bash");
     }
 
     #[test]
@@ -450,10 +449,24 @@ mod tests {
         t.apply(&ev(11, 11, Payload::Fork { ppid: 10 }), &mut w);
         t.apply(&exec(11, 10, "/bin/sh"), &mut w);
         t.apply(&ev(12, 12, Payload::Fork { ppid: 11 }), &mut w);
-        // Before exec the child carries its parent's image.
-        assert_eq!(t.get(12).unwrap().exe, "/bin/sh");
+        // Before exec the child carries its parent's image: the same one,
+        // not a copy.
+        assert_eq!(t.get(12).unwrap().image.exe, "/bin/sh");
+        assert!(Arc::ptr_eq(
+            &t.get(12).unwrap().image,
+            &t.get(11).unwrap().image
+        ));
         t.apply(&exec(12, 11, "/usr/bin/curl"), &mut w);
-        let a: Vec<_> = t.ancestry(12).into_iter().map(|a| (a.pid, a.exe)).collect();
+        // Ancestries share the tree's images.
+        assert!(Arc::ptr_eq(
+            &t.ancestry(12)[0].image,
+            &t.get(11).unwrap().image
+        ));
+        let a: Vec<_> = t
+            .ancestry(12)
+            .into_iter()
+            .map(|a| (a.pid, a.image.exe.clone()))
+            .collect();
         assert_eq!(
             a,
             [

@@ -465,6 +465,11 @@ pub struct SensorConfig {
     /// they happen. Where that hook cannot attach the agent adds these bits
     /// to `freeze_policy`, so the same execs are stopped instead.
     pub deny_policy: u32,
+    /// Connects of one process to one destination (address, port, family,
+    /// success or failure) are reported once per this many ns; the repeats
+    /// in between are counted in [`STAT_CONNECT_DEDUP`]. 0 reports every
+    /// connect.
+    pub connect_dedup_ns: u64,
 }
 
 /// Freeze policy: a shell or downloader (names in the `FREEZE_NAMES` map)
@@ -486,6 +491,7 @@ impl SensorConfig {
             wakeup_bytes: 0,
             freeze_policy: 0,
             deny_policy: 0,
+            connect_dedup_ns: 0,
         }
     }
 }
@@ -517,6 +523,9 @@ pub const STAT_FREEZE_NO_ROOM: u32 = STAT_BASE_OTHER + 7;
 pub const STAT_FREEZE_NO_LEDGER: u32 = STAT_BASE_OTHER + 8;
 /// Execs refused by the BPF LSM hook under the deny policy.
 pub const STAT_EXEC_DENIED: u32 = STAT_BASE_OTHER + 9;
+/// Connects not reported because the same process reported one to the
+/// same destination within `SensorConfig::connect_dedup_ns`.
+pub const STAT_CONNECT_DEDUP: u32 = STAT_BASE_OTHER + 10;
 
 /// Entries of the `FROZEN` map: at most this many processes stopped by the
 /// kernel and not yet released by the agent.
@@ -557,6 +566,28 @@ pub struct FileKey {
     pub tgid: u32,
     /// Device.
     pub dev: u32,
+}
+
+/// Key of the connect de-duplication map: one process and one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectKey {
+    /// Process start time (with tgid: the process).
+    pub start_boot_ns: u64,
+    /// Destination address (IPv4 in the first 4 bytes).
+    pub daddr: [u8; 16],
+    /// Process id.
+    pub tgid: u32,
+    /// Destination port (host order).
+    pub dport: u16,
+    /// Address family.
+    pub family: u8,
+    /// 1 when the connect failed (a failure does not hide a later success).
+    pub failed: u8,
+    /// IP protocol (TCP and UDP to one port are different destinations).
+    pub protocol: u8,
+    /// Zero (hash keys must not hold uninitialized padding).
+    pub pad: [u8; 7],
 }
 
 #[cfg(feature = "user")]

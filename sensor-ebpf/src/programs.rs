@@ -96,6 +96,11 @@ static DENY_CONNECT: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 #[map]
 static ALIVE: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Last report (boot ns) per (process, destination, failed): connects
+/// repeated within `CONFIG.connect_dedup_ns` are counted, not reported.
+#[map]
+static CONNECT_SEEN: LruHashMap<ConnectKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
 /// First write-open per (process, inode): the de-duplication set.
 #[map]
 static FILE_SEEN: LruHashMap<FileKey, u8> = LruHashMap::with_max_entries(65536, 0);
@@ -1210,12 +1215,66 @@ unsafe fn emit_connect(
                 (*e).saddr = rd(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
             }
         }
+        // EINPROGRESS (non-blocking) is not a failure.
+        let failed = ret < 0 && ret != -115;
+        if connect_repeated(
+            task,
+            family,
+            (*e).dport,
+            &daddr,
+            (*e).protocol as u8,
+            failed,
+        ) {
+            stat_add(STAT_CONNECT_DEDUP, 1);
+            return;
+        }
         emit(
             s,
             EventKind::Connect,
             core::mem::size_of::<ConnectEvent>(),
             0,
         );
+    }
+}
+
+/// Whether this process reported a connect to this destination (with the
+/// same outcome) within the de-duplication window; records this one when
+/// not.
+#[inline(always)]
+unsafe fn connect_repeated(
+    task: u64,
+    family: u16,
+    dport: u16,
+    daddr: &[u8; 16],
+    protocol: u8,
+    failed: bool,
+) -> bool {
+    let window = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(CONFIG.connect_dedup_ns)) };
+    if window == 0 {
+        return false;
+    }
+    unsafe {
+        let leader: u64 = rd(task, off!(task_group_leader)).unwrap_or(task);
+        let key = ConnectKey {
+            start_boot_ns: rd(leader, off!(task_start_boottime)).unwrap_or(0),
+            daddr: *daddr,
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            dport,
+            family: family as u8,
+            failed: failed as u8,
+            protocol,
+            pad: [0; 7],
+        };
+        let now = bpf_ktime_get_boot_ns();
+        if let Some(last) = CONNECT_SEEN.get_ptr_mut(&key) {
+            if now.wrapping_sub(*last) < window {
+                return true;
+            }
+            *last = now;
+            return false;
+        }
+        let _ = CONNECT_SEEN.insert(&key, &now, 0);
+        false
     }
 }
 

@@ -39,6 +39,9 @@ fn exec_has_filename_argv_ppid_and_ancestry() {
     let anc = ev["ancestry"].as_array().expect("ancestry");
     assert_eq!(anc[0]["pid"].as_u64(), Some(sh_pid));
     assert_eq!(anc[0]["exe"].as_str(), Some(realpath("/bin/sh").as_str()));
+    // Event lines name ancestors by pid and exe; their argv is in their own
+    // exec events (`events_ancestry_argv = true` puts it here too).
+    assert!(anc[0].get("argv").is_none(), "{ev}");
     // The shell's parent is this test process, which started before the agent:
     // its ancestry comes from the /proc bootstrap.
     assert_eq!(anc[1]["pid"].as_u64(), Some(std::process::id() as u64));
@@ -117,6 +120,44 @@ fn connect_v4_v6_tcp_udp() {
             Some(u.local_addr().unwrap().port() as u64)
         );
     }
+}
+
+#[test]
+fn repeated_connects_to_one_destination_are_reported_once_per_window() {
+    let agent = Agent::start(&[]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dst = l.local_addr().unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let odst = other.local_addr().unwrap();
+    let dedup0 = agent.metric("vigil_connect_dedup_total");
+    for _ in 0..20 {
+        drop(TcpStream::connect(dst).unwrap());
+    }
+    // Another destination of the same process is its own first connect.
+    drop(TcpStream::connect(odst).unwrap());
+    assert_eq!(connect_events(&agent, odst.port(), 1).len(), 1);
+    let evs = connect_events(&agent, dst.port(), 1);
+    assert_eq!(evs.len(), 1, "one report for 20 connects: {evs:?}");
+    // The kernel counts what it did not report (synced about once a second).
+    let mut counted = 0.0;
+    for _ in 0..50 {
+        counted = agent.metric("vigil_connect_dedup_total") - dedup0;
+        if counted >= 19.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(counted >= 19.0, "repeats counted: {counted}");
+
+    // With the window at 0 every connect is an event.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "connect_dedup_secs = 0\n").unwrap();
+    let agent = Agent::start(&["-c", cfg.to_str().unwrap()]);
+    for _ in 0..5 {
+        drop(TcpStream::connect(dst).unwrap());
+    }
+    assert_eq!(connect_events(&agent, dst.port(), 5).len(), 5);
 }
 
 #[test]
@@ -266,7 +307,9 @@ fn processes_started_before_the_agent_have_ancestry() {
         .spawn()
         .unwrap();
     let sh_pid = sh.id() as u64;
-    let agent = Agent::start(&[]);
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "events_ancestry_argv = true\n").unwrap();
+    let agent = Agent::start(&["-c", cfg.to_str().unwrap()]);
     std::fs::write(&go, b"").unwrap();
     sh.wait().unwrap();
     let e = agent.expect_event("child of a pre-existing shell", |e| {

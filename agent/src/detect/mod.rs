@@ -43,7 +43,8 @@ pub struct Provenance {
 pub struct DetectState {
     /// Last outbound connect per pid: (boot_ns, remote port).
     pub connects: LruCache<u32, (u64, u16)>,
-    /// Files written, by (dev, ino).
+    /// Files written by network writers (see [`Provenance::from_network`]),
+    /// by (dev, ino); another writer's write removes the entry.
     pub provenance: LruCache<(u32, u64), Provenance>,
     /// Files written, by path -> (dev, ino).
     pub provenance_path: LruCache<String, (u32, u64)>,
@@ -77,13 +78,22 @@ impl DetectState {
                 self.connects.put(e.pid, (e.boot_ns, c.dport));
             }
             Payload::FileOpen(f) => {
-                let from_network = classify::is_downloader(&ev.process.exe)
+                let from_network = classify::is_downloader(&ev.process.image.exe)
                     || self.connected_recently(e.pid, e.boot_ns, 60_000_000_000);
+                // Only a network writer's file is ever looked up: any other
+                // write just ends what the file's provenance was (no entry
+                // for every file a build or a log writes).
+                if !from_network {
+                    if let Some(old) = self.provenance.pop(&(f.dev, f.ino)) {
+                        self.provenance_path.pop(&old.path);
+                    }
+                    return;
+                }
                 self.provenance.put(
                     (f.dev, f.ino),
                     Provenance {
                         pid: e.pid,
-                        exe: ev.process.exe.clone(),
+                        exe: ev.process.image.exe.clone(),
                         path: f.path.clone(),
                         from_network,
                         reported: false,
@@ -199,9 +209,12 @@ impl DetectEngine {
                     mitre: vec![],
                     summary: format!(
                         "{} started {} ({}), never seen for workload {workload} while learning",
-                        ev.ancestry.first().map(|a| a.exe.as_str()).unwrap_or("?"),
-                        ev.process.exe,
-                        normalize::argv_shape(&ev.process.argv)
+                        ev.ancestry
+                            .first()
+                            .map(|a| a.image.exe.as_str())
+                            .unwrap_or("?"),
+                        ev.process.image.exe,
+                        normalize::argv_shape(&ev.process.image.argv)
                     ),
                     never_suppress: false,
                     object: String::new(),
@@ -218,8 +231,8 @@ impl DetectEngine {
                 None => format!(
                     "{}@{}|{}|{}",
                     f.rule,
-                    normalize::shape(&ev.process.exe),
-                    normalize::argv_shape(&ev.process.argv),
+                    normalize::shape(&ev.process.image.exe),
+                    normalize::argv_shape(&ev.process.image.argv),
                     normalize::shape(&f.object)
                 ),
             };
@@ -274,8 +287,8 @@ pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
     };
     let parent = tree
         .get(x.ppid)
-        .map(|p| p.exe.as_str())
-        .or_else(|| ev.ancestry.first().map(|a| a.exe.as_str()))
+        .map(|p| p.image.exe.as_str())
+        .or_else(|| ev.ancestry.first().map(|a| a.image.exe.as_str()))
         .unwrap_or("");
     let child = match &x.script {
         Some(s) => format!("{} {}", x.exe, s),

@@ -75,7 +75,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
             pipe_to_shell(ctx, x, &mut out);
         }
         Payload::Connect(c) => {
-            let exe = &ctx.ev.process.exe;
+            let exe = &ctx.ev.process.image.exe;
             if is_shell(exe) && !c.daddr.is_unspecified() {
                 out.push(finding(
                     ids::SHELL_CONNECT,
@@ -86,7 +86,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
                     "",
                 ));
             }
-            let argv = &ctx.ev.process.argv;
+            let argv = &ctx.ev.process.image.argv;
             let named = is_miner_name(basename(exe))
                 || argv.first().is_some_and(|a| is_miner_name(basename(a)));
             if is_pool_port(c.dport) && (named || miner_argument(argv).is_some()) {
@@ -112,7 +112,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
                     &["T1548.001"],
                     format!(
                         "{} set the {} bit on {} (mode {:o})",
-                        ctx.ev.process.exe,
+                        ctx.ev.process.image.exe,
                         if c.mode & 0o4000 != 0 {
                             "setuid"
                         } else {
@@ -175,9 +175,9 @@ fn serving_ancestor(ctx: &Ctx<'_>, ppid: u32) -> Option<(u32, String)> {
     for _ in 0..4 {
         let p = ctx.tree.get(cur)?;
         if p.serves {
-            return Some((p.pid, p.exe.clone()));
+            return Some((p.pid, p.image.exe.clone()));
         }
-        if !is_shell(&p.exe) {
+        if !is_shell(&p.image.exe) {
             return None;
         }
         cur = p.ppid;
@@ -203,7 +203,7 @@ fn server_child(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
         ctx.tree
             .get(x.ppid)
             .filter(|p| p.serves)
-            .map(|p| (p.pid, p.exe.clone()))
+            .map(|p| (p.pid, p.image.exe.clone()))
     } else {
         serving_ancestor(ctx, x.ppid)
     };
@@ -265,7 +265,7 @@ fn ingress_chmod(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
         &["T1105"],
         format!(
             "{} made {path} executable; it was written by {} (pid {}), which fetched it over the network",
-            ctx.ev.process.exe, p.exe, p.pid
+            ctx.ev.process.image.exe, p.exe, p.pid
         ),
         false,
         path,
@@ -394,7 +394,7 @@ fn reverse_shell(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     let interactive = shell_command(&x.exe, &x.argv).is_none() && x.script.is_none();
     if interactive && x.stdio[0] == Stdio::CharDevice {
         if let Some(parent) = ctx.tree.get(x.ppid) {
-            if is_interpreter(&parent.exe)
+            if is_interpreter(&parent.image.exe)
                 && ctx
                     .state
                     .connected_recently(parent.pid, ctx.ev.event.boot_ns, 30_000_000_000)
@@ -405,7 +405,7 @@ fn reverse_shell(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
                     &["T1059.004", "T1059.006"],
                     format!(
                         "{} (pid {}) connected out, then started an interactive shell",
-                        parent.exe, parent.pid
+                        parent.image.exe, parent.pid
                     ),
                     true,
                     "",
@@ -421,7 +421,7 @@ fn persistence(path: &str, verb: &str, ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
             ids::PERSISTENCE,
             Severity::High,
             &[tech],
-            format!("{} {verb} {what} {path}", ctx.ev.process.exe),
+            format!("{} {verb} {what} {path}", ctx.ev.process.image.exe),
             false,
             path,
         ));
@@ -597,18 +597,18 @@ mod tests {
             let p = self.tree.get(pid);
             EnrichedEvent {
                 time: String::new(),
+                time_unix_nanos: 0,
                 process: ProcessView {
                     pid,
                     ppid: p.map(|p| p.ppid).unwrap_or(0),
-                    exe: p.map(|p| p.exe.clone()).unwrap_or_default(),
+                    image: p.map(|p| p.image.clone()).unwrap_or_default(),
                     comm: "x".into(),
-                    argv: p.map(|p| p.argv.clone()).unwrap_or_default(),
                     uid: 0,
                     euid: 0,
                     workload: Arc::new(Workload::default()),
                 },
                 ancestry: self.tree.ancestry(pid),
-                event,
+                event: Arc::new(event),
             }
         }
 

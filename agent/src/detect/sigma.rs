@@ -121,7 +121,10 @@ impl SigmaRules {
                 source: "sigma",
                 severity: r.severity,
                 mitre: r.mitre.clone(),
-                summary: format!("Sigma rule \"{}\" matched {}", r.title, ev.process.exe),
+                summary: format!(
+                    "Sigma rule \"{}\" matched {}",
+                    r.title, ev.process.image.exe
+                ),
                 never_suppress: false,
                 object: String::new(),
             })
@@ -203,16 +206,16 @@ fn load_file(path: &Path) -> anyhow::Result<Option<Loaded>> {
 fn to_sigma(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<(Category, sigma_rust::Event)> {
     let mut s = sigma_rust::Event::new();
     let p = &ev.process;
-    s.insert("Image", p.exe.clone());
+    s.insert("Image", p.image.exe.clone());
     s.insert("ProcessId", p.pid.to_string());
     s.insert("User", p.uid.to_string());
-    s.insert("CommandLine", p.argv.join(" "));
+    s.insert("CommandLine", p.image.argv.join(" "));
     let cat = match &ev.event.payload {
         Payload::Exec(x) => {
             s.insert("ParentProcessId", x.ppid.to_string());
             if let Some(parent) = tree.get(x.ppid) {
-                s.insert("ParentImage", parent.exe.clone());
-                s.insert("ParentCommandLine", parent.argv.join(" "));
+                s.insert("ParentImage", parent.image.exe.clone());
+                s.insert("ParentCommandLine", parent.image.argv.join(" "));
             }
             if let Some(a0) = x.argv.first() {
                 s.insert(

@@ -4,8 +4,8 @@
 //!
 //! - [`event`]: what the decoder makes of a kernel record ([`Event`]);
 //! - [`workload`]: which container, pod, unit or session a process is in;
-//! - [`ProcessView`], [`Ancestor`], [`EnrichedEvent`]: an event with its
-//!   process and ancestry, as the process tree knows them;
+//! - [`Image`], [`ProcessView`], [`Ancestor`], [`EnrichedEvent`]: an event
+//!   with its process and ancestry, as the process tree knows them;
 //! - [`Severity`], [`Finding`], [`Detection`], [`Repeat`]: what detection
 //!   says about an event;
 //! - [`boot_ns_now`]: the clock kernel timestamps are in.
@@ -20,19 +20,37 @@ use serde::Serialize;
 pub use event::{Event, Payload};
 pub use workload::Workload;
 
-/// The process an event is about, as the tree knows it.
-#[derive(Clone, Debug, Serialize)]
+/// What a process runs: its executable and arguments. The tree keeps one
+/// per exec (shared by a forked child until it execs itself) behind an
+/// `Arc`, and every event, ancestry and detection that names the process
+/// shares it: nothing on the event path copies a command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    /// Executable path ("" if unknown, e.g. kernel threads).
+    pub exe: String,
+    /// Arguments.
+    pub argv: Vec<String>,
+}
+
+impl Image {
+    /// A shared image.
+    pub fn new(exe: String, argv: Vec<String>) -> Arc<Image> {
+        Arc::new(Image { exe, argv })
+    }
+}
+
+/// The process an event is about, as the tree knows it. Serialized as
+/// `{pid, ppid, exe, comm, argv, uid, euid, workload}`.
+#[derive(Clone, Debug)]
 pub struct ProcessView {
     /// Process id.
     pub pid: u32,
     /// Parent process id.
     pub ppid: u32,
-    /// Executable path.
-    pub exe: String,
+    /// Executable and arguments (shared with the tree).
+    pub image: Arc<Image>,
     /// comm.
     pub comm: String,
-    /// Arguments.
-    pub argv: Vec<String>,
     /// Real uid.
     pub uid: u32,
     /// Effective uid.
@@ -41,29 +59,58 @@ pub struct ProcessView {
     pub workload: Arc<Workload>,
 }
 
+impl Serialize for ProcessView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("ProcessView", 8)?;
+        m.serialize_field("pid", &self.pid)?;
+        m.serialize_field("ppid", &self.ppid)?;
+        m.serialize_field("exe", &self.image.exe)?;
+        m.serialize_field("comm", &self.comm)?;
+        m.serialize_field("argv", &self.image.argv)?;
+        m.serialize_field("uid", &self.uid)?;
+        m.serialize_field("euid", &self.euid)?;
+        m.serialize_field("workload", &*self.workload)?;
+        m.end()
+    }
+}
+
 /// An event with its process and ancestry: what sinks receive.
 #[derive(Clone, Debug, Serialize)]
 pub struct EnrichedEvent {
     /// RFC 3339 wall-clock time of the event.
     pub time: String,
-    /// The decoded event.
+    /// The same time, ns since the Unix epoch (for the wire).
+    #[serde(skip)]
+    pub time_unix_nanos: i64,
+    /// The decoded event (shared with the timeline and the detections
+    /// that name it).
     #[serde(flatten)]
-    pub event: Event,
+    pub event: Arc<Event>,
     /// The subject process.
     pub process: ProcessView,
     /// Its ancestors, parent first, up to init.
     pub ancestry: Vec<Ancestor>,
 }
 
-/// One ancestor in an event's ancestry.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// One ancestor in an event's ancestry. Serialized as `{pid, exe, argv}`.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Ancestor {
     /// Process id.
     pub pid: u32,
-    /// Executable path.
-    pub exe: String,
-    /// Arguments.
-    pub argv: Vec<String>,
+    /// Executable and arguments (shared with the tree).
+    pub image: Arc<Image>,
+}
+
+impl Serialize for Ancestor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("Ancestor", 3)?;
+        m.serialize_field("pid", &self.pid)?;
+        m.serialize_field("exe", &self.image.exe)?;
+        m.serialize_field("argv", &self.image.argv)?;
+        m.end()
+    }
 }
 
 /// How bad.
@@ -124,8 +171,8 @@ pub struct Detection {
     pub process: ProcessView,
     /// Its ancestors, parent first.
     pub ancestry: Vec<Ancestor>,
-    /// The triggering event.
-    pub event: Event,
+    /// The triggering event (shared with the enriched event).
+    pub event: Arc<Event>,
     /// Evidence captured for this detection (filled by the capture stage).
     pub evidence: Option<serde_json::Value>,
     /// Set on the one detection that stands for repeats of the same
@@ -247,5 +294,11 @@ mod tests {
     fn state_and_detect_import_no_later_stage() {
         assert_only("tree.rs", &["model"]);
         assert_only("detect", &["model", "tree", "detect"]);
+    }
+
+    #[test]
+    fn outputs_and_the_wire_mapping_import_only_the_model() {
+        assert_only("outputs.rs", &["model", "metrics"]);
+        assert_only("ship/wire.rs", &["model", "outputs"]);
     }
 }

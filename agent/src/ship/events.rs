@@ -24,7 +24,7 @@ use super::client::{Client, PkiFiles, ShipError};
 use super::{BACKOFF_MAX, BACKOFF_MIN};
 use crate::metrics::{KindLabel, Metrics};
 use crate::model::EnrichedEvent;
-use crate::pipeline::Sink;
+use crate::outputs::{EventLine, Sink};
 
 /// Serialized events waiting for the thread.
 const QUEUE: usize = 16_384;
@@ -41,7 +41,7 @@ pub const BACKLOG_BATCHES: usize = 64;
 
 /// The pipeline's side: a sink that queues each event for the collector.
 pub struct EventSink {
-    tx: Option<SyncSender<String>>,
+    tx: Option<SyncSender<Event>>,
     thread: Option<std::thread::JoinHandle<()>>,
     metrics: Arc<Metrics>,
     warned: bool,
@@ -98,12 +98,16 @@ impl EventSink {
 
 impl Sink for EventSink {
     fn emit(&mut self, ev: &EnrichedEvent) {
-        let Ok(line) = serde_json::to_string(ev) else {
+        let Some(tx) = &self.tx else { return };
+        let line = EventLine {
+            ev,
+            ancestry_argv: false,
+        };
+        let Ok(json) = serde_json::to_string(&line) else {
             self.metrics.output_errors.inc();
             return;
         };
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(line) {
+        match tx.try_send(super::wire::event(ev, json)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.dropped("shipping queue full"),
             Err(TrySendError::Disconnected(_)) => self.dropped("shipping thread gone"),
@@ -122,7 +126,7 @@ struct Runner {
 }
 
 impl Runner {
-    fn run(mut self, rx: Receiver<String>) {
+    fn run(mut self, rx: Receiver<Event>) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -145,17 +149,17 @@ impl Runner {
                 open_since + BATCH_DELAY
             };
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
+                Ok(ev) => {
                     if open.is_empty() {
                         open_since = Instant::now();
                     }
-                    open_bytes += line.len();
-                    self.add(&mut open, &line);
+                    open_bytes += ev.json.len();
+                    open.push(ev);
                     while open.len() < BATCH_EVENTS && open_bytes < BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(line) => {
-                                open_bytes += line.len();
-                                self.add(&mut open, &line);
+                            Ok(ev) => {
+                                open_bytes += ev.json.len();
+                                open.push(ev);
                             }
                             Err(_) => break,
                         }
@@ -199,15 +203,6 @@ impl Runner {
                     retry_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
-            }
-        }
-    }
-
-    fn add(&self, open: &mut Vec<Event>, line: &str) {
-        match Event::from_agent_json(line) {
-            Ok(e) => open.push(e),
-            Err(_) => {
-                self.metrics.output_errors.inc();
             }
         }
     }

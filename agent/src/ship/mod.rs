@@ -18,6 +18,7 @@
 pub mod client;
 pub mod events;
 pub mod spool;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
