@@ -102,7 +102,15 @@ impl Agent {
         // with the package installed has one): an empty config file, which
         // a `-c` in `extra` (or VIGIL_AGENT_CONFIG in `env`) replaces.
         let empty_cfg = dir.path().join("defaults.toml");
-        std::fs::write(&empty_cfg, "").expect("writing an empty config");
+        // An emulated machine (vm-test's guest under TCG runs code tens of
+        // times slower) raises the capture deadline, a safety bound that
+        // assumes real hardware, through VIGIL_TEST_CAPTURE_DEADLINE_MS.
+        let defaults = std::env::var("VIGIL_TEST_CAPTURE_DEADLINE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| format!("capture_deadline_ms = {ms}\n"))
+            .unwrap_or_default();
+        std::fs::write(&empty_cfg, defaults).expect("writing the defaults config");
         cmd.env("VIGIL_AGENT_CONFIG", &empty_cfg);
         // The caller may choose the capture directory (e.g. a small file
         // system); else one in the temp dir.

@@ -146,11 +146,10 @@ fn clock_ticks_per_sec() -> f64 {
     }
 }
 
-/// Sum of run_time_ns / run_cnt over the BPF programs the process holds
-/// (deduplicated by prog_id); needs kernel.bpf_stats_enabled=1.
-fn bpf_prog_stats(pid: u32) -> Option<(u64, u64, usize)> {
-    let mut seen = std::collections::HashSet::new();
-    let (mut ns, mut cnt) = (0u64, 0u64);
+/// Run time and run count of each BPF program the process holds, by
+/// program id (from /proc/PID/fdinfo); needs kernel.bpf_stats_enabled=1.
+fn bpf_prog_stats(pid: u32) -> Option<BTreeMap<u32, (u64, u64)>> {
+    let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .ok()?
         .flatten()
@@ -166,17 +165,59 @@ fn bpf_prog_stats(pid: u32) -> Option<(u64, u64, usize)> {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse().ok())
         };
-        let (Some(id), Some(t), Some(c)) =
+        if let (Some(id), Some(t), Some(c)) =
             (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
-        else {
-            continue;
-        };
-        if seen.insert(id) {
-            ns += t;
-            cnt += c;
+        {
+            out.insert(id as u32, (t, c));
         }
     }
-    Some((ns, cnt, seen.len()))
+    Some(out)
+}
+
+/// A loaded BPF program's name (the kernel keeps its first 15 bytes), by
+/// id: BPF_PROG_GET_FD_BY_ID then BPF_OBJ_GET_INFO_BY_FD (needs root).
+fn bpf_prog_name(id: u32) -> Option<String> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // struct bpf_prog_info: `name` is the 16 bytes at offset 64; the rest
+    // stays zero (the kernel accepts a longer, zero-filled buffer).
+    const NAME_AT: usize = 64;
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id);
+    // SAFETY: attr is a zeroed union bpf_attr large enough for this command.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let fd = fd as libc::c_int;
+    let mut info = [0u8; 256];
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u64 | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: attr names a valid fd and a writable buffer of info_len bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    // SAFETY: fd came from the kernel above and is closed once.
+    unsafe { libc::close(fd) };
+    if r != 0 {
+        return None;
+    }
+    let name = &info[NAME_AT..NAME_AT + 16];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -513,6 +554,8 @@ pub struct SensorStats {
     ship_events_dropped: Option<f64>,
     /// Kernel time of the agent's BPF programs (--bpf-stats) per operation.
     bpf_ns_per_op: Option<f64>,
+    /// The same per program (by name; programs sharing a name summed).
+    bpf_ns_per_op_by_program: BTreeMap<String, f64>,
     bpf_programs: Option<usize>,
     /// From each detection's `latency_ns`, ms.
     detection_latency_ms: Vec<f64>,
@@ -963,10 +1006,21 @@ fn run_window(
                 eprintln!("warning: {label}: could not scrape the agent's metrics after the load")
             });
         }
-        if let (Some((ns0, _, _)), Some((ns1, _, progs @ 1..))) = (bpf0, bpf1) {
-            stats.bpf_programs = Some(progs);
-            if result.ops > 0 {
-                stats.bpf_ns_per_op = Some(ns1.saturating_sub(ns0) as f64 / result.ops as f64);
+        if let (Some(p0), Some(p1)) = (&bpf0, &bpf1) {
+            if !p1.is_empty() && result.ops > 0 {
+                stats.bpf_programs = Some(p1.len());
+                let ops = result.ops as f64;
+                let mut total = 0u64;
+                for (id, (ns1, _)) in p1 {
+                    let ns = ns1.saturating_sub(p0.get(id).map_or(0, |p| p.0));
+                    total += ns;
+                    if ns > 0 {
+                        let name = bpf_prog_name(*id).unwrap_or_else(|| format!("id {id}"));
+                        *stats.bpf_ns_per_op_by_program.entry(name).or_insert(0.0) +=
+                            ns as f64 / ops;
+                    }
+                }
+                stats.bpf_ns_per_op = Some(total as f64 / ops);
             }
         }
     }

@@ -23,6 +23,8 @@ pub struct Row {
     cpu_us_per_event: Option<f64>,
     rss_max_mb: Option<f64>,
     bpf_us_per_op: Option<f64>,
+    /// Medians per BPF program, us per operation.
+    bpf_us_per_op_by_program: BTreeMap<String, f64>,
     events_per_s: Option<f64>,
     /// Medians per kind, events/s.
     events_per_s_by_kind: BTreeMap<String, f64>,
@@ -111,6 +113,12 @@ pub fn rows(results: &[WindowResult]) -> Vec<Row> {
                 }
             }
         }
+        let mut programs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for s in &stats {
+            for (k, v) in &s.bpf_ns_per_op_by_program {
+                programs.entry(k.clone()).or_default().push(v / 1000.0);
+            }
+        }
         let mut shipped = BTreeMap::new();
         for s in &stats {
             for (k, v) in &s.shipped {
@@ -132,6 +140,10 @@ pub fn rows(results: &[WindowResult]) -> Vec<Row> {
             cpu_us_per_event: median(col(&|s| s.cpu_us_per_event)),
             rss_max_mb: col(&|s| s.rss_max_mb).into_iter().reduce(f64::max),
             bpf_us_per_op: median(col(&|s| s.bpf_ns_per_op)).map(|ns| ns / 1000.0),
+            bpf_us_per_op_by_program: programs
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, median(v)?)))
+                .collect(),
             events_per_s: median(col(&|s| s.events_per_s)),
             events_per_s_by_kind: kinds
                 .into_iter()
@@ -294,6 +306,28 @@ pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
         .collect();
     if !shipped.is_empty() {
         t += &format!("\nShipping: {}.\n", shipped.join("; "));
+    }
+    let bpf: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.bpf_us_per_op_by_program.is_empty())
+        .map(|r| {
+            let mut progs: Vec<_> = r.bpf_us_per_op_by_program.iter().collect();
+            progs.sort_by(|a, b| b.1.total_cmp(a.1));
+            format!(
+                "{} ({}): {}",
+                r.workload.name(),
+                r.arm,
+                progs
+                    .iter()
+                    .filter(|(_, us)| **us >= 0.05)
+                    .map(|(k, us)| format!("{k} {us:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+        .collect();
+    if !bpf.is_empty() {
+        t += &format!("\nBPF us per operation by program: {}.\n", bpf.join("; "));
     }
     t
 }
