@@ -795,15 +795,35 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("==> wrote {} and bench.md", json_path.display());
     if let Some(label) = &args.record {
         let path = util::workspace_root().join("BENCHMARKS.md");
-        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text += &format!("\n### {} — {label}\n\n{table}", today());
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        println!("==> appended the table to {}", path.display());
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let entry = format!("### {} — {label}\n\n{table}", today());
+        std::fs::write(&path, record_into(&text, &entry))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("==> recorded the table in {}", path.display());
     }
     Ok(())
+}
+
+/// The section of BENCHMARKS.md that `--record` adds to.
+const RECORD_SECTION: &str = "## Overhead by workload";
+
+/// `doc` with `entry` added as the last part of its [`RECORD_SECTION`]
+/// (before the next `## ` heading), or at its end when it has none.
+fn record_into(doc: &str, entry: &str) -> String {
+    let entry = entry.trim_end_matches('\n');
+    let at = doc.find(RECORD_SECTION).map(|start| {
+        let body = start + RECORD_SECTION.len();
+        doc[body..]
+            .find("\n## ")
+            .map_or(doc.len(), |next| body + next + 1)
+    });
+    match at {
+        Some(at) if at < doc.len() => {
+            let head = doc[..at].trim_end_matches('\n');
+            format!("{head}\n\n{entry}\n\n{}", &doc[at..])
+        }
+        _ => format!("{}\n\n{entry}\n", doc.trim_end_matches('\n')),
+    }
 }
 
 /// The machine, for the report.
@@ -1093,6 +1113,21 @@ fn settle(addr: SocketAddr) -> Option<Scrape> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_ends_its_section() {
+        let doc = "# B\n\n## Overhead by workload\n\nintro\n\n### old\n\nt1\n\n## Exec\n\nx\n";
+        assert_eq!(
+            record_into(doc, "### new\n\nt2\n"),
+            "# B\n\n## Overhead by workload\n\nintro\n\n### old\n\nt1\n\n### new\n\nt2\n\n## Exec\n\nx\n"
+        );
+        // The section last in the file, or missing: at the end.
+        assert_eq!(
+            record_into("## Overhead by workload\n\nintro\n", "### new\n"),
+            "## Overhead by workload\n\nintro\n\n### new\n"
+        );
+        assert_eq!(record_into("# B\n", "### new\n"), "# B\n\n### new\n");
+    }
 
     #[test]
     fn proc_sampling_reads_self() {
