@@ -17,7 +17,19 @@ use tracing::warn;
 
 use crate::metrics::Metrics;
 use crate::model::event::Event;
-use crate::model::{Ancestor, EnrichedEvent, ProcessView};
+use crate::model::{Ancestor, Detection, EnrichedEvent, ProcessView};
+
+/// Where detections and sealed evidence go beyond this node's files (the
+/// collector): `ship::Shipper` implements it, so detection, `reaction` and
+/// `respond` hand over without importing `ship`. Implementations never
+/// block the caller and count what they cannot take.
+pub trait Forward: Send + Sync + std::fmt::Debug {
+    /// Queues a detection (high and critical ones have reserved room).
+    fn detection(&self, d: &Detection);
+    /// Queues a sealed evidence archive (`high`: of a high or critical
+    /// detection). Does file I/O: called from the capture worker.
+    fn bundle(&self, archive: &std::path::Path, id: &str, high: bool);
+}
 
 /// A consumer of enriched events.
 pub trait Sink: Send {

@@ -85,9 +85,10 @@ impl Pipeline {
         self
     }
 
-    /// Adds shipping of detections to the collector (never blocks).
-    pub fn with_shipper(mut self, s: crate::ship::Shipper) -> Self {
-        self.react.set_shipper(s);
+    /// Forwards detections beyond the node's files (to the collector;
+    /// never blocks).
+    pub fn with_forward(mut self, f: std::sync::Arc<dyn crate::outputs::Forward>) -> Self {
+        self.react.set_forward(f);
         self
     }
 

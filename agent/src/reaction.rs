@@ -1,7 +1,7 @@
 //! What follows detection, per event: containment decided once per
 //! process, capture jobs (with the process's recent events), the release
 //! of a process the kernel froze at exec, repeats collapsed, and detections
-//! reported (JSON lines, log, metrics, the shipper). Owned by the pipeline,
+//! reported (JSON lines, log, metrics, `outputs::Forward`). Owned by the pipeline,
 //! which calls it after the detection stage.
 
 use std::collections::VecDeque;
@@ -15,7 +15,7 @@ use crate::budget::{AggregateOptions, Aggregator};
 use crate::metrics::Metrics;
 use crate::model::event::{Event, Payload};
 use crate::model::{Detection, EnrichedEvent, Severity};
-use crate::outputs::JsonLinesSink;
+use crate::outputs::{Forward, JsonLinesSink};
 use crate::respond::{CaptureJob, Responder};
 use crate::tree::ProcessTree;
 
@@ -48,7 +48,7 @@ pub struct Reaction {
     metrics: Arc<Metrics>,
     detection_out: Option<JsonLinesSink>,
     responder: Option<Responder>,
-    shipper: Option<crate::ship::Shipper>,
+    forward: Option<Arc<dyn Forward>>,
     ledger: Option<crate::frozen::FreezeLedger>,
     contain: Option<Containment>,
     repeats: Aggregator<RepeatKey, Detection>,
@@ -62,7 +62,7 @@ impl Reaction {
             metrics,
             detection_out: None,
             responder: None,
-            shipper: None,
+            forward: None,
             ledger: None,
             contain: None,
             repeats: Aggregator::new(AggregateOptions::default(), 4096),
@@ -91,8 +91,8 @@ impl Reaction {
     }
 
     /// Ships detections (never blocks).
-    pub fn set_shipper(&mut self, s: crate::ship::Shipper) {
-        self.shipper = Some(s);
+    pub fn set_forward(&mut self, f: Arc<dyn Forward>) {
+        self.forward = Some(f);
     }
 
     /// Contains what `policy` names, reporting to `log`; `deny` is the
@@ -274,13 +274,8 @@ impl Reaction {
         if let Some(out) = &mut self.detection_out {
             out.write(d);
         }
-        if let Some(s) = &self.shipper {
-            match serde_json::to_string(d) {
-                Ok(line) => s.detection(line, d.severity >= Severity::High),
-                Err(_) => {
-                    self.metrics.output_errors.inc();
-                }
-            }
+        if let Some(f) = &self.forward {
+            f.detection(d);
         }
     }
 

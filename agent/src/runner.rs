@@ -157,8 +157,13 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    if let Some(s) = &shipper {
-        pipeline = pipeline.with_shipper(s.clone());
+    // Detections and bundles reach the collector through outputs::Forward:
+    // no stage before `ship` names it.
+    let forward = shipper
+        .clone()
+        .map(|s| Arc::new(s) as Arc<dyn crate::outputs::Forward>);
+    if let Some(f) = &forward {
+        pipeline = pipeline.with_forward(f.clone());
     }
     if cfg.detection {
         let engine = build_detection(&cfg)?;
@@ -198,7 +203,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                     contain: cfg.capture_contain,
                     max_core_bytes: cfg.capture_max_core_mib << 20,
                     evidence_json: cfg.evidence_json.clone(),
-                    ship: shipper.clone(),
+                    ship: forward.clone(),
                     ancestor_fallback: cfg.capture_ancestor_fallback,
                     deadline: Duration::from_millis(cfg.capture_deadline_ms),
                     budget: cfg.capture_budget(),

@@ -297,6 +297,16 @@ mod tests {
     }
 
     #[test]
+    fn stages_before_ship_hand_over_without_naming_it() {
+        for rel in ["pipeline.rs", "reaction.rs", "respond.rs", "detect"] {
+            assert!(
+                !crate_modules_named(rel).contains("ship"),
+                "src/{rel} names ship: detections and bundles go through outputs::Forward"
+            );
+        }
+    }
+
+    #[test]
     fn outputs_and_the_wire_mapping_import_only_the_model() {
         assert_only("outputs.rs", &["model", "metrics"]);
         assert_only("ship/wire.rs", &["model", "outputs"]);

@@ -197,6 +197,22 @@ impl Shipper {
     }
 }
 
+impl crate::outputs::Forward for Shipper {
+    fn detection(&self, d: &crate::model::Detection) {
+        match serde_json::to_string(d) {
+            Ok(line) => Shipper::detection(self, line, d.severity >= crate::model::Severity::High),
+            Err(e) => {
+                self.metrics.output_errors.inc();
+                warn!(error = %e, "detection not shipped: it did not serialize");
+            }
+        }
+    }
+
+    fn bundle(&self, archive: &Path, id: &str, high: bool) {
+        Shipper::bundle(self, archive, id, high);
+    }
+}
+
 /// `SyncSender::send` with a deadline (std has none): retries `try_send`.
 trait SendTimeout {
     fn send_timeout_compat(&self, m: Msg, timeout: Duration) -> Result<(), ()>;
