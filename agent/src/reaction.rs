@@ -90,7 +90,7 @@ impl Reaction {
         self.ledger = Some(l);
     }
 
-    /// Ships detections (never blocks).
+    /// Forwards detections beyond the node's files (never blocks).
     pub fn set_forward(&mut self, f: Arc<dyn Forward>) {
         self.forward = Some(f);
     }
