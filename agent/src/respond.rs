@@ -43,7 +43,7 @@ pub struct ResponseOptions {
     /// Where each capture outcome is written as a JSON line, if anywhere.
     pub evidence_json: Option<PathBuf>,
     /// Where sealed archives are queued for the collector, if anywhere.
-    pub ship: Option<Arc<dyn crate::outputs::Forward>>,
+    pub forward: Option<Arc<dyn crate::outputs::Forward>>,
     /// When the detected process exited before it could be stopped,
     /// capture its nearest living ancestor instead (the process that
     /// started it: a web server, the dropper's shell), once per branch per
@@ -125,7 +125,7 @@ type JobResult = (Result<CaptureOutcome, CaptureError>, Option<i32>, bool);
 struct Worker {
     ctx: JobContext,
     metrics: Arc<Metrics>,
-    ship: Option<Arc<dyn crate::outputs::Forward>>,
+    forward: Option<Arc<dyn crate::outputs::Forward>>,
     deadline: Duration,
     capture_dir: PathBuf,
     max_disk: u64,
@@ -277,7 +277,7 @@ impl Worker {
                 }
                 let mut line = outcome_line(
                     &m,
-                    self.ship.as_deref(),
+                    self.forward.as_deref(),
                     pid,
                     severity,
                     detection,
@@ -373,7 +373,7 @@ impl Responder {
                 ))),
             },
             metrics: metrics.clone(),
-            ship: opts.ship.clone(),
+            forward: opts.forward.clone(),
             deadline: opts.deadline,
             capture_dir: opts.dir.clone(),
             max_disk: opts.max_disk_bytes,
@@ -593,7 +593,7 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(500);
 #[allow(clippy::too_many_arguments)]
 fn outcome_line(
     m: &Metrics,
-    ship: Option<&dyn crate::outputs::Forward>,
+    forward: Option<&dyn crate::outputs::Forward>,
     pid: u32,
     severity: Severity,
     detection: serde_json::Value,
@@ -615,7 +615,7 @@ fn outcome_line(
                 total_ms = outcome.timings.total_us / 1000,
                 "evidence captured"
             );
-            if let Some(s) = ship {
+            if let Some(s) = forward {
                 s.bundle(
                     &outcome.archive,
                     &outcome.bundle_id,

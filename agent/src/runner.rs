@@ -203,7 +203,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                     contain: cfg.capture_contain,
                     max_core_bytes: cfg.capture_max_core_mib << 20,
                     evidence_json: cfg.evidence_json.clone(),
-                    ship: forward.clone(),
+                    forward: forward.clone(),
                     ancestor_fallback: cfg.capture_ancestor_fallback,
                     deadline: Duration::from_millis(cfg.capture_deadline_ms),
                     budget: cfg.capture_budget(),

@@ -174,9 +174,25 @@ fn bpf_prog_stats(pid: u32) -> Option<BTreeMap<u32, (u64, u64)>> {
     Some(out)
 }
 
+/// One bpf(2) command on a zeroed `union bpf_attr` (16 words: more than
+/// the commands used here read). Returns the syscall's result.
+fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    // SAFETY: attr is a valid, writable bpf_attr of the size passed; any
+    // pointer the caller put in it names a live buffer of the stated size.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
 /// A loaded BPF program's name (the kernel keeps its first 15 bytes), by
 /// id: BPF_PROG_GET_FD_BY_ID then BPF_OBJ_GET_INFO_BY_FD (needs root).
 fn bpf_prog_name(id: u32) -> Option<String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // struct bpf_prog_info: `name` is the 16 bytes at offset 64; the rest
@@ -184,35 +200,17 @@ fn bpf_prog_name(id: u32) -> Option<String> {
     const NAME_AT: usize = 64;
     let mut attr = [0u64; 16];
     attr[0] = u64::from(id);
-    // SAFETY: attr is a zeroed union bpf_attr large enough for this command.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
+    let fd = bpf_cmd(BPF_PROG_GET_FD_BY_ID, &mut attr);
     if fd < 0 {
         return None;
     }
-    let fd = fd as libc::c_int;
+    // SAFETY: a new fd the kernel just returned, owned (closed) here only.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     let mut info = [0u8; 256];
     let mut attr = [0u64; 16];
-    attr[0] = fd as u64 | ((info.len() as u64) << 32);
+    attr[0] = fd.as_raw_fd() as u64 | ((info.len() as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: attr names a valid fd and a writable buffer of info_len bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    // SAFETY: fd came from the kernel above and is closed once.
-    unsafe { libc::close(fd) };
-    if r != 0 {
+    if bpf_cmd(BPF_OBJ_GET_INFO_BY_FD, &mut attr) != 0 {
         return None;
     }
     let name = &info[NAME_AT..NAME_AT + 16];
