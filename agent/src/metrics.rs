@@ -3,7 +3,6 @@
 //! Kernel counters are absolute totals read from the STATS map; they are
 //! turned into counter increments here so the exposition stays monotonic.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -573,7 +572,7 @@ impl Metrics {
 
 /// Serves GET /metrics (and /healthz) until the task is dropped.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     registry: Registry,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
@@ -632,9 +631,10 @@ pub async fn serve(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding metrics address {addr}: {e}"))?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| anyhow::anyhow!("serving metrics address {addr}: {e}"))?;
     tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
     axum::serve(listener, app).await?;
     Ok(())

@@ -220,13 +220,13 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 
     let metrics_task = match cfg.metrics_addr {
         Some(addr) => {
-            // Bind before reporting ready so a bad address is a startup error.
+            // Bound here, before "ready": a bad address is a startup
+            // error, and a scrape right after "ready" finds the listener.
             let registry = metrics.registry();
-            let listener_check = std::net::TcpListener::bind(addr)
+            let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("binding metrics address {addr}"))?;
-            drop(listener_check);
             Some(tokio::spawn(metrics::serve(
-                addr,
+                listener,
                 registry,
                 metrics.clone(),
             )))
