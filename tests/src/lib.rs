@@ -304,14 +304,18 @@ impl Agent {
     pub fn stop(&mut self) -> (std::process::ExitStatus, Vec<String>) {
         let mut child = self.child.take().expect("agent already stopped");
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // The agent's own shutdown bounds: up to 30 s for a capture in
+        // progress to finish (its process is released either way), 3 s for
+        // the shipper's flush, plus the drains; an emulated machine is slow.
+        let limit = Duration::from_secs(60);
+        let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(st) = child.try_wait().unwrap() {
                 break st;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("agent did not stop within 30 s of SIGINT");
+                panic!("agent did not stop within {limit:?} of SIGINT");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
