@@ -564,8 +564,12 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         let parent: u64 = rd(task, off!(task_real_parent)).unwrap_or(0);
         (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
         let parent_serves = SERVERS.get_ptr(&(*e).ppid).is_some();
-        // A new program is not the server its parent image was.
-        let _ = SERVERS.remove(&tgid);
+        // A new program is not the server its parent image was. (Looked up
+        // first: an LRU delete takes the map's lock, and most execs are not
+        // of servers.)
+        if SERVERS.get_ptr(&tgid).is_some() {
+            let _ = SERVERS.remove(&tgid);
+        }
         let cred: u64 = rd(task, off!(task_cred)).unwrap_or(0);
         (*e).euid = rd(cred, off!(cred_euid)).unwrap_or(u32::MAX);
         (*e).egid = rd(cred, off!(cred_egid)).unwrap_or(u32::MAX);
@@ -858,8 +862,14 @@ unsafe fn on_exit(task: u64) {
             return; // other threads of the process still run
         }
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let _ = SERVERS.remove(&tgid);
-        let _ = DENY_CONNECT.remove(&tgid);
+        // Looked up before the delete, which takes a bucket lock: few
+        // processes are servers or denied connects.
+        if SERVERS.get_ptr(&tgid).is_some() {
+            let _ = SERVERS.remove(&tgid);
+        }
+        if DENY_CONNECT.get_ptr(&tgid).is_some() {
+            let _ = DENY_CONNECT.remove(&tgid);
+        }
         if is_agent(tgid) {
             return;
         }
