@@ -12,8 +12,12 @@
 //!   de-duplication hide the cost);
 //! - `mixed`: one iteration compiles a small C file with `cc` and makes
 //!   [`HTTP_PER_ITERATION`] HTTP requests to a local server in another
-//!   process (a build beside a web server under load).
+//!   process (a build beside a web server under load);
+//! - `churn`: [`LoadOptions::churn_live`] processes stay alive (`sleep`),
+//!   and one operation replaces the oldest with a new one (an exit, a fork
+//!   and an exec): the agent's memory with a large, changing process table.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -43,6 +47,9 @@ pub enum Workload {
     Write,
     /// A small C build beside an HTTP server under load.
     Mixed,
+    /// A large population of live processes, the oldest replaced one by one
+    /// (not in the default set: it is meant for long windows).
+    Churn,
 }
 
 impl Workload {
@@ -61,6 +68,7 @@ impl Workload {
             Workload::Connect => "connect",
             Workload::Write => "write",
             Workload::Mixed => "mixed",
+            Workload::Churn => "churn",
         }
     }
 
@@ -71,6 +79,7 @@ impl Workload {
             Workload::Connect => "connect",
             Workload::Write => "file",
             Workload::Mixed => "iteration",
+            Workload::Churn => "replacement",
         }
     }
 }
@@ -87,6 +96,8 @@ pub struct LoadOptions {
     pub files: PathBuf,
     /// The local server `connect` and `mixed` talk to.
     pub server: Option<ServerAddrs>,
+    /// Live processes `churn` keeps (all threads together).
+    pub churn_live: usize,
 }
 
 /// Running load threads.
@@ -123,7 +134,7 @@ impl Load {
         let mut handles = Vec::new();
         let mut cleanup = Vec::new();
         for i in 0..threads.max(1) {
-            let mut op = make_op(workload, i, opts, &mut cleanup)?;
+            let mut op = make_op(workload, (i, threads.max(1)), opts, &mut cleanup)?;
             let (count, errors, stop, tx) =
                 (count.clone(), errors.clone(), stop.clone(), tx.clone());
             let handle = std::thread::Builder::new()
@@ -198,9 +209,10 @@ impl Drop for Load {
     }
 }
 
+/// Thread `thread.0` of `thread.1`'s operation.
 fn make_op(
     workload: Workload,
-    thread: usize,
+    (thread, threads): (usize, usize),
     opts: &LoadOptions,
     cleanup: &mut Vec<PathBuf>,
 ) -> Result<Op> {
@@ -230,6 +242,12 @@ fn make_op(
                 f.write_all(&[b'x'; 64])
             })
         }
+        Workload::Churn => {
+            let sleep =
+                util::which("sleep").context("the churn workload runs `sleep`, not in PATH")?;
+            let mut live = Population::start(&sleep, opts.churn_live / threads)?;
+            Box::new(move || live.replace_oldest())
+        }
         Workload::Mixed => {
             let addr = server()?.http;
             let dir = opts.scratch.join(format!("build-{thread}"));
@@ -253,6 +271,61 @@ fn make_op(
             })
         }
     })
+}
+
+/// Live `sleep` processes, oldest first; all are killed and reaped when
+/// dropped.
+struct Population {
+    program: PathBuf,
+    live: VecDeque<Child>,
+}
+
+impl Population {
+    /// Starts `n` processes.
+    fn start(program: &Path, n: usize) -> Result<Self> {
+        let mut p = Self {
+            program: program.to_path_buf(),
+            live: VecDeque::with_capacity(n),
+        };
+        for _ in 0..n {
+            let child = p
+                .spawn()
+                .with_context(|| format!("cannot start {} (process limit?)", program.display()))?;
+            p.live.push_back(child);
+        }
+        Ok(p)
+    }
+
+    fn spawn(&self) -> std::io::Result<Child> {
+        Command::new(&self.program)
+            .arg("3600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    }
+
+    /// Kills and reaps the oldest, starts a new one.
+    fn replace_oldest(&mut self) -> std::io::Result<()> {
+        if let Some(mut old) = self.live.pop_front() {
+            old.kill()?;
+            old.wait()?;
+        }
+        let child = self.spawn()?;
+        self.live.push_back(child);
+        Ok(())
+    }
+}
+
+impl Drop for Population {
+    fn drop(&mut self) {
+        for c in &mut self.live {
+            let _ = c.kill();
+        }
+        for mut c in self.live.drain(..) {
+            let _ = c.wait();
+        }
+    }
 }
 
 /// A translation unit big enough that compiling it is real work.

@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Load threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Live processes the churn workload keeps.
+    #[arg(long, default_value_t = 5000)]
+    pub churn_live: usize,
     /// Program the exec workload spawns.
     #[arg(long, default_value = "/bin/true")]
     pub program: PathBuf,
@@ -108,6 +111,7 @@ pub fn storm_only(seconds: f64, threads: usize, program: &Path) -> Result<()> {
         scratch: std::env::temp_dir(),
         files: std::env::temp_dir(),
         server: None,
+        churn_live: 0,
     };
     let storm = Load::start(Workload::Exec, threads, &opts)?;
     let pb = bar(seconds, "storm");
@@ -538,6 +542,10 @@ pub struct SensorStats {
     cpu_pct: Option<f64>,
     rss_max_mb: Option<f64>,
     rss_mean_mb: Option<f64>,
+    /// Mean RSS over the first and the last fifth of the window's samples
+    /// (flat memory: the two agree).
+    rss_first_mb: Option<f64>,
+    rss_last_mb: Option<f64>,
     /// vigil only, deltas over the window: events received per kind.
     events: BTreeMap<String, f64>,
     /// Events lost in the kernel (ring buffer full) per kind.
@@ -722,6 +730,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 out.join("scratch")
             },
             server: server.as_ref().map(|s| s.addrs),
+            churn_live: args.churn_live,
         },
         probe,
         ship_args: if args.ship {
@@ -996,6 +1005,11 @@ fn run_window(
             break;
         }
     }
+    // The tree while the load's processes still live (churn's population
+    // ends with the load).
+    let tree_live = metrics_addr
+        .and_then(|a| prom::scrape(a, SCRAPE_TIMEOUT).ok())
+        .and_then(|m| m.sum("vigil_process_tree_size", &[]));
     let result = load.stop()?;
     let cpu1 = pgid.map(|p| group_usage(p).0);
     let coll1 = ctx.collector_pgid.map(|p| group_usage(p).0);
@@ -1017,7 +1031,7 @@ fn run_window(
             stats.shipped = per_label(before, after, "vigil_ship_sent_total", "kind");
             stats.decode_errors = delta("vigil_decode_errors_total");
             stats.ship_events_dropped = delta("vigil_ship_events_dropped_total");
-            stats.process_tree_size = after.sum("vigil_process_tree_size", &[]);
+            stats.process_tree_size = tree_live;
             stats.events_per_s = Some(stats.events.values().sum::<f64>() / secs);
         } else {
             ctx.multi.suspend(|| {
@@ -1053,6 +1067,10 @@ fn run_window(
     if !rss.is_empty() {
         stats.rss_max_mb = rss.iter().copied().reduce(f64::max);
         stats.rss_mean_mb = Some(rss.iter().sum::<f64>() / rss.len() as f64);
+        let fifth = rss.len().div_ceil(5);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        stats.rss_first_mb = Some(mean(&rss[..fifth]));
+        stats.rss_last_mb = Some(mean(&rss[rss.len() - fifth..]));
     }
     if let Some(mut s) = sensor.take() {
         stats.exit = s.stop();

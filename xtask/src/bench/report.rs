@@ -22,6 +22,11 @@ pub struct Row {
     cpu_pct: Option<f64>,
     cpu_us_per_event: Option<f64>,
     rss_max_mb: Option<f64>,
+    /// Medians of the windows' first-fifth and last-fifth mean RSS.
+    rss_first_mb: Option<f64>,
+    rss_last_mb: Option<f64>,
+    /// The agent's process tree at the end of the window (median).
+    process_tree_size: Option<f64>,
     bpf_us_per_op: Option<f64>,
     /// Medians per BPF program, us per operation.
     bpf_us_per_op_by_program: BTreeMap<String, f64>,
@@ -139,6 +144,9 @@ pub fn rows(results: &[WindowResult]) -> Vec<Row> {
             cpu_pct: median(col(&|s| s.cpu_pct)),
             cpu_us_per_event: median(col(&|s| s.cpu_us_per_event)),
             rss_max_mb: col(&|s| s.rss_max_mb).into_iter().reduce(f64::max),
+            rss_first_mb: median(col(&|s| s.rss_first_mb)),
+            rss_last_mb: median(col(&|s| s.rss_last_mb)),
+            process_tree_size: median(col(&|s| s.process_tree_size)),
             bpf_us_per_op: median(col(&|s| s.bpf_ns_per_op)).map(|ns| ns / 1000.0),
             bpf_us_per_op_by_program: programs
                 .into_iter()
@@ -217,7 +225,7 @@ pub fn window_line(r: &WindowResult) -> String {
 /// The markdown table of a run, with how it was made.
 pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
     let mut t = format!(
-        "`cargo xtask bench --workload {} --rounds {} --window-secs {}{}{}{}`, {} CPUs, kernel {}. \
+        "`cargo xtask bench --workload {} --rounds {} --window-secs {}{}{}{}{}`, {} CPUs, kernel {}. \
          Ratio: median over rounds of (op/s with the sensor / op/s of the round's no-sensor window), \
          pairs in brackets.\n\n",
         args.workload
@@ -227,6 +235,11 @@ pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
             .join(","),
         args.rounds,
         args.window_secs,
+        if args.workload.contains(&Workload::Churn) {
+            format!(" --churn-live {}", args.churn_live)
+        } else {
+            String::new()
+        },
         if args.ship { " --ship" } else { "" },
         if args.bpf_stats { " --bpf-stats" } else { "" },
         args.compare
@@ -306,6 +319,26 @@ pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
         .collect();
     if !shipped.is_empty() {
         t += &format!("\nShipping: {}.\n", shipped.join("; "));
+    }
+    let memory: Vec<String> = rows
+        .iter()
+        .filter(|r| r.rss_first_mb.is_some())
+        .map(|r| {
+            format!(
+                "{} ({}): {} -> {} MB, tree {}",
+                r.workload.name(),
+                r.arm,
+                opt(r.rss_first_mb, 1),
+                opt(r.rss_last_mb, 1),
+                opt(r.process_tree_size, 0),
+            )
+        })
+        .collect();
+    if !memory.is_empty() {
+        t += &format!(
+            "\nRSS over each window, mean of its first -> last fifth, and the process tree's size at its end: {}.\n",
+            memory.join("; ")
+        );
     }
     let bpf: Vec<String> = rows
         .iter()
