@@ -15,17 +15,17 @@ pub fn secure_dirs(cfg: &AgentConfig) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    if cfg.detection && cfg.capture {
-        vigil_bundle::private::secure_dir(&cfg.capture_dir).context("capture_dir")?;
+    if cfg.captures() {
+        vigil_bundle::private::secure_dir(&cfg.capture.dir).context("[capture] dir")?;
         // As `CaptureConfig::under` lays it out.
         for sub in ["work", "bundles", "state"] {
-            let d = cfg.capture_dir.join(sub);
+            let d = cfg.capture.dir.join(sub);
             vigil_bundle::private::secure_dir(&d)
-                .with_context(|| format!("capture_dir ({sub})"))?;
+                .with_context(|| format!("[capture] dir ({sub})"))?;
         }
     }
-    if cfg.collector.is_some() {
-        vigil_bundle::private::secure_dir(&cfg.spool_dir).context("spool_dir")?;
+    if cfg.ship.collector.is_some() {
+        vigil_bundle::private::secure_dir(&cfg.ship.spool_dir).context("[ship] spool_dir")?;
     }
     Ok(())
 }

@@ -28,5 +28,6 @@ pub mod respond;
 pub mod runner;
 pub mod sensor;
 pub mod ship;
+pub mod state;
 pub mod tree;
 pub mod workload_cache;

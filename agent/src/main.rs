@@ -97,10 +97,10 @@ enum Command {
 }
 
 fn resume_frozen(cfg: &AgentConfig, include_running: bool) -> anyhow::Result<serde_json::Value> {
-    let report = vigil_agent::frozen::resume_leftovers(&cfg.bpf_pin_dir, include_running)?;
+    let report = vigil_agent::frozen::resume_leftovers(&cfg.sensor.bpf_pin_dir, include_running)?;
     // Agent-side freezes of captures in progress: only when no agent runs
     // (a running one releases its own).
-    let state = cfg.capture_dir.join("state");
+    let state = cfg.capture.dir.join("state");
     let agent_side = if report.running_agents.is_empty() || include_running {
         vigil_agent::capture::freeze::resume_leftovers(&state)
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -126,56 +126,56 @@ fn load_config(cli: &Cli) -> anyhow::Result<AgentConfig> {
         None => AgentConfig::default(),
     };
     if let Some(p) = &cli.events_json {
-        cfg.events_json = Some(p.clone());
+        cfg.outputs.events_json = Some(p.clone());
     }
     if let Some(a) = cli.metrics_addr {
-        cfg.metrics_addr = Some(a);
+        cfg.outputs.metrics_addr = Some(a);
     }
     if let Some(b) = &cli.btf {
-        cfg.btf_path = Some(b.clone());
+        cfg.sensor.btf_path = Some(b.clone());
     }
-    cfg.disable.extend(cli.disable.iter().cloned());
+    cfg.sensor.disable.extend(cli.disable.iter().cloned());
     if let Some(p) = &cli.detections_json {
-        cfg.detections_json = Some(p.clone());
+        cfg.outputs.detections_json = Some(p.clone());
     }
     if let Some(l) = &cli.learn {
-        cfg.learn = l.clone();
+        cfg.detect.learn = l.clone();
     }
     if let Some(p) = &cli.baseline_file {
-        cfg.baseline_file = Some(p.clone());
+        cfg.detect.baseline_file = Some(p.clone());
     }
     if let Some(p) = &cli.rules_dir {
-        cfg.rules_dir = Some(p.clone());
+        cfg.detect.rules_dir = Some(p.clone());
     }
     if let Some(p) = &cli.capture_dir {
-        cfg.capture_dir = p.clone();
+        cfg.capture.dir = p.clone();
     }
     if cli.no_capture {
-        cfg.capture = false;
+        cfg.capture.enabled = false;
     }
     if let Some(p) = &cli.evidence_json {
-        cfg.evidence_json = Some(p.clone());
+        cfg.outputs.evidence_json = Some(p.clone());
     }
     if let Some(u) = &cli.collector {
-        cfg.collector = Some(u.clone());
+        cfg.ship.collector = Some(u.clone());
     }
     if let Some(p) = &cli.collector_pki {
-        cfg.collector_pki = Some(p.clone());
+        cfg.ship.collector_pki = Some(p.clone());
     }
     if let Some(n) = &cli.agent_name {
-        cfg.agent_name = Some(n.clone());
+        cfg.ship.agent_name = Some(n.clone());
     }
     if let Some(p) = &cli.spool_dir {
-        cfg.spool_dir = p.clone();
+        cfg.ship.spool_dir = p.clone();
     }
     if let Some(m) = cli.spool_max_mib {
-        cfg.spool_max_mib = m;
+        cfg.ship.spool_max_mib = m;
     }
     if let Some(m) = cli.keep_shipped_mib {
-        cfg.capture_keep_shipped_mib = m;
+        cfg.capture.keep_shipped_mib = m;
     }
     if let Some(f) = &cli.log_format {
-        cfg.log_format = f.clone();
+        cfg.outputs.log_format = f.clone();
     }
     // `resume-frozen` reads only where the ledgers and the capture state
     // are: a configuration the agent would refuse (e.g. a collector without
@@ -214,7 +214,7 @@ fn main() -> std::process::ExitCode {
         print!("{}", toml::to_string(&cfg).unwrap_or_default());
         return std::process::ExitCode::SUCCESS;
     }
-    init_logging(&cfg.log_format);
+    init_logging(&cfg.outputs.log_format);
     if let Some(Command::ResumeFrozen { include_running }) = &cli.command {
         return match resume_frozen(&cfg, *include_running) {
             Ok(v) => {

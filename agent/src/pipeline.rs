@@ -1,33 +1,30 @@
-//! The agent's event path after the kernel, in order: decode -> process
-//! tree -> enrich -> outputs -> detect -> reaction. One owner (the consumer
-//! task) drives it; it never calls back into the sensor. Each stage is its
-//! own module; this one only names them in order.
+//! The agent's event path after the kernel, in order: decode -> state
+//! (process tree, enrichment) -> outputs -> detect -> reaction. One owner
+//! (the consumer task) drives it; it never calls back into the sensor. Each
+//! stage is its own module; this one only names them in order.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::budget::AggregateOptions;
 use crate::decode::decode;
 use crate::detect::DetectEngine;
 use crate::metrics::Metrics;
-use crate::model::event::{Event, Payload};
-use crate::model::{EnrichedEvent, ProcessView};
+use crate::model::event::Event;
 use crate::outputs::{JsonLinesSink, Sink};
 use crate::reaction::Reaction;
 use crate::respond::Responder;
+use crate::state::State;
 use crate::tree::ProcessTree;
 use crate::workload_cache::WorkloadCache;
 
 /// The stages, in order.
 pub struct Pipeline {
-    tree: ProcessTree,
-    workloads: WorkloadCache,
+    state: State,
     metrics: Arc<Metrics>,
     sinks: Vec<Box<dyn Sink>>,
     detect: Option<DetectEngine>,
     react: Reaction,
-    /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
-    wall_offset_ns: i128,
 }
 
 impl Pipeline {
@@ -39,13 +36,11 @@ impl Pipeline {
         sinks: Vec<Box<dyn Sink>>,
     ) -> Self {
         Self {
-            tree,
-            workloads,
+            state: State::new(tree, workloads),
             react: Reaction::new(metrics.clone()),
             metrics,
             sinks,
             detect: None,
-            wall_offset_ns: wall_offset_ns(),
         }
     }
 
@@ -104,7 +99,7 @@ impl Pipeline {
 
     /// The tree (read-only).
     pub fn tree(&self) -> &ProcessTree {
-        &self.tree
+        self.state.tree()
     }
 
     /// Handles one ring-buffer record.
@@ -119,77 +114,28 @@ impl Pipeline {
     }
 
     /// Handles one decoded event: every stage in order.
-    pub fn handle_event(&mut self, mut ev: Event) {
+    pub fn handle_event(&mut self, ev: Event) {
         self.metrics.count_event(ev.kind());
-        let is_exit = matches!(ev.payload, Payload::Exit { .. });
-        if let Payload::Exec(x) = &mut ev.payload {
-            if let Some(s) = x.script.as_mut().filter(|s| !s.starts_with('/')) {
-                if let Ok(cwd) = std::fs::read_link(format!("/proc/{}/cwd", ev.pid)) {
-                    *s = cwd.join(&*s).to_string_lossy().into_owned();
-                }
-            }
-        }
-        let workloads = &mut self.workloads;
-        // An exit leaves the tree last: its own event is enriched first.
-        if !is_exit {
-            self.tree
-                .apply(&ev, &mut |pid, cg| workloads.resolve(pid, cg));
-        }
-        let enriched = self.enrich(ev);
+        let enriched = self.state.enter(ev);
         for s in &mut self.sinks {
             s.emit(&enriched);
         }
         // Windows (learning, repeats) count from when the event happened,
         // not from when a lagging pipeline got to it.
         let now = crate::model::event_instant(enriched.event.boot_ns);
+        let tree = self.state.tree();
         let dets = self
             .detect
             .as_mut()
-            .map(|engine| engine.observe(&enriched, &self.tree, now));
-        self.react.handle(&enriched, dets, &self.tree, now);
-        if is_exit {
-            let workloads = &mut self.workloads;
-            self.tree
-                .apply(&enriched.event, &mut |pid, cg| workloads.resolve(pid, cg));
-        }
+            .map(|engine| engine.observe(&enriched, tree, now));
+        self.react.handle(&enriched, dets, tree, now);
+        self.state.leave(&enriched);
     }
 
     /// At shutdown: what is still tallied is reported.
     pub fn finish(&mut self) {
         self.react.finish();
         self.flush();
-    }
-
-    fn enrich(&mut self, ev: Event) -> EnrichedEvent {
-        let process = match self.tree.get(ev.pid) {
-            Some(p) => ProcessView {
-                pid: p.pid,
-                ppid: p.ppid,
-                image: p.image.clone(),
-                comm: ev.comm.clone(),
-                uid: p.uid,
-                euid: p.euid,
-                workload: p.workload.clone(),
-            },
-            None => ProcessView {
-                pid: ev.pid,
-                ppid: 0,
-                image: Default::default(),
-                comm: ev.comm.clone(),
-                uid: ev.uid,
-                euid: ev.uid,
-                workload: self.workloads.resolve(ev.pid, ev.cgroup_id),
-            },
-        };
-        let ancestry = self.tree.ancestry(ev.pid);
-        let wall_ns = (ev.boot_ns as i128 + self.wall_offset_ns).clamp(0, i64::MAX as i128) as i64;
-        EnrichedEvent {
-            time: wall_time(wall_ns),
-            time_unix_nanos: wall_ns,
-            event: Arc::new(ev),
-            process,
-            ancestry,
-        }
     }
 
     /// End of a batch: flush the outputs.
@@ -200,43 +146,17 @@ impl Pipeline {
         self.react.flush();
     }
 
-    /// Periodic housekeeping: reap exited processes, publish tree metrics.
+    /// Periodic housekeeping: reap exited processes, publish metrics.
     pub fn tick(&mut self, now: Instant) {
         self.react.tick(now);
-        self.tree.reap(now);
-        let st = self.tree.stats();
-        self.metrics.tree_size.set(self.tree.len() as i64);
-        let m = &self.metrics;
-        m.tree_reaped
-            .inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
-        m.tree_rejected
-            .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
-        m.tree_unknown_pid
-            .inc_by(st.unknown_pid.saturating_sub(m.tree_unknown_pid.get()));
+        self.state.tick(now, &self.metrics);
         if let Some(engine) = &mut self.detect {
             engine.maybe_reload_rules();
-            let ds = engine.stats();
+            let (ds, m) = (engine.stats(), &self.metrics);
             m.detections_suppressed
                 .inc_by(ds.suppressed.saturating_sub(m.detections_suppressed.get()));
             m.baseline_entries.set(engine.baseline_mut().len() as i64);
             m.sigma_rules.set(ds.sigma_rules as i64);
         }
     }
-}
-
-/// RFC 3339 of `ns` since the Unix epoch.
-fn wall_time(ns: i64) -> String {
-    humantime::format_rfc3339_nanos(UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)).to_string()
-}
-
-/// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns.
-pub fn wall_offset_ns() -> i128 {
-    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
-        .unwrap_or(0);
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    wall - boot
 }

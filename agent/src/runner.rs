@@ -16,10 +16,8 @@ use crate::detect::DetectEngine;
 use crate::metrics::{self, Metrics};
 use crate::outputs::{JsonLinesSink, Sink};
 use crate::pipeline::Pipeline;
-use crate::respond::{Responder, ResponseOptions};
-use crate::sensor::{Sensor, SensorOptions};
-use crate::tree::ProcessTree;
-use crate::workload_cache::WorkloadCache;
+use crate::respond::Responder;
+use crate::sensor::Sensor;
 
 /// Most records handled per drain before other work gets a turn.
 const DRAIN_BUDGET: usize = 8192;
@@ -45,20 +43,21 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
             "vigil-agent must run as root: loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN"
         );
     }
-    let btf = crate::btf::load_kernel_btf(cfg.btf_path.as_deref())?;
+    let btf = crate::btf::load_kernel_btf(cfg.sensor.btf_path.as_deref())?;
     let offsets = crate::btf::resolve_offsets(&btf)?;
     drop(btf);
 
     let metrics = Arc::new(Metrics::default());
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(p) = &cfg.events_json {
+    if let Some(p) = &cfg.outputs.events_json {
         sinks.push(Box::new(
-            JsonLinesSink::open(p, metrics.clone())?.with_ancestry_argv(cfg.events_ancestry_argv),
+            JsonLinesSink::open(p, metrics.clone())?
+                .with_ancestry_argv(cfg.outputs.events_ancestry_argv),
         ));
     }
 
     // What a dead agent left frozen is released before anything else.
-    match crate::frozen::resume_leftovers(&cfg.bpf_pin_dir, false) {
+    match crate::frozen::resume_leftovers(&cfg.sensor.bpf_pin_dir, false) {
         Ok(r) if !r.resumed.is_empty() || !r.resumed_at_exec.is_empty() => {
             tracing::warn!(resumed = ?r.resumed, at_exec = ?r.resumed_at_exec, "released what a previous agent left frozen")
         }
@@ -70,35 +69,18 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
 
     // Attach first, then scan /proc: a process born in between is in the
     // ring buffer, so nothing falls in the gap.
-    let mut sensor = Sensor::load(&SensorOptions {
-        offsets,
-        ring_bytes: cfg.ring_buffer_bytes,
-        wakeup_bytes: cfg.wakeup_bytes,
-        disabled: cfg.disabled_features()?,
-        freeze_policy: cfg.freeze_policy()?,
-        deny_policy: cfg.deny_policy()?,
-        prefer_lsm: cfg.prefer_lsm,
-        freeze_names: cfg.freeze_names.clone(),
-        connect_dedup_ns: cfg.connect_dedup_secs.saturating_mul(1_000_000_000),
-        pin_dir: cfg.bpf_pin_dir.clone(),
-        deny_connect: cfg
-            .contain_policy()?
-            .is_some_and(|p| p.action() == crate::contain::Action::DenyConnect),
-    })?;
+    let mut sensor = Sensor::load(
+        &cfg.sensor
+            .options(offsets, cfg.contain.denies_connects()?)?,
+    )?;
     metrics.set_hooks(&sensor.hooks);
     metrics.set_paths(&sensor.paths);
     let (frozen_map, pin) = match sensor.frozen.take() {
         Some((m, pin)) => (Some(m), pin),
         None => (None, None),
     };
-    let ledger = crate::frozen::FreezeLedger::new(
-        frozen_map,
-        pin,
-        crate::frozen::LedgerOptions {
-            release_after: Duration::from_millis(cfg.freeze_release_ms),
-        },
-        metrics.clone(),
-    );
+    let ledger =
+        crate::frozen::FreezeLedger::new(frozen_map, pin, cfg.sensor.ledger(), metrics.clone());
     Ok(Prepared {
         cfg,
         metrics,
@@ -120,43 +102,21 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     ledger.start_watchdog()?;
     let deny_list = sensor.deny.clone();
 
-    let mut tree = ProcessTree::new(cfg.max_processes, Duration::from_secs(cfg.exit_grace_secs));
-    let mut workloads = WorkloadCache::new(4096);
-    if cfg.container_meta {
-        workloads = workloads.with_runtime_state(&cfg.runtime_state_root);
-    }
+    let mut tree = cfg.tree.build();
+    let mut workloads = cfg.tree.workloads();
     let n = crate::procscan::bootstrap(&mut tree, &mut workloads).context("scanning /proc")?;
     info!(processes = n, "process tree bootstrapped from /proc");
-    if let (true, Some(url), Some(pki), Some(name)) = (
-        cfg.ship_events,
-        &cfg.collector,
-        &cfg.collector_pki,
-        &cfg.agent_name,
-    ) {
-        sinks.push(Box::new(crate::ship::events::EventSink::start(
-            url,
-            crate::ship::client::PkiFiles::in_dir(pki, name),
-            metrics.clone(),
-        )?));
+    let archives = cfg.capture.enabled.then(|| cfg.capture.dir.join("bundles"));
+    let shipper = match cfg.ship.options(archives, cfg.capture.keep_shipped_mib) {
+        Some(opts) => Some(crate::ship::Shipper::start(opts, metrics.clone())?),
+        None => None,
+    };
+    // Ordinary events: the shipper's best-effort lane.
+    if let (true, Some(s)) = (cfg.ship.events, &shipper) {
+        sinks.push(Box::new(s.event_sink()));
     }
     let mut pipeline =
         Pipeline::new(tree, workloads, metrics.clone(), sinks).with_ledger(ledger.clone());
-    let shipper = match (&cfg.collector, &cfg.collector_pki, &cfg.agent_name) {
-        (Some(url), Some(pki), Some(name)) => Some(crate::ship::Shipper::start(
-            crate::ship::ShipOptions {
-                collector: url.clone(),
-                pki_dir: pki.clone(),
-                agent_name: name.clone(),
-                spool_dir: cfg.spool_dir.clone(),
-                spool_max_bytes: cfg.spool_max_mib << 20,
-                spool_max_items: cfg.spool_max_items,
-                archive_dir: cfg.capture.then(|| cfg.capture_dir.join("bundles")),
-                keep_shipped_bytes: cfg.capture_keep_shipped_mib << 20,
-            },
-            metrics.clone(),
-        )?),
-        _ => None,
-    };
     // Detections and bundles reach the collector through outputs::Forward:
     // no stage before `ship` names it.
     let forward = shipper
@@ -165,51 +125,40 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     if let Some(f) = &forward {
         pipeline = pipeline.with_forward(f.clone());
     }
-    if cfg.detection {
-        let engine = build_detection(&cfg)?;
-        let out = match &cfg.detections_json {
+    if cfg.detect.enabled {
+        let engine = build_detection(&cfg.detect)?;
+        let out = match &cfg.outputs.detections_json {
             Some(p) => Some(JsonLinesSink::open(p, metrics.clone())?),
             None => None,
         };
-        pipeline = pipeline.with_detection(engine, out).with_aggregation(
-            crate::budget::AggregateOptions {
-                window: Duration::from_secs(cfg.aggregate_window_secs),
-                emit_first: cfg.aggregate_emit_first,
-                emit_first_high: cfg.aggregate_emit_first_high,
-            },
-        );
+        pipeline = pipeline
+            .with_detection(engine, out)
+            .with_aggregation(cfg.detect.aggregation());
         // Containment (opt-in): its actions reported from the pipeline and
         // from the capture worker alike.
-        let actions = match cfg.contain_policy()? {
+        let actions = match cfg.contain.policy()? {
             Some(policy) => {
-                let log =
-                    crate::contain::ActionLog::open(cfg.actions_json.as_deref(), metrics.clone())?;
-                info!(dry_run = cfg.contain_dry_run, action = %cfg.contain_action, "containment on");
+                let log = crate::contain::ActionLog::open(
+                    cfg.outputs.actions_json.as_deref(),
+                    metrics.clone(),
+                )?;
+                info!(dry_run = cfg.contain.dry_run, action = %cfg.contain.action, "containment on");
                 pipeline = pipeline.with_containment(policy, log.clone(), deny_list.clone());
                 Some(log)
             }
             None => None,
         };
-        if cfg.capture {
+        if cfg.capture.enabled {
             let agent_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "vigil-agent".into());
             let responder = Responder::start(
-                ResponseOptions {
-                    dir: cfg.capture_dir.clone(),
+                cfg.capture.response(
                     agent_id,
-                    min_severity: cfg.capture_severity()?,
-                    capture_rules: cfg.capture_rules.clone(),
-                    contain: cfg.capture_contain,
-                    max_core_bytes: cfg.capture_max_core_mib << 20,
-                    evidence_json: cfg.evidence_json.clone(),
-                    forward: forward.clone(),
-                    ancestor_fallback: cfg.capture_ancestor_fallback,
-                    deadline: Duration::from_millis(cfg.capture_deadline_ms),
-                    budget: cfg.capture_budget(),
-                    max_disk_bytes: cfg.capture_max_disk_mib << 20,
-                    actions: actions.clone(),
-                },
+                    cfg.outputs.evidence_json.clone(),
+                    forward.clone(),
+                    actions.clone(),
+                )?,
                 ledger.clone(),
                 metrics.clone(),
             )?;
@@ -218,7 +167,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     }
     let mut last_save = Instant::now();
 
-    let metrics_task = match cfg.metrics_addr {
+    let metrics_task = match cfg.outputs.metrics_addr {
         Some(addr) => {
             // Bound here, before "ready": a bad address is a startup
             // error, and a scrape right after "ready" finds the listener.
@@ -244,7 +193,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     // registration before the fd is closed.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?;
-    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_interval_ms));
+    let mut poll = tokio::time::interval(Duration::from_millis(cfg.sensor.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -270,7 +219,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 sensor.heartbeat();
                 pipeline.tick(Instant::now());
                 if last_save.elapsed() >= Duration::from_secs(60) {
-                    save_baseline(&cfg, &mut pipeline);
+                    save_baseline(&cfg.detect, &mut pipeline);
                     last_save = Instant::now();
                 }
                 if let Ok(stats) = sensor.kernel_stats() {
@@ -291,7 +240,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         metrics.update_kernel(&stats);
     }
     pipeline.flush();
-    save_baseline(&cfg, &mut pipeline);
+    save_baseline(&cfg.detect, &mut pipeline);
     // Detaches every program (the ledger map lives on in `ledger`).
     drop(sensor);
     // A program that passed its heartbeat check just before the clear may
@@ -340,7 +289,7 @@ fn drain_up_to(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, budget: usi
     }
 }
 
-fn build_detection(cfg: &AgentConfig) -> anyhow::Result<DetectEngine> {
+fn build_detection(cfg: &crate::config::DetectConfig) -> anyhow::Result<DetectEngine> {
     let learn = cfg.learn_duration()?;
     let until = (!learn.is_zero()).then(|| Instant::now() + learn);
     let baseline = match &cfg.baseline_file {
@@ -359,11 +308,11 @@ fn build_detection(cfg: &AgentConfig) -> anyhow::Result<DetectEngine> {
     Ok(DetectEngine::new(
         baseline,
         sigma,
-        crate::pipeline::wall_offset_ns(),
+        crate::model::wall_offset_ns(),
     ))
 }
 
-fn save_baseline(cfg: &AgentConfig, pipeline: &mut Pipeline) {
+fn save_baseline(cfg: &crate::config::DetectConfig, pipeline: &mut Pipeline) {
     let (Some(path), Some(engine)) = (&cfg.baseline_file, pipeline.detect_mut()) else {
         return;
     };

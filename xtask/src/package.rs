@@ -841,29 +841,55 @@ fn check_scripts(report: &mut Report) {
     }
 }
 
-/// `key = value` lines of `vigil-agent --print-config`.
+/// `section.key = value` lines of `vigil-agent --print-config`.
 fn print_config(agent: &Path, config: &Path) -> Result<Vec<String>> {
     let mut cmd = Command::new(agent);
     cmd.arg("--config")
         .arg(config)
         .arg("--print-config")
         .env_clear();
-    Ok(run_output(&mut cmd)?
-        .lines()
-        .filter(|l| l.contains(" = "))
-        .map(String::from)
+    Ok(qualified(&run_output(&mut cmd)?)
+        .into_iter()
+        .filter(|(_, _, commented)| !commented)
+        .map(|(key, value, _)| format!("{key} = {value}"))
         .collect())
+}
+
+/// The settings of a sectioned TOML text, commented ones (`# key = value`)
+/// included: (`section.key`, value, commented), in file order.
+fn qualified(text: &str) -> Vec<(String, String, bool)> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (body, commented) = match line.strip_prefix("# ") {
+            Some(rest) => (rest, true),
+            None => (line, false),
+        };
+        let Some((key, value)) = body.split_once(" = ") else {
+            continue;
+        };
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            continue;
+        }
+        out.push((format!("{section}.{key}"), value.to_string(), commented));
+    }
+    out
 }
 
 fn check_agent_toml(report: &mut Report, agent: &Path, root: &Path) {
     let path = root.join("etc/vigil/agent.toml");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let in_file = qualified(&text);
     report.check(
         "agent.toml: the agent loads it (-c FILE --print-config)",
         print_config(agent, &path).map(|_| ()),
     );
-    // Every default the agent prints is in the file, as "# key = default"
-    // or set to something else on purpose.
+    // Every default the agent prints is in the file, in its section, as
+    // "# key = default" or set to something else on purpose.
     let empty = root.join("../empty.toml");
     report.check(
         "agent.toml: every key the agent prints, with its default",
@@ -874,19 +900,21 @@ fn check_agent_toml(report: &mut Report, agent: &Path, root: &Path) {
                 let missing: Vec<&String> = defaults
                     .iter()
                     .filter(|line| {
-                        let key = line.split(" = ").next().unwrap_or_default();
-                        !text.lines().any(|l| l == format!("# {line}"))
-                            && !text.lines().any(|l| l.starts_with(&format!("{key} = ")))
+                        let (key, value) = line.split_once(" = ").unwrap_or_default();
+                        !in_file
+                            .iter()
+                            .any(|(k, v, c)| k == key && (!*c || v == value))
                     })
                     .collect();
                 ensure(!defaults.is_empty() && missing.is_empty(), || {
-                    format!("not in agent.toml as `# key = default`: {missing:?}")
+                    format!("not in agent.toml as `# key = default` in its [section]: {missing:?}")
                 })
             }),
     );
     // With every commented key uncommented, the agent still loads it and
-    // prints exactly the keys of the file: no key is misspelt, none missing
-    // (the optional ones, printed only when set, included).
+    // prints exactly the keys of the file: no key is misspelt or in the
+    // wrong section, none missing (the optional ones, printed only when
+    // set, included).
     let all = root.join("../agent-all.toml");
     let uncommented: String = text
         .lines()
@@ -901,11 +929,7 @@ fn check_agent_toml(report: &mut Report, agent: &Path, root: &Path) {
             _ => format!("{l}\n"),
         })
         .collect();
-    let file_keys: BTreeSet<String> = uncommented
-        .lines()
-        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.to_string()))
-        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
-        .collect();
+    let file_keys: BTreeSet<String> = in_file.iter().map(|(k, _, _)| k.clone()).collect();
     report.check(
         "agent.toml: every key uncommented loads, and those are all the keys",
         std::fs::write(&all, &uncommented)

@@ -25,6 +25,20 @@ say() { echo "vmtest[$phase]: $*" >/dev/console; }
 ok() { echo "ok $1" >>"$RESULTS"; say "ok    $1"; }
 fail() { echo "FAIL $1: $2" >>"$RESULTS"; say "FAIL  $1: $2"; }
 skip() { echo "skip $1: $2" >>"$RESULTS"; say "skip  $1: $2"; }
+# config_add SECTION LINE...: adds lines to /etc/vigil/agent.toml's
+# [SECTION] (a line appended at the end would land in the file's last
+# section).
+config_add() {
+    section="$1"
+    shift
+    lines="$(printf '%s\n' "$@")"
+    awk -v section="[$section]" -v lines="$lines" \
+        '{ print } $0 == section { print lines }' \
+        /etc/vigil/agent.toml >/etc/vigil/agent.toml.new &&
+        mv /etc/vigil/agent.toml.new /etc/vigil/agent.toml
+    grep -qF "$1" /etc/vigil/agent.toml ||
+        fail "agent.toml [$section]" "could not add: $*"
+}
 # check NAME CMD...: ok when CMD succeeds, else FAIL with its last lines.
 check() {
     local name="$1" out
@@ -198,13 +212,10 @@ case "$phase" in
     # Ship to the collector on this VM (the PKI its postinst made has an
     # agent certificate named after the host).
     host="$(hostname)"
-    cat >>/etc/vigil/agent.toml <<EOF
-
-# Added by cargo xtask vm-test.
-collector = "https://127.0.0.1:7443"
-collector_pki = "/etc/vigil/pki"
-agent_name = "$host"
-EOF
+    config_add ship "# Added by cargo xtask vm-test." \
+        'collector = "https://127.0.0.1:7443"' \
+        'collector_pki = "/etc/vigil/pki"' \
+        "agent_name = \"$host\""
     if [ -n "${VMTEST_EXTRA_CONFIG:-}" ]; then
         printf '%s\n' "$VMTEST_EXTRA_CONFIG" >>/etc/vigil/agent.toml
     fi
@@ -239,7 +250,7 @@ EOF
     server_child_shell freeze
     # The same with deny_exec: refused before it exists where BPF LSM is
     # active (the agent says whether it is), frozen instead elsewhere.
-    printf '%s\n' 'deny_exec = ["server_child"]' >>/etc/vigil/agent.toml
+    config_add sensor 'deny_exec = ["server_child"]'
     systemctl restart vigil-agent.service
     if wait_for 120 agent_ready; then
         ok "agent restarted with deny_exec"

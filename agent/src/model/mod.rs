@@ -182,6 +182,33 @@ pub struct Detection {
     pub repeat: Option<Repeat>,
 }
 
+/// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns: added to a kernel stamp,
+/// the wall-clock time of the event.
+pub fn wall_offset_ns() -> i128 {
+    let boot = boot_ns_now() as i128;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    wall - boot
+}
+
+/// RFC 3339 of `ns` since the Unix epoch.
+pub fn wall_time(ns: i64) -> String {
+    humantime::format_rfc3339_nanos(
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64),
+    )
+    .to_string()
+}
+
+/// Nanoseconds since the Unix epoch of an RFC 3339 time as [`wall_time`]
+/// writes it.
+pub fn parse_rfc3339_nanos(s: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_nanos()).ok()
+}
+
 /// CLOCK_BOOTTIME now, ns.
 pub fn boot_ns_now() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
@@ -293,6 +320,7 @@ mod tests {
     #[test]
     fn state_and_detect_import_no_later_stage() {
         assert_only("tree.rs", &["model"]);
+        assert_only("state.rs", &["model", "tree", "workload_cache", "metrics"]);
         assert_only("detect", &["model", "tree", "detect"]);
     }
 

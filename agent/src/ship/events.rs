@@ -1,37 +1,38 @@
 //! Ordinary events to the collector (so its incident timelines show what the
-//! processes did): best effort, and never at the expense of detections and
-//! evidence, which go through the spool on their own thread and connection.
+//! processes did): the shipper's best-effort lane. Detections and evidence
+//! go first: the shipper thread serves this lane only when the spool is
+//! empty and it is not backing off, one batch at a time, on the same
+//! connection and with the same back-off.
 //!
-//! The pipeline's [`EventSink`] serializes each event and hands it over a
-//! bounded channel (a full channel drops the event, counted in
-//! `vigil_ship_events_dropped_total`). The "vigil-ship-events" thread groups
-//! them in batches (at most [`BATCH_EVENTS`] events or [`BATCH_DELAY`]),
-//! each with a batch id unique to this agent run so a resend after a lost
-//! acknowledgement is stored once, and sends them in order. While the
-//! collector is unreachable it keeps a bounded backlog in memory
-//! ([`BACKLOG_BATCHES`]) and drops the oldest batch beyond it (counted):
-//! events are not spooled to disk.
+//! The pipeline's [`EventSink`] builds each event's wire form
+//! (`wire::event`) and hands it over a bounded channel (a full channel drops
+//! the event, counted in `vigil_ship_events_dropped_total`). The
+//! [`EventLane`] groups them in batches (at most [`BATCH_EVENTS`] events,
+//! [`BATCH_BYTES`] or [`BATCH_DELAY`]), each with a batch id unique to this
+//! agent run so a resend after a lost acknowledgement is stored once, and
+//! sends them in order. While the collector is unreachable it keeps a
+//! bounded backlog in memory ([`BACKLOG_BATCHES`]) and drops the oldest
+//! batch beyond it (counted): events are not spooled to disk.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{error, warn};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+use tracing::warn;
 use vigil_proto::Event;
 
-use super::client::{Client, PkiFiles, ShipError};
-use super::{BACKOFF_MAX, BACKOFF_MIN};
+use super::client::{Client, ShipError};
 use crate::metrics::{KindLabel, Metrics};
 use crate::model::EnrichedEvent;
-use crate::outputs::{EventLine, Sink};
+use crate::outputs::Sink;
 
-/// Serialized events waiting for the thread.
-const QUEUE: usize = 16_384;
+/// Events waiting for the shipper thread.
+pub const QUEUE: usize = 16_384;
 /// Most events per batch.
 pub const BATCH_EVENTS: usize = 2_000;
-/// Most JSON bytes per batch (the collector takes 4 MiB messages; the
-/// protobuf is somewhat larger than the JSON it is built from).
+/// Most encoded bytes per batch (the collector takes 4 MiB messages).
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Longest an event waits for its batch to fill.
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
@@ -39,49 +40,20 @@ pub const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// `BACKLOG_BATCHES * BATCH_EVENTS` events).
 pub const BACKLOG_BATCHES: usize = 64;
 
-/// The pipeline's side: a sink that queues each event for the collector.
+/// The pipeline's side: a sink that queues each event for the shipper.
 pub struct EventSink {
-    tx: Option<SyncSender<Event>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    tx: Sender<Event>,
     metrics: Arc<Metrics>,
     warned: bool,
 }
 
-impl Drop for EventSink {
-    /// At shutdown: the thread sends what it holds (bounded: 5 s) and ends.
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 impl EventSink {
-    /// Starts the "vigil-ship-events" thread shipping to `url`.
-    pub fn start(url: &str, files: PkiFiles, metrics: Arc<Metrics>) -> anyhow::Result<EventSink> {
-        let (tx, rx) = sync_channel(QUEUE);
-        let run = Runner {
-            url: url.to_string(),
-            files,
-            metrics: metrics.clone(),
-            client: None,
-            backlog: VecDeque::new(),
-            run_id: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-            next_batch: 0,
-        };
-        let thread = std::thread::Builder::new()
-            .name("vigil-ship-events".into())
-            .spawn(move || run.run(rx))?;
-        Ok(EventSink {
-            tx: Some(tx),
-            thread: Some(thread),
+    pub(super) fn new(tx: Sender<Event>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            tx,
             metrics,
             warned: false,
-        })
+        }
     }
 
     fn dropped(&mut self, why: &str) {
@@ -98,119 +70,79 @@ impl EventSink {
 
 impl Sink for EventSink {
     fn emit(&mut self, ev: &EnrichedEvent) {
-        let Some(tx) = &self.tx else { return };
-        let line = EventLine {
-            ev,
-            ancestry_argv: false,
-        };
-        let Ok(json) = serde_json::to_string(&line) else {
-            self.metrics.output_errors.inc();
-            return;
-        };
-        match tx.try_send(super::wire::event(ev, json)) {
+        match self.tx.try_send(super::wire::event(ev, false)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.dropped("shipping queue full"),
-            Err(TrySendError::Disconnected(_)) => self.dropped("shipping thread gone"),
+            Err(TrySendError::Closed(_)) => self.dropped("shipping thread gone"),
         }
     }
 }
 
-struct Runner {
-    url: String,
-    files: PkiFiles,
-    metrics: Arc<Metrics>,
-    client: Option<Client>,
+/// The shipper thread's side: batches and the backlog.
+pub(super) struct EventLane {
+    open: Vec<Event>,
+    open_bytes: usize,
+    open_since: Instant,
     backlog: VecDeque<(String, Vec<Event>)>,
     run_id: u128,
     next_batch: u64,
+    metrics: Arc<Metrics>,
 }
 
-impl Runner {
-    fn run(mut self, rx: Receiver<Event>) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                error!(error = %e, "event shipper runtime failed: events will not be shipped");
-                return;
-            }
-        };
-        let mut backoff = BACKOFF_MIN;
-        let mut retry_at: Option<Instant> = None;
-        let mut open: Vec<Event> = Vec::new();
-        let mut open_bytes = 0usize;
-        let mut open_since = Instant::now();
-        loop {
-            let deadline = if open.is_empty() {
-                retry_at.unwrap_or_else(|| Instant::now() + BATCH_DELAY)
-            } else {
-                open_since + BATCH_DELAY
-            };
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(ev) => {
-                    if open.is_empty() {
-                        open_since = Instant::now();
-                    }
-                    open_bytes += ev.json.len();
-                    open.push(ev);
-                    while open.len() < BATCH_EVENTS && open_bytes < BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(ev) => {
-                                open_bytes += ev.json.len();
-                                open.push(ev);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    // Shutting down: one last attempt, bounded.
-                    self.close(&mut open);
-                    let _ = rt.block_on(async {
-                        tokio::time::timeout(Duration::from_secs(5), self.send_backlog()).await
-                    });
-                    return;
-                }
-            }
-            if open.len() >= BATCH_EVENTS
-                || open_bytes >= BATCH_BYTES
-                || (!open.is_empty() && open_since.elapsed() >= BATCH_DELAY)
-            {
-                self.close(&mut open);
-                open_bytes = 0;
-            }
-            if self.backlog.is_empty() || retry_at.is_some_and(|t| t > Instant::now()) {
-                continue;
-            }
-            // Bounded, so a hung collector delays shutdown by 30 s at most.
-            let sent = rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(30), self.send_backlog())
-                    .await
-                    .unwrap_or_else(|_| Err(ShipError::Retry("timed out".into())))
-            });
-            match sent {
-                Ok(()) => {
-                    backoff = BACKOFF_MIN;
-                    retry_at = None;
-                }
-                Err(e) => {
-                    self.metrics.ship_errors.inc();
-                    self.client = None;
-                    warn!(error = %e, retry_in_s = backoff.as_secs(), held_batches = self.backlog.len(), "shipping events failed; holding them in memory");
-                    retry_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            }
+impl EventLane {
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            open: Vec::new(),
+            open_bytes: 0,
+            open_since: Instant::now(),
+            backlog: VecDeque::new(),
+            run_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            next_batch: 0,
+            metrics,
         }
+    }
+
+    /// Adds an event to the open batch (closed when full).
+    pub(super) fn push(&mut self, ev: Event) {
+        if self.open.is_empty() {
+            self.open_since = Instant::now();
+        }
+        self.open_bytes += prost::Message::encoded_len(&ev);
+        self.open.push(ev);
+        if self.open.len() >= BATCH_EVENTS || self.open_bytes >= BATCH_BYTES {
+            self.close();
+        }
+    }
+
+    /// When the open batch is due ([`BATCH_DELAY`] after its first event).
+    pub(super) fn due(&self) -> Option<Instant> {
+        (!self.open.is_empty()).then(|| self.open_since + BATCH_DELAY)
+    }
+
+    /// Closes the open batch if it is due.
+    pub(super) fn close_if_due(&mut self) {
+        if self.due().is_some_and(|t| t <= Instant::now()) {
+            self.close();
+        }
+    }
+
+    /// A batch is ready to send.
+    pub(super) fn ready(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Batches held.
+    pub(super) fn held(&self) -> usize {
+        self.backlog.len()
     }
 
     /// Moves the open batch to the backlog, dropping the oldest batch when
     /// the backlog is full.
-    fn close(&mut self, open: &mut Vec<Event>) {
-        if open.is_empty() {
+    pub(super) fn close(&mut self) {
+        if self.open.is_empty() {
             return;
         }
         if self.backlog.len() >= BACKLOG_BATCHES {
@@ -220,52 +152,49 @@ impl Runner {
         }
         let id = format!("ev-{}-{}", self.run_id, self.next_batch);
         self.next_batch += 1;
-        self.backlog.push_back((id, std::mem::take(open)));
+        self.open_bytes = 0;
+        self.backlog.push_back((id, std::mem::take(&mut self.open)));
     }
 
-    /// Sends the backlog in order; a batch leaves it once acknowledged (or
+    /// Sends the oldest batch; it leaves the backlog once acknowledged (or
     /// refused for good: dropped, counted).
-    async fn send_backlog(&mut self) -> Result<(), ShipError> {
-        while let Some((id, events)) = self.backlog.front() {
-            let (id, events) = (id.clone(), events.clone());
-            let n = events.len() as u64;
-            if self.client.is_none() {
-                self.client = Some(Client::connect(&self.url, &self.files).await?);
+    pub(super) async fn send_one(&mut self, client: &mut Client) -> Result<(), ShipError> {
+        let Some((id, events)) = self.backlog.front() else {
+            return Ok(());
+        };
+        let n = events.len() as u64;
+        match client.push_events(id.clone(), events.clone()).await {
+            Ok(()) => {
+                self.metrics
+                    .ship_sent
+                    .get_or_create(&KindLabel {
+                        kind: "event".into(),
+                    })
+                    .inc_by(n);
             }
-            let client = self.client.as_mut().expect("just set");
-            match client.push_events(id, events).await {
-                Ok(()) => {
-                    self.metrics
-                        .ship_sent
-                        .get_or_create(&KindLabel {
-                            kind: "event".into(),
-                        })
-                        .inc_by(n);
-                }
-                Err(ShipError::Rejected(m)) => {
-                    warn!(
-                        reason = m,
-                        events = n,
-                        "the collector refused a batch of events: dropped"
-                    );
-                    self.metrics.ship_events_dropped.inc_by(n);
-                }
-                // Over the collector's message or batch limits: resending
-                // the same batch would fail the same way.
-                Err(ShipError::Retry(m))
-                    if m.starts_with("OutOfRange") || m.starts_with("ResourceExhausted") =>
-                {
-                    warn!(
-                        reason = m,
-                        events = n,
-                        "a batch of events is over the collector's limits: dropped"
-                    );
-                    self.metrics.ship_events_dropped.inc_by(n);
-                }
-                Err(e) => return Err(e),
+            Err(ShipError::Rejected(m)) => {
+                warn!(
+                    reason = m,
+                    events = n,
+                    "the collector refused a batch of events: dropped"
+                );
+                self.metrics.ship_events_dropped.inc_by(n);
             }
-            self.backlog.pop_front();
+            // Over the collector's message or batch limits: resending the
+            // same batch would fail the same way.
+            Err(ShipError::Retry(m))
+                if m.starts_with("OutOfRange") || m.starts_with("ResourceExhausted") =>
+            {
+                warn!(
+                    reason = m,
+                    events = n,
+                    "a batch of events is over the collector's limits: dropped"
+                );
+                self.metrics.ship_events_dropped.inc_by(n);
+            }
+            Err(e) => return Err(e),
         }
+        self.backlog.pop_front();
         Ok(())
     }
 }

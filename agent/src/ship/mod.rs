@@ -1,8 +1,8 @@
 //! Shipping to the collector: detections and evidence bundles leave the
 //! agent through an on-disk [`spool`] and a gRPC [`client`] with mutual TLS.
 //!
-//! Flow: the pipeline hands each detection JSON line to the shipper thread
-//! through a bounded channel (never blocks; a full channel drops the line,
+//! Flow: the pipeline hands each detection's wire form to the shipper
+//! thread through a bounded channel (never blocks; a full channel drops it,
 //! counted in `vigil_spool_dropped_total`); the capture worker queues each
 //! sealed archive into the spool itself (it is off the event path). The
 //! shipper thread ("vigil-ship", its own single-threaded runtime) writes
@@ -11,9 +11,11 @@
 //! refuses us, it backs off exponentially (1 s to 60 s) and retries; the
 //! spool keeps everything meanwhile, across agent restarts.
 //!
-//! Ordinary events take another road ([`events`]): best effort, in memory,
-//! on their own thread and connection, so they never delay or displace a
-//! detection or a bundle.
+//! Two lanes, one thread, one connection, one back-off: the spool
+//! (detections and bundles) is the priority lane; ordinary events
+//! ([`events`]) are the best-effort lane, in memory, served one batch at a
+//! time and only when the spool is empty, so they never delay or displace
+//! a detection or a bundle.
 
 pub mod client;
 pub mod events;
@@ -21,18 +23,21 @@ pub mod spool;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, warn};
 
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{channel, Receiver, Sender};
+
 use crate::metrics::{KindLabel, Metrics};
 use client::{Client, PkiFiles, ShipError};
+use events::{EventLane, EventSink};
 use spool::{Item, ItemKind, Priority, Spool};
 
-/// Detection lines waiting for the shipper thread.
+/// Detections waiting for the shipper thread.
 const QUEUE: usize = 4096;
 /// Most detections per PushDetections call.
 const MAX_DETECTIONS_PER_CALL: usize = 500;
@@ -41,6 +46,10 @@ pub(crate) const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How often an idle shipper looks at the spool anyway.
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
+/// Longest one batch of events may take to send.
+const EVENT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// At shutdown, what is left of the event lane gets this long.
+const EVENT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Shipping settings (from the agent config).
 #[derive(Clone, Debug)]
@@ -66,16 +75,20 @@ pub struct ShipOptions {
 }
 
 enum Msg {
-    Detection(String, Priority),
+    /// A detection's protobuf encoding.
+    Detection(Vec<u8>, Priority),
     Wake,
-    /// Everything sent before this is in the spool: reply.
+    /// Everything sent before this is in the spool (and the events handed
+    /// over so far had a bounded chance to leave): reply.
     Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// Handle given to the pipeline and the capture worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Shipper {
-    tx: SyncSender<Msg>,
+    tx: Sender<Msg>,
+    /// The best-effort lane's entrance (see [`Shipper::event_sink`]).
+    events: Sender<vigil_proto::Event>,
     /// Detections in the channel: those below high may use only 3/4 of it.
     pending: Arc<std::sync::atomic::AtomicUsize>,
     spool: Arc<Spool>,
@@ -112,7 +125,8 @@ impl Shipper {
         }
         let (items, bytes) = spool.usage();
         info!(collector = %opts.collector, spool = %opts.spool_dir.display(), items, bytes, "shipping to the collector");
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = channel(QUEUE);
+        let (events, events_rx) = channel(events::QUEUE);
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = Worker {
             url: opts.collector,
@@ -123,22 +137,24 @@ impl Shipper {
             pending: pending.clone(),
             archive_dir: opts.archive_dir,
             keep_shipped_bytes: opts.keep_shipped_bytes,
+            lane: EventLane::new(metrics.clone()),
         };
         std::thread::Builder::new()
             .name("vigil-ship".into())
-            .spawn(move || worker.run(rx))?;
+            .spawn(move || worker.run(rx, events_rx))?;
         Ok(Shipper {
             tx,
+            events,
             pending,
             spool,
             metrics,
         })
     }
 
-    /// Queues a detection JSON line; never blocks. `high`: a high or
-    /// critical detection, which has reserved room in the channel and the
-    /// spool.
-    pub fn detection(&self, json: String, high: bool) {
+    /// Queues a detection in its wire form (protobuf); never blocks.
+    /// `high`: a high or critical detection, which has reserved room in
+    /// the channel and the spool.
+    pub fn detection(&self, wire: Vec<u8>, high: bool) {
         use std::sync::atomic::Ordering;
         let prio = if high {
             Priority::High
@@ -151,9 +167,9 @@ impl Shipper {
             return;
         }
         self.pending.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Msg::Detection(json, prio)) {
+        match self.tx.try_send(Msg::Detection(wire, prio)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
                 self.pending.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.spool_dropped.inc();
                 warn!("shipping queue full: detection not shipped");
@@ -166,7 +182,7 @@ impl Shipper {
     /// the timeout leaves in the channel is lost (logged).
     pub fn flush(&self, timeout: Duration) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let sent = match self.tx.send_timeout_compat(Msg::Flush(tx), timeout) {
+        let sent = match send_timeout(&self.tx, Msg::Flush(tx), timeout) {
             Ok(()) => rx.recv_timeout(timeout).is_ok(),
             Err(()) => false,
         };
@@ -199,13 +215,9 @@ impl Shipper {
 
 impl crate::outputs::Forward for Shipper {
     fn detection(&self, d: &crate::model::Detection) {
-        match serde_json::to_string(d) {
-            Ok(line) => Shipper::detection(self, line, d.severity >= crate::model::Severity::High),
-            Err(e) => {
-                self.metrics.output_errors.inc();
-                warn!(error = %e, "detection not shipped: it did not serialize");
-            }
-        }
+        use prost::Message as _;
+        let wire = wire::detection(d).encode_to_vec();
+        Shipper::detection(self, wire, d.severity >= crate::model::Severity::High);
     }
 
     fn bundle(&self, archive: &Path, id: &str, high: bool) {
@@ -213,25 +225,27 @@ impl crate::outputs::Forward for Shipper {
     }
 }
 
-/// `SyncSender::send` with a deadline (std has none): retries `try_send`.
-trait SendTimeout {
-    fn send_timeout_compat(&self, m: Msg, timeout: Duration) -> Result<(), ()>;
+impl Shipper {
+    /// The pipeline's sink for ordinary events (the best-effort lane).
+    pub fn event_sink(&self) -> EventSink {
+        EventSink::new(self.events.clone(), self.metrics.clone())
+    }
 }
 
-impl SendTimeout for SyncSender<Msg> {
-    fn send_timeout_compat(&self, mut m: Msg, timeout: Duration) -> Result<(), ()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.try_send(m) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Disconnected(_)) => return Err(()),
-                Err(TrySendError::Full(back)) => {
-                    if Instant::now() >= deadline {
-                        return Err(());
-                    }
-                    m = back;
-                    std::thread::sleep(Duration::from_millis(10));
+/// A blocking send with a deadline, from a thread outside any runtime:
+/// retries `try_send`.
+fn send_timeout(tx: &Sender<Msg>, mut m: Msg, timeout: Duration) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tx.try_send(m) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(()),
+            Err(TrySendError::Full(back)) => {
+                if Instant::now() >= deadline {
+                    return Err(());
                 }
+                m = back;
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
     }
@@ -246,10 +260,11 @@ struct Worker {
     pending: Arc<std::sync::atomic::AtomicUsize>,
     archive_dir: Option<PathBuf>,
     keep_shipped_bytes: u64,
+    lane: EventLane,
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, rx: Receiver<Msg>, events: Receiver<vigil_proto::Event>) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -260,30 +275,85 @@ impl Worker {
                 return;
             }
         };
+        rt.block_on(self.serve(rx, events));
+    }
+
+    /// The loop: take what arrives (detections into the spool, events into
+    /// their batches), then send: the spool first, whole and in order; a
+    /// batch of events only when the spool is done. One back-off for both.
+    async fn serve(&mut self, mut rx: Receiver<Msg>, mut events: Receiver<vigil_proto::Event>) {
         let mut backoff = BACKOFF_MIN;
-        let mut wait_until: Option<Instant> = None;
+        let mut retry_at: Option<Instant> = None;
+        // The spool may hold items from the last run.
+        let mut spool_due = true;
+        let mut recheck_at = Instant::now() + IDLE_RECHECK;
+        let mut events_open = true;
         loop {
-            // Wait for work, a wake-up, or the end of the back-off; spool
-            // whatever arrives meanwhile.
-            let timeout = match wait_until {
-                Some(t) => t.saturating_duration_since(Instant::now()),
-                None => IDLE_RECHECK,
+            let now = Instant::now();
+            let work = spool_due || self.lane.ready();
+            let wake = match retry_at {
+                Some(t) => t,
+                None if work => now,
+                None => recheck_at,
             };
-            match rx.recv_timeout(timeout) {
-                Ok(m) => self.take(m),
-                Err(RecvTimeoutError::Timeout) => wait_until = None,
-                // The agent is shutting down: what is not sent stays in the
-                // spool for the next start.
-                Err(RecvTimeoutError::Disconnected) => return,
+            let wake = self.lane.due().map_or(wake, |d| d.min(wake));
+            tokio::select! {
+                biased;
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        if matches!(m, Msg::Flush(_)) {
+                            // The events handed over before it, too.
+                            while let Ok(e) = events.try_recv() {
+                                self.lane.push(e);
+                            }
+                        }
+                        self.take(m).await;
+                        spool_due = true;
+                    }
+                    // The agent is shutting down: what is not sent stays in
+                    // the spool for the next start.
+                    None => return,
+                },
+                e = events.recv(), if events_open => match e {
+                    Some(e) => self.lane.push(e),
+                    None => events_open = false,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
+            // What else is waiting, bounded (the event lane is best effort).
             while let Ok(m) = rx.try_recv() {
-                self.take(m);
+                if matches!(m, Msg::Flush(_)) {
+                    while let Ok(e) = events.try_recv() {
+                        self.lane.push(e);
+                    }
+                }
+                self.take(m).await;
+                spool_due = true;
             }
-            if wait_until.is_some_and(|t| t > Instant::now()) {
+            for _ in 0..events::BATCH_EVENTS {
+                match events.try_recv() {
+                    Ok(e) => self.lane.push(e),
+                    Err(_) => break,
+                }
+            }
+            self.lane.close_if_due();
+            let now = Instant::now();
+            if now >= recheck_at {
+                spool_due = true;
+                recheck_at = now + IDLE_RECHECK;
+            }
+            if retry_at.is_some_and(|t| t > now) {
                 continue;
             }
-            wait_until = None;
-            match rt.block_on(self.ship_all()) {
+            retry_at = None;
+            let sent = if spool_due {
+                self.ship_all().await.map(|()| spool_due = false)
+            } else if self.lane.ready() {
+                self.send_events(EVENT_SEND_TIMEOUT).await
+            } else {
+                continue;
+            };
+            match sent {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(e) => {
                     self.metrics.ship_errors.inc();
@@ -293,27 +363,53 @@ impl Worker {
                             error!(error = %e, retry_in_s = backoff.as_secs(), "shipping to the collector failed: check the agent certificate and the collector's CA")
                         }
                         _ => {
-                            warn!(error = %e, retry_in_s = backoff.as_secs(), "shipping to the collector failed; the spool keeps the items")
+                            warn!(error = %e, retry_in_s = backoff.as_secs(), held_event_batches = self.lane.held(), "shipping to the collector failed; the spool keeps the items, events are held in memory")
                         }
                     }
-                    wait_until = Some(Instant::now() + backoff);
+                    retry_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
     }
 
-    fn take(&mut self, m: Msg) {
+    /// One batch of events, bounded in time.
+    async fn send_events(&mut self, timeout: Duration) -> Result<(), ShipError> {
+        let sent = tokio::time::timeout(timeout, async {
+            let mut lane = std::mem::replace(&mut self.lane, EventLane::new(self.metrics.clone()));
+            let r = match self.client().await {
+                Ok(c) => lane.send_one(c).await,
+                Err(e) => Err(e),
+            };
+            self.lane = lane;
+            r
+        })
+        .await;
+        sent.unwrap_or_else(|_| Err(ShipError::Retry("sending events timed out".into())))
+    }
+
+    async fn take(&mut self, m: Msg) {
         match m {
-            Msg::Detection(json, prio) => {
+            Msg::Detection(wire, prio) => {
                 self.pending
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = self.spool.enqueue_detection(&json, prio) {
+                if let Err(e) = self.spool.enqueue_detection(&wire, prio) {
                     warn!(error = %e, "detection not spooled: it will not reach the collector");
                 }
             }
             Msg::Wake => {}
             Msg::Flush(reply) => {
+                // Shutting down: the events handed over so far get a short,
+                // bounded chance (they are best effort; detections are
+                // already safe in the spool).
+                self.lane.close();
+                let deadline = Instant::now() + EVENT_FLUSH_TIMEOUT;
+                while self.lane.ready() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || self.send_events(left).await.is_err() {
+                        break;
+                    }
+                }
                 let _ = reply.send(());
             }
         }
@@ -359,16 +455,17 @@ impl Worker {
                         .take_while(|i| i.kind == ItemKind::Detection)
                         .take(MAX_DETECTIONS_PER_CALL)
                     {
-                        let parsed = std::fs::read_to_string(&item.path)
+                        let parsed = std::fs::read(&item.path)
                             .map_err(|e| e.to_string())
-                            .and_then(|j| {
-                                vigil_proto::Detection::from_agent_json(&j)
-                                    .map(|d| (j, d))
-                                    .map_err(|e| e.to_string())
+                            .and_then(|b| {
+                                use prost::Message as _;
+                                vigil_proto::Detection::decode(&b[..])
+                                    .map(|d| (b, d))
+                                    .map_err(|e| format!("not a detection: {e}"))
                             });
                         match parsed {
-                            Ok((json, d)) => {
-                                let id = hex::encode(Sha256::digest(json.as_bytes()));
+                            Ok((wire, d)) => {
+                                let id = hex::encode(Sha256::digest(&wire));
                                 batch.push((format!("det-{id}"), d));
                                 sent.push(item.clone());
                             }

@@ -1,9 +1,12 @@
 //! The spool: a bounded on-disk queue of items waiting for the collector.
 //!
-//! One file per item, named `SEQ.det.json` (one detection JSON line) or
-//! `SEQ.BUNDLEID.tar.zst` (a sealed evidence archive, hard-linked or copied
-//! from the capture directory); SEQ is a zero-padded sequence number, so the
-//! directory listing is the delivery order and survives restarts.
+//! One file per item, named `SEQ.det.pb` (one detection in its wire form,
+//! a protobuf `vigil.v1.Detection`) or `SEQ.BUNDLEID.tar.zst` (a sealed
+//! evidence archive, hard-linked or copied from the capture directory); SEQ
+//! is a zero-padded sequence number, so the directory listing is the
+//! delivery order and survives restarts. A spool written before 0.2 holds
+//! `SEQ.det.json` (the detection's JSON line): [`Spool::open`] converts each
+//! once, in place and in order.
 //!
 //! Invariants:
 //! - Enqueue is atomic: the item is written as `.tmp-SEQ`, synced, then
@@ -16,8 +19,8 @@
 //!   refuses the new item (counted in `vigil_spool_dropped_total`); nothing
 //!   already queued is ever evicted to make room.
 //!
-//! Only detections and evidence bundles are spooled: events are not shipped
-//! yet.
+//! Only detections and evidence bundles are spooled: events are shipped
+//! best effort from memory (`ship::events`).
 
 use std::fs;
 use std::io::Write;
@@ -29,7 +32,7 @@ use crate::metrics::Metrics;
 /// What an item is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ItemKind {
-    /// One detection JSON line.
+    /// One detection, protobuf.
     Detection,
     /// An evidence bundle with its id (SHA-256 of the archive).
     Bundle(String),
@@ -94,11 +97,18 @@ fn parse_name(name: &str) -> Option<(u64, ItemKind)> {
         return None;
     }
     let seq: u64 = seq.parse().ok()?;
-    if rest == "det.json" {
+    if rest == "det.pb" {
         return Some((seq, ItemKind::Detection));
     }
     let id = rest.strip_suffix(".tar.zst")?;
     vigil_proto::is_valid_bundle_id(id).then(|| (seq, ItemKind::Bundle(id.to_string())))
+}
+
+/// Writes `bytes` to a new private file at `path`, synced.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = vigil_bundle::private::replace_new(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// How much of the spool an item may use.
@@ -131,11 +141,22 @@ impl Spool {
             }),
             metrics,
         };
+        let mut legacy = Vec::new();
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
                 let _ = fs::remove_file(entry.path());
+            } else if let Some(seq) = name
+                .strip_suffix(".det.json")
+                .filter(|s| s.len() == 20)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                legacy.push((seq, entry.path()));
             }
+        }
+        for (seq, path) in legacy {
+            spool.upgrade(seq, &path)?;
         }
         let items = spool.list()?;
         {
@@ -215,15 +236,38 @@ impl Spool {
         }
     }
 
-    /// Queues one detection JSON line.
-    pub fn enqueue_detection(&self, json: &str, prio: Priority) -> Result<PathBuf, SpoolError> {
-        let size = json.len() as u64;
+    /// Queues one detection (its protobuf encoding).
+    pub fn enqueue_detection(&self, wire: &[u8], prio: Priority) -> Result<PathBuf, SpoolError> {
+        let size = wire.len() as u64;
         let seq = self.reserve(size, prio)?;
-        self.commit(seq, size, &format!("{seq:020}.det.json"), |tmp| {
-            let mut f = vigil_bundle::private::replace_new(tmp)?;
-            f.write_all(json.as_bytes())?;
-            f.sync_all()
+        self.commit(seq, size, &format!("{seq:020}.det.pb"), |tmp| {
+            write_synced(tmp, wire)
         })
+    }
+
+    /// A detection spooled as a JSON line (before 0.2) rewritten in its
+    /// wire form under the same sequence number; one that does not parse
+    /// goes to `rejected/` (kept, never deleted).
+    fn upgrade(&self, seq: u64, path: &Path) -> Result<(), SpoolError> {
+        use prost::Message as _;
+        let text = fs::read_to_string(path)?;
+        match vigil_proto::Detection::from_agent_json(&text) {
+            // Its `json` is the line: the collector stores it as an old
+            // agent's.
+            Ok(d) => {
+                let tmp = self.dir.join(format!(".tmp-{seq:020}"));
+                write_synced(&tmp, &d.encode_to_vec())?;
+                fs::rename(&tmp, self.dir.join(format!("{seq:020}.det.pb")))?;
+                fs::remove_file(path)?;
+            }
+            Err(e) => {
+                let dir = self.dir.join("rejected");
+                vigil_bundle::private::secure_dir(&dir)?;
+                fs::rename(path, dir.join(path.file_name().unwrap_or_default()))?;
+                tracing::warn!(path = %path.display(), error = %e, "a spooled detection from an earlier version does not parse: moved to rejected/");
+            }
+        }
+        Ok(())
     }
 
     /// Queues a sealed evidence archive (hard link when on the same file
@@ -309,14 +353,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::default());
         let s = Spool::open(d.path(), 1000, 3, m.clone()).unwrap();
-        s.enqueue_detection("{\"a\":1}", Priority::High).unwrap();
+        s.enqueue_detection(b"{\"a\":1}", Priority::High).unwrap();
         let arch = d.path().join("x.tar.zst");
         fs::write(&arch, b"bundle").unwrap();
         let id = "ab".repeat(32);
         s.enqueue_bundle(&arch, &id, Priority::High).unwrap();
-        s.enqueue_detection("{\"a\":2}", Priority::High).unwrap();
+        s.enqueue_detection(b"{\"a\":2}", Priority::High).unwrap();
         assert!(matches!(
-            s.enqueue_detection("{\"a\":3}", Priority::High),
+            s.enqueue_detection(b"{\"a\":3}", Priority::High),
             Err(SpoolError::Full { .. })
         ));
         assert_eq!(m.spool_dropped.get(), 1);
@@ -328,10 +372,8 @@ mod tests {
         assert_eq!(fs::read(&items[1].path).unwrap(), b"bundle");
         assert_eq!(fs::read_to_string(&items[2].path).unwrap(), "{\"a\":2}");
         s.remove(&items[0]).unwrap();
-        let p = s.enqueue_detection("{\"a\":4}", Priority::High).unwrap();
-        assert!(p
-            .to_string_lossy()
-            .contains("00000000000000000003.det.json"));
+        let p = s.enqueue_detection(b"{\"a\":4}", Priority::High).unwrap();
+        assert!(p.to_string_lossy().contains("00000000000000000003.det.pb"));
         assert_eq!(s.usage().0, 3);
         assert_eq!(m.spool_items.get(), 3);
         assert!(s.enqueue_bundle(&arch, "../x", Priority::High).is_err());
@@ -344,20 +386,58 @@ mod tests {
         // 10 items: those below high may use 8.
         let s = Spool::open(d.path(), 1 << 20, 10, m.clone()).unwrap();
         for i in 0..8 {
-            s.enqueue_detection(&format!("{{\"n\":{i}}}"), Priority::Normal)
+            s.enqueue_detection(format!("{{\"n\":{i}}}").as_bytes(), Priority::Normal)
                 .unwrap();
         }
         assert!(matches!(
-            s.enqueue_detection("{\"n\":8}", Priority::Normal),
+            s.enqueue_detection(b"{\"n\":8}", Priority::Normal),
             Err(SpoolError::Full { .. })
         ));
-        s.enqueue_detection("{\"critical\":1}", Priority::High)
+        s.enqueue_detection(b"{\"critical\":1}", Priority::High)
             .unwrap();
-        s.enqueue_detection("{\"critical\":2}", Priority::High)
+        s.enqueue_detection(b"{\"critical\":2}", Priority::High)
             .unwrap();
         assert!(s
-            .enqueue_detection("{\"critical\":3}", Priority::High)
+            .enqueue_detection(b"{\"critical\":3}", Priority::High)
             .is_err());
         assert_eq!(s.usage().0, 10);
+    }
+
+    /// A spool written before 0.2 (JSON lines) is converted once at open:
+    /// same order, the line kept as the collector's document; a line that
+    /// does not parse is set aside in `rejected/`, never deleted.
+    #[test]
+    fn a_spool_of_json_lines_is_converted_once_at_open() {
+        use prost::Message as _;
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let line = r#"{"time":"2026-12-02T10:00:00Z","rule":"reverse_shell","severity":"critical","process":{"pid":7,"exe":"/bin/sh"}}"#;
+        fs::write(d.path().join("00000000000000000004.det.json"), line).unwrap();
+        fs::write(d.path().join("00000000000000000005.det.json"), "not json").unwrap();
+        let arch = d
+            .path()
+            .join("00000000000000000006.".to_string() + &"cd".repeat(32) + ".tar.zst");
+        fs::write(&arch, b"bundle").unwrap();
+        let s = Spool::open(d.path(), 1 << 20, 10, m.clone()).unwrap();
+        let items = s.list().unwrap();
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!((items[0].seq, &items[0].kind), (4, &ItemKind::Detection));
+        let det = vigil_proto::Detection::decode(&fs::read(&items[0].path).unwrap()[..]).unwrap();
+        assert_eq!(
+            (det.rule.as_str(), det.pid, det.json.as_str()),
+            ("reverse_shell", 7, line)
+        );
+        assert_eq!(items[1].seq, 6);
+        assert!(d
+            .path()
+            .join("rejected/00000000000000000005.det.json")
+            .exists());
+        assert_eq!(s.usage().0, 2);
+        // Nothing is left to convert the next time.
+        drop(s);
+        let s = Spool::open(d.path(), 1 << 20, 10, m).unwrap();
+        assert_eq!(s.list().unwrap().len(), 2);
+        let p = s.enqueue_detection(b"x", Priority::High).unwrap();
+        assert!(p.ends_with("00000000000000000007.det.pb"));
     }
 }

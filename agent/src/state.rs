@@ -1,0 +1,115 @@
+//! The state stage: the process tree and workload identity, kept current by
+//! every event, and each event enriched with them (the process as the tree
+//! knows it, its ancestry, the wall-clock time).
+//!
+//! Invariant: an event is enriched with the state *after* it applied (an
+//! exec shows its new image), except an exit, which leaves the tree only
+//! once the later stages handled it ([`State::leave`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::model::event::{Event, Payload};
+use crate::model::{EnrichedEvent, ProcessView};
+use crate::tree::ProcessTree;
+use crate::workload_cache::WorkloadCache;
+
+/// The tree, the workload cache and the wall clock's offset.
+pub struct State {
+    tree: ProcessTree,
+    workloads: WorkloadCache,
+    /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
+    wall_offset_ns: i128,
+}
+
+impl State {
+    /// State over `tree` (bootstrapped from /proc) and `workloads`.
+    pub fn new(tree: ProcessTree, workloads: WorkloadCache) -> Self {
+        Self {
+            tree,
+            workloads,
+            wall_offset_ns: crate::model::wall_offset_ns(),
+        }
+    }
+
+    /// The tree (read-only).
+    pub fn tree(&self) -> &ProcessTree {
+        &self.tree
+    }
+
+    /// Applies `ev` to the tree (an exit waits for [`State::leave`]) and
+    /// returns it enriched.
+    pub fn enter(&mut self, mut ev: Event) -> EnrichedEvent {
+        if let Payload::Exec(x) = &mut ev.payload {
+            // A script run by a relative path: made absolute while the
+            // process's cwd can still be read.
+            if let Some(s) = x.script.as_mut().filter(|s| !s.starts_with('/')) {
+                if let Ok(cwd) = std::fs::read_link(format!("/proc/{}/cwd", ev.pid)) {
+                    *s = cwd.join(&*s).to_string_lossy().into_owned();
+                }
+            }
+        }
+        if !matches!(ev.payload, Payload::Exit { .. }) {
+            let workloads = &mut self.workloads;
+            self.tree
+                .apply(&ev, &mut |pid, cg| workloads.resolve(pid, cg));
+        }
+        self.enrich(ev)
+    }
+
+    /// After the later stages: an exit leaves the tree.
+    pub fn leave(&mut self, enriched: &EnrichedEvent) {
+        if matches!(enriched.event.payload, Payload::Exit { .. }) {
+            let workloads = &mut self.workloads;
+            self.tree
+                .apply(&enriched.event, &mut |pid, cg| workloads.resolve(pid, cg));
+        }
+    }
+
+    fn enrich(&mut self, ev: Event) -> EnrichedEvent {
+        let process = match self.tree.get(ev.pid) {
+            Some(p) => ProcessView {
+                pid: p.pid,
+                ppid: p.ppid,
+                image: p.image.clone(),
+                comm: ev.comm.clone(),
+                uid: p.uid,
+                euid: p.euid,
+                workload: p.workload.clone(),
+            },
+            None => ProcessView {
+                pid: ev.pid,
+                ppid: 0,
+                image: Default::default(),
+                comm: ev.comm.clone(),
+                uid: ev.uid,
+                euid: ev.uid,
+                workload: self.workloads.resolve(ev.pid, ev.cgroup_id),
+            },
+        };
+        let ancestry = self.tree.ancestry(ev.pid);
+        let wall_ns = (ev.boot_ns as i128 + self.wall_offset_ns).clamp(0, i64::MAX as i128) as i64;
+        EnrichedEvent {
+            time: crate::model::wall_time(wall_ns),
+            time_unix_nanos: wall_ns,
+            event: Arc::new(ev),
+            process,
+            ancestry,
+        }
+    }
+
+    /// Periodic housekeeping: reaps exited processes, publishes the tree's
+    /// metrics.
+    pub fn tick(&mut self, now: Instant, m: &Metrics) {
+        self.tree.reap(now);
+        let st = self.tree.stats();
+        m.tree_size.set(self.tree.len() as i64);
+        m.tree_reaped
+            .inc_by(st.reaped.saturating_sub(m.tree_reaped.get()));
+        m.tree_rejected
+            .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
+        m.tree_unknown_pid
+            .inc_by(st.unknown_pid.saturating_sub(m.tree_unknown_pid.get()));
+    }
+}
