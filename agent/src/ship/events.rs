@@ -36,9 +36,12 @@ pub const BATCH_EVENTS: usize = 2_000;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Longest an event waits for its batch to fill.
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
-/// Batches kept while the collector is unreachable (at most
-/// `BACKLOG_BATCHES * BATCH_EVENTS` events).
+/// Batches kept while the collector is unreachable or slower than the
+/// node (at most `BACKLOG_BATCHES * BATCH_EVENTS` events) ...
 pub const BACKLOG_BATCHES: usize = 64;
+/// ... and at most this many encoded bytes (the agent's memory: a write
+/// storm's 64 full batches held about 40 MB).
+pub const BACKLOG_BYTES: usize = 8 << 20;
 
 /// The pipeline's side: a sink that queues each event for the shipper.
 pub struct EventSink {
@@ -83,7 +86,8 @@ pub(super) struct EventLane {
     open: Vec<Event>,
     open_bytes: usize,
     open_since: Instant,
-    backlog: VecDeque<(String, Vec<Event>)>,
+    backlog: VecDeque<(String, Vec<Event>, usize)>,
+    backlog_bytes: usize,
     run_id: u128,
     next_batch: u64,
     metrics: Arc<Metrics>,
@@ -96,6 +100,7 @@ impl EventLane {
             open_bytes: 0,
             open_since: Instant::now(),
             backlog: VecDeque::new(),
+            backlog_bytes: 0,
             run_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos())
@@ -139,27 +144,40 @@ impl EventLane {
         self.backlog.len()
     }
 
-    /// Moves the open batch to the backlog, dropping the oldest batch when
-    /// the backlog is full.
+    /// Moves the open batch to the backlog, dropping the oldest batches
+    /// while the backlog would be over [`BACKLOG_BATCHES`] or
+    /// [`BACKLOG_BYTES`].
     pub(super) fn close(&mut self) {
         if self.open.is_empty() {
             return;
         }
-        if self.backlog.len() >= BACKLOG_BATCHES {
-            if let Some((_, old)) = self.backlog.pop_front() {
-                self.metrics.ship_events_dropped.inc_by(old.len() as u64);
-            }
+        let bytes = std::mem::take(&mut self.open_bytes);
+        while !self.backlog.is_empty()
+            && (self.backlog.len() >= BACKLOG_BATCHES || self.backlog_bytes + bytes > BACKLOG_BYTES)
+        {
+            self.pop_oldest(true);
         }
         let id = format!("ev-{}-{}", self.run_id, self.next_batch);
         self.next_batch += 1;
-        self.open_bytes = 0;
-        self.backlog.push_back((id, std::mem::take(&mut self.open)));
+        self.backlog_bytes += bytes;
+        self.backlog
+            .push_back((id, std::mem::take(&mut self.open), bytes));
+    }
+
+    /// The oldest batch leaves the backlog (`dropped`: counted as lost).
+    fn pop_oldest(&mut self, dropped: bool) {
+        if let Some((_, old, bytes)) = self.backlog.pop_front() {
+            self.backlog_bytes -= bytes;
+            if dropped {
+                self.metrics.ship_events_dropped.inc_by(old.len() as u64);
+            }
+        }
     }
 
     /// Sends the oldest batch; it leaves the backlog once acknowledged (or
     /// refused for good: dropped, counted).
     pub(super) async fn send_one(&mut self, client: &mut Client) -> Result<(), ShipError> {
-        let Some((id, events)) = self.backlog.front() else {
+        let Some((id, events, _)) = self.backlog.front() else {
             return Ok(());
         };
         let n = events.len() as u64;
@@ -194,7 +212,56 @@ impl EventLane {
             }
             Err(e) => return Err(e),
         }
-        self.backlog.pop_front();
+        self.pop_oldest(false);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(argv_bytes: usize) -> Event {
+        Event {
+            kind: "exec".into(),
+            argv: vec!["x".repeat(argv_bytes)],
+            ..Event::default()
+        }
+    }
+
+    /// The backlog is bounded in batches and in bytes; what it drops is
+    /// counted, oldest first, and batches keep their order.
+    #[test]
+    fn the_backlog_is_bounded_in_batches_and_bytes() {
+        let m = Arc::new(Metrics::default());
+        let mut lane = EventLane::new(m.clone());
+        for _ in 0..BACKLOG_BATCHES + 3 {
+            lane.push(event(10));
+            lane.close();
+        }
+        assert_eq!(lane.held(), BACKLOG_BATCHES);
+        assert_eq!(m.ship_events_dropped.get(), 3);
+        assert_eq!(
+            lane.backlog.front().unwrap().0,
+            format!("ev-{}-3", lane.run_id)
+        );
+        // Big batches: the byte bound drops more.
+        let mut lane = EventLane::new(m.clone());
+        let before = m.ship_events_dropped.get();
+        for _ in 0..20 {
+            lane.push(event(1 << 20)); // a batch of its own: over BATCH_BYTES
+        }
+        assert!(
+            lane.backlog_bytes <= BACKLOG_BYTES,
+            "{}",
+            lane.backlog_bytes
+        );
+        assert!(lane.held() <= BACKLOG_BYTES >> 20);
+        assert_eq!(
+            m.ship_events_dropped.get() - before,
+            20 - lane.held() as u64
+        );
+        let total: usize = lane.backlog.iter().map(|b| b.2).sum();
+        assert_eq!(total, lane.backlog_bytes);
     }
 }
