@@ -28,8 +28,10 @@ use crate::metrics::{KindLabel, Metrics};
 use crate::model::EnrichedEvent;
 use crate::outputs::Sink;
 
-/// Events waiting for the shipper thread.
-pub const QUEUE: usize = 16_384;
+/// Events waiting for the shipper thread (a second of a busy node's
+/// events; past it they are dropped and counted: the lane is best effort,
+/// and its memory stays small).
+pub const QUEUE: usize = 4_096;
 /// Most events per batch.
 pub const BATCH_EVENTS: usize = 2_000;
 /// Most encoded bytes per batch (the collector takes 4 MiB messages).
@@ -39,9 +41,11 @@ pub const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// Batches kept while the collector is unreachable or slower than the
 /// node (at most `BACKLOG_BATCHES * BATCH_EVENTS` events) ...
 pub const BACKLOG_BATCHES: usize = 64;
-/// ... and at most this many encoded bytes (the agent's memory: a write
-/// storm's 64 full batches held about 40 MB).
-pub const BACKLOG_BYTES: usize = 8 << 20;
+/// ... and at most this many encoded bytes: the agent's memory (a batch
+/// in memory takes about three times its encoded size; a write storm with
+/// an 8 MiB bound ended at 95 MB of RSS). On an ordinary node, minutes of
+/// events.
+pub const BACKLOG_BYTES: usize = 2 << 20;
 
 /// The pipeline's side: a sink that queues each event for the shipper.
 pub struct EventSink {
