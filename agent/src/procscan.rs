@@ -24,7 +24,7 @@ pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyho
             .exe()
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let argv = p.cmdline().unwrap_or_default();
+        let argv = bounded_argv(p.cmdline().unwrap_or_default());
         let (uid, euid) = p
             .status()
             .map(|s| (s.ruid, s.euid))
@@ -84,4 +84,55 @@ pub fn listening_pids() -> HashSet<u32> {
         }
     }
     pids
+}
+
+/// Most bytes of a command line read from /proc (the kernel's exec record
+/// holds 1 KiB): a JVM's class path can be hundreds of KiB, and every
+/// event and detection of its descendants names it in their ancestry.
+pub const ARGV_MAX_BYTES: usize = 32 << 10;
+/// Most arguments read from /proc.
+pub const ARGV_MAX_ARGS: usize = 1024;
+
+/// `argv` cut to [`ARGV_MAX_ARGS`] arguments and [`ARGV_MAX_BYTES`] bytes
+/// (an argument cut short ends with "...").
+fn bounded_argv(mut argv: Vec<String>) -> Vec<String> {
+    argv.truncate(ARGV_MAX_ARGS);
+    let mut left = ARGV_MAX_BYTES;
+    let mut out = Vec::with_capacity(argv.len());
+    for mut a in argv {
+        if left == 0 {
+            break;
+        }
+        if a.len() > left {
+            let mut cut = left;
+            while !a.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            a.truncate(cut);
+            a.push_str("...");
+            left = 0;
+        } else {
+            left -= a.len();
+        }
+        out.push(a);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_from_proc_are_bounded() {
+        let short = vec!["java".to_string(), "-jar".into(), "app.jar".into()];
+        assert_eq!(bounded_argv(short.clone()), short);
+        let long = vec!["java".to_string(), "-cp".into(), "é".repeat(40_000)];
+        let b = bounded_argv(long);
+        assert_eq!(b.len(), 3);
+        assert!(b[2].ends_with("..."));
+        assert!(b.iter().map(String::len).sum::<usize>() <= ARGV_MAX_BYTES + 3);
+        let many = vec!["x".to_string(); 5000];
+        assert_eq!(bounded_argv(many).len(), ARGV_MAX_ARGS);
+    }
 }
