@@ -185,46 +185,96 @@ pub fn build_tree(detections: &[StoredDetection], events: &[StoredEvent]) -> Vec
             }
         }
     }
-    // Break any cycle (pid reuse) by refusing parents that lead back.
-    let pids: Vec<u32> = nodes.keys().copied().collect();
-    for pid in pids {
-        let mut seen = vec![pid];
-        let mut cur = nodes[&pid].parent;
-        while let Some(p) = cur {
-            if seen.contains(&p) {
-                nodes.get_mut(&pid).expect("present").parent = None;
-                break;
-            }
-            seen.push(p);
-            cur = nodes.get(&p).and_then(|n| n.parent);
-        }
-    }
+    bound_depth(&mut nodes, |n| &mut n.parent);
     let mut children: BTreeMap<Option<u32>, Vec<u32>> = BTreeMap::new();
     for (pid, n) in &nodes {
         let parent = n.parent.filter(|p| nodes.contains_key(p));
         children.entry(parent).or_default().push(*pid);
     }
-    fn build(
-        pid: u32,
-        nodes: &BTreeMap<u32, Info>,
-        children: &BTreeMap<Option<u32>, Vec<u32>>,
-    ) -> TreeNode {
-        let n = &nodes[&pid];
-        TreeNode {
-            pid,
-            exe: n.exe.clone(),
-            argv: n.argv.clone(),
-            rules: n.rules.clone(),
-            children: children
-                .get(&Some(pid))
-                .map(|c| c.iter().map(|p| build(*p, nodes, children)).collect())
-                .unwrap_or_default(),
+    // Built bottom-up (no recursion: depth is bounded, but the walk need
+    // not rely on it): children before their parent, deepest first.
+    let mut order = Vec::with_capacity(nodes.len());
+    let mut stack: Vec<u32> = children.get(&None).cloned().unwrap_or_default();
+    while let Some(pid) = stack.pop() {
+        order.push(pid);
+        if let Some(c) = children.get(&Some(pid)) {
+            stack.extend(c.iter().copied());
         }
+    }
+    let mut built: BTreeMap<u32, TreeNode> = BTreeMap::new();
+    for pid in order.into_iter().rev() {
+        let n = &nodes[&pid];
+        let kids = children
+            .get(&Some(pid))
+            .map(|c| c.iter().filter_map(|p| built.remove(p)).collect())
+            .unwrap_or_default();
+        built.insert(
+            pid,
+            TreeNode {
+                pid,
+                exe: n.exe.clone(),
+                argv: n.argv.clone(),
+                rules: n.rules.clone(),
+                children: kids,
+            },
+        );
     }
     children
         .get(&None)
-        .map(|roots| roots.iter().map(|p| build(*p, &nodes, &children)).collect())
+        .map(|roots| roots.iter().filter_map(|p| built.remove(p)).collect())
         .unwrap_or_default()
+}
+
+/// Deepest a process is drawn below its incident's root: a deeper one
+/// (only a hostile agent's chain of forks gets there) starts a tree of its
+/// own, so every walk of a tree is bounded.
+pub const MAX_TREE_DEPTH: usize = 128;
+
+/// Breaks every cycle of parent links (pid reuse) and every chain deeper
+/// than [`MAX_TREE_DEPTH`], by clearing a parent link. Iterative, linear
+/// in the number of nodes.
+fn bound_depth<T>(nodes: &mut BTreeMap<u32, T>, parent: impl Fn(&mut T) -> &mut Option<u32>) {
+    use std::collections::{HashMap, HashSet};
+    let pids: Vec<u32> = nodes.keys().copied().collect();
+    let mut depth: HashMap<u32, usize> = HashMap::with_capacity(pids.len());
+    let parent_of = |nodes: &mut BTreeMap<u32, T>, pid: u32| -> Option<u32> {
+        let p = *parent(nodes.get_mut(&pid).expect("present"));
+        p.filter(|p| *p != pid && nodes.contains_key(p))
+    };
+    for pid in pids {
+        if depth.contains_key(&pid) {
+            continue;
+        }
+        // Up from `pid` to a root, a node of known depth, or a cycle.
+        let mut path = vec![pid];
+        let mut on_path: HashSet<u32> = HashSet::from([pid]);
+        let mut cur = parent_of(nodes, pid);
+        let mut top = 0;
+        while let Some(p) = cur {
+            if let Some(d) = depth.get(&p) {
+                top = d + 1;
+                break;
+            }
+            if !on_path.insert(p) {
+                // A cycle: the last node on the path points back into it.
+                let last = *path.last().expect("non-empty");
+                *parent(nodes.get_mut(&last).expect("present")) = None;
+                break;
+            }
+            path.push(p);
+            cur = parent_of(nodes, p);
+        }
+        // Down again, numbering; too deep starts over as a root.
+        let mut d = top;
+        for &q in path.iter().rev() {
+            if d > MAX_TREE_DEPTH {
+                *parent(nodes.get_mut(&q).expect("present")) = None;
+                d = 0;
+            }
+            depth.insert(q, d);
+            d += 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -335,5 +385,60 @@ mod tests {
         let kids: Vec<u32> = sh.children.iter().map(|c| c.pid).collect();
         assert_eq!(kids, vec![300, 301]);
         assert_eq!(sh.children[0].rules, vec!["download"]);
+    }
+
+    /// A hostile chain of 30,000 forks (each event's parent the one
+    /// before) and a cycle: built without recursion, no deeper than
+    /// MAX_TREE_DEPTH, every process kept.
+    #[test]
+    fn deep_chains_and_cycles_are_bounded() {
+        fn depth(n: &TreeNode) -> usize {
+            let mut max = 0;
+            let mut stack = vec![(n, 1)];
+            while let Some((n, d)) = stack.pop() {
+                max = max.max(d);
+                stack.extend(n.children.iter().map(|c| (c, d + 1)));
+            }
+            max
+        }
+        fn count(roots: &[TreeNode]) -> usize {
+            let mut n = 0;
+            let mut stack: Vec<&TreeNode> = roots.iter().collect();
+            while let Some(t) = stack.pop() {
+                n += 1;
+                stack.extend(t.children.iter());
+            }
+            n
+        }
+        let d = StoredDetection {
+            detection: Some(det(2, "/bin/sh", "r", vec![anc(1, "/usr/bin/node")])),
+            ..Default::default()
+        };
+        let mut events: Vec<StoredEvent> = (3..30_003u32)
+            .map(|pid| StoredEvent {
+                event: Some(Event {
+                    kind: "fork".into(),
+                    pid,
+                    ppid: pid - 1,
+                    exe: "/bin/sh".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        // A cycle through the chain: 1's parent is the last fork.
+        events.push(StoredEvent {
+            event: Some(Event {
+                kind: "exec".into(),
+                pid: 1,
+                ppid: 30_002,
+                exe: "/usr/bin/node".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let roots = build_tree(&[d], &events);
+        assert_eq!(count(&roots), 30_002);
+        assert!(roots.iter().all(|r| depth(r) <= MAX_TREE_DEPTH + 1));
     }
 }

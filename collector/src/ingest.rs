@@ -63,6 +63,88 @@ impl Default for Limits {
 const MAX_BATCH_ID: usize = 128;
 const MAX_LABEL: usize = 256;
 
+/// What one event or detection may carry: far above what an agent sends
+/// (its ancestry stops at 64 processes, a command line at 32 KiB), low enough
+/// that no item can make the incident merge, the tree or a page costly.
+pub mod bounds {
+    /// Ancestors.
+    pub const ANCESTRY: usize = 256;
+    /// ATT&CK ids, and the bytes of one.
+    pub const MITRE: usize = 64;
+    /// Bytes of one ATT&CK id.
+    pub const MITRE_ID: usize = 32;
+    /// Arguments of one command line.
+    pub const ARGV: usize = 1024;
+    /// Bytes of one command line, all arguments together (an agent reads
+    /// at most 32 KiB from /proc).
+    pub const ARGV_BYTES: usize = 128 << 10;
+    /// Bytes of a path (exe) or another single string.
+    pub const STRING: usize = 4096;
+    /// Bytes of the JSON document.
+    pub const JSON: usize = 4 << 20;
+}
+
+/// `what i: FIELD ...` as INVALID_ARGUMENT when `ok` is false.
+fn bound(ok: bool, what: &str, i: usize, msg: impl FnOnce() -> String) -> Result<(), Status> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!("{what} {i}: {}", msg())))
+    }
+}
+
+/// A command line within [`bounds::ARGV`] and [`bounds::ARGV_BYTES`].
+fn check_argv(what: &str, i: usize, field: &str, argv: &[String]) -> Result<(), Status> {
+    bound(argv.len() <= bounds::ARGV, what, i, || {
+        format!(
+            "{field} has {} arguments (at most {})",
+            argv.len(),
+            bounds::ARGV
+        )
+    })?;
+    let bytes: usize = argv.iter().map(String::len).sum();
+    bound(bytes <= bounds::ARGV_BYTES, what, i, || {
+        format!("{field} has {bytes} bytes (at most {})", bounds::ARGV_BYTES)
+    })
+}
+
+/// Strings within [`bounds::STRING`].
+fn check_strings(what: &str, i: usize, fields: &[(&str, &str)]) -> Result<(), Status> {
+    for (field, v) in fields {
+        bound(v.len() <= bounds::STRING, what, i, || {
+            format!("{field} has {} bytes (at most {})", v.len(), bounds::STRING)
+        })?;
+    }
+    Ok(())
+}
+
+/// Ancestry within [`bounds::ANCESTRY`], each ancestor bounded.
+fn check_ancestry(what: &str, i: usize, a: &[vigil_proto::Ancestor]) -> Result<(), Status> {
+    bound(a.len() <= bounds::ANCESTRY, what, i, || {
+        format!(
+            "ancestry has {} entries (at most {})",
+            a.len(),
+            bounds::ANCESTRY
+        )
+    })?;
+    for x in a {
+        check_strings(what, i, &[("ancestry exe", &x.exe)])?;
+        check_argv(what, i, "ancestry argv", &x.argv)?;
+    }
+    Ok(())
+}
+
+/// The structured process, if any, bounded like the summary fields.
+fn check_process(what: &str, i: usize, p: Option<&vigil_proto::Process>) -> Result<(), Status> {
+    let Some(p) = p else { return Ok(()) };
+    check_strings(
+        what,
+        i,
+        &[("process exe", &p.exe), ("process comm", &p.comm)],
+    )?;
+    check_argv(what, i, "process argv", &p.argv)
+}
+
 /// Nanoseconds since the Unix epoch, now.
 pub fn now_ns() -> i64 {
     SystemTime::now()
@@ -195,6 +277,18 @@ pub fn check_event(i: usize, e: &mut Event) -> Result<(), Status> {
             "event {i}: kind must be 1-32 bytes"
         )));
     }
+    check_strings(
+        "event",
+        i,
+        &[
+            ("exe", &e.exe),
+            ("comm", &e.comm),
+            ("workload_key", &e.workload_key),
+        ],
+    )?;
+    check_argv("event", i, "argv", &e.argv)?;
+    check_ancestry("event", i, &e.ancestry)?;
+    check_process("event", i, e.process.as_ref())?;
     if e.json.is_empty() {
         // A structured event (agents >= 0.2): stored as its JSON document,
         // the form old agents send, so every reader sees one form.
@@ -206,6 +300,9 @@ pub fn check_event(i: usize, e: &mut Event) -> Result<(), Status> {
         e.process = None;
         e.ancestry.clear();
     }
+    bound(e.json.len() <= bounds::JSON, "event", i, || {
+        format!("json has {} bytes (at most {})", e.json.len(), bounds::JSON)
+    })?;
     check_json("event", i, &e.json)?;
     check_workload(&mut e.workload_key, &e.json);
     Ok(())
@@ -239,6 +336,50 @@ pub fn check_detection(i: usize, d: &mut Detection) -> Result<(), Status> {
             bad.chars().take(80).collect::<String>()
         )));
     }
+    bound(d.mitre.len() <= bounds::MITRE, "detection", i, || {
+        format!(
+            "mitre has {} entries (at most {})",
+            d.mitre.len(),
+            bounds::MITRE
+        )
+    })?;
+    bound(
+        d.mitre.iter().all(|m| m.len() <= bounds::MITRE_ID),
+        "detection",
+        i,
+        || format!("a mitre id is longer than {} bytes", bounds::MITRE_ID),
+    )?;
+    bound(
+        d.evidence_ids.len() <= bounds::MITRE,
+        "detection",
+        i,
+        || {
+            format!(
+                "{} evidence ids (at most {})",
+                d.evidence_ids.len(),
+                bounds::MITRE
+            )
+        },
+    )?;
+    check_strings(
+        "detection",
+        i,
+        &[
+            ("summary", &d.summary),
+            ("exe", &d.exe),
+            ("comm", &d.comm),
+            ("workload_key", &d.workload_key),
+            ("detected_at", &d.detected_at),
+            ("rule_source", &d.rule_source),
+            ("capture", &d.capture),
+        ],
+    )?;
+    check_argv("detection", i, "argv", &d.argv)?;
+    check_ancestry("detection", i, &d.ancestry)?;
+    check_process("detection", i, d.process.as_ref())?;
+    if let Some(ev) = &d.event {
+        check_strings("detection", i, &[("event comm", &ev.comm)])?;
+    }
     if d.json.is_empty() {
         // A structured detection (agents >= 0.2): stored as its JSON
         // document, like an old agent's (the indexed fields stay).
@@ -252,6 +393,9 @@ pub fn check_detection(i: usize, d: &mut Detection) -> Result<(), Status> {
         d.process = None;
         d.repeat = None;
     }
+    bound(d.json.len() <= bounds::JSON, "detection", i, || {
+        format!("json has {} bytes (at most {})", d.json.len(), bounds::JSON)
+    })?;
     check_json("detection", i, &d.json)?;
     check_workload(&mut d.workload_key, &d.json);
     Ok(())

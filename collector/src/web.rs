@@ -182,10 +182,20 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-/// Only same-site paths are followed after login.
+/// Only same-site paths are followed after login: a path that starts
+/// with one `/` and holds only visible ASCII. Browsers drop tabs and
+/// newlines from a URL (`/\t/evil.example` is `//evil.example` to them: an
+/// open redirect), and a control character cannot go in a `Location`
+/// header at all.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n.to_string()
+        }
         _ => "/".to_string(),
     }
 }
@@ -753,9 +763,20 @@ mod tests {
     #[test]
     fn next_is_same_site_only() {
         assert_eq!(safe_next(Some("/incidents/3")), "/incidents/3");
-        for bad in ["https://evil", "//evil", "/\\evil", "evil"] {
-            assert_eq!(safe_next(Some(bad)), "/", "{bad}");
+        for bad in [
+            "https://evil",
+            "//evil",
+            "/\\evil",
+            "evil",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/ /evil.example",
+            "/x\r\nSet-Cookie: a=b",
+            "/\u{7f}/evil",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
         }
+        assert_eq!(safe_next(Some("/?q=a%20b&x=1")), "/?q=a%20b&x=1");
     }
 
     #[test]

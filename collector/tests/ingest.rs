@@ -1039,6 +1039,118 @@ async fn structured_messages_are_stored_as_their_document(backend: Backend) {
     assert!(err.message().contains("structured"), "{err:?}");
 }
 
+/// A hostile agent (a real agent certificate) sends detections and events
+/// far over what any agent sends: each is refused with INVALID_ARGUMENT
+/// naming the field, nothing of the batch is stored, and the collector
+/// keeps serving (issue 13: ~300k ATT&CK ids made the incident merge
+/// quadratic, ~30k ancestors could overflow the tree walk's stack).
+async fn oversized_items_are_refused_by_field(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = Collector::start(backend, &pki, data.path(), &[]);
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    let good = Detection::from_agent_json(&detection_json(1, 200, "/bin/sh", "r", "high", "null"))
+        .unwrap();
+    let anc = |n: usize| {
+        (0..n)
+            .map(|i| vigil_proto::Ancestor {
+                pid: i as u32 + 2,
+                exe: "/bin/sh".into(),
+                argv: vec!["sh".into()],
+            })
+            .collect::<Vec<_>>()
+    };
+    let cases: Vec<(&str, Detection)> = vec![
+        (
+            "mitre has 300000 entries",
+            Detection {
+                mitre: vec!["T1".into(); 300_000],
+                ..good.clone()
+            },
+        ),
+        (
+            "ancestry has 30000 entries",
+            Detection {
+                ancestry: anc(30_000),
+                ..good.clone()
+            },
+        ),
+        (
+            "argv has 5000 arguments",
+            Detection {
+                argv: vec!["a".into(); 5000],
+                ..good.clone()
+            },
+        ),
+        (
+            "exe has 10000 bytes",
+            Detection {
+                exe: "x".repeat(10_000),
+                ..good.clone()
+            },
+        ),
+        (
+            "ancestry argv has 200000 bytes",
+            Detection {
+                ancestry: vec![vigil_proto::Ancestor {
+                    pid: 2,
+                    exe: "/bin/sh".into(),
+                    argv: vec!["y".repeat(200_000)],
+                }],
+                ..good.clone()
+            },
+        ),
+    ];
+    for (want, d) in cases {
+        let err = ingest
+            .push_detections(tokio_stream::iter(vec![DetectionBatch {
+                batch_id: format!("bad-{want}"),
+                detections: vec![good.clone(), d],
+            }]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{want}: {err:?}");
+        assert!(err.message().contains(want), "{want}: {}", err.message());
+    }
+    let mut ev = events(1, 0).remove(0);
+    ev.argv = vec!["z".into(); 2000];
+    let err = ingest
+        .push_events(tokio_stream::iter(vec![EventBatch {
+            batch_id: "bad-event".into(),
+            events: vec![ev],
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("argv has 2000 arguments"), "{err:?}");
+    // Nothing of a refused batch was stored; a good one still is.
+    let mut q = c.query(&pki).await;
+    let stored = q
+        .list_detections(ListDetectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .detections;
+    assert!(stored.is_empty(), "{stored:#?}");
+    ingest
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "good".into(),
+            detections: vec![good],
+        }]))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.list_detections(ListDetectionsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .detections
+            .len(),
+        1
+    );
+    assert!(c.is_running());
+}
+
 on_both_stores!(
     bundles_that_do_not_match_their_manifest_are_refused,
     bundles_join_their_detection_and_chain,
@@ -1051,6 +1163,7 @@ on_both_stores!(
     malformed_protobuf_is_invalid_argument,
     malformed_ids_are_refused_without_touching_the_disk,
     structured_messages_are_stored_as_their_document,
+    oversized_items_are_refused_by_field,
     sigkill_during_upload_then_resume_gives_a_correct_blob,
     data_survives_a_restart,
 );

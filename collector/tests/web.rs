@@ -176,6 +176,19 @@ async fn web_ui(backend: Backend) {
     // An open redirect is not possible.
     let r = get(ui, &format!("/login?token={token}&next=//evil.example"), "");
     assert_eq!(r.header("location").as_deref(), Some("/"));
+    // A tab (browsers drop it: `//evil.example`) or a newline in `next`:
+    // the login goes home; the handler does not panic and the UI serves on.
+    for next in [
+        "/%09/evil.example",
+        "/%0A/evil.example",
+        "/x%0D%0ASet-Cookie:%20a=b",
+    ] {
+        let r = get(ui, &format!("/login?token={token}&next={next}"), "");
+        assert_eq!(r.status, 303, "{next}");
+        assert_eq!(r.header("location").as_deref(), Some("/"), "{next}");
+        let form = get(ui, &format!("/login?next={next}"), "");
+        assert_eq!(form.status, 200, "{next}");
+    }
 
     // Pages and API.
     let list = get(ui, "/", &cookie);
