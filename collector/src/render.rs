@@ -79,7 +79,11 @@ pub fn command_line(argv: &[String], max: usize) -> String {
     }
 }
 
-fn clean(s: &str) -> String {
+/// `s` safe to print to a terminal: every control character (escape
+/// sequences, carriage returns, bells) becomes `?`. Everything an agent
+/// sent (rule names, paths, manifest fields, errors quoting them) goes
+/// through this before it reaches a terminal.
+pub fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()

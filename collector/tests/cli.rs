@@ -354,3 +354,26 @@ fn ui_token_prints_the_token_or_says_why_not() {
     assert!(ok.status.success(), "{ok:?}");
     assert_eq!(String::from_utf8_lossy(&ok.stdout), "abc123\n");
 }
+
+/// A bundle whose manifest carries terminal escape sequences (an agent's
+/// strings are the attacker's): `vigil evidence verify` prints none of
+/// them, and still says the bundle verifies.
+#[test]
+fn verify_prints_no_escape_sequences_from_a_manifest() {
+    let evil = "node\u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}31m";
+    let bytes = common::sealed_bundle_as(evil, 4096, 9, 77, "2026-11-26T14:08:28Z");
+    let id = sha256_hex(&bytes);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{id}.tar.zst"));
+    std::fs::write(&file, &bytes).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["evidence", "verify"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("OK   manifest"), "{out}");
+    assert!(out.contains("agent node?]0;pwned??[2J??31m"), "{out}");
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+}

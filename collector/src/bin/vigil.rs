@@ -351,27 +351,34 @@ async fn run(cli: Cli) -> Result<bool> {
                 );
                 match &r.manifest {
                     Ok(m) => {
+                        // The manifest is the agent's: nothing of it
+                        // reaches the terminal unsanitized.
+                        let c = render::clean;
                         for a in &m.artifacts {
                             println!(
                                 "  {} {:<14} {:>10}  sha256 {}",
                                 mark(true),
-                                a.name,
+                                c(&a.name),
                                 render::bytes(a.size),
-                                a.sha256
+                                c(&a.sha256)
                             );
                         }
                         println!(
                             "  {} manifest: {} artifacts match; agent {} on {} (boot {}), seq {}, previous {}",
                             mark(true),
                             m.artifacts.len(),
-                            m.agent.id,
-                            m.agent.hostname,
-                            m.agent.boot_id,
+                            c(&m.agent.id),
+                            c(&m.agent.hostname),
+                            c(&m.agent.boot_id),
                             m.seq,
-                            m.prev_bundle_sha256.as_deref().unwrap_or("none (first)")
+                            c(m.prev_bundle_sha256.as_deref().unwrap_or("none (first)"))
                         );
                     }
-                    Err(e) => println!("  {} manifest: {e}", mark(false)),
+                    Err(e) => println!(
+                        "  {} manifest: {}",
+                        mark(false),
+                        render::clean(&e.to_string())
+                    ),
                 }
                 all_ok &= r.ok();
             }
@@ -385,7 +392,11 @@ async fn run(cli: Cli) -> Result<bool> {
                         ms.last().map(|m| m.seq).unwrap_or(0)
                     ),
                     Err(e) => {
-                        println!("{} chain of custody: {e:#}", mark(false));
+                        println!(
+                            "{} chain of custody: {}",
+                            mark(false),
+                            render::clean(&format!("{e:#}"))
+                        );
                         all_ok = false;
                     }
                 }

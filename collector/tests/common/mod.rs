@@ -258,11 +258,22 @@ pub fn noise(raw_len: usize, seed: u64) -> Vec<u8> {
 /// `core` artifact is `raw_len` pseudo-random bytes: the first of its own
 /// chain, captured from `pid` for a detection at `detection_time`.
 pub fn sealed_bundle(raw_len: usize, seed: u64, pid: u32, detection_time: &str) -> Vec<u8> {
+    sealed_bundle_as("test-agent", raw_len, seed, pid, detection_time)
+}
+
+/// [`sealed_bundle`] sealed by an agent that calls itself `agent_id`.
+pub fn sealed_bundle_as(
+    agent_id: &str,
+    raw_len: usize,
+    seed: u64,
+    pid: u32,
+    detection_time: &str,
+) -> Vec<u8> {
     let root = tempfile::tempdir().unwrap();
     let cfg = vigil_bundle::BundleConfig {
         out_dir: root.path().join("out"),
         state_dir: root.path().join("state"),
-        agent_id: "test-agent".into(),
+        agent_id: agent_id.into(),
         zstd_level: 1,
         keep_dir: false,
     };
@@ -273,7 +284,7 @@ pub fn sealed_bundle(raw_len: usize, seed: u64, pid: u32, detection_time: &str) 
         format: String::new(),
         seq: 0,
         prev_bundle_sha256: None,
-        agent: vigil_bundle::AgentIdentity::current("test-agent"),
+        agent: vigil_bundle::AgentIdentity::current(agent_id),
         times: Default::default(),
         acquisition: vigil_bundle::Acquisition {
             method: "test".into(),
