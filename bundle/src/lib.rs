@@ -600,11 +600,42 @@ pub struct VerifiedBundle {
     pub id: Option<String>,
 }
 
+/// Bounds on what verifying an archive may read: a bundle's sizes come
+/// from its own manifest, and a small zstd stream can expand to terabytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyLimits {
+    /// Artifacts a manifest may list.
+    pub max_artifacts: usize,
+    /// Bytes the artifacts may add up to, decompressed.
+    pub max_expanded_bytes: u64,
+}
+
+impl Default for VerifyLimits {
+    /// 256 artifacts (an agent's bundle has about a dozen) and 16 GiB (an
+    /// agent's core is at most `max_core_mib`, 512 MiB by default).
+    fn default() -> Self {
+        Self {
+            max_artifacts: 256,
+            max_expanded_bytes: 16 << 30,
+        }
+    }
+}
+
 /// Checks every artifact of a bundle against its manifest: sizes, sha256,
 /// nothing missing, nothing unlisted; for an archive also that its sha256 is
 /// the id in its name (when named `<64 hex>.tar.zst`). `path` is a sealed
-/// archive or a bundle directory.
+/// archive or a bundle directory. Within [`VerifyLimits::default`].
 pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
+    verify_bundle_with(path, VerifyLimits::default())
+}
+
+/// [`verify_bundle`] within `limits`: a manifest over them is refused
+/// before any artifact is read (so no more than `max_expanded_bytes` is
+/// ever decompressed).
+pub fn verify_bundle_with(
+    path: &Path,
+    limits: VerifyLimits,
+) -> Result<VerifiedBundle, BundleError> {
     if path.is_dir() {
         return verify_dir(path);
     }
@@ -656,12 +687,35 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
                     .take(MAX_MANIFEST_BYTES)
                     .read_to_end(&mut b)
                     .map_err(archive_err(MANIFEST))?;
-                manifest = Some(serde_json::from_slice(&b).map_err(|source| {
-                    BundleError::BadManifest {
+                let m: Manifest =
+                    serde_json::from_slice(&b).map_err(|source| BundleError::BadManifest {
                         path: path.to_path_buf(),
                         source,
-                    }
-                })?);
+                    })?;
+                if m.artifacts.len() > limits.max_artifacts {
+                    return Err(refuse(
+                        MANIFEST,
+                        format!(
+                            "lists {} artifacts, over the limit of {}",
+                            m.artifacts.len(),
+                            limits.max_artifacts
+                        ),
+                    ));
+                }
+                let expanded = m
+                    .artifacts
+                    .iter()
+                    .fold(0u64, |t, a| t.saturating_add(a.size));
+                if expanded > limits.max_expanded_bytes {
+                    return Err(refuse(
+                        MANIFEST,
+                        format!(
+                            "its artifacts add up to {expanded} bytes, over the limit of {} (a decompression bomb?)",
+                            limits.max_expanded_bytes
+                        ),
+                    ));
+                }
+                manifest = Some(m);
             }
             None => {
                 return Err(BundleError::MissingManifest {
@@ -993,6 +1047,31 @@ mod tests {
             1024,
         );
         verify_bundle(&ok).unwrap();
+        // Limits: the manifest's count and sizes are checked before any
+        // artifact is read.
+        let big = vec![0u8; 1 << 20];
+        let bomb = d.path().join("bomb");
+        std::fs::create_dir_all(&bomb).unwrap();
+        let bomb = hand_made(
+            &bomb,
+            &[("core", &big), ("exe", &big)],
+            &[(K::Regular, "core", &big), (K::Regular, "exe", &big)],
+            true,
+            1024,
+        );
+        verify_bundle(&bomb).unwrap();
+        let tight = VerifyLimits {
+            max_artifacts: 256,
+            max_expanded_bytes: (3 << 20) / 2,
+        };
+        let e = verify_bundle_with(&bomb, tight).unwrap_err().to_string();
+        assert!(e.contains("add up to 2097152 bytes, over the limit"), "{e}");
+        let few = VerifyLimits {
+            max_artifacts: 1,
+            ..VerifyLimits::default()
+        };
+        let e = verify_bundle_with(&bomb, few).unwrap_err().to_string();
+        assert!(e.contains("lists 2 artifacts, over the limit of 1"), "{e}");
         let refused = |p: &Path, what: &str| {
             let e = verify_bundle(p).unwrap_err().to_string();
             eprintln!("{what}: {e}");

@@ -94,7 +94,16 @@ pub struct ManifestFacts {
 /// ([`UploadError::BadBundle`]; the collector's own I/O failures are
 /// [`UploadError::Io`]).
 pub fn manifest_facts(path: &Path) -> Result<ManifestFacts, UploadError> {
-    let m = match vigil_bundle::verify_bundle(path) {
+    manifest_facts_within(path, vigil_bundle::VerifyLimits::default())
+}
+
+/// [`manifest_facts`] within `limits` (artifact count, decompressed bytes:
+/// a manifest over them is refused before any artifact is read).
+pub fn manifest_facts_within(
+    path: &Path,
+    limits: vigil_bundle::VerifyLimits,
+) -> Result<ManifestFacts, UploadError> {
+    let m = match vigil_bundle::verify_bundle_with(path, limits) {
         Ok(v) => v.manifest,
         Err(vigil_bundle::BundleError::Io { source, .. }) => return Err(UploadError::Io(source)),
         Err(e) => {

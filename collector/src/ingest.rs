@@ -28,7 +28,7 @@ use vigil_proto::{
 
 use crate::auth;
 use crate::blobs::{BlobState, BlobStore, BundleId, PartialMeta, Upload, UploadError};
-use crate::evidence::{manifest_facts, ManifestFacts};
+use crate::evidence::{manifest_facts, manifest_facts_within, ManifestFacts};
 use crate::metrics::Metrics;
 use crate::pki::Role;
 use crate::store::{AgentSeen, BatchOutcome, Store, StoreError};
@@ -46,6 +46,9 @@ pub struct Limits {
     pub max_concurrent_uploads: usize,
     /// Unfinished uploads kept on disk.
     pub max_partial_uploads: usize,
+    /// Most bytes a bundle's artifacts may add up to, decompressed (a
+    /// manifest claiming more is refused before anything is read).
+    pub max_bundle_expanded_bytes: u64,
 }
 
 impl Default for Limits {
@@ -56,6 +59,7 @@ impl Default for Limits {
             max_bundle_bytes: 1 << 30,
             max_concurrent_uploads: 8,
             max_partial_uploads: 64,
+            max_bundle_expanded_bytes: 16 << 30,
         }
     }
 }
@@ -821,9 +825,15 @@ impl IngestService {
                 complete: false,
             });
         }
-        let (size, facts) = blocking(&guard, move || up.finish_checked(manifest_facts))
-            .await?
-            .map_err(upload_status)?;
+        let limits = vigil_bundle::VerifyLimits {
+            max_expanded_bytes: self.limits.max_bundle_expanded_bytes,
+            ..vigil_bundle::VerifyLimits::default()
+        };
+        let (size, facts) = blocking(&guard, move || {
+            up.finish_checked(|p| manifest_facts_within(p, limits))
+        })
+        .await?
+        .map_err(upload_status)?;
         self.record_bundle(&id, agent, size, &first.label, facts)
             .await?;
         Ok(UploadResult {

@@ -1151,8 +1151,44 @@ async fn oversized_items_are_refused_by_field(backend: Backend) {
     assert!(c.is_running());
 }
 
+/// A bundle whose artifacts expand past `--max-bundle-expanded-bytes`
+/// (here a 4 MiB core of zeros, a few KiB compressed, against a 1 MiB
+/// limit): refused before its core is read, nothing kept; a bundle within
+/// the limit goes through.
+async fn bundles_expanding_past_the_limit_are_refused(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(
+        backend,
+        &pki,
+        data.path(),
+        &["--max-bundle-expanded-bytes", "1048576"],
+    );
+    let mut ingest = c.ingest(&pki, "agent-1").await;
+    // A zero-filled core of 4 MiB compresses to almost nothing.
+    let bomb = common::zero_bundle(4 << 20);
+    assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+    let id = sha256_hex(&bomb);
+    let err = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &bomb, 0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("over the limit"), "{err:?}");
+    assert!(files_under(&data.path().join("blobs")).is_empty());
+    let small = common::zero_bundle(256 << 10);
+    let id = sha256_hex(&small);
+    let r = ingest
+        .upload_evidence(tokio_stream::iter(chunks(&id, &small, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete);
+}
+
 on_both_stores!(
     bundles_that_do_not_match_their_manifest_are_refused,
+    bundles_expanding_past_the_limit_are_refused,
     bundles_join_their_detection_and_chain,
     events_and_detections_are_stored_with_the_agent_identity_and_grouped,
     evidence_upload_in_chunks_fetches_back_identical,

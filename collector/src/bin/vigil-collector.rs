@@ -89,6 +89,11 @@ struct ServeArgs {
     /// Largest evidence bundle.
     #[arg(long, default_value_t = 1 << 30)]
     max_bundle_bytes: u64,
+    /// Most bytes a bundle's artifacts may add up to, decompressed: a
+    /// manifest claiming more (a decompression bomb) is refused before
+    /// anything is read.
+    #[arg(long, default_value_t = 16 << 30)]
+    max_bundle_expanded_bytes: u64,
     /// Evidence uploads running at once.
     #[arg(long, default_value_t = 8)]
     max_concurrent_uploads: usize,
@@ -263,6 +268,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_bundle_bytes: a.max_bundle_bytes,
                     max_concurrent_uploads: a.max_concurrent_uploads.max(1),
                     max_partial_uploads: a.max_partial_uploads.max(1),
+                    max_bundle_expanded_bytes: a.max_bundle_expanded_bytes,
                 },
                 retention_days: a.retention_days,
                 partial_ttl: a.partial_ttl,

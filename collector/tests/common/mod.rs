@@ -304,6 +304,40 @@ pub fn sealed_bundle_as(
     std::fs::read(sealed.archive).unwrap()
 }
 
+/// A sealed bundle whose core is `len` zero bytes: it compresses to
+/// almost nothing (a decompression bomb, at small scale).
+pub fn zero_bundle(len: usize) -> Vec<u8> {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = vigil_bundle::BundleConfig {
+        out_dir: root.path().join("out"),
+        state_dir: root.path().join("state"),
+        agent_id: "test-agent".into(),
+        zstd_level: 1,
+        keep_dir: false,
+    };
+    let mut b = vigil_bundle::BundleBuilder::create(&root.path().join("b")).unwrap();
+    std::fs::write(b.path_of("core"), vec![0u8; len]).unwrap();
+    b.add_file("core", "core").unwrap();
+    let m = vigil_bundle::Manifest {
+        format: String::new(),
+        seq: 0,
+        prev_bundle_sha256: None,
+        agent: vigil_bundle::AgentIdentity::current("test-agent"),
+        times: Default::default(),
+        acquisition: vigil_bundle::Acquisition {
+            method: "test".into(),
+            tool: "collector tests".into(),
+            tool_version: "0".into(),
+            details: serde_json::Value::Null,
+        },
+        subject: serde_json::json!({ "pid": 7 }),
+        detection: serde_json::json!({ "time": "2026-11-26T14:08:28Z", "rule": "r" }),
+        artifacts: vec![],
+    };
+    let sealed = b.seal(&cfg, m).unwrap();
+    std::fs::read(sealed.archive).unwrap()
+}
+
 /// A bundle (see [`sealed_bundle`]) of about `raw_len` bytes, different per
 /// `seed`.
 pub fn bundle(raw_len: usize, seed: u64) -> Vec<u8> {
