@@ -155,13 +155,19 @@ impl Spool {
                 legacy.push((seq, entry.path()));
             }
         }
+        // New items come after every old one, converted or not.
+        let after_legacy = legacy.iter().map(|(seq, _)| seq + 1).max().unwrap_or(0);
         for (seq, path) in legacy {
-            spool.upgrade(seq, &path)?;
+            // A failure (disk full) keeps the line where it is, for the
+            // next start; it does not keep this one from shipping.
+            if let Err(e) = spool.upgrade(seq, &path) {
+                tracing::warn!(path = %path.display(), error = %e, "a spooled detection from an earlier version could not be converted yet; it stays in the spool");
+            }
         }
         let items = spool.list()?;
         {
             let mut st = spool.lock();
-            st.next_seq = items.last().map_or(0, |i| i.seq + 1);
+            st.next_seq = items.last().map_or(0, |i| i.seq + 1).max(after_legacy);
             st.items = items.len() as u64;
             st.bytes = items.iter().map(|i| i.size).sum();
             spool.publish(&st);
@@ -439,5 +445,26 @@ mod tests {
         assert_eq!(s.list().unwrap().len(), 2);
         let p = s.enqueue_detection(b"x", Priority::High).unwrap();
         assert!(p.ends_with("00000000000000000007.det.pb"));
+    }
+
+    /// A conversion that fails (here its temporary path is taken by a
+    /// directory; on a node, a full disk) keeps the old line, does not
+    /// keep the spool from opening, and no new item takes its number.
+    #[test]
+    fn a_failed_conversion_keeps_the_line_and_its_number() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let line = r#"{"time":"2026-12-02T10:00:00Z","rule":"r","severity":"high"}"#;
+        let old = d.path().join("00000000000000000009.det.json");
+        fs::write(&old, line).unwrap();
+        fs::create_dir(d.path().join(".tmp-00000000000000000009")).unwrap();
+        let s = Spool::open(d.path(), 1 << 20, 10, m).unwrap();
+        assert!(old.exists());
+        let p = s.enqueue_detection(b"x", Priority::High).unwrap();
+        assert!(
+            p.ends_with("00000000000000000010.det.pb"),
+            "{}",
+            p.display()
+        );
     }
 }
