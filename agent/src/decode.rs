@@ -8,7 +8,7 @@ use vigil_sensor_common as raw;
 use vigil_sensor_common::{EventHeader, EventKind};
 
 use crate::model::event::{
-    Chmod, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio,
+    Chmod, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio, StdioIds,
 };
 
 /// Why a record could not be decoded.
@@ -113,6 +113,11 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 script: (e.flags & raw::EXEC_FLAG_SCRIPT != 0).then(|| cstr(script)),
                 ld_preload: (e.preload_len > 0).then(|| cstr(preload)),
                 stdio: [0, 1, 2].map(|i| Stdio::from_raw(e.stdio_mode[i], e.stdio_family[i])),
+                stdio_ids: StdioIds {
+                    ino: e.stdio_ino,
+                    dev: e.stdio_dev,
+                },
+                env_truncated: e.flags & raw::EXEC_FLAG_ENV_TRUNCATED != 0,
                 frozen: e.flags & raw::EXEC_FLAG_FROZEN != 0,
             })
         }
@@ -361,6 +366,9 @@ mod tests {
             preload_len: 0,
             stdio_mode: [0; 3],
             stdio_family: [0; 3],
+            stdio_ino: [0; 3],
+            stdio_dev: [0; 3],
+            _reserved: 0,
         };
         let mut v = bytes(&e);
         v.extend_from_slice(path);
@@ -419,15 +427,15 @@ mod tests {
     }
 
     #[test]
-    fn argv_is_capped_at_16() {
-        let many: Vec<u8> = (0..20)
+    fn argv_is_capped_at_the_argument_bound() {
+        let many: Vec<u8> = (0..raw::ARGV_MAX_ARGS + 4)
             .flat_map(|i| format!("a{i}\0").into_bytes())
             .collect();
         let ev = decode(&exec_record(b"x\0", &many)).unwrap();
         let Payload::Exec(e) = ev.payload else {
             panic!()
         };
-        assert_eq!(e.argv.len(), 16);
+        assert_eq!(e.argv.len(), raw::ARGV_MAX_ARGS);
         assert!(e.argv_truncated);
     }
 

@@ -93,6 +93,55 @@ pub const ARGV_MAX_BYTES: usize = 32 << 10;
 /// Most arguments read from /proc.
 pub const ARGV_MAX_ARGS: usize = 1024;
 
+/// Most bytes of an environment read from /proc for `LD_PRELOAD`.
+const ENVIRON_MAX_BYTES: u64 = 1 << 20;
+
+/// The process `pid` is still the one that started at `start_boot_ns`
+/// (its start time in clock ticks matches within one tick).
+fn same_process(p: &procfs::process::Process, start_boot_ns: u64) -> bool {
+    let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
+    p.stat()
+        .is_ok_and(|st| (st.starttime * tick_ns).abs_diff(start_boot_ns) <= tick_ns)
+}
+
+/// The command line of `pid` (started at `start_boot_ns`) read from /proc,
+/// bounded like the bootstrap's: for an exec whose record was cut. `None`
+/// when the process is gone or is another one.
+pub fn cmdline_of(pid: u32, start_boot_ns: u64) -> Option<Vec<String>> {
+    let p = procfs::process::Process::new(pid as i32).ok()?;
+    if !same_process(&p, start_boot_ns) {
+        return None;
+    }
+    let argv = p.cmdline().ok()?;
+    (!argv.is_empty()).then(|| bounded_argv(argv))
+}
+
+/// The value of `name` in the environment `pid` (started at
+/// `start_boot_ns`) was given at exec, read from /proc (at most 1 MiB):
+/// `Some(None)` when it has none, `None` when it cannot be read.
+pub fn env_var_of(pid: u32, start_boot_ns: u64, name: &str) -> Option<Option<String>> {
+    use std::io::Read;
+    let p = procfs::process::Process::new(pid as i32).ok()?;
+    if !same_process(&p, start_boot_ns) {
+        return None;
+    }
+    let mut buf = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/environ"))
+        .ok()?
+        .take(ENVIRON_MAX_BYTES)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(env_value(&buf, name))
+}
+
+/// `name`'s value in a NUL-separated environment block.
+fn env_value(block: &[u8], name: &str) -> Option<String> {
+    block.split(|&b| b == 0).find_map(|kv| {
+        let v = kv.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+        Some(String::from_utf8_lossy(v).into_owned())
+    })
+}
+
 /// `argv` cut to [`ARGV_MAX_ARGS`] arguments and [`ARGV_MAX_BYTES`] bytes
 /// (an argument cut short ends with "...").
 fn bounded_argv(mut argv: Vec<String>) -> Vec<String> {
@@ -122,6 +171,46 @@ fn bounded_argv(mut argv: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_values_are_found_past_any_number_of_variables() {
+        let mut block = Vec::new();
+        for i in 0..5000 {
+            block.extend_from_slice(format!("PAD{i}={}\0", "x".repeat(100)).as_bytes());
+        }
+        block.extend_from_slice(b"LD_PRELOAD_NOT=1\0LD_PRELOAD=/tmp/.x/e.so\0");
+        assert_eq!(
+            env_value(&block, "LD_PRELOAD").as_deref(),
+            Some("/tmp/.x/e.so")
+        );
+        assert_eq!(env_value(b"A=1\0LD_PRELOADX=2\0", "LD_PRELOAD"), None);
+    }
+
+    #[test]
+    fn a_command_line_cut_by_the_kernel_is_read_whole_from_proc() {
+        let pad = "p".repeat(3000);
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; :", &pad, "tail-argument"])
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let me = procfs::process::Process::new(pid as i32).expect("proc");
+        let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
+        let start = me.stat().expect("stat").starttime * tick_ns;
+        // spawn() may return while the exec is still setting up the new
+        // image (an empty command line): the agent reads it only after the
+        // kernel's exec event, when it is in place.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while me.cmdline().map_or(true, |c| c.is_empty()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let argv = cmdline_of(pid, start).expect("live process");
+        assert_eq!(argv.last().map(String::as_str), Some("tail-argument"));
+        // Another process under that pid (a start time 1 s off) is not it.
+        assert_eq!(cmdline_of(pid, start + 1_000_000_000), None);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     #[test]
     fn command_lines_from_proc_are_bounded() {

@@ -49,6 +49,23 @@ impl State {
                     *s = cwd.join(&*s).to_string_lossy().into_owned();
                 }
             }
+            // Padding a command line or an environment past what the kernel
+            // copies must not hide its end: read the rest while the process
+            // lives (rare: long command lines, huge environments).
+            if x.argv_truncated {
+                if let Some(argv) = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns) {
+                    x.argv_truncated = argv.len() >= crate::procscan::ARGV_MAX_ARGS
+                        || argv.last().is_some_and(|a| a.ends_with("..."));
+                    x.argv = argv;
+                }
+            }
+            if x.env_truncated && x.ld_preload.is_none() {
+                if let Some(v) = crate::procscan::env_var_of(ev.pid, ev.start_boot_ns, "LD_PRELOAD")
+                {
+                    x.ld_preload = v;
+                    x.env_truncated = false;
+                }
+            }
         }
         if !matches!(ev.payload, Payload::Exit { .. }) {
             let workloads = &mut self.workloads;

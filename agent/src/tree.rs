@@ -408,6 +408,7 @@ mod tests {
                 ld_preload: None,
                 stdio: [crate::model::event::Stdio::Closed; 3],
                 frozen: false,
+                ..Default::default()
             }),
         )
     }

@@ -28,10 +28,12 @@ pub const NAME_MAX_BUF: usize = 256;
 pub const PATH_MAX_BYTES: usize = 4096;
 /// Most path components walked up from a dentry.
 pub const PATH_MAX_DEPTH: u32 = 48;
-/// Bytes of argv captured per exec (power of two).
-pub const ARGV_MAX_BYTES: usize = 1024;
+/// Bytes of argv captured per exec (power of two). A longer command line
+/// is flagged ([`EXEC_FLAG_ARGV_TRUNCATED`]) and the agent reads the rest
+/// from `/proc` while the process lives.
+pub const ARGV_MAX_BYTES: usize = 2048;
 /// Most argv entries reported per exec (the agent cuts the rest).
-pub const ARGV_MAX_ARGS: usize = 16;
+pub const ARGV_MAX_ARGS: usize = 256;
 /// Longest environment string the exec scan reads (power of two).
 pub const ENV_STR_MAX: usize = 4096;
 /// Most environment strings the exec scan looks at.
@@ -44,7 +46,7 @@ pub const USER_PATH_MAX_BYTES: usize = 512;
 pub const TAIL_MAX_BYTES: usize = 8192;
 /// Room for a record's fixed struct in the scratch area; every fixed struct is
 /// smaller.
-pub const FIXED_MAX_BYTES: usize = 128;
+pub const FIXED_MAX_BYTES: usize = 192;
 const _: () = assert!(PATH_MAX_BYTES + NAME_MAX_BUF + 2 * USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES);
 const _: () =
     assert!(PATH_MAX_BYTES + NAME_MAX_BUF + ARGV_MAX_BYTES + USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES);
@@ -210,6 +212,14 @@ pub struct ExecEvent {
     /// Socket family of fds 0, 1, 2 when they are sockets (AF_INET = 2,
     /// AF_INET6 = 10, AF_UNIX = 1), else 0.
     pub stdio_family: [u16; 3],
+    /// Inode numbers of the files on fds 0, 1, 2 (0 if closed): two
+    /// processes joined by one pipe name the same pipe inode, and a
+    /// redirected output names its file.
+    pub stdio_ino: [u64; 3],
+    /// Devices (kernel `dev_t` encoding) of the files on fds 0, 1, 2.
+    pub stdio_dev: [u32; 3],
+    /// Zero.
+    pub _reserved: u32,
 }
 
 /// An exec the BPF LSM hook (`bprm_check_security`) refused under the deny
@@ -419,6 +429,7 @@ pub struct KernelOffsets {
     pub inode_i_sb: u32,
     pub inode_i_mode: u32,
     pub inode_i_nlink: u32,
+    pub inode_i_generation: u32,
     pub sb_s_dev: u32,
     pub vfsmount_mnt_root: u32,
     pub mount_mnt: u32,
@@ -566,6 +577,13 @@ pub struct FileKey {
     pub tgid: u32,
     /// Device.
     pub dev: u32,
+    /// The inode's generation (`i_generation`): an inode number freed and
+    /// given to a new file comes back with another generation on the file
+    /// systems that set it (ext4, xfs, btrfs, tmpfs).
+    pub generation: u32,
+    /// Low 32 bits of the inode's address: with the generation, tells a new
+    /// file from an old one on file systems that leave the generation 0.
+    pub inode_lo: u32,
 }
 
 /// Key of the connect de-duplication map: one process and one destination.

@@ -462,19 +462,29 @@ unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32)
     }
 }
 
-/// File type and socket family of fds 0, 1, 2.
+/// File type, socket family, inode and device of fds 0, 1, 2.
 #[inline(always)]
-unsafe fn stdio_kinds(task: u64, mode: &mut [u16; 3], family: &mut [u16; 3]) {
+unsafe fn stdio_kinds(task: u64, e: *mut ExecEvent) {
     unsafe {
+        let mode = &mut (*e).stdio_mode;
+        let family = &mut (*e).stdio_family;
+        let ino = &mut (*e).stdio_ino;
+        let dev = &mut (*e).stdio_dev;
+        (*e)._reserved = 0;
         for fd in 0..3usize {
             mode[fd] = 0;
             family[fd] = 0;
+            ino[fd] = 0;
+            dev[fd] = 0;
             let Some(file) = fd_file(task, fd as u64) else {
                 continue;
             };
             let inode: u64 = rd(file, off!(file_f_inode)).unwrap_or(0);
             let m: u16 = rd::<u16>(inode, off!(inode_i_mode)).unwrap_or(0) & S_IFMT;
             mode[fd] = m;
+            ino[fd] = rd(inode, off!(inode_i_ino)).unwrap_or(0);
+            let sb: u64 = rd(inode, off!(inode_i_sb)).unwrap_or(0);
+            dev[fd] = rd(sb, off!(sb_s_dev)).unwrap_or(0);
             if m == S_IFSOCK {
                 let sock: u64 = rd(file, off!(file_private_data)).unwrap_or(0);
                 let sk: u64 = rd(sock, off!(socket_sk)).unwrap_or(0);
@@ -654,7 +664,7 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         let (plen2, eflags) = scan_env_preload(s, mm, t.add(pre_off));
         flags |= eflags;
         (*e).preload_len = plen2 as u32;
-        stdio_kinds(task, &mut (*e).stdio_mode, &mut (*e).stdio_family);
+        stdio_kinds(task, e);
         (*e).flags = flags;
         let fixed_len = core::mem::size_of::<ExecEvent>();
         let tail_len = plen + got + flen + plen2;
@@ -1070,6 +1080,8 @@ unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
             ino,
             tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
             dev,
+            generation: rd(inode, off!(inode_i_generation)).unwrap_or(0),
+            inode_lo: inode as u32,
         };
         if FILE_SEEN.get_ptr(&key).is_some() {
             stat_add(STAT_FILE_DEDUP, 1);

@@ -202,6 +202,40 @@ fn file_write_is_reported_once_per_process_and_file() {
 }
 
 #[test]
+fn every_new_file_is_seen_even_on_a_recycled_inode() {
+    use std::os::unix::fs::MetadataExt;
+    let agent = Agent::start(&[]);
+    // On disk (ext4 hands a freed inode number to the next new file at
+    // once), not tmpfs.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let m = marker("recycle");
+    let mut inodes = Vec::new();
+    let mut paths = Vec::new();
+    for i in 0..5 {
+        let path = dir.path().join(format!("{m}-{i}"));
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(f, "file {i}").unwrap();
+        inodes.push(f.metadata().unwrap().ino());
+        drop(f);
+        std::fs::remove_file(&path).unwrap();
+        paths.push(path.to_string_lossy().into_owned());
+    }
+    let me = std::process::id() as u64;
+    for p in &paths {
+        agent.expect_event("each new file", |e| {
+            e.kind() == "file_open" && e.str_of("path") == *p && e.pid() == me
+        });
+    }
+    let distinct: HashSet<_> = inodes.iter().collect();
+    eprintln!("inode numbers of the five files: {inodes:?}");
+    assert!(
+        distinct.len() < inodes.len(),
+        "the file system gave every file a new inode number, so this test \
+         did not exercise recycling: {inodes:?}"
+    );
+}
+
+#[test]
 fn chmod_exec_and_setuid_are_seen_with_absolute_paths() {
     let agent = Agent::start(&[]);
     let dir = tempfile::tempdir().unwrap();

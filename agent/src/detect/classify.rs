@@ -406,48 +406,373 @@ pub fn shell_command(exe: &str, argv: &[String]) -> Option<String> {
     argv.get(i + 1).cloned()
 }
 
-/// A command string that decodes something and pipes it into a shell, or
-/// downloads something and pipes it into a shell.
-pub fn pipes_into_shell(cmd: &str) -> Option<&'static str> {
-    let c = cmd.to_ascii_lowercase();
-    let to_shell = [
-        "| sh",
-        "|sh",
-        "| bash",
-        "|bash",
-        "| /bin/sh",
-        "| /bin/bash",
-        "| dash",
-        "|dash",
-    ]
-    .iter()
-    .any(|p| c.contains(p));
-    if !to_shell {
-        return None;
+/// Programs that run the rest of their command line as another command
+/// (`sudo bash`, `env -i sh`, `nice -n 5 sh`): looked through to find the
+/// program a pipeline stage really runs.
+const WRAPPERS: &[&str] = &[
+    "sudo", "doas", "env", "nice", "nohup", "timeout", "stdbuf", "setsid", "command", "exec",
+    "ionice", "taskset", "chroot", "runuser", "unbuffer", "time", "chrt", "flock", "xargs",
+];
+
+/// A program that runs another one (see [`WRAPPERS`]).
+pub fn is_wrapper(exe: &str) -> bool {
+    WRAPPERS.contains(&basename(exe))
+}
+
+/// Splits a shell command string into pipelines (at `;`, `&&`, `||`, `&`
+/// and newlines), each a list of stages (at `|`), each a list of words.
+/// Quotes group words and are removed; it is no shell parser, only enough
+/// to find which program each stage runs.
+pub fn pipelines(cmd: &str) -> Vec<Vec<Vec<String>>> {
+    let mut out = vec![vec![vec![]]];
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = cmd.chars().peekable();
+    let end_word = |word: &mut String, in_word: &mut bool, out: &mut Vec<Vec<Vec<String>>>| {
+        if *in_word {
+            let p = out.last_mut().expect("a pipeline");
+            p.last_mut().expect("a stage").push(std::mem::take(word));
+            *in_word = false;
+        }
+    };
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            } else {
+                word.push(c);
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => {
+                quote = Some(c);
+                in_word = true;
+            }
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                    in_word = true;
+                }
+            }
+            ' ' | '\t' => end_word(&mut word, &mut in_word, &mut out),
+            '|' => {
+                end_word(&mut word, &mut in_word, &mut out);
+                if chars.peek() == Some(&'|') {
+                    chars.next();
+                    out.push(vec![vec![]]);
+                } else {
+                    chars.next_if_eq(&'&');
+                    out.last_mut().expect("a pipeline").push(vec![]);
+                }
+            }
+            ';' | '&' | '\n' | '(' | ')' | '{' | '}' => {
+                end_word(&mut word, &mut in_word, &mut out);
+                chars.next_if(|&n| n == '&' && c == '&');
+                out.push(vec![vec![]]);
+            }
+            _ => {
+                word.push(c);
+                in_word = true;
+            }
+        }
     }
-    if c.contains("base64 -d")
-        || c.contains("base64 --decode")
-        || c.contains("xxd -r")
-        || c.contains("openssl enc -d")
-        || c.contains("openssl base64 -d")
-    {
-        return Some("decode");
-    }
-    if c.contains("curl ") || c.contains("wget ") {
-        return Some("download");
+    end_word(&mut word, &mut in_word, &mut out);
+    out.retain(|p| p.iter().any(|s| !s.is_empty()));
+    out
+}
+
+/// The program a stage runs and its arguments, looking through variable
+/// assignments, redirections and wrappers (`sudo -u x bash` -> `bash`).
+pub fn command_of(stage: &[String]) -> Option<(&str, &[String])> {
+    let mut i = 0;
+    while i < stage.len() {
+        let w = stage[i].as_str();
+        let is_assign = w.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if is_assign || w.starts_with('>') || w.starts_with('<') || w.starts_with("2>") {
+            i += 1;
+            continue;
+        }
+        if is_wrapper(w) {
+            // The wrapper's own options (and an option's value, for the
+            // few that take one) come before the command.
+            i += 1;
+            while i < stage.len() {
+                let a = stage[i].as_str();
+                let is_duration = a.chars().next().is_some_and(|c| c.is_ascii_digit());
+                if matches!(
+                    a,
+                    "-u" | "-g" | "-n" | "-c" | "-p" | "-o" | "-e" | "-s" | "-k"
+                ) {
+                    i += 2;
+                } else if a.starts_with('-') || is_duration || a.contains('=') {
+                    i += 1;
+                } else {
+                    break;
+                }
+            }
+            continue;
+        }
+        if basename(w) == "busybox" && i + 1 < stage.len() {
+            i += 1;
+            continue;
+        }
+        return Some((w, &stage[i + 1..]));
     }
     None
 }
 
-/// A decoder invocation (`base64 -d`, `xxd -r`, `openssl enc -d`).
+/// How a command string feeds a shell with content it fetched or decoded:
+/// a pipeline whose stage runs a downloader or decoder and a later stage
+/// runs a shell reading its input (`curl -s URL | sudo bash`,
+/// `base64 -d <<< X |/bin/sh`), or a shell, `eval` or interpreter handed
+/// such content by command or process substitution (`sh -c "$(curl URL)"`,
+/// `bash <(wget -O- URL)`). Returns "decode" or "download".
+pub fn pipes_into_shell(cmd: &str) -> Option<&'static str> {
+    let source_kind = |stage: &[String]| -> Option<&'static str> {
+        let (prog, args) = command_of(stage)?;
+        let mut argv = vec![prog.to_string()];
+        argv.extend(args.iter().cloned());
+        if is_decoder(prog, &argv) {
+            Some("decode")
+        } else if is_downloader(prog) {
+            Some("download")
+        } else {
+            None
+        }
+    };
+    let reads_input = |stage: &[String]| -> bool {
+        command_of(stage).is_some_and(|(prog, args)| {
+            is_shell(prog) && !args.iter().any(|a| is_command_flag(a))
+                || (is_interpreter(prog) && args.iter().all(|a| a.starts_with('-') || a == "-"))
+        })
+    };
+    for p in pipelines(cmd) {
+        let mut fed: Option<&'static str> = None;
+        for stage in &p {
+            if let Some(k) = fed {
+                if reads_input(stage) {
+                    return Some(k);
+                }
+            }
+            if let Some(k) = source_kind(stage) {
+                fed = Some(k);
+            }
+        }
+    }
+    substituted_into_shell(cmd)
+}
+
+/// `-c` and the short option clusters that contain it (`-ec`, `-xc`).
+fn is_command_flag(a: &str) -> bool {
+    a.starts_with('-') && !a.starts_with("--") && a.contains('c') && a.len() <= 4
+}
+
+/// Content of a downloader or decoder run as code by command or process
+/// substitution: `$(...)`, backquotes or `<(...)` around one, used where a
+/// shell, `eval`, `source` or `.` takes code.
+fn substituted_into_shell(cmd: &str) -> Option<&'static str> {
+    for open in ["$(", "`", "<("] {
+        let mut rest = cmd;
+        while let Some(i) = rest.find(open) {
+            let before = rest[..i]
+                .trim_end()
+                .trim_end_matches(['"', '\''])
+                .trim_end();
+            let inner_start = i + open.len();
+            let close = if open == "`" { '`' } else { ')' };
+            let inner_end = rest[inner_start..]
+                .find(close)
+                .map(|j| inner_start + j)
+                .unwrap_or(rest.len());
+            let inner = &rest[inner_start..inner_end];
+            let last_word = before
+                .rsplit([' ', '\t', ';', '|', '&'])
+                .next()
+                .unwrap_or("");
+            let runs_code = before.is_empty()
+                || matches!(last_word, "eval" | "source" | "." | "-c" | "<<<" | "<")
+                || is_shell(last_word)
+                || is_interpreter(last_word);
+            if runs_code {
+                for p in pipelines(inner) {
+                    for stage in &p {
+                        if let Some((prog, args)) = command_of(stage) {
+                            let mut argv = vec![prog.to_string()];
+                            argv.extend(args.iter().cloned());
+                            if is_decoder(prog, &argv) {
+                                return Some("decode");
+                            }
+                            if is_downloader(prog) {
+                                return Some("download");
+                            }
+                        }
+                    }
+                }
+            }
+            rest = &rest[inner_end.min(rest.len())..];
+            if rest.len() <= 1 {
+                break;
+            }
+            rest = &rest[1..];
+        }
+    }
+    None
+}
+
+/// Words in an interpreter one-liner that decode data.
+const DECODE_WORDS: &[&str] = &[
+    "b64decode",
+    "base64.decode",
+    "decode_base64",
+    "decodebytes",
+    "unhexlify",
+    "fromhex",
+    "frombase64string",
+    "atob(",
+    "'base64')",
+    "\"base64\")",
+    "codecs.decode",
+    "zlib.decompress",
+    "gzip.decompress",
+    "marshal.loads",
+    "unpack(\"h*",
+    "unpack('h*",
+    "pack(\"h*",
+    "pack('h*",
+    "unpack1(\"m",
+    "unpack(\"m",
+    "unpack('m",
+    "base64_decode",
+    "hex2bin",
+    "gzinflate",
+    "str_rot13",
+];
+
+/// Words in an interpreter one-liner that run code or commands.
+const RUN_WORDS: &[&str] = &[
+    "exec(",
+    "eval(",
+    "eval ",
+    "system(",
+    "popen(",
+    "subprocess",
+    "os.exec",
+    "execsync",
+    "child_process",
+    "function(",
+    "compile(",
+    "pty.spawn",
+    "assert(",
+    "passthru(",
+    "shell_exec(",
+    "`",
+];
+
+/// An interpreter one-liner whose code decodes data.
+pub fn is_decoding_one_liner(exe: &str, argv: &[String]) -> bool {
+    one_liner_code(exe, argv).is_some_and(|c| {
+        let c = c.to_ascii_lowercase();
+        DECODE_WORDS.iter().any(|w| c.contains(w))
+    })
+}
+
+/// An interpreter one-liner that decodes data and runs the result as code
+/// or a command, without a file (`python3 -c "exec(b64decode(...))"`).
+pub fn decodes_and_runs(exe: &str, argv: &[String]) -> bool {
+    one_liner_code(exe, argv).is_some_and(|c| {
+        let c = c.to_ascii_lowercase();
+        DECODE_WORDS.iter().any(|w| c.contains(w)) && RUN_WORDS.iter().any(|w| c.contains(w))
+    })
+}
+
+/// The code of an interpreter one-liner (`python3 -c CODE`, `perl -e
+/// CODE`, `node -e CODE`, `php -r CODE`).
+fn one_liner_code<'a>(exe: &str, argv: &'a [String]) -> Option<&'a str> {
+    if !is_interpreter(exe) {
+        return None;
+    }
+    let i = argv.iter().skip(1).position(|a| {
+        matches!(
+            a.as_str(),
+            "-c" | "-e" | "-E" | "-r" | "--eval" | "-p" | "--print"
+        )
+    })?;
+    argv.get(i + 2).map(String::as_str)
+}
+
+/// The script file a shell or interpreter is told to run (`sh FILE`,
+/// `bash -x FILE`, `python3 -u FILE arg`), if its command line names one:
+/// not for one-liners (`-c`, `-e`), modules (`-m`) or standard input.
+pub fn script_operand<'a>(exe: &str, argv: &'a [String]) -> Option<&'a str> {
+    let shell = is_shell(exe);
+    if !shell && !is_interpreter(exe) {
+        return None;
+    }
+    // Options that take the next word as their value.
+    let takes_value: &[&str] = if shell {
+        &["-o", "+o", "-O", "+O", "--rcfile", "--init-file"]
+    } else {
+        &[
+            "-W",
+            "-X",
+            "-r",
+            "--require",
+            "-I",
+            "-M",
+            "--import",
+            "--loader",
+        ]
+    };
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.as_str();
+        if a == "--" {
+            return it.next().map(String::as_str);
+        }
+        if a == "-" || a == "-s" || a == "-m" || a == "-i" {
+            return None;
+        }
+        let php = basename(exe).starts_with("php");
+        if (shell && is_command_flag(a))
+            || (!shell && matches!(a, "-c" | "-e" | "-E" | "--eval" | "-p" | "--print"))
+            || (php && a == "-r")
+        {
+            return None;
+        }
+        if takes_value.contains(&a) {
+            it.next();
+            continue;
+        }
+        if a.starts_with('-') || (shell && a.starts_with('+')) {
+            continue;
+        }
+        return Some(a);
+    }
+    None
+}
+
+/// A decoder invocation: `base64 -d`, `base32 -d`, `xxd -r`, `openssl enc
+/// -d` or `openssl base64 -d`, `uudecode`, `gpg --decrypt`, or an
+/// interpreter one-liner that decodes data.
 pub fn is_decoder(exe: &str, argv: &[String]) -> bool {
     let b = basename(exe);
     let has = |f: &str| argv.iter().skip(1).any(|a| a == f);
+    let has_cluster = |c: char| {
+        argv.iter()
+            .skip(1)
+            .any(|a| a.starts_with('-') && !a.starts_with("--") && a[1..].contains(c))
+    };
     match b {
-        "base64" | "base32" | "basenc" => has("-d") || has("--decode") || has("-D"),
-        "xxd" => has("-r"),
-        "openssl" => has("-d") || has("base64"),
-        _ => false,
+        "base64" | "base32" | "basenc" => has_cluster('d') || has("--decode") || has("-D"),
+        "xxd" => has_cluster('r') || has("-revert"),
+        "openssl" => has("-d") || has("-decrypt"),
+        "uudecode" | "b64decode" => true,
+        "gpg" | "gpg2" => has("-d") || has("--decrypt"),
+        _ => is_decoding_one_liner(exe, argv),
     }
 }
 

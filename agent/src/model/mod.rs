@@ -320,7 +320,10 @@ mod tests {
     #[test]
     fn state_and_detect_import_no_later_stage() {
         assert_only("tree.rs", &["model"]);
-        assert_only("state.rs", &["model", "tree", "workload_cache", "metrics"]);
+        assert_only(
+            "state.rs",
+            &["model", "tree", "procscan", "workload_cache", "metrics"],
+        );
         assert_only("detect", &["model", "tree", "detect"]);
     }
 

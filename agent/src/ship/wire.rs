@@ -285,6 +285,7 @@ mod tests {
             ld_preload: None,
             stdio: [Stdio::CharDevice, Stdio::Pipe, Stdio::InetSocket],
             frozen: false,
+            ..Default::default()
         };
         vec![
             Payload::Exec(exec.clone()),
