@@ -187,9 +187,24 @@ impl ProcessTree {
                 if !self.procs.contains_key(&ev.pid) {
                     self.stats.unknown_pid += 1;
                 }
+                // The creator's lineage, not the reaper's: a process whose
+                // parent exited before it exec'd (a double fork, a subshell
+                // that failed) has been handed to init or a subreaper by
+                // now; while the tree still holds the parent that forked it,
+                // it keeps that one.
+                let ppid = match self.procs.get(&ev.pid) {
+                    Some(p)
+                        if p.start_boot_ns == ev.start_boot_ns
+                            && p.ppid != x.ppid
+                            && self.procs.contains_key(&p.ppid) =>
+                    {
+                        p.ppid
+                    }
+                    _ => x.ppid,
+                };
                 self.upsert(Process {
                     pid: ev.pid,
-                    ppid: x.ppid,
+                    ppid,
                     start_boot_ns: ev.start_boot_ns,
                     image: Image::new(x.exe.clone(), x.argv.clone()),
                     comm: ev.comm.clone(),
@@ -476,6 +491,37 @@ mod tests {
                 (1, "/sbin/init".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn a_process_orphaned_before_its_exec_keeps_the_lineage_that_created_it() {
+        let mut t = ProcessTree::new(100, Duration::from_secs(10));
+        let mut w = wl();
+        t.apply(&exec(1, 0, "/sbin/init"), &mut w);
+        t.apply(&ev(10, 10, Payload::Fork { ppid: 1 }), &mut w);
+        t.apply(&exec(10, 1, "/usr/bin/node"), &mut w);
+        t.apply(&ev(11, 11, Payload::Fork { ppid: 10 }), &mut w);
+        t.apply(&exec(11, 10, "/bin/sh"), &mut w);
+        // The shell forks a background child and dies at once: the child
+        // execs after it was handed to init.
+        t.apply(&ev(12, 12, Payload::Fork { ppid: 11 }), &mut w);
+        t.apply(
+            &ev(
+                11,
+                11,
+                Payload::Exit {
+                    exit_code: Some(2),
+                    signal: None,
+                },
+            ),
+            &mut w,
+        );
+        t.apply(&exec(12, 1, "/srv/x/.hid/agentd"), &mut w);
+        let a: Vec<u32> = t.ancestry(12).iter().map(|a| a.pid).collect();
+        assert_eq!(a, [11, 10, 1]);
+        // A process whose creator the tree never held takes the kernel's.
+        t.apply(&exec(40, 1, "/usr/bin/true"), &mut w);
+        assert_eq!(t.get(40).unwrap().ppid, 1);
     }
 
     #[test]

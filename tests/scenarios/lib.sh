@@ -113,3 +113,12 @@ vs_protect() {
   b="$VS_DIR/.saved$(echo "$f" | tr / _)"
   if [ -e "$f" ]; then cp -a "$f" "$b"; VS_CLEANUP+=("cp -a '$b' '$f'"); else VS_CLEANUP+=("rm -f '$f'"); fi
 }
+
+# An application directory outside the temp roots (real apps live in /srv,
+# /opt, /home, /var/www), removed at exit. Prints its path.
+vs_app_root() {
+  mkdir -p /srv
+  local d; d=$(mktemp -d /srv/vs-app.XXXXXXXX)
+  VS_CLEANUP+=("rm -rf '$d'")
+  echo "$d"
+}

@@ -6,8 +6,12 @@
 //! 2. Testing: a second agent loads that baseline (learning off); each
 //!    scenario runs alone. A benign scenario must raise nothing; an attack
 //!    scenario must raise one detection per `# expect:` line (alternatives
-//!    separated by `|`, matched as prefixes of the detection's ATT&CK ids;
-//!    distinct lines need distinct detections).
+//!    separated by `|`, each a rule id, matched exactly, or an ATT&CK id,
+//!    matched as a prefix of the detection's technique ids; distinct lines
+//!    need distinct detections).
+//!
+//! [`rules_no_scenario_needs`] is the mutation check: with each rule's
+//! detections taken out in turn, some attack scenario must fail.
 //!
 //! A detection belongs to a scenario when the scenario's shell is the
 //! triggering process or one of its ancestors.
@@ -93,6 +97,8 @@ pub struct Outcome {
     pub latencies: Vec<u64>,
     /// Evidence bundles captured for it (ids).
     pub bundles: Vec<String>,
+    /// Its detections, as the agent wrote them.
+    pub detections: Vec<Value>,
 }
 
 /// Reads `dir/attack/*.sh` and `dir/benign/*.sh`.
@@ -200,9 +206,11 @@ pub fn unmatched(expect: &[Vec<String>], dets: &[Value]) -> Vec<String> {
             dets.iter()
                 .enumerate()
                 .filter(|(_, d)| {
-                    techniques(d)
-                        .iter()
-                        .any(|t| alts.iter().any(|a| t.starts_with(a.as_str())))
+                    let rule = d["rule"].as_str().unwrap_or("");
+                    alts.iter().any(|a| a == rule)
+                        || techniques(d)
+                            .iter()
+                            .any(|t| alts.iter().any(|a| t.starts_with(a.as_str())))
                 })
                 .map(|(i, _)| i)
                 .collect()
@@ -236,6 +244,31 @@ pub fn unmatched(expect: &[Vec<String>], dets: &[Value]) -> Vec<String> {
         }
     }
     missing
+}
+
+/// The mutation check: the rules of `rules` whose detections no attack
+/// scenario needs, i.e. taking every detection of that rule out of a run
+/// leaves every scenario that passed still passing. Such a rule is
+/// untested by the corpus (or redundant with another).
+pub fn rules_no_scenario_needs(outcomes: &[Outcome], rules: &[&str]) -> Vec<String> {
+    rules
+        .iter()
+        .filter(|rule| {
+            !outcomes
+                .iter()
+                .filter(|o| o.scenario.attack && o.passed)
+                .any(|o| {
+                    let without: Vec<Value> = o
+                        .detections
+                        .iter()
+                        .filter(|d| d["rule"].as_str() != Some(**rule))
+                        .cloned()
+                        .collect();
+                    !unmatched(&o.scenario.expect, &without).is_empty()
+                })
+        })
+        .map(|r| r.to_string())
+        .collect()
 }
 
 /// Runs every scenario of `dir`; `work` keeps the agents' output.
@@ -382,6 +415,7 @@ pub fn run_with(
             problem,
             latencies,
             bundles,
+            detections: dets,
         });
     }
     let check = match shipping {
@@ -768,5 +802,46 @@ mod tests {
             1
         );
         assert_eq!(unmatched(&[e("T1105")], &one), ["T1105"]);
+    }
+
+    #[test]
+    fn rule_ids_match_exactly_and_the_mutation_check_finds_unneeded_rules() {
+        let e = |s: &str| s.split('|').map(String::from).collect::<Vec<_>>();
+        let d = vec![
+            json!({"rule": "pipe_to_shell", "mitre": ["T1059.004"]}),
+            json!({"rule": "exec_from_temp_dir", "mitre": []}),
+        ];
+        assert!(unmatched(&[e("pipe_to_shell")], &d).is_empty());
+        assert_eq!(
+            unmatched(&[e("pipe_to")], &d).len(),
+            1,
+            "no prefix match on rules"
+        );
+        let scenario = |expect: &[&str]| Scenario {
+            name: "s".into(),
+            path: PathBuf::from("s.sh"),
+            attack: true,
+            expect: expect.iter().map(|x| e(x)).collect(),
+        };
+        let outcome = |expect: &[&str]| Outcome {
+            scenario: scenario(expect),
+            passed: true,
+            raised: vec![],
+            problem: None,
+            latencies: vec![],
+            bundles: vec![],
+            detections: d.clone(),
+        };
+        let rules = ["pipe_to_shell", "exec_from_temp_dir", "masquerading"];
+        // Only pipe_to_shell is needed: the others can go.
+        assert_eq!(
+            rules_no_scenario_needs(&[outcome(&["T1059"])], &rules),
+            ["exec_from_temp_dir", "masquerading"]
+        );
+        // Either rule satisfies the line: neither is needed alone.
+        assert_eq!(
+            rules_no_scenario_needs(&[outcome(&["pipe_to_shell|exec_from_temp_dir"])], &rules),
+            rules
+        );
     }
 }

@@ -16,7 +16,7 @@ use vigil_tests::scenarios::{self, RunOptions};
 /// run's attacks as normal for the host.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run_dir(dir: &Path, tag: &str, opts: RunOptions) {
+fn run_dir(dir: &Path, tag: &str, opts: RunOptions) -> Vec<scenarios::Outcome> {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let work = std::env::temp_dir().join(format!("vigil-scenarios-{tag}-{}", std::process::id()));
     let (outcomes, check) = scenarios::run_with(dir, &work, &opts).expect("scenario run");
@@ -32,17 +32,34 @@ fn run_dir(dir: &Path, tag: &str, opts: RunOptions) {
         work.display()
     );
     let _ = std::fs::remove_dir_all(&work);
+    outcomes
 }
+
+/// Rules the project's corpus cannot exercise on a kernel without BPF LSM
+/// (`tests/tests/deny_exec.rs` covers it in the VM testbed).
+const NEEDS_BPF_LSM: &[&str] = &[vigil_agent::detect::rules::ids::EXEC_DENIED];
 
 #[test]
 fn project_scenarios() {
-    run_dir(
+    let outcomes = run_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios"),
         "own",
         RunOptions {
             collector: true,
             outage: None,
         },
+    );
+    // The mutation check: each built-in rule switched off in turn (its
+    // detections taken out of the run) must make some scenario fail.
+    let rules: Vec<&str> = vigil_agent::detect::rules::ids::ALL
+        .iter()
+        .copied()
+        .filter(|r| !NEEDS_BPF_LSM.contains(r))
+        .collect();
+    let unneeded = scenarios::rules_no_scenario_needs(&outcomes, &rules);
+    assert!(
+        unneeded.is_empty(),
+        "no scenario of the project's corpus fails without these rules: {unneeded:?}"
     );
 }
 

@@ -349,6 +349,16 @@ impl Capturer {
                         .count(),
                 })
             }
+            Err(self::core::CoreError::Gone { .. }) => {
+                // It exited between the stop and the read (a writer like
+                // `tee -a` that is done at once): nothing of it is left to
+                // seal. Reported as gone, so the caller can take its
+                // nearest living ancestor instead of an empty bundle.
+                drop(frozen);
+                drop(b);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(CaptureError::Freeze(FreezeError::Gone { pid }));
+            }
             Err(e) => {
                 warnings.push(format!("core: {e}"));
                 let _ = std::fs::remove_file(b.path_of("core"));

@@ -222,6 +222,40 @@ fn capture_process_refuses_recycled_pid() {
     assert!(thread_states(pid).iter().all(|s| *s != 'T'));
 }
 
+/// A process that dies after it was stopped but before its memory was read
+/// (a writer done at once) is reported gone, with no empty bundle sealed:
+/// the caller then captures its nearest living ancestor.
+#[test]
+fn capture_of_a_process_that_died_after_the_stop_is_gone_and_seals_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let cap = capturer(root.path());
+    let child = spawn_sleeper(0, "VANISH");
+    let pid = child.id() as i32;
+    let frozen = cap.freezer().freeze(pid).unwrap();
+    // SIGKILL ends even a stopped process; not reaped, it stays a zombie.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t0 = Instant::now();
+    while !matches!(
+        procutil::StatLine::read(Path::new(&format!("/proc/{pid}/stat"))).map(|s| s.state()),
+        Ok('Z')
+    ) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no zombie");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let r = cap.capture_frozen(frozen, &CaptureRequest::default());
+    assert!(
+        matches!(r, Err(CaptureError::Freeze(FreezeError::Gone { .. }))),
+        "{r:?}"
+    );
+    for sub in ["bundles", "work"] {
+        let left: Vec<_> = std::fs::read_dir(root.path().join(sub))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{sub}: {left:?}");
+    }
+    drop(child);
+}
+
 /// A process that exits 20 ms after its exec, frozen right after the exec
 /// (as the kernel-side freeze will), is captured completely, then runs on
 /// and exits normally.

@@ -134,9 +134,10 @@ pub fn in_system_dir(exe: &str) -> bool {
         .any(|d| exe.starts_with(d) && exe.as_bytes().get(d.len()) == Some(&b'/'))
 }
 
-/// Names of system daemons, kernel threads and everyday tools that malware
-/// borrows to blend in.
-const BORROWED_NAMES: &[&str] = &[
+/// Names of system daemons and kernel threads that malware borrows to
+/// blend in: nobody installs a program of theirs outside the system's
+/// directories.
+const DAEMON_NAMES: &[&str] = &[
     "crond",
     "cron",
     "atd",
@@ -161,9 +162,12 @@ const BORROWED_NAMES: &[&str] = &[
     "polkitd",
     "networkd",
     "NetworkManager",
-    "containerd",
-    "dockerd",
-    "kubelet",
+];
+
+/// Names of everyday tools and servers malware also borrows, but which
+/// users build and install in their own directories too (a Linuxbrew
+/// `htop`, an `nginx` built under /home): suspicious by place, not name.
+const TOOL_NAMES: &[&str] = &[
     "vim",
     "vi",
     "nano",
@@ -184,13 +188,29 @@ const BORROWED_NAMES: &[&str] = &[
     "mysqld",
     "postgres",
     "php-fpm",
+    "containerd",
+    "dockerd",
+    "kubelet",
 ];
+
+fn first_part(name: &str) -> &str {
+    let n = name.trim();
+    n.split('/').next().unwrap_or(n) // "kworker/0:1"
+}
+
+/// A system daemon's or kernel thread's name (see [`DAEMON_NAMES`]).
+pub fn is_daemon_name(name: &str) -> bool {
+    DAEMON_NAMES.contains(&first_part(name))
+}
+
+/// An everyday tool's or server's name (see [`TOOL_NAMES`]).
+pub fn is_tool_name(name: &str) -> bool {
+    TOOL_NAMES.contains(&first_part(name))
+}
 
 /// A name that belongs to a system daemon, kernel thread or common tool.
 pub fn is_borrowed_name(name: &str) -> bool {
-    let n = name.trim();
-    let n = n.split('/').next().unwrap_or(n); // "kworker/0:1"
-    BORROWED_NAMES.contains(&n)
+    is_daemon_name(name) || is_tool_name(name)
 }
 
 /// argv[0] styled as a kernel thread: "[kworker/0:1]".

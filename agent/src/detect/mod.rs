@@ -270,8 +270,9 @@ pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
     let Payload::Exec(x) = &ev.event.payload else {
         return None;
     };
+    // The creator (the tree keeps it when the process was reparented).
     let parent = tree
-        .get(x.ppid)
+        .get(ev.process.ppid)
         .map(|p| p.image.exe.as_str())
         .or_else(|| ev.ancestry.first().map(|a| a.image.exe.as_str()))
         .unwrap_or("");

@@ -1,25 +1,90 @@
 //! Shapes: the parts of a path or command line that stay the same between
-//! two runs of the same behaviour. Numbers (pids, ports), hex ids and the
-//! random names of temporary directories are masked, so a baseline learned
-//! once still matches tomorrow, while a different command is a different
-//! shape.
+//! two runs of the same behaviour, so a baseline learned once still matches
+//! tomorrow while a different command is a different shape.
+//!
+//! How a shape is formed, token by token (a token is a run of letters,
+//! digits and `_`; everything else, `/ . - = :` and spaces, is kept as is,
+//! so directories, extensions and flag names survive):
+//!
+//! - a UUID (`8-4-4-4-12` hex) becomes `U`;
+//! - a hex-looking token (8+ hex characters with a digit and a letter:
+//!   hashes, commit ids, container ids) becomes `H`;
+//! - so does a random-looking token, wherever it appears (one draw may
+//!   happen to be all hex, the next not): 6+
+//!   characters that switch between lower case, upper case, digits and `_`
+//!   at least 4 times (`ccAbC123`, `tmpk3j_x9az`), or 20+ characters mixing
+//!   letters and digits (tokens, request ids). Words, `camelCase` names
+//!   and versioned names (`python3`, `x86_64`) switch less and are kept;
+//! - every other run of digits becomes `N` (pids, ports, counters);
+//! - under a temporary root (`/tmp/`, `/var/tmp/`, `/dev/shm/`,
+//!   `/run/user/`) every alphanumeric run of 6+ characters becomes `*`
+//!   (mktemp draws can be plain lower case).
 
 /// Temporary roots whose first component is random (mktemp).
 const TEMP_ROOTS: &[&str] = &["/tmp/", "/var/tmp/", "/dev/shm/", "/run/user/"];
 
-/// Masks digit runs as `N`, hex-looking tokens (>= 8 hex chars with a digit)
-/// as `H`, and random-looking names under temporary roots as `*`.
+/// The shape of `text` (see the module documentation).
 pub fn shape(text: &str) -> String {
     let masked_tmp = mask_temp_dirs(text);
-    let mut out = String::with_capacity(masked_tmp.len());
-    for tok in split_keep(&masked_tmp) {
-        if is_hexish(tok) {
+    let masked = mask_uuids(&masked_tmp);
+    let mut out = String::with_capacity(masked.len());
+    for tok in split_keep(&masked) {
+        if is_hexish(tok) || is_random(tok) {
             out.push('H');
         } else {
             mask_digits(tok, &mut out);
         }
     }
     out
+}
+
+/// UUIDs (`8-4-4-4-12` hex digits) replaced by `U`.
+fn mask_uuids(text: &str) -> String {
+    let b = text.as_bytes();
+    if b.len() < 36 || !text.contains('-') {
+        return text.to_string();
+    }
+    let is_uuid_at = |i: usize| {
+        i + 36 <= b.len()
+            && b[i..i + 36].iter().enumerate().all(|(j, c)| match j {
+                8 | 13 | 18 | 23 => *c == b'-',
+                _ => c.is_ascii_hexdigit(),
+            })
+            && (i == 0 || !b[i - 1].is_ascii_alphanumeric())
+            && b.get(i + 36).is_none_or(|c| !c.is_ascii_alphanumeric())
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < b.len() {
+        if is_uuid_at(i) {
+            out.push('U');
+            i += 36;
+        } else {
+            let c = text[i..].chars().next().expect("in bounds");
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+/// A token that looks drawn at random rather than written (see the module
+/// documentation).
+fn is_random(tok: &str) -> bool {
+    if tok.len() < 6 || !tok.is_ascii() {
+        return false;
+    }
+    let class = |c: u8| match c {
+        b'a'..=b'z' => 0,
+        b'A'..=b'Z' => 1,
+        b'0'..=b'9' => 2,
+        _ => 3,
+    };
+    let b = tok.as_bytes();
+    let switches = b.windows(2).filter(|w| class(w[0]) != class(w[1])).count();
+    let letters = b.iter().any(|c| c.is_ascii_alphabetic());
+    let digits = b.iter().any(|c| c.is_ascii_digit());
+    switches >= 4 || (tok.len() >= 20 && letters && digits)
 }
 
 /// A command line's shape: argv[0]'s base name and at most 12 argument
@@ -180,5 +245,58 @@ mod tests {
             shape("/tmp/scn.XyZ123/app"),
             "all-lowercase draws too"
         );
+    }
+
+    #[test]
+    fn random_names_are_masked_wherever_they_are_and_structure_is_kept() {
+        // Compiler temporaries with TMPDIR inside a workspace.
+        assert_eq!(
+            shape("/home/ci/work/.tmp/ccAbC123.s"),
+            shape("/home/ci/work/.tmp/ccx9QpL2.s")
+        );
+        assert_eq!(
+            shape("/home/ci/work/.tmp/ccAbC123.s"),
+            "/home/ci/work/.tmp/H.s"
+        );
+        // Python tempfile names in an application's own directory.
+        assert_eq!(
+            shape("/srv/app/uploads/tmpk3j_x9az.json"),
+            shape("/srv/app/uploads/tmp0q_7bm2w.json")
+        );
+        // Request ids, UUIDs and tokens in arguments.
+        assert_eq!(
+            argv_shape(&v(&[
+                "worker",
+                "--job",
+                "550e8400-e29b-41d4-a716-446655440000"
+            ])),
+            argv_shape(&v(&[
+                "worker",
+                "--job",
+                "f47ac10b-58cc-4372-a567-0e02b2c3d479"
+            ]))
+        );
+        assert_eq!(
+            shape("--token=9fQk2LmZp81xTrBv7WcY"),
+            shape("--token=Ab3dE6gH9jK2mN5pQ8sT")
+        );
+        // Kept: words, versions, camelCase, flags, extensions.
+        for kept in [
+            "python3.11",
+            "x86_64-linux-gnu",
+            "MyService",
+            "--output-dir=build",
+            "Makefile",
+            "node_modules/.bin/webpack",
+            "libstdc",
+        ] {
+            assert!(!shape(kept).contains('H'), "{kept} -> {}", shape(kept));
+        }
+        // Different programs stay different.
+        assert_ne!(
+            shape("/srv/app/bin/ccAbC123"),
+            shape("/srv/app/lib/ccAbC123")
+        );
+        assert_ne!(shape("/srv/app/a.py"), shape("/srv/app/b.py"));
     }
 }

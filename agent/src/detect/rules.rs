@@ -43,6 +43,26 @@ pub mod ids {
     pub const DECODED_EXEC: &str = "decoded_file_executed";
     /// An interpreter one-liner decodes data and runs it, without a file.
     pub const DECODE_AND_RUN: &str = "decode_and_execute";
+
+    /// Every built-in rule.
+    pub const ALL: &[&str] = &[
+        SERVER_CHILD,
+        INGRESS,
+        MASQUERADE,
+        HIDDEN_EXEC,
+        TEMP_EXEC,
+        FILELESS,
+        REVERSE_SHELL,
+        SHELL_CONNECT,
+        PERSISTENCE,
+        LD_PRELOAD,
+        SETUID,
+        MINER,
+        PIPE_TO_SHELL,
+        EXEC_DENIED,
+        DECODED_EXEC,
+        DECODE_AND_RUN,
+    ];
 }
 
 fn finding(
@@ -207,11 +227,11 @@ fn server_child(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     // server's shells.
     let server = if is_shell(&x.exe) {
         ctx.tree
-            .get(x.ppid)
+            .get(ctx.ev.process.ppid)
             .filter(|p| p.serves)
             .map(|p| (p.pid, p.image.exe.clone()))
     } else {
-        serving_ancestor(ctx, x.ppid)
+        serving_ancestor(ctx, ctx.ev.process.ppid)
     };
     let Some((spid, sexe)) = server else { return };
     let mitre: &[&str] = if is_shell(&x.exe) {
@@ -336,62 +356,78 @@ fn ingress_chmod(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
     ));
 }
 
+/// Masquerading, decided by name, place and provenance: a system daemon's
+/// name outside the system's directories, a tool's name in a place no
+/// installed tool lives (hidden directory, temp root, a deleted or fetched
+/// file), fetched or decoded content placed in a system directory, a
+/// kernel thread's look, a deceptive file name. Only the tool-name case may
+/// be learned by the baseline (a user's own `htop` build).
 fn masquerade(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     let exe_name = basename(&x.exe);
     let argv0 = x.argv.first().map(|a| basename(a)).unwrap_or("");
     let real_file = !x.exe.starts_with("/memfd:") && !x.exe.is_empty();
-    let mut why = None;
-    let placed = (real_file && in_system_dir(&x.exe))
-        .then(|| ctx.state.files.peek_file((x.exe_dev, x.exe_ino)))
-        .flatten();
-    if let Some(p) = placed {
+    let system = in_system_dir(&x.exe);
+    let provenance = ctx.state.files.peek_file((x.exe_dev, x.exe_ino));
+    let odd_place = hidden_dir_component(&x.exe).is_some()
+        || in_temp_dir(&x.exe)
+        || x.exe_deleted
+        || provenance.is_some();
+    // (why, never suppressed)
+    let mut why: Option<(String, bool)> = None;
+    let borrowed = |name: &str| is_daemon_name(name) || (is_tool_name(name) && odd_place);
+    if let Some(p) = provenance.filter(|_| real_file && system) {
         // Content fetched or decoded by a user's tool does not belong in a
         // system directory under a system-looking name.
-        why = Some(format!(
-            "{} runs from the system directory {}, but was written by {} (pid {}), which {}",
-            x.exe,
-            dirname(&x.exe),
-            p.writer.exe,
-            p.pid,
-            p.origin.verb()
+        why = Some((
+            format!(
+                "{} runs from the system directory {}, but was written by {} (pid {}), which {}",
+                x.exe,
+                dirname(&x.exe),
+                p.writer.exe,
+                p.pid,
+                p.origin.verb()
+            ),
+            true,
         ));
-    } else if real_file && is_borrowed_name(exe_name) && !in_system_dir(&x.exe) {
-        why = Some(format!(
-            "{} carries the name of a system program but runs from {}",
-            exe_name,
-            dirname(&x.exe)
+    } else if real_file && !system && borrowed(exe_name) {
+        why = Some((
+            format!(
+                "{} carries the name of a system program but runs from {}",
+                exe_name,
+                dirname(&x.exe)
+            ),
+            is_daemon_name(exe_name),
         ));
     } else if looks_like_kernel_thread(x.argv.first().map(String::as_str).unwrap_or("")) {
-        why = Some(format!(
-            "{} calls itself {} like a kernel thread",
-            x.exe, x.argv[0]
+        why = Some((
+            format!("{} calls itself {} like a kernel thread", x.exe, x.argv[0]),
+            true,
         ));
-    } else if !argv0.is_empty()
-        && argv0 != exe_name
-        && is_borrowed_name(argv0)
-        && !in_system_dir(&x.exe)
-    {
-        why = Some(format!(
-            "{} runs as \"{}\", a system program's name",
-            x.exe, argv0
+    } else if !argv0.is_empty() && argv0 != exe_name && !system && borrowed(argv0) {
+        why = Some((
+            format!("{} runs as \"{}\", a system program's name", x.exe, argv0),
+            is_daemon_name(argv0),
         ));
     } else if deceptive_name(exe_name)
         || x.script
             .as_deref()
             .is_some_and(|s| deceptive_name(basename(s)))
     {
-        why = Some(format!(
-            "{} has a deceptive file name",
-            x.script.as_deref().unwrap_or(&x.exe)
+        why = Some((
+            format!(
+                "{} has a deceptive file name",
+                x.script.as_deref().unwrap_or(&x.exe)
+            ),
+            true,
         ));
     }
-    if let Some(why) = why {
+    if let Some((why, never_suppress)) = why {
         out.push(finding(
             ids::MASQUERADE,
             Severity::High,
             &["T1036.005"],
             why,
-            true,
+            never_suppress,
             "",
         ));
     }
@@ -410,10 +446,19 @@ fn exec_location(x: &Exec, out: &mut Vec<Finding>) {
         ));
     }
     if in_temp_dir(target) {
+        // Where a program runs from is no technique of its own: a binary
+        // gets no ATT&CK id (so this cannot stand in for masquerading or a
+        // server's shell in a scenario's expectations); a script run from
+        // there is a script interpreter at work (T1059, .004 for a shell).
+        let mitre: &[&str] = match &x.script {
+            Some(_) if is_shell(&x.exe) => &["T1059.004"],
+            Some(_) => &["T1059"],
+            None => &[],
+        };
         out.push(finding(
             ids::TEMP_EXEC,
             Severity::Medium,
-            &["T1036.005", "T1059"],
+            mitre,
             format!("{target} runs from a temporary, world-writable directory"),
             false,
             "",
@@ -470,7 +515,7 @@ fn reverse_shell(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     // An interpreter that just connected out hands an interactive shell a pty.
     let interactive = shell_command(&x.exe, &x.argv).is_none() && x.script.is_none();
     if interactive && x.stdio[0] == Stdio::CharDevice {
-        if let Some(parent) = ctx.tree.get(x.ppid) {
+        if let Some(parent) = ctx.tree.get(ctx.ev.process.ppid) {
             if is_interpreter(&parent.image.exe)
                 && ctx
                     .state
@@ -603,7 +648,7 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     // A wrapper read the pipe and started the shell (`| sudo bash`, where
     // sudo may hand the shell a terminal of its own instead of the pipe).
     if shell_reading_input(&x.exe, &x.argv) {
-        let parent = ctx.tree.get(x.ppid);
+        let parent = ctx.tree.get(ctx.ev.process.ppid);
         if let Some(p) = parent.filter(|p| is_wrapper(&p.image.exe)) {
             if let Some(t) = ctx.state.files.taint(p.pid).cloned() {
                 out.push(pipe_finding(
@@ -759,7 +804,7 @@ mod tests {
         }
 
         fn node_server(&mut self) {
-            self.exec(100, 1, "/usr/bin/node", &["next-server", "app.js"]);
+            self.exec(100, 1, "/usr/bin/node", &["remix-serve", "build/index.js"]);
             self.listen(100);
         }
     }
@@ -909,11 +954,13 @@ mod tests {
     #[test]
     fn masquerading_and_locations() {
         let mut w = World::new();
-        let f = w.exec(600, 1, "/home/u/.cache/.sys/vim", &[".cache/.sys/vim", "2"]);
+        let f = w.exec(600, 1, "/var/lib/svc/.fonts/less", &["less", "-R"]);
         let r = rules(&f);
         assert!(r.contains(&ids::MASQUERADE), "{r:?}");
         assert!(r.contains(&ids::HIDDEN_EXEC), "{r:?}");
-        let f = w.exec(601, 1, "/tmp/scn/crond", &["crond"]);
+        let f = w.exec(601, 1, "/srv/www/uploads/atd", &["atd", "-f"]);
+        assert!(rules(&f).contains(&ids::MASQUERADE));
+        let f = w.exec(607, 1, "/var/tmp/k/systemd-logind", &["systemd-logind"]);
         assert!(rules(&f).contains(&ids::MASQUERADE));
         assert!(rules(&f).contains(&ids::TEMP_EXEC));
         // Near misses: real vim, a login shell "-bash", node renamed by exec -a.
@@ -922,13 +969,46 @@ mod tests {
             .is_empty());
         assert!(w.exec(603, 1, "/usr/bin/bash", &["-bash"]).is_empty());
         assert!(w
-            .exec(604, 1, "/usr/bin/node", &["next-server", "app.js"])
+            .exec(604, 1, "/usr/bin/node", &["api-gateway", "dist/main.js"])
             .is_empty());
         assert!(w
             .exec(605, 1, "/root/.cargo/bin/cargo", &["cargo", "build"])
             .is_empty());
         let f = w.exec(606, 1, "/usr/local/sbin/x", &["[kworker/0:1]"]);
         assert!(rules(&f).contains(&ids::MASQUERADE));
+    }
+
+    #[test]
+    fn a_tools_name_is_judged_by_place_and_only_a_daemons_is_never_learned() {
+        let mut w = World::new();
+        // A user's own builds of everyday tools: quiet.
+        for exe in [
+            "/home/dev/bin/htop",
+            "/srv/tools/nginx/sbin/nginx",
+            "/home/ci/src/vim/src/vim",
+        ] {
+            let f = w.exec(700, 1, exe, &[basename(exe)]);
+            assert!(f.is_empty(), "{exe}: {f:?}");
+        }
+        // A Linuxbrew tool lives under a hidden directory: reported, but the
+        // baseline may learn it.
+        let f = w.exec(701, 1, "/home/linuxbrew/.linuxbrew/bin/htop", &["htop"]);
+        let m: Vec<_> = f.iter().filter(|f| f.rule == ids::MASQUERADE).collect();
+        assert_eq!(m.len(), 1, "{f:?}");
+        assert!(!m[0].never_suppress);
+        // A daemon's name outside the system's directories is never learned.
+        let f = w.exec(702, 1, "/home/dev/bin/sshd", &["sshd"]);
+        let m: Vec<_> = f.iter().filter(|f| f.rule == ids::MASQUERADE).collect();
+        assert_eq!(m.len(), 1, "{f:?}");
+        assert!(m[0].never_suppress);
+        // A tool's name on a fetched file, wherever it is.
+        w.exec(703, 1, "/usr/bin/wget", &["wget", "h"]);
+        open_for_write(&mut w, 703, "/home/dev/bin/ps", 4, 404);
+        let f = w.exec_full(704, 1, "/home/dev/bin/ps", &["ps", "aux"], |x| {
+            x.exe_dev = 4;
+            x.exe_ino = 404;
+        });
+        assert!(rules(&f).contains(&ids::MASQUERADE), "{f:?}");
     }
 
     #[test]

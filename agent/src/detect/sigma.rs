@@ -212,8 +212,8 @@ fn to_sigma(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<(Category, sigma_r
     s.insert("CommandLine", p.image.argv.join(" "));
     let cat = match &ev.event.payload {
         Payload::Exec(x) => {
-            s.insert("ParentProcessId", x.ppid.to_string());
-            if let Some(parent) = tree.get(x.ppid) {
+            s.insert("ParentProcessId", p.ppid.to_string());
+            if let Some(parent) = tree.get(p.ppid) {
                 s.insert("ParentImage", parent.image.exe.clone());
                 s.insert("ParentCommandLine", parent.image.argv.join(" "));
             }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A binary unlinked from disk, then executed through its open descriptor.
 # expect: T1620|T1070|T1027
+# expect: exec_from_temp_dir
 . "$(dirname "$0")/../lib.sh"
 python3 - "$VS_DIR" <<'PY'
 import os, shutil, sys

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A Node.js app's injection bug used to open an interactive shell back to the
 # attacker over TCP.
-# expect: T1059|T1190
-# expect: T1059
+# expect: server_spawned_suspicious_child
+# expect: reverse_shell
+# expect: shell_network_connection
 . "$(dirname "$0")/../lib.sh"
 c2=$(vs_sink)
 app=$(vs_node_app)
