@@ -9,6 +9,7 @@ use vigil_sensor_common::{EventHeader, EventKind};
 
 use crate::model::event::{
     Chmod, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio, StdioIds,
+    Utimes,
 };
 
 /// Why a record could not be decoded.
@@ -205,6 +206,15 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             Payload::Chmod(Chmod {
                 path: join(&walked_path(walked), &cstr(user)),
                 mode: e.mode,
+            })
+        }
+        EventKind::Utimes => {
+            let e: raw::ChmodEvent = read(buf, "utimes")?;
+            let base = size_of::<raw::ChmodEvent>();
+            let walked = tail(buf, base, e.base_len, "utimes base")?;
+            let user = tail(buf, base + e.base_len as usize, e.user_len, "utimes path")?;
+            Payload::Utimes(Utimes {
+                path: join(&walked_path(walked), &cstr(user)),
             })
         }
         EventKind::Rename => {

@@ -32,6 +32,8 @@ pub enum Feature {
     Connect,
     /// listen.
     Listen,
+    /// utimensat family with given times (timestomping).
+    Utimes,
     /// Containment's connect refusal (cgroup connect/sendmsg hooks).
     DenyConnect,
     /// The deny_exec policy (BPF LSM `bprm_check_security`).
@@ -40,13 +42,14 @@ pub enum Feature {
 
 impl Feature {
     /// Every feature, for reporting.
-    pub const ALL: [Feature; 8] = [
+    pub const ALL: [Feature; 9] = [
         Feature::Process,
         Feature::FileWrite,
         Feature::Chmod,
         Feature::Rename,
         Feature::Connect,
         Feature::Listen,
+        Feature::Utimes,
         Feature::DenyConnect,
         Feature::DenyExec,
     ];
@@ -60,6 +63,7 @@ impl Feature {
             Feature::Rename => "rename",
             Feature::Connect => "connect",
             Feature::Listen => "listen",
+            Feature::Utimes => "utimes",
             Feature::DenyConnect => "deny_connect",
             Feature::DenyExec => "deny_exec",
         }
@@ -149,6 +153,10 @@ pub const HOOKS: &[Hook] = &[
     sys("vigil_enter_renameat2", "renameat2", Feature::Rename),
     sys("vigil_enter_connect", "connect", Feature::Connect),
     sys("vigil_enter_listen", "listen", Feature::Listen),
+    sys("vigil_enter_utimensat", "utimensat", Feature::Utimes),
+    sys("vigil_enter_futimesat", "futimesat", Feature::Utimes),
+    sys("vigil_enter_utimes", "utimes", Feature::Utimes),
+    sys("vigil_enter_utime", "utime", Feature::Utimes),
 ];
 
 /// The shared syscall-exit program.

@@ -6,9 +6,16 @@
 //! same incident when their process chains share a process and they are no
 //! further apart in time than the window (10 minutes by default). A
 //! detection's chain is the triggering process and its ancestors, cut below
-//! the first supervisor (init, systemd, container shims, sshd, cron, ...):
-//! those parent everything on the machine, so sharing one says nothing.
-//! The top of the chain is the incident's root.
+//! the first supervisor (init, systemd, container shims, sshd, cron, ...)
+//! and below a session's shell (a shell started by a supervisor or a
+//! terminal multiplexer: a login shell, a container's entry script, a tmux
+//! pane): those parent everything on the machine or everything a person
+//! does, so sharing one says nothing. Two attacks and an analyst's own
+//! commands from one login shell are three chains. The top of the chain is
+//! the incident's root: where the suspicious chain starts.
+//!
+//! An incident is titled by its most severe detection; among equals, the
+//! earliest (the cause, not its consequences).
 //!
 //! This module holds the pure logic (chains, trees); the store applies it
 //! inside its write transaction.
@@ -43,6 +50,37 @@ pub const SUPERVISORS: &[&str] = &[
 ];
 
 const SYSTEM_DIRS: &[&str] = &["/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/"];
+
+/// Terminal multiplexers and session programs: a shell they start is a
+/// person's session.
+const SESSION_HOSTS: &[&str] = &["tmux", "screen", "su", "sudo", "script", "mosh-server"];
+
+const SHELLS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish", "tcsh", "csh",
+];
+
+fn in_system_dir(exe: &str) -> bool {
+    SYSTEM_DIRS.iter().any(|d| exe.starts_with(d))
+}
+
+fn base(exe: &str) -> &str {
+    exe.rsplit('/').next().unwrap_or(exe)
+}
+
+/// A shell running a session rather than a command: started by a
+/// supervisor or a session host, with no `-c` command.
+fn is_session_shell(exe: &str, argv: &[String], parent_pid: u32, parent_exe: &str) -> bool {
+    let b = base(exe);
+    let shell = in_system_dir(exe) && SHELLS.contains(&b.trim_start_matches('-'));
+    let command = argv
+        .iter()
+        .skip(1)
+        .any(|a| a.starts_with('-') && !a.starts_with("--") && a.contains('c'));
+    shell
+        && !command
+        && (is_supervisor(parent_pid, parent_exe)
+            || (in_system_dir(parent_exe) && SESSION_HOSTS.contains(&base(parent_exe))))
+}
 
 /// How detections are grouped.
 #[derive(Clone, Debug)]
@@ -86,8 +124,15 @@ pub fn chain(d: &Detection) -> Vec<ChainLink> {
         pid: d.pid,
         exe: d.exe.clone(),
     }];
-    for a in &d.ancestry {
+    for (i, a) in d.ancestry.iter().enumerate() {
         if is_supervisor(a.pid, &a.exe) || out.iter().any(|l| l.pid == a.pid) {
+            break;
+        }
+        let session = d
+            .ancestry
+            .get(i + 1)
+            .is_some_and(|p| is_session_shell(&a.exe, &a.argv, p.pid, &p.exe));
+        if session {
             break;
         }
         out.push(ChainLink {
@@ -96,6 +141,14 @@ pub fn chain(d: &Detection) -> Vec<ChainLink> {
         });
     }
     out
+}
+
+/// Whether a detection of `severity` at `t` retitles an incident whose
+/// most severe detection so far is `max_severity` and whose first is at
+/// `first_ns`: a more severe one does, and an equally severe one that came
+/// first (the cause of what followed).
+pub fn retitles(severity: i32, t: i64, max_severity: i32, first_ns: i64) -> bool {
+    severity > max_severity || (severity == max_severity && t < first_ns)
 }
 
 /// A node of an incident's process tree.
@@ -339,6 +392,66 @@ mod tests {
         assert_eq!(chain(&fake).len(), 2);
         // The subject is always in its chain, even a supervisor name.
         assert_eq!(chain(&det(1, "/sbin/init", "r", vec![])).len(), 1);
+    }
+
+    #[test]
+    fn chains_stop_below_a_session_shell_but_not_below_a_command_shell() {
+        let login = |pid| Ancestor {
+            pid,
+            exe: "/usr/bin/bash".into(),
+            argv: vec!["-bash".into()],
+        };
+        let under_login = |pid: u32, exe: &str, mid: Vec<Ancestor>| {
+            let mut a = mid;
+            a.extend([
+                login(500),
+                anc(499, "/usr/sbin/sshd"),
+                anc(1, "/lib/systemd/systemd"),
+            ]);
+            det(pid, exe, "r", a)
+        };
+        // Two attacks and the analyst's CLI from one login shell: chains
+        // share nothing.
+        let a = under_login(
+            610,
+            "/usr/bin/curl",
+            vec![anc(600, "/bin/sh"), anc(590, "/usr/bin/python3")],
+        );
+        let b = under_login(701, "/usr/bin/dash", vec![anc(700, "/usr/bin/wget")]);
+        let cli = under_login(800, "/usr/local/bin/vigil", vec![]);
+        let pids = |d: &Detection| chain(d).iter().map(|l| l.pid).collect::<Vec<_>>();
+        assert_eq!(pids(&a), [610, 600, 590]);
+        assert_eq!(pids(&b), [701, 700]);
+        assert_eq!(pids(&cli), [800]);
+        // A tmux pane's shell is a session too.
+        let t = det(
+            900,
+            "/usr/bin/nc",
+            "r",
+            vec![
+                anc(899, "/usr/bin/zsh"),
+                anc(898, "/usr/bin/tmux"),
+                anc(1, "/sbin/init"),
+            ],
+        );
+        assert_eq!(pids(&t), [900]);
+        // Near miss: a shell running a command for a server stays in the
+        // chain (it is part of the attack).
+        let web = det(
+            960,
+            "/usr/bin/curl",
+            "r",
+            vec![
+                Ancestor {
+                    pid: 950,
+                    exe: "/bin/sh".into(),
+                    argv: vec!["/bin/sh".into(), "-c".into(), "curl x".into()],
+                },
+                anc(940, "/usr/bin/node"),
+                anc(1, "/sbin/init"),
+            ],
+        );
+        assert_eq!(pids(&web), [960, 950, 940]);
     }
 
     #[test]

@@ -162,6 +162,10 @@ fn payload_fields(p: &Payload) -> (&'static str, Map<String, Value>) {
             put("mode", c.mode.into());
             "chmod"
         }
+        Payload::Utimes(u) => {
+            put("path", u.path.clone().into());
+            "utimes"
+        }
         Payload::Rename(r) => {
             put("old_path", r.old_path.clone().into());
             put("new_path", r.new_path.clone().into());

@@ -76,6 +76,9 @@ pub enum EventKind {
     /// The BPF LSM exec hook refused an exec under the deny policy:
     /// [`ExecDeniedEvent`]. The process keeps its old image.
     ExecDenied = 9,
+    /// A utimensat/utimes family call set a file's times to given values
+    /// (not "now"): [`ChmodEvent`] layout, `mode` 0.
+    Utimes = 10,
 }
 
 /// Number of slots indexed by [`EventKind`] (0 is unused; room to grow).
@@ -94,6 +97,7 @@ impl EventKind {
             7 => Self::Rename,
             8 => Self::Listen,
             9 => Self::ExecDenied,
+            10 => Self::Utimes,
             _ => return None,
         })
     }
@@ -109,10 +113,11 @@ impl EventKind {
             Self::Rename => "rename",
             Self::Listen => "listen",
             Self::ExecDenied => "exec_denied",
+            Self::Utimes => "utimes",
         }
     }
     /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 10] = [
         Self::Exec,
         Self::Fork,
         Self::Exit,
@@ -122,6 +127,7 @@ impl EventKind {
         Self::Rename,
         Self::Listen,
         Self::ExecDenied,
+        Self::Utimes,
     ];
 }
 

@@ -64,6 +64,7 @@ const STASH_FCHMOD: u64 = 3;
 const STASH_RENAME: u64 = 4;
 const STASH_CONNECT: u64 = 5;
 const STASH_LISTEN: u64 = 6;
+const STASH_UTIMES: u64 = 7;
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
@@ -1005,6 +1006,40 @@ pub fn vigil_enter_renameat2(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Times set to given values (a `times` pointer): `touch -r`, `touch -t`,
+/// timestomping. A NULL `times` (set to now, as a plain `touch` or `make`
+/// does) is not reported.
+#[inline(always)]
+fn stash_utimes(dirfd: u64, path: u64, times: u64) {
+    if times != 0 {
+        stash(STASH_UTIMES, [dirfd, path, 0, 0]);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_utimensat")]
+pub fn vigil_enter_utimensat(ctx: TracePointContext) -> u32 {
+    stash_utimes(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_futimesat")]
+pub fn vigil_enter_futimesat(ctx: TracePointContext) -> u32 {
+    stash_utimes(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_utimes")]
+pub fn vigil_enter_utimes(ctx: TracePointContext) -> u32 {
+    stash_utimes(AT_FDCWD as u64, arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_utime")]
+pub fn vigil_enter_utime(ctx: TracePointContext) -> u32 {
+    stash_utimes(AT_FDCWD as u64, arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn vigil_enter_connect(ctx: TracePointContext) -> u32 {
     let addr = arg(&ctx, 1);
@@ -1035,8 +1070,28 @@ pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
     unsafe {
         match st.kind {
             STASH_OPEN => on_open(task, ret, st.args[0]),
-            STASH_CHMOD => on_chmod(task, ret, st.args[0] as i64, st.args[1], st.args[2], 0),
-            STASH_FCHMOD => on_chmod(task, ret, 0, 0, st.args[2], st.args[0]),
+            // One call site for the three (the path walk is inlined once).
+            STASH_CHMOD | STASH_FCHMOD | STASH_UTIMES => {
+                let (kind, dirfd, path, mode, fd) = match st.kind {
+                    STASH_CHMOD => (
+                        EventKind::Chmod,
+                        st.args[0] as i64,
+                        st.args[1],
+                        st.args[2],
+                        0,
+                    ),
+                    STASH_FCHMOD => (EventKind::Chmod, 0, 0, st.args[2], st.args[0]),
+                    // A NULL path names the descriptor's file (futimens).
+                    _ => (
+                        EventKind::Utimes,
+                        st.args[0] as i64,
+                        st.args[1],
+                        0,
+                        st.args[0],
+                    ),
+                };
+                on_path_event(kind, task, ret, dirfd, path, mode, fd)
+            }
             STASH_RENAME => on_rename(task, ret, &st.args),
             STASH_CONNECT => on_connect(task, ret, &st.args),
             STASH_LISTEN => on_listen(task, ret, st.args[0]),
@@ -1083,11 +1138,15 @@ unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
             generation: rd(inode, off!(inode_i_generation)).unwrap_or(0),
             inode_lo: inode as u32,
         };
-        if FILE_SEEN.get_ptr(&key).is_some() {
-            stat_add(STAT_FILE_DEDUP, 1);
-            return;
+        // A truncating open is always reported: opening a log for append
+        // first must not hide emptying it later.
+        if open_flags & O_TRUNC == 0 {
+            if FILE_SEEN.get_ptr(&key).is_some() {
+                stat_add(STAT_FILE_DEDUP, 1);
+                return;
+            }
+            let _ = FILE_SEEN.insert(&key, &1u8, 0);
         }
-        let _ = FILE_SEEN.insert(&key, &1u8, 0);
         let Some(s) = scratch() else { return };
         let e: *mut FileOpenEvent = fixed(s);
         fill_header(&mut (*e).hdr, EventKind::FileOpen, task);
@@ -1109,15 +1168,25 @@ unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
     }
 }
 
+/// A call on one file named by (dirfd, path) or by `fd` (path 0): the
+/// chmod record layout.
 #[inline(always)]
-unsafe fn on_chmod(task: u64, ret: i64, dirfd: i64, path: u64, mode: u64, fd: u64) {
+unsafe fn on_path_event(
+    kind: EventKind,
+    task: u64,
+    ret: i64,
+    dirfd: i64,
+    path: u64,
+    mode: u64,
+    fd: u64,
+) {
     if ret != 0 {
         return;
     }
     unsafe {
         let Some(s) = scratch() else { return };
         let e: *mut ChmodEvent = fixed(s);
-        fill_header(&mut (*e).hdr, EventKind::Chmod, task);
+        fill_header(&mut (*e).hdr, kind, task);
         (*e).mode = mode as u32;
         let t = tail(s);
         let (blen, flags) = if path == 0 {
@@ -1137,12 +1206,7 @@ unsafe fn on_chmod(task: u64, ret: i64, dirfd: i64, path: u64, mode: u64, fd: u6
         (*e).flags = flags;
         (*e).base_len = blen as u32;
         (*e).user_len = ulen as u32;
-        emit(
-            s,
-            EventKind::Chmod,
-            core::mem::size_of::<ChmodEvent>(),
-            blen + ulen,
-        );
+        emit(s, kind, core::mem::size_of::<ChmodEvent>(), blen + ulen);
     }
 }
 

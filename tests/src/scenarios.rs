@@ -577,6 +577,21 @@ impl Shipping {
             std::thread::sleep(Duration::from_millis(200));
             sealed = sealed_now();
         }
+        // A capture can still finish after a quiet spell (a stand-in queued
+        // behind others while the collector was down): wait, bounded, until
+        // what was sealed and what was acknowledged agree, and check all of
+        // it.
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = sealed_now();
+            let agree =
+                now.len() == sent_now() && now.iter().all(|(_, id, _)| coll.blob(id).exists());
+            sealed = now;
+            if agree || Instant::now() > until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         c.bundles = sealed.len();
         c.drain = t0.elapsed();
         let evidence = agent.evidence();

@@ -288,6 +288,50 @@ fn rename_into_place_is_seen() {
 }
 
 #[test]
+fn times_set_to_chosen_values_are_seen_and_set_to_now_are_not() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join(marker("now"));
+    let chosen = dir.path().join(marker("chosen"));
+    let by_fd = dir.path().join(marker("fd"));
+    for f in [&plain, &chosen, &by_fd] {
+        std::fs::write(f, b"x").unwrap();
+    }
+    // touch without a time: set to now (NULL times), not reported.
+    assert!(Command::new("touch")
+        .arg(&plain)
+        .status()
+        .unwrap()
+        .success());
+    // touch -r: another file's times, through utimensat with a path.
+    assert!(Command::new("touch")
+        .arg("-r")
+        .arg("/bin/sh")
+        .arg(&chosen)
+        .status()
+        .unwrap()
+        .success());
+    // futimens: a descriptor, no path.
+    let f = std::fs::File::options().write(true).open(&by_fd).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .unwrap();
+    drop(f);
+    for p in [&chosen, &by_fd] {
+        let p = p.to_string_lossy().into_owned();
+        agent.expect_event("utimes", |e| e.kind() == "utimes" && e.str_of("path") == p);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let p = plain.to_string_lossy().into_owned();
+    assert!(
+        !agent
+            .events()
+            .iter()
+            .any(|e| e.kind() == "utimes" && e.str_of("path") == p),
+        "a plain touch is not reported"
+    );
+}
+
+#[test]
 fn exec_burst_of_2000_arrives_complete_with_parents() {
     let agent = Agent::start(&[]);
     let m = marker("burst");

@@ -426,6 +426,109 @@ pub fn shell_command(exe: &str, argv: &[String]) -> Option<String> {
     argv.get(i + 1).cloned()
 }
 
+/// What kind of record `path` is, if it is one an intruder erases: a
+/// system log (T1070.002) or a shell's history (T1070.003).
+pub fn log_kind(path: &str) -> Option<(&'static str, &'static str)> {
+    let name = basename(path);
+    if path.starts_with("/var/log/")
+        || matches!(name, "wtmp" | "btmp" | "utmp" | "lastlog" | "faillog")
+            && (path.starts_with("/var/") || path.starts_with("/run/"))
+    {
+        return Some(("T1070.002", "the system log"));
+    }
+    const HISTORIES: &[&str] = &[
+        ".bash_history",
+        ".zsh_history",
+        ".sh_history",
+        ".ash_history",
+        ".history",
+        ".python_history",
+        ".mysql_history",
+        ".psql_history",
+        ".lesshst",
+        ".viminfo",
+    ];
+    HISTORIES
+        .contains(&name)
+        .then_some(("T1070.003", "the command history"))
+}
+
+/// Programs that write, rotate or manage logs as their job.
+const LOG_KEEPERS: &[&str] = &[
+    "logrotate",
+    "savelog",
+    "rsyslogd",
+    "syslog-ng",
+    "syslogd",
+    "systemd-journald",
+    "journald",
+    "systemd",
+    "systemd-logind",
+    "login",
+    "sshd",
+    "sshd-session",
+    "agetty",
+    "dpkg",
+    "apt",
+    "apt-get",
+    "unattended-upgrade",
+    "rpm",
+    "dnf",
+    "yum",
+    "cloud-init",
+];
+
+/// A program whose job includes writing or rotating logs.
+pub fn is_log_keeper(exe: &str) -> bool {
+    LOG_KEEPERS.contains(&basename(exe)) && in_system_dir(exe)
+}
+
+/// Programs whose only use on a log is destroying it.
+pub fn is_eraser(exe: &str) -> bool {
+    matches!(basename(exe), "shred" | "wipe" | "srm" | "truncate" | "dd")
+}
+
+/// Programs that set files' times as part of installing, unpacking or
+/// copying them (preserving the originals' times).
+const TIME_PRESERVERS: &[&str] = &[
+    "tar",
+    "bsdtar",
+    "cpio",
+    "unzip",
+    "7z",
+    "7za",
+    "dpkg",
+    "dpkg-deb",
+    "rpm",
+    "rpm2cpio",
+    "apt",
+    "apt-get",
+    "dnf",
+    "yum",
+    "zypper",
+    "pacman",
+    "apk",
+    "rsync",
+    "install",
+    "cp",
+    "git",
+    "unattended-upgrade",
+    "snapd",
+    "containerd",
+    "dockerd",
+    "runc",
+    "buildkitd",
+    "skopeo",
+    "podman",
+    "ostree",
+    "systemd-tmpfiles",
+];
+
+/// A program that sets files' times as part of installing or copying them.
+pub fn preserves_times(exe: &str) -> bool {
+    TIME_PRESERVERS.contains(&basename(exe))
+}
+
 /// Programs that run the rest of their command line as another command
 /// (`sudo bash`, `env -i sh`, `nice -n 5 sh`): looked through to find the
 /// program a pipeline stage really runs.

@@ -44,8 +44,17 @@ pub mod ids {
     /// An interpreter one-liner decodes data and runs it, without a file.
     pub const DECODE_AND_RUN: &str = "decode_and_execute";
 
+    /// A log or a shell history emptied or shredded by a program that does
+    /// not keep it.
+    pub const LOG_TAMPERING: &str = "indicator_removal";
+
+    /// A file's times set to chosen values where they hide a change.
+    pub const TIMESTOMP: &str = "timestomp";
+
     /// Every built-in rule.
     pub const ALL: &[&str] = &[
+        LOG_TAMPERING,
+        TIMESTOMP,
         SERVER_CHILD,
         INGRESS,
         MASQUERADE,
@@ -127,7 +136,11 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
             }
         }
         Payload::ExecDenied(d) => exec_denied(ctx, d, &mut out),
-        Payload::FileOpen(f) => persistence(&f.path, "wrote", ctx, &mut out),
+        Payload::Utimes(u) => timestomp(ctx, &u.path, &mut out),
+        Payload::FileOpen(f) => {
+            persistence(&f.path, "wrote", ctx, &mut out);
+            log_tampering(ctx, f, &mut out);
+        }
         Payload::Rename(r) => persistence(&r.new_path, "renamed a file into", ctx, &mut out),
         Payload::Chmod(c) => {
             persistence(&c.path, "changed the mode of", ctx, &mut out);
@@ -548,6 +561,73 @@ fn persistence(path: &str, verb: &str, ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
             path,
         ));
     }
+}
+
+/// Emptying a log (a truncating open: `> /var/log/auth.log`, `cp
+/// /dev/null`, `dd`) or opening it with an eraser (`shred`, `truncate`) by
+/// a program that does not keep logs (a rotator, a log daemon, a package
+/// manager). History files are judged only by erasers: shells rewrite
+/// their own history when they exit.
+fn log_tampering(ctx: &Ctx<'_>, f: &crate::model::event::FileOpen, out: &mut Vec<Finding>) {
+    const O_TRUNC: u32 = 0o1000;
+    let Some((tech, what)) = log_kind(&f.path) else {
+        return;
+    };
+    let exe = &ctx.ev.process.image.exe;
+    let eraser = is_eraser(exe);
+    let truncated = f.flags & O_TRUNC != 0;
+    let history = tech == "T1070.003";
+    if is_log_keeper(exe) || !(eraser || (truncated && !history)) {
+        return;
+    }
+    out.push(finding(
+        ids::LOG_TAMPERING,
+        Severity::High,
+        &[tech, "T1070"],
+        format!(
+            "{exe} {} {what} {}",
+            if eraser { "erased" } else { "emptied" },
+            f.path
+        ),
+        false,
+        &f.path,
+    ));
+}
+
+/// Times set to chosen values (`touch -r /bin/ls f`, `touch -t`,
+/// `os.utime`) on a file where they hide a change: a program or library in
+/// a system directory, a persistence file, a file fetched or decoded, or
+/// one in a hidden directory or temp root. Installers, unpackers and copies
+/// that preserve times are not timestomping.
+fn timestomp(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
+    let exe = ctx.ev.process.image.exe.clone();
+    if preserves_times(&exe) {
+        return;
+    }
+    let why = if let Some(p) = ctx.state.files.at_path(path) {
+        Some(format!(
+            "written by {}, which {}",
+            p.writer.exe,
+            p.origin.verb()
+        ))
+    } else if let Some((_, what)) = persistence_target(path) {
+        Some(format!("a persistence file ({what})"))
+    } else if in_system_dir(path) {
+        Some("in a system directory".to_string())
+    } else if hidden_dir_component(path).is_some() || in_temp_dir(path) {
+        Some("in a hidden or temporary directory".to_string())
+    } else {
+        None
+    };
+    let Some(why) = why else { return };
+    out.push(finding(
+        ids::TIMESTOMP,
+        Severity::Medium,
+        &["T1070.006"],
+        format!("{exe} set the times of {path} ({why}) to chosen values"),
+        false,
+        path,
+    ));
 }
 
 fn ld_preload(x: &Exec, out: &mut Vec<Finding>) {
@@ -1009,6 +1089,106 @@ mod tests {
             x.exe_ino = 404;
         });
         assert!(rules(&f).contains(&ids::MASQUERADE), "{f:?}");
+    }
+
+    #[test]
+    fn logs_emptied_or_shredded_by_non_keepers_are_indicator_removal() {
+        let mut w = World::new();
+        let open = |w: &mut World, pid: u32, path: &str, flags: u32| {
+            let ev = w.event(
+                pid,
+                Payload::FileOpen(FileOpen {
+                    path: path.into(),
+                    flags,
+                    mode: 0o100640,
+                    ino: 77,
+                    dev: 1,
+                }),
+            );
+            w.run(ev)
+        };
+        w.exec(1100, 1, "/usr/bin/bash", &["bash"]);
+        let f = open(&mut w, 1100, "/var/log/auth.log", 0o1001);
+        assert!(rules(&f).contains(&ids::LOG_TAMPERING), "{f:?}");
+        assert!(f[0].mitre.contains(&"T1070.002".to_string()));
+        w.exec(
+            1101,
+            1100,
+            "/usr/bin/shred",
+            &["shred", "-u", "/root/.bash_history"],
+        );
+        let f = open(&mut w, 1101, "/root/.bash_history", 0o1);
+        assert!(rules(&f).contains(&ids::LOG_TAMPERING), "{f:?}");
+        w.exec(
+            1102,
+            1100,
+            "/usr/bin/truncate",
+            &["truncate", "-s0", "/var/log/wtmp"],
+        );
+        let f = open(&mut w, 1102, "/var/log/wtmp", 0o101);
+        assert!(rules(&f).contains(&ids::LOG_TAMPERING), "{f:?}");
+        // Near misses: appending to a log, logrotate truncating, a shell
+        // rewriting its own history, truncating an application's file.
+        w.exec(1103, 1100, "/usr/bin/bash", &["bash"]);
+        assert!(open(&mut w, 1103, "/var/log/app/app.log", 0o2001).is_empty());
+        w.exec(
+            1104,
+            1,
+            "/usr/sbin/logrotate",
+            &["logrotate", "/etc/logrotate.conf"],
+        );
+        assert!(open(&mut w, 1104, "/var/log/syslog", 0o1001).is_empty());
+        assert!(open(&mut w, 1103, "/home/u/.bash_history", 0o1001).is_empty());
+        assert!(open(&mut w, 1103, "/srv/app/cache.json", 0o1001).is_empty());
+    }
+
+    #[test]
+    fn chosen_times_on_files_that_matter_are_timestomping() {
+        let mut w = World::new();
+        let utimes = |w: &mut World, pid: u32, path: &str| {
+            let ev = w.event(
+                pid,
+                Payload::Utimes(crate::model::event::Utimes { path: path.into() }),
+            );
+            w.run(ev)
+        };
+        w.exec(
+            1200,
+            1,
+            "/usr/bin/touch",
+            &["touch", "-r", "/bin/ls", "/usr/local/bin/x"],
+        );
+        let f = utimes(&mut w, 1200, "/usr/local/bin/x");
+        assert!(rules(&f).contains(&ids::TIMESTOMP), "{f:?}");
+        assert!(f[0].mitre.contains(&"T1070.006".to_string()));
+        w.exec(1201, 1, "/usr/bin/python3", &["python3", "-c", "import os"]);
+        let f = utimes(&mut w, 1201, "/etc/cron.d/sync");
+        assert!(rules(&f).contains(&ids::TIMESTOMP), "{f:?}");
+        let f = utimes(&mut w, 1201, "/srv/app/.cache/.k/agent");
+        assert!(rules(&f).contains(&ids::TIMESTOMP), "{f:?}");
+        // Near misses: unpacking into a system dir, a copy preserving
+        // times, touch -d on a build file.
+        w.exec(
+            1202,
+            1,
+            "/usr/bin/tar",
+            &["tar", "xf", "a.tar", "-C", "/usr/local"],
+        );
+        assert!(utimes(&mut w, 1202, "/usr/local/bin/tool").is_empty());
+        w.exec(
+            1203,
+            1,
+            "/usr/bin/cp",
+            &["cp", "-a", "x", "/usr/local/bin/y"],
+        );
+        assert!(utimes(&mut w, 1203, "/usr/local/bin/y").is_empty());
+        w.exec(
+            1204,
+            1,
+            "/usr/bin/touch",
+            &["touch", "-d", "@0", "build/out.o"],
+        );
+        assert!(utimes(&mut w, 1204, "/home/ci/proj/build/out.o").is_empty());
     }
 
     #[test]

@@ -43,6 +43,7 @@ impl Event {
             Payload::Connect(_) => EventKind::Connect,
             Payload::FileOpen(_) => EventKind::FileOpen,
             Payload::Chmod(_) => EventKind::Chmod,
+            Payload::Utimes(_) => EventKind::Utimes,
             Payload::Rename(_) => EventKind::Rename,
             Payload::Listen(_) => EventKind::Listen,
             Payload::ExecDenied(_) => EventKind::ExecDenied,
@@ -76,6 +77,8 @@ pub enum Payload {
     FileOpen(FileOpen),
     /// Execute/setuid/setgid bits set on a file.
     Chmod(Chmod),
+    /// A file's access/modification times set to given values.
+    Utimes(Utimes),
     /// A file renamed.
     Rename(Rename),
     /// A socket put in listening state: the process serves.
@@ -256,6 +259,13 @@ pub struct FileOpen {
     pub ino: u64,
     /// Device (kernel encoding).
     pub dev: u32,
+}
+
+/// Utimes details.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Utimes {
+    /// The file (absolute).
+    pub path: String,
 }
 
 /// Chmod details.

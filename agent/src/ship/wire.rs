@@ -129,6 +129,9 @@ fn payload(p: &Payload) -> pb::event::Payload {
             path: c.path.clone(),
             mode: c.mode,
         }),
+        Payload::Utimes(u) => W::Utimes(pb::UtimesPayload {
+            path: u.path.clone(),
+        }),
         Payload::Rename(r) => W::Rename(pb::RenamePayload {
             old_path: r.old_path.clone(),
             new_path: r.new_path.clone(),
@@ -335,6 +338,9 @@ mod tests {
             Payload::Chmod(Chmod {
                 path: "/tmp/x".into(),
                 mode: 0o755,
+            }),
+            Payload::Utimes(crate::model::event::Utimes {
+                path: "/usr/local/bin/x".into(),
             }),
             Payload::Rename(Rename {
                 old_path: "/tmp/a".into(),

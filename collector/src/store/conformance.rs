@@ -142,7 +142,8 @@ pub async fn one_attack_chain_is_one_incident(s: &dyn Store) {
     assert_eq!(inc.max_severity, Severity::Critical as i32);
     assert_eq!(inc.rules, vec!["downloader", "miner", "recon", "web_shell"]);
     assert_eq!(inc.mitre, vec!["T1059"]);
-    assert_eq!(inc.title, "web_shell on /bin/sh");
+    // Titled by the most severe detection.
+    assert_eq!(inc.title, "miner on /tmp/xmrig");
     assert_eq!(inc.first_seen_unix_nanos, T0);
     assert_eq!(inc.last_seen_unix_nanos, T0 + 300 * SEC);
     assert_eq!(inc.agent, "web-1");
@@ -193,6 +194,103 @@ pub async fn unrelated_detections_are_separate_incidents(s: &dyn Store) {
         .unwrap();
     assert_eq!(list.len(), 5, "{list:#?}");
     assert!(list.iter().all(|i| i.detection_count == 1));
+}
+
+pub async fn activity_under_one_login_shell_is_rooted_where_each_chain_starts(s: &dyn Store) {
+    // One person's login shell runs a web app that gets attacked, a second,
+    // unrelated attack, and the analyst's own commands; interleaved.
+    let login = Ancestor {
+        pid: 500,
+        exe: "/usr/bin/bash".into(),
+        argv: vec!["-bash".into()],
+    };
+    let under = |mid: Vec<Ancestor>| {
+        let mut a = mid;
+        a.extend([
+            login.clone(),
+            anc(499, "/usr/sbin/sshd"),
+            anc(1, "/lib/systemd/systemd"),
+        ]);
+        a
+    };
+    let app = || vec![anc(600, "/bin/sh"), anc(590, "/usr/bin/python3")];
+    let mut batch = vec![
+        // The analyst checks something first (a low finding).
+        det(
+            T0,
+            800,
+            "/usr/bin/ss",
+            "recon",
+            Severity::Low,
+            under(vec![]),
+        ),
+        // The web app's shell, then its download, then a miner (its cause
+        // is the shell: equally severe findings keep the first as title).
+        det(
+            T0 + SEC,
+            600,
+            "/bin/sh",
+            "server_child",
+            Severity::High,
+            under(vec![anc(590, "/usr/bin/python3")]),
+        ),
+        det(
+            T0 + 2 * SEC,
+            610,
+            "/usr/bin/curl",
+            "ingress",
+            Severity::High,
+            under(app()),
+        ),
+        // The unrelated attack from the same shell.
+        det(
+            T0 + 3 * SEC,
+            701,
+            "/usr/bin/dash",
+            "pipe_to_shell",
+            Severity::High,
+            under(vec![anc(700, "/usr/bin/wget")]),
+        ),
+        det(
+            T0 + 4 * SEC,
+            620,
+            "/tmp/m",
+            "miner",
+            Severity::Critical,
+            under(app()),
+        ),
+        det(
+            T0 + 5 * SEC,
+            801,
+            "/usr/bin/id",
+            "recon",
+            Severity::Low,
+            under(vec![]),
+        ),
+    ];
+    for d in &mut batch {
+        d.workload_key = "session:session-3.scope".into();
+    }
+    s.insert_detections("h1", "", batch, T0).await.unwrap();
+    let list = s
+        .list_incidents(&ListIncidentsRequest::default())
+        .await
+        .unwrap();
+    let mut roots: Vec<(u32, u32, String)> = list
+        .iter()
+        .map(|i| (i.root_pid, i.detection_count, i.title.clone()))
+        .collect();
+    roots.sort();
+    assert_eq!(
+        roots,
+        [
+            (590, 3, "miner on /tmp/m".to_string()),
+            (700, 1, "pipe_to_shell on /usr/bin/dash".to_string()),
+            (800, 1, "recon on /usr/bin/ss".to_string()),
+            (801, 1, "recon on /usr/bin/id".to_string()),
+        ],
+        "{list:#?}"
+    );
 }
 
 pub async fn root_moves_up_when_a_detection_reaches_higher(s: &dyn Store) {
@@ -541,6 +639,7 @@ macro_rules! conformance_tests {
             batches_are_atomic_and_deduplicated,
             one_attack_chain_is_one_incident,
             unrelated_detections_are_separate_incidents,
+            activity_under_one_login_shell_is_rooted_where_each_chain_starts,
             root_moves_up_when_a_detection_reaches_higher,
             filters_and_search,
             incident_detail_has_detections_evidence_and_events,

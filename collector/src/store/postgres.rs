@@ -268,7 +268,8 @@ const NEW_INCIDENT: &str = "INSERT INTO incidents (agent_id, workload, root_pid,
 const UPDATE_INCIDENT: &str =
     "UPDATE incidents SET root_pid = $2, root_exe = coalesce($3, root_exe),
        first_seen_ns = $4, last_seen_ns = $5, max_severity = $6,
-       detection_count = detection_count + 1, rules = $7, mitre = $8
+       detection_count = detection_count + 1, rules = $7, mitre = $8,
+       title = coalesce($9, title)
      WHERE id = $1";
 const INCIDENT_PROCESSES: &str =
     "INSERT INTO incident_processes SELECT p, $2 FROM UNNEST($1::BIGINT[]) AS u(p)
@@ -356,6 +357,13 @@ async fn assign_incident(
             } else {
                 (root_pid, None)
             };
+            let title = if d.summary.is_empty() {
+                &d.rule
+            } else {
+                &d.summary
+            };
+            let retitle =
+                crate::incident::retitles(d.severity, t, sev, first).then_some(title.as_str());
             tx.execute(
                 &st.update,
                 &[
@@ -367,6 +375,7 @@ async fn assign_incident(
                     &sev.max(d.severity),
                     &merge_list(&rules, std::slice::from_ref(&d.rule)),
                     &merge_list(&mitre, &d.mitre),
+                    &retitle,
                 ],
             )
             .await?;

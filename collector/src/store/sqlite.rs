@@ -359,10 +359,12 @@ fn assign_incident(
                 } else {
                     (root_pid, None)
                 };
+            let retitle = crate::incident::retitles(d.severity, t, sev, first);
             tx.prepare_cached(
                 "UPDATE incidents SET root_pid = ?2, root_exe = coalesce(?3, root_exe),
                    first_seen_ns = ?4, last_seen_ns = ?5, max_severity = ?6,
-                   detection_count = detection_count + 1, rules = ?7, mitre = ?8
+                   detection_count = detection_count + 1, rules = ?7, mitre = ?8,
+                   title = coalesce(?9, title)
                  WHERE id = ?1",
             )?
             .execute(params![
@@ -374,6 +376,7 @@ fn assign_incident(
                 sev.max(d.severity),
                 merge_list(&rules, std::slice::from_ref(&d.rule)),
                 merge_list(&mitre, &d.mitre),
+                retitle.then_some(title),
             ])?;
             id
         }
