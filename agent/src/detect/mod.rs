@@ -77,8 +77,10 @@ impl DetectState {
             }
             Payload::FileOpen(f) => {
                 let connected = self.connected_recently(e.pid, e.boot_ns, CONNECT_WINDOW_NS);
+                const O_TRUNC: u32 = 0o1000;
+                let truncates = f.flags & O_TRUNC != 0;
                 self.files
-                    .on_write(ev, (f.dev, f.ino), &f.path, connected, &CLASSIFY);
+                    .on_write(ev, (f.dev, f.ino), &f.path, truncates, connected, &CLASSIFY);
             }
             Payload::Rename(r) => self.files.on_rename(&r.old_path, &r.new_path),
             Payload::Exit { .. } => {

@@ -12,8 +12,9 @@
 //!
 //! A file gets a provenance entry when such a writer opens it for writing,
 //! and when such a program starts with its standard output redirected to
-//! it (`curl URL > f`: the shell opened `f` before the exec). Any other
-//! writer's write ends the entry. A rename carries it to the new path.
+//! it (`curl URL > f`: the shell opened `f` before the exec). Another
+//! writer's truncating open ends the entry (an open without truncation,
+//! like `touch` or an append, leaves the fetched content there). A rename carries it to the new path.
 //! Everything here is bounded (LRU maps); nothing is read from disk.
 
 use std::hash::{BuildHasher, Hash};
@@ -219,16 +220,18 @@ impl ProvenanceState {
         ev: &EnrichedEvent,
         id: FileId,
         path: &str,
+        truncates: bool,
         connected: bool,
         c: &Classify<'_>,
     ) {
         let pid = ev.event.pid;
         self.last_open[pid as usize % SLOTS] = Some(Arc::clone(&ev.event));
         match self.writer_origin(pid, &ev.process.image, connected, c) {
-            // Any other writer ends what the file's provenance was (no
-            // entry for every file a build or a log writes).
+            // Another writer that replaces the content (a truncating open)
+            // ends what the file's provenance was; one that only opens it
+            // (`touch`, an append) does not make fetched content clean.
             None => {
-                if self.files.contains(&id) {
+                if truncates && self.files.contains(&id) {
                     self.forget(id);
                 }
             }

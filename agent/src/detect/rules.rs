@@ -1166,8 +1166,31 @@ mod tests {
         assert!(rules(&f).contains(&ids::TIMESTOMP), "{f:?}");
         let f = utimes(&mut w, 1201, "/srv/app/.cache/.k/agent");
         assert!(rules(&f).contains(&ids::TIMESTOMP), "{f:?}");
-        // Near misses: unpacking into a system dir, a copy preserving
-        // times, touch -d on a build file.
+        // A fetched file in an application's directory: `touch` opening it
+        // (no truncation) does not clear where it came from.
+        w.exec(
+            1205,
+            1,
+            "/usr/bin/curl",
+            &["curl", "-o", "/srv/a/bin/h", "u"],
+        );
+        open_for_write(&mut w, 1205, "/srv/a/bin/h", 3, 303);
+        w.exec(
+            1206,
+            1,
+            "/usr/bin/touch",
+            &["touch", "-r", "/bin/ls", "/srv/a/bin/h"],
+        );
+        // touch opens it O_WRONLY|O_CREAT|O_NONBLOCK|O_NOCTTY first.
+        open_with(&mut w, 1206, "/srv/a/bin/h", (3, 303), 0o4501);
+        let f = utimes(&mut w, 1206, "/srv/a/bin/h");
+        assert!(rules(&f).contains(&ids::TIMESTOMP), "{f:?}");
+        // Near misses: the same file rewritten whole by a build first, an
+        // unpacking into a system dir, a copy preserving times, touch -d on
+        // a build file.
+        w.exec(1207, 1, "/usr/bin/ld", &["ld", "-o", "/srv/a/bin/h"]);
+        open_for_write(&mut w, 1207, "/srv/a/bin/h", 3, 303);
+        assert!(utimes(&mut w, 1206, "/srv/a/bin/h").is_empty());
         w.exec(
             1202,
             1,
@@ -1307,15 +1330,26 @@ mod tests {
         x.stdio_ids.dev[1] = dev;
     }
 
+    /// A truncating write-open (O_WRONLY|O_CREAT|O_TRUNC).
     fn open_for_write(w: &mut World, pid: u32, path: &str, dev: u32, ino: u64) -> Vec<Finding> {
+        open_with(w, pid, path, (dev, ino), 0o1101)
+    }
+
+    fn open_with(
+        w: &mut World,
+        pid: u32,
+        path: &str,
+        file: (u32, u64),
+        flags: u32,
+    ) -> Vec<Finding> {
         let ev = w.event(
             pid,
             Payload::FileOpen(FileOpen {
                 path: path.into(),
-                flags: 0o1101,
+                flags,
                 mode: 0o100644,
-                ino,
-                dev,
+                ino: file.1,
+                dev: file.0,
             }),
         );
         w.run(ev)
