@@ -8,8 +8,8 @@ use vigil_sensor_common as raw;
 use vigil_sensor_common::{EventHeader, EventKind};
 
 use crate::model::event::{
-    Chmod, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio, StdioIds,
-    Utimes,
+    Chmod, CommChange, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio,
+    StdioIds, Utimes,
 };
 
 /// Why a record could not be decoded.
@@ -206,6 +206,13 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             Payload::Chmod(Chmod {
                 path: join(&walked_path(walked), &cstr(user)),
                 mode: e.mode,
+            })
+        }
+        EventKind::Comm => {
+            let e: raw::CommEvent = read(buf, "comm")?;
+            Payload::Comm(CommChange {
+                new_comm: cstr(&e.new_comm),
+                argv: Vec::new(),
             })
         }
         EventKind::Utimes => {

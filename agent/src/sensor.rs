@@ -34,6 +34,8 @@ pub enum Feature {
     Listen,
     /// utimensat family with given times (timestomping).
     Utimes,
+    /// A process renaming itself (`task_rename`).
+    Comm,
     /// Containment's connect refusal (cgroup connect/sendmsg hooks).
     DenyConnect,
     /// The deny_exec policy (BPF LSM `bprm_check_security`).
@@ -42,7 +44,7 @@ pub enum Feature {
 
 impl Feature {
     /// Every feature, for reporting.
-    pub const ALL: [Feature; 9] = [
+    pub const ALL: [Feature; 10] = [
         Feature::Process,
         Feature::FileWrite,
         Feature::Chmod,
@@ -50,6 +52,7 @@ impl Feature {
         Feature::Connect,
         Feature::Listen,
         Feature::Utimes,
+        Feature::Comm,
         Feature::DenyConnect,
         Feature::DenyExec,
     ];
@@ -64,6 +67,7 @@ impl Feature {
             Feature::Connect => "connect",
             Feature::Listen => "listen",
             Feature::Utimes => "utimes",
+            Feature::Comm => "comm",
             Feature::DenyConnect => "deny_connect",
             Feature::DenyExec => "deny_exec",
         }
@@ -139,6 +143,11 @@ pub const HOOKS: &[Hook] = &[
         program: "vigil_exit",
         attach: Attach::RawTp("sched_process_exit"),
         feature: Feature::Process,
+    },
+    Hook {
+        program: "vigil_task_rename",
+        attach: Attach::RawTp("task_rename"),
+        feature: Feature::Comm,
     },
     sys("vigil_enter_openat", "openat", Feature::FileWrite),
     sys("vigil_enter_openat2", "openat2", Feature::FileWrite),

@@ -67,6 +67,10 @@ impl State {
                 }
             }
         }
+        if let Payload::Comm(c) = &mut ev.payload {
+            // What the renamed process now shows as its command line.
+            c.argv = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns).unwrap_or_default();
+        }
         if !matches!(ev.payload, Payload::Exit { .. }) {
             let workloads = &mut self.workloads;
             self.tree

@@ -217,6 +217,10 @@ impl ProcessTree {
                     children: 0,
                 });
             }
+            Payload::Comm(c) => match self.procs.get_mut(&ev.pid) {
+                Some(p) => p.comm = c.new_comm.clone(),
+                None => self.stats.unknown_pid += 1,
+            },
             Payload::Listen(_) => match self.procs.get_mut(&ev.pid) {
                 Some(p) => p.serves = true,
                 None => self.stats.unknown_pid += 1,

@@ -162,6 +162,11 @@ fn payload_fields(p: &Payload) -> (&'static str, Map<String, Value>) {
             put("mode", c.mode.into());
             "chmod"
         }
+        Payload::CommChange(c) => {
+            put("new_comm", c.new_comm.clone().into());
+            put("argv", c.argv.clone().into());
+            "comm"
+        }
         Payload::Utimes(u) => {
             put("path", u.path.clone().into());
             "utimes"

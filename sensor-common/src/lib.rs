@@ -79,6 +79,10 @@ pub enum EventKind {
     /// A utimensat/utimes family call set a file's times to given values
     /// (not "now"): [`ChmodEvent`] layout, `mode` 0.
     Utimes = 10,
+    /// A process's main thread changed its name (comm) after exec
+    /// (`prctl(PR_SET_NAME)`, a write to `/proc/self/comm`): [`CommEvent`].
+    /// The header's `comm` is the old name.
+    Comm = 11,
 }
 
 /// Number of slots indexed by [`EventKind`] (0 is unused; room to grow).
@@ -98,6 +102,7 @@ impl EventKind {
             8 => Self::Listen,
             9 => Self::ExecDenied,
             10 => Self::Utimes,
+            11 => Self::Comm,
             _ => return None,
         })
     }
@@ -114,10 +119,11 @@ impl EventKind {
             Self::Listen => "listen",
             Self::ExecDenied => "exec_denied",
             Self::Utimes => "utimes",
+            Self::Comm => "comm",
         }
     }
     /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 11] = [
         Self::Exec,
         Self::Fork,
         Self::Exit,
@@ -128,6 +134,7 @@ impl EventKind {
         Self::Listen,
         Self::ExecDenied,
         Self::Utimes,
+        Self::Comm,
     ];
 }
 
@@ -264,6 +271,17 @@ pub struct ForkEvent {
     pub ppid: u32,
     /// Clone flags are not visible in the tracepoint; reserved.
     pub _reserved: u32,
+}
+
+/// A process's main thread took a new name. The header is the process's
+/// (its `comm` the old name).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CommEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// The new name (NUL padded).
+    pub new_comm: [u8; TASK_COMM_LEN],
 }
 
 /// The last thread of a process exited.

@@ -854,6 +854,53 @@ unsafe fn on_fork(child: u64) {
     }
 }
 
+/// `task_rename(task, comm)`: fires for threads too (thread pools name
+/// their threads), kernel threads and every exec; only a process's main
+/// thread renaming itself after its exec is reported (that is how a
+/// program changes the name `ps` shows).
+#[raw_tracepoint(tracepoint = "task_rename")]
+pub fn vigil_task_rename(ctx: RawTracePointContext) -> i32 {
+    if !ready() {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    let comm: u64 = ctx.arg(1);
+    unsafe { on_rename_task(task, comm) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_rename_task(task: u64, comm: u64) {
+    unsafe {
+        let pid: u32 = rd(task, off!(task_pid)).unwrap_or(0);
+        let tgid: u32 = rd(task, off!(task_tgid)).unwrap_or(1);
+        let me = bpf_get_current_pid_tgid();
+        if pid != tgid || me as u32 != pid || is_agent(tgid) {
+            return;
+        }
+        // Not kernel threads (no mm), and not the rename every exec does
+        // (to the program's file name): exec sets the name before the new
+        // image's arguments are laid out, while its mm's arg_start is
+        // still 0.
+        let mm: u64 = rd(task, off!(task_mm)).unwrap_or(0);
+        if mm == 0 || rd::<u64>(mm, off!(mm_arg_start)).unwrap_or(0) == 0 {
+            return;
+        }
+        let Some(s) = scratch() else { return };
+        let e: *mut CommEvent = fixed(s);
+        // Called before the new name is stored: the header's comm is the
+        // old one.
+        fill_header(&mut (*e).hdr, EventKind::Comm, task);
+        (*e).new_comm = [0u8; TASK_COMM_LEN];
+        let _ = bpf_probe_read_kernel_str(
+            (*e).new_comm.as_mut_ptr() as *mut c_void,
+            TASK_COMM_LEN as u32,
+            comm as *const c_void,
+        );
+        emit(s, EventKind::Comm, core::mem::size_of::<CommEvent>(), 0);
+    }
+}
+
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn vigil_exit(ctx: RawTracePointContext) -> i32 {
     if !ready() {

@@ -332,6 +332,35 @@ fn times_set_to_chosen_values_are_seen_and_set_to_now_are_not() {
 }
 
 #[test]
+fn a_process_renaming_itself_is_seen_with_its_new_name_and_command_line() {
+    let agent = Agent::start(&[]);
+    let name = format!("vr{}", std::process::id() % 100_000);
+    let m = marker("rename");
+    let mut sh = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("printf {name} > /proc/self/comm; sleep 0.5; : {m}"))
+        .spawn()
+        .unwrap();
+    let pid = sh.id() as u64;
+    sh.wait().unwrap();
+    let e = agent.expect_event("comm", |e| e.kind() == "comm" && e.pid() == pid);
+    assert_eq!(e.str_of("new_comm"), name);
+    assert_eq!(e.str_of("comm"), "sh", "the header names the old name: {e}");
+    assert!(
+        e["argv"].to_string().contains(&m),
+        "the command line after the rename, from /proc: {e}"
+    );
+    // The rename every exec does (to the program's name) is not reported.
+    std::thread::sleep(Duration::from_millis(300));
+    let n = agent
+        .events()
+        .iter()
+        .filter(|e| e.kind() == "comm" && e.pid() == pid)
+        .count();
+    assert_eq!(n, 1, "only the process's own rename");
+}
+
+#[test]
 fn exec_burst_of_2000_arrives_complete_with_parents() {
     let agent = Agent::start(&[]);
     let m = marker("burst");

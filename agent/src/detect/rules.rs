@@ -137,6 +137,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
         }
         Payload::ExecDenied(d) => exec_denied(ctx, d, &mut out),
         Payload::Utimes(u) => timestomp(ctx, &u.path, &mut out),
+        Payload::Comm(c) => renamed(ctx, c, &mut out),
         Payload::FileOpen(f) => {
             persistence(&f.path, "wrote", ctx, &mut out);
             log_tampering(ctx, f, &mut out);
@@ -627,6 +628,40 @@ fn timestomp(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
         format!("{exe} set the times of {path} ({why}) to chosen values"),
         false,
         path,
+    ));
+}
+
+/// A process that renamed itself after exec to a kernel thread's or a
+/// system daemon's name (`prctl(PR_SET_NAME)`), or whose rewritten command
+/// line now looks like a kernel thread: what `ps` and `top` show is a
+/// disguise. A program taking its own name (cut to 15 bytes) is not.
+fn renamed(ctx: &Ctx<'_>, c: &crate::model::event::CommChange, out: &mut Vec<Finding>) {
+    let exe = &ctx.ev.process.image.exe;
+    let exe_name = basename(exe);
+    let new = c.new_comm.trim();
+    let argv0 = c.argv.first().map(String::as_str).unwrap_or("");
+    if new.is_empty() || exe_name.starts_with(new) || new.starts_with(exe_name) {
+        return;
+    }
+    let as_kthread = looks_like_kernel_thread(argv0) || looks_like_kernel_thread(new);
+    if !(as_kthread || is_daemon_name(new)) {
+        return;
+    }
+    out.push(finding(
+        ids::MASQUERADE,
+        Severity::High,
+        &["T1036.005"],
+        format!(
+            "{exe} renamed itself \"{new}\" (was \"{}\"){}",
+            ctx.ev.event.comm,
+            if argv0.is_empty() {
+                String::new()
+            } else {
+                format!(" and shows the command line \"{}\"", c.argv.join(" "))
+            }
+        ),
+        true,
+        "",
     ));
 }
 
@@ -1212,6 +1247,39 @@ mod tests {
             &["touch", "-d", "@0", "build/out.o"],
         );
         assert!(utimes(&mut w, 1204, "/home/ci/proj/build/out.o").is_empty());
+    }
+
+    #[test]
+    fn a_process_renaming_itself_as_a_kernel_thread_or_daemon_is_masquerading() {
+        let mut w = World::new();
+        let rename = |w: &mut World, pid: u32, new: &str, argv: &[&str]| {
+            let ev = w.event(
+                pid,
+                Payload::Comm(crate::model::event::CommChange {
+                    new_comm: new.into(),
+                    argv: argv.iter().map(|s| s.to_string()).collect(),
+                }),
+            );
+            w.run(ev)
+        };
+        w.exec(1300, 1, "/usr/bin/python3.12", &["python3", "w.py"]);
+        let f = rename(&mut w, 1300, "kswapd0", &["[kswapd0]"]);
+        assert!(rules(&f).contains(&ids::MASQUERADE), "{f:?}");
+        w.exec(1301, 1, "/srv/app/bin/agent", &["agent"]);
+        let f = rename(&mut w, 1301, "rsyslogd", &["agent"]);
+        assert!(rules(&f).contains(&ids::MASQUERADE), "{f:?}");
+        // Near misses: a program naming itself (cut to 15 bytes), a worker
+        // title, a thread-pool style name.
+        w.exec(
+            1302,
+            1,
+            "/usr/lib/systemd/systemd-networkd-wait-online",
+            &["x"],
+        );
+        assert!(rename(&mut w, 1302, "systemd-network", &["x"]).is_empty());
+        w.exec(1303, 1, "/usr/bin/node", &["node", "server.js"]);
+        assert!(rename(&mut w, 1303, "node-worker", &["node", "server.js"]).is_empty());
+        assert!(rename(&mut w, 1303, "MainThread", &["node"]).is_empty());
     }
 
     #[test]

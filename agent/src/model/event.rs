@@ -44,6 +44,7 @@ impl Event {
             Payload::FileOpen(_) => EventKind::FileOpen,
             Payload::Chmod(_) => EventKind::Chmod,
             Payload::Utimes(_) => EventKind::Utimes,
+            Payload::Comm(_) => EventKind::Comm,
             Payload::Rename(_) => EventKind::Rename,
             Payload::Listen(_) => EventKind::Listen,
             Payload::ExecDenied(_) => EventKind::ExecDenied,
@@ -79,6 +80,8 @@ pub enum Payload {
     Chmod(Chmod),
     /// A file's access/modification times set to given values.
     Utimes(Utimes),
+    /// The process renamed itself (the event's `comm` is the old name).
+    Comm(CommChange),
     /// A file renamed.
     Rename(Rename),
     /// A socket put in listening state: the process serves.
@@ -259,6 +262,16 @@ pub struct FileOpen {
     pub ino: u64,
     /// Device (kernel encoding).
     pub dev: u32,
+}
+
+/// A process's new name.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CommChange {
+    /// The new name.
+    pub new_comm: String,
+    /// Its command line just after (read from /proc; empty when it was
+    /// gone): a program that renames itself often rewrites argv too.
+    pub argv: Vec<String>,
 }
 
 /// Utimes details.

@@ -132,6 +132,10 @@ fn payload(p: &Payload) -> pb::event::Payload {
         Payload::Utimes(u) => W::Utimes(pb::UtimesPayload {
             path: u.path.clone(),
         }),
+        Payload::Comm(c) => W::CommChange(pb::CommPayload {
+            new_comm: c.new_comm.clone(),
+            argv: c.argv.clone(),
+        }),
         Payload::Rename(r) => W::Rename(pb::RenamePayload {
             old_path: r.old_path.clone(),
             new_path: r.new_path.clone(),
@@ -341,6 +345,10 @@ mod tests {
             }),
             Payload::Utimes(crate::model::event::Utimes {
                 path: "/usr/local/bin/x".into(),
+            }),
+            Payload::Comm(crate::model::event::CommChange {
+                new_comm: "kworker/0:2".into(),
+                argv: vec!["[kworker/0:2]".into()],
             }),
             Payload::Rename(Rename {
                 old_path: "/tmp/a".into(),
