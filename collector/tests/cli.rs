@@ -131,7 +131,8 @@ async fn analyst_cli_lists_shows_downloads_and_verifies(backend: Backend) {
     // incidents list
     let out = stdout(&vigil(&c, pki.path(), &["incidents", "list"]));
     assert!(out.starts_with("ID "), "{out}");
-    assert!(out.contains("server_shell by /bin/sh"), "{out}");
+    // Titled by its most severe detection.
+    assert!(out.contains("miner by /tmp/.x/xmrig"), "{out}");
     assert!(out.contains("critical"), "{out}");
     let json: serde_json::Value = serde_json::from_str(&stdout(&vigil(
         &c,

@@ -207,6 +207,9 @@ fn every_new_file_is_seen_even_on_a_recycled_inode() {
     let agent = Agent::start(&[]);
     // On disk (ext4 hands a freed inode number to the next new file at
     // once), not tmpfs.
+    // (Created if missing: the VM testbed runs this binary where the build
+    // tree is not.)
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let m = marker("recycle");
     let mut inodes = Vec::new();
