@@ -50,11 +50,14 @@ pub mod ids {
 
     /// A file's times set to chosen values where they hide a change.
     pub const TIMESTOMP: &str = "timestomp";
+    /// Another process's memory opened for writing.
+    pub const INJECTION: &str = "process_injection";
 
     /// Every built-in rule.
     pub const ALL: &[&str] = &[
         LOG_TAMPERING,
         TIMESTOMP,
+        INJECTION,
         SERVER_CHILD,
         INGRESS,
         MASQUERADE,
@@ -141,6 +144,7 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
         Payload::FileOpen(f) => {
             persistence(&f.path, "wrote", ctx, &mut out);
             log_tampering(ctx, f, &mut out);
+            proc_mem_write(ctx, &f.path, &mut out);
         }
         Payload::Rename(r) => persistence(&r.new_path, "renamed a file into", ctx, &mut out),
         Payload::Chmod(c) => {
@@ -662,6 +666,38 @@ fn renamed(ctx: &Ctx<'_>, c: &crate::model::event::CommChange, out: &mut Vec<Fin
         ),
         true,
         "",
+    ));
+}
+
+/// Another process's memory opened for writing through
+/// `/proc/PID/mem` (code injected into a running process, T1055.009).
+/// Debuggers do this as their job; a process writing its own memory is
+/// not injection.
+fn proc_mem_write(ctx: &Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
+    let Some(target) = path
+        .strip_prefix("/proc/")
+        .and_then(|r| r.strip_suffix("/mem"))
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return;
+    };
+    let e = &ctx.ev.event;
+    let exe = &ctx.ev.process.image.exe;
+    if target == e.pid || matches!(basename(exe), "gdb" | "lldb" | "rr" | "criu") {
+        return;
+    }
+    let victim = ctx
+        .tree
+        .get(target)
+        .map(|p| p.image.exe.clone())
+        .unwrap_or_else(|| "?".into());
+    out.push(finding(
+        ids::INJECTION,
+        Severity::Critical,
+        &["T1055.009"],
+        format!("{exe} opened the memory of process {target} ({victim}) for writing"),
+        true,
+        path,
     ));
 }
 
@@ -1280,6 +1316,23 @@ mod tests {
         w.exec(1303, 1, "/usr/bin/node", &["node", "server.js"]);
         assert!(rename(&mut w, 1303, "node-worker", &["node", "server.js"]).is_empty());
         assert!(rename(&mut w, 1303, "MainThread", &["node"]).is_empty());
+    }
+
+    #[test]
+    fn writing_another_processs_memory_is_injection() {
+        let mut w = World::new();
+        w.exec(1400, 1, "/usr/sbin/nginx", &["nginx"]);
+        w.exec(1401, 1, "/usr/bin/python3", &["python3", "inj.py"]);
+        let f = open_with(&mut w, 1401, "/proc/1400/mem", (4, 1), 0o2);
+        assert!(rules(&f).contains(&ids::INJECTION), "{f:?}");
+        assert!(f[0].summary.contains("nginx"), "{f:?}");
+        // Near misses: its own memory, a debugger, another /proc file, a
+        // file that only looks like it.
+        assert!(open_with(&mut w, 1401, "/proc/1401/mem", (4, 2), 0o2).is_empty());
+        w.exec(1402, 1, "/usr/bin/gdb", &["gdb", "-p", "1400"]);
+        assert!(open_with(&mut w, 1402, "/proc/1400/mem", (4, 1), 0o2).is_empty());
+        assert!(open_with(&mut w, 1401, "/proc/1400/oom_score_adj", (4, 3), 0o1).is_empty());
+        assert!(open_with(&mut w, 1401, "/srv/proc/1400/mem", (5, 3), 0o1101).is_empty());
     }
 
     #[test]
