@@ -199,14 +199,8 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             })
         }
         EventKind::Chmod => {
-            let e: raw::ChmodEvent = read(buf, "chmod")?;
-            let base = size_of::<raw::ChmodEvent>();
-            let walked = tail(buf, base, e.base_len, "chmod base")?;
-            let user = tail(buf, base + e.base_len as usize, e.user_len, "chmod path")?;
-            Payload::Chmod(Chmod {
-                path: join(&walked_path(walked), &cstr(user)),
-                mode: e.mode,
-            })
+            let (path, mode) = path_record(buf, "chmod")?;
+            Payload::Chmod(Chmod { path, mode })
         }
         EventKind::Comm => {
             let e: raw::CommEvent = read(buf, "comm")?;
@@ -215,15 +209,9 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 argv: Vec::new(),
             })
         }
-        EventKind::Utimes => {
-            let e: raw::ChmodEvent = read(buf, "utimes")?;
-            let base = size_of::<raw::ChmodEvent>();
-            let walked = tail(buf, base, e.base_len, "utimes base")?;
-            let user = tail(buf, base + e.base_len as usize, e.user_len, "utimes path")?;
-            Payload::Utimes(Utimes {
-                path: join(&walked_path(walked), &cstr(user)),
-            })
-        }
+        EventKind::Utimes => Payload::Utimes(Utimes {
+            path: path_record(buf, "utimes")?.0,
+        }),
         EventKind::Rename => {
             let e: raw::RenameEvent = read(buf, "rename")?;
             let mut off = size_of::<raw::RenameEvent>();
@@ -300,29 +288,22 @@ pub fn walked_path(b: &[u8]) -> String {
     out
 }
 
+/// A record of the chmod layout (chmod, utimes): its absolute path (the
+/// walked base joined with the path as given) and its mode field.
+fn path_record(buf: &[u8], what: &'static str) -> Result<(String, u32), DecodeError> {
+    let e: raw::ChmodEvent = read(buf, what)?;
+    let base = size_of::<raw::ChmodEvent>();
+    let walked = tail(buf, base, e.base_len, what)?;
+    let user = tail(buf, base + e.base_len as usize, e.user_len, what)?;
+    Ok((join(&walked_path(walked), &cstr(user)), e.mode))
+}
+
 /// `user` resolved against `base` (lexically: "." and ".." handled).
 fn join(base: &str, user: &str) -> String {
     if user.starts_with('/') || base.is_empty() {
-        return normalize(user);
+        return crate::model::normalize_path(user);
     }
-    normalize(&format!("{base}/{user}"))
-}
-
-fn normalize(p: &str) -> String {
-    if !p.starts_with('/') {
-        return p.to_string();
-    }
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    crate::model::normalize_path(&format!("{base}/{user}"))
 }
 
 /// NUL-separated argv; at most [`raw::ARGV_MAX_ARGS`] entries. Returns

@@ -46,7 +46,7 @@ impl State {
             // process's cwd can still be read.
             if let Some(s) = x.script.as_mut().filter(|s| !s.starts_with('/')) {
                 if let Ok(cwd) = std::fs::read_link(format!("/proc/{}/cwd", ev.pid)) {
-                    *s = cwd.join(&*s).to_string_lossy().into_owned();
+                    *s = crate::model::normalize_path(&cwd.join(&*s).to_string_lossy());
                 }
             }
             // Padding a command line or an environment past what the kernel

@@ -459,15 +459,20 @@ mod tests {
         assert_eq!(t.get(21).unwrap().image.exe, "/usr/bin/bash");
     }
 
+    /// init (1) -> node (10) -> sh (11), by forks and execs.
+    fn init_node_sh(t: &mut ProcessTree, w: &mut impl FnMut(u32, u64) -> Arc<Workload>) {
+        t.apply(&exec(1, 0, "/sbin/init"), w);
+        t.apply(&ev(10, 10, Payload::Fork { ppid: 1 }), w);
+        t.apply(&exec(10, 1, "/usr/bin/node"), w);
+        t.apply(&ev(11, 11, Payload::Fork { ppid: 10 }), w);
+        t.apply(&exec(11, 10, "/bin/sh"), w);
+    }
+
     #[test]
     fn ancestry_follows_forks_and_execs() {
         let mut t = ProcessTree::new(100, Duration::from_secs(1));
         let mut w = wl();
-        t.apply(&exec(1, 0, "/sbin/init"), &mut w);
-        t.apply(&ev(10, 10, Payload::Fork { ppid: 1 }), &mut w);
-        t.apply(&exec(10, 1, "/usr/bin/node"), &mut w);
-        t.apply(&ev(11, 11, Payload::Fork { ppid: 10 }), &mut w);
-        t.apply(&exec(11, 10, "/bin/sh"), &mut w);
+        init_node_sh(&mut t, &mut w);
         t.apply(&ev(12, 12, Payload::Fork { ppid: 11 }), &mut w);
         // Before exec the child carries its parent's image: the same one,
         // not a copy.
@@ -501,11 +506,7 @@ mod tests {
     fn a_process_orphaned_before_its_exec_keeps_the_lineage_that_created_it() {
         let mut t = ProcessTree::new(100, Duration::from_secs(10));
         let mut w = wl();
-        t.apply(&exec(1, 0, "/sbin/init"), &mut w);
-        t.apply(&ev(10, 10, Payload::Fork { ppid: 1 }), &mut w);
-        t.apply(&exec(10, 1, "/usr/bin/node"), &mut w);
-        t.apply(&ev(11, 11, Payload::Fork { ppid: 10 }), &mut w);
-        t.apply(&exec(11, 10, "/bin/sh"), &mut w);
+        init_node_sh(&mut t, &mut w);
         // The shell forks a background child and dies at once: the child
         // execs after it was handed to init.
         t.apply(&ev(12, 12, Payload::Fork { ppid: 11 }), &mut w);

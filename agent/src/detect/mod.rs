@@ -23,7 +23,7 @@ use crate::model::event::Payload;
 use crate::model::{boot_ns_now, Detection, EnrichedEvent, Finding, Severity};
 use crate::tree::ProcessTree;
 use baseline::Baseline;
-use provenance::{Classify, ProvenanceState};
+use provenance::ProvenanceState;
 
 /// Side state the rules read, bounded.
 pub struct DetectState {
@@ -34,12 +34,6 @@ pub struct DetectState {
     /// Pipe joins completed by the current exec (set before the rules run).
     pub joins: Vec<provenance::PipeJoin>,
 }
-
-/// How provenance tells a downloader and a decoder.
-const CLASSIFY: Classify<'static> = Classify {
-    downloader: &|img| classify::is_downloader(&img.exe),
-    decoder: &|img| classify::is_decoder(&img.exe, &img.argv),
-};
 
 impl DetectState {
     fn new() -> Self {
@@ -64,7 +58,7 @@ impl DetectState {
         if let Payload::Exec(x) = &ev.event.payload {
             let e = &ev.event;
             let connected = self.connected_recently(e.pid, e.boot_ns, CONNECT_WINDOW_NS);
-            self.joins = self.files.on_exec(ev, x, connected, &CLASSIFY);
+            self.joins = self.files.on_exec(ev, x, connected);
         }
     }
 
@@ -80,7 +74,7 @@ impl DetectState {
                 const O_TRUNC: u32 = 0o1000;
                 let truncates = f.flags & O_TRUNC != 0;
                 self.files
-                    .on_write(ev, (f.dev, f.ino), &f.path, truncates, connected, &CLASSIFY);
+                    .on_write(ev, (f.dev, f.ino), &f.path, truncates, connected);
             }
             Payload::Rename(r) => self.files.on_rename(&r.old_path, &r.new_path),
             Payload::Exit { .. } => {

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use lru::LruCache;
 
+use super::classify::{is_decoder, is_downloader};
 use crate::model::event::{Event, Exec, Payload, Stdio};
 use crate::model::{EnrichedEvent, Image};
 
@@ -83,15 +84,6 @@ pub struct PipeJoin {
     pub reader_pid: u32,
     /// What it reads.
     pub taint: Taint,
-}
-
-/// How a program's output gets an origin, judged from its image and what
-/// it did before (see the module documentation).
-pub struct Classify<'a> {
-    /// Downloader by program.
-    pub downloader: &'a dyn Fn(&Image) -> bool,
-    /// Decoder by program and arguments.
-    pub decoder: &'a dyn Fn(&Image) -> bool,
 }
 
 const SLOTS: usize = 1024;
@@ -190,16 +182,10 @@ impl ProvenanceState {
 
     /// The origin of what `pid` (running `image`) writes, if any:
     /// `connected` tells whether it connected out shortly before.
-    fn writer_origin(
-        &self,
-        pid: u32,
-        image: &Arc<Image>,
-        connected: bool,
-        c: &Classify<'_>,
-    ) -> Option<Taint> {
-        let own = if (c.downloader)(image) || connected {
+    fn writer_origin(&self, pid: u32, image: &Arc<Image>, connected: bool) -> Option<Taint> {
+        let own = if is_downloader(&image.exe) || connected {
             Some(Origin::Network)
-        } else if (c.decoder)(image) {
+        } else if is_decoder(&image.exe, &image.argv) {
             Some(Origin::Decoded)
         } else {
             None
@@ -222,11 +208,10 @@ impl ProvenanceState {
         path: &str,
         truncates: bool,
         connected: bool,
-        c: &Classify<'_>,
     ) {
         let pid = ev.event.pid;
         self.last_open[pid as usize % SLOTS] = Some(Arc::clone(&ev.event));
-        match self.writer_origin(pid, &ev.process.image, connected, c) {
+        match self.writer_origin(pid, &ev.process.image, connected) {
             // Another writer that replaces the content (a truncating open)
             // ends what the file's provenance was; one that only opens it
             // (`touch`, an append) does not make fetched content clean.
@@ -278,13 +263,7 @@ impl ProvenanceState {
     /// output gets the origin; a pipe joins its two ends (and a chain of
     /// pipes, `curl | gunzip | sh`, whichever order they exec in). Returns
     /// the joins this exec completed.
-    pub fn on_exec(
-        &mut self,
-        ev: &EnrichedEvent,
-        x: &Exec,
-        connected: bool,
-        c: &Classify<'_>,
-    ) -> Vec<PipeJoin> {
+    pub fn on_exec(&mut self, ev: &EnrichedEvent, x: &Exec, connected: bool) -> Vec<PipeJoin> {
         let pid = ev.event.pid;
         // A new image starts clean; what it reads decides below.
         self.tainted.pop(&pid);
@@ -304,7 +283,7 @@ impl ProvenanceState {
             out_file,
             out_pipe,
         };
-        if let Some(t) = self.writer_origin(pid, &ev.process.image, connected, c) {
+        if let Some(t) = self.writer_origin(pid, &ev.process.image, connected) {
             self.taint_reader(me, t, &mut joins);
         } else if let Some(t) = stdin_pipe.and_then(|i| self.pipe_writers.peek(&i).cloned()) {
             if t.source_pid != pid {

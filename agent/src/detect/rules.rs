@@ -338,24 +338,9 @@ fn absolute(pid: u32, path: &str) -> String {
         return path.to_string();
     }
     match std::fs::read_link(format!("/proc/{pid}/cwd")) {
-        Ok(cwd) => normalize_path(&cwd.join(path).to_string_lossy()),
+        Ok(cwd) => crate::model::normalize_path(&cwd.join(path).to_string_lossy()),
         Err(_) => path.to_string(),
     }
-}
-
-/// `a/./b/../c` -> `a/c`.
-fn normalize_path(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
 }
 
 fn ingress_chmod(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {

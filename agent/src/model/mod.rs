@@ -182,6 +182,25 @@ pub struct Detection {
     pub repeat: Option<Repeat>,
 }
 
+/// An absolute path with `.` and `..` resolved lexically (`/a/./b/../c`
+/// -> `/a/c`); a relative path is returned as is.
+pub fn normalize_path(p: &str) -> String {
+    if !p.starts_with('/') {
+        return p.to_string();
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns: added to a kernel stamp,
 /// the wall-clock time of the event.
 pub fn wall_offset_ns() -> i128 {
@@ -246,6 +265,16 @@ pub struct Repeat {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn paths_are_resolved_lexically() {
+        // A script run as `./x` from /srv/app must name the file the
+        // provenance of /srv/app/x knows.
+        assert_eq!(super::normalize_path("/srv/app/./x"), "/srv/app/x");
+        assert_eq!(super::normalize_path("/srv/app/../b//c/"), "/srv/b/c");
+        assert_eq!(super::normalize_path("/.."), "/");
+        assert_eq!(super::normalize_path("rel/./x"), "rel/./x");
+    }
+
     use std::collections::BTreeSet;
     use std::path::Path;
     use std::time::{Duration, Instant};
