@@ -154,21 +154,25 @@ impl SensorConfig {
 
     /// The `disable` list as features.
     pub fn disabled_features(&self) -> anyhow::Result<Vec<Feature>> {
-        // Process hooks cannot be left off; the deny hooks follow their policies.
-        const OPTIONAL: [Feature; 5] = [
-            Feature::FileWrite,
-            Feature::Chmod,
-            Feature::Rename,
-            Feature::Connect,
-            Feature::Listen,
-        ];
+        // Every hook group but the process hooks (required) and the deny
+        // hooks (they follow their policies): derived from `Feature::ALL`,
+        // so a new group cannot be forgotten here.
+        let optional: Vec<Feature> = Feature::ALL
+            .into_iter()
+            .filter(|f| {
+                !matches!(
+                    f,
+                    Feature::Process | Feature::DenyConnect | Feature::DenyExec
+                )
+            })
+            .collect();
         self.disable
             .iter()
             .map(|s| {
-                OPTIONAL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+                optional.iter().copied().find(|f| f.name() == s).ok_or_else(|| {
                     anyhow::anyhow!(
                         "unknown hook group {s:?} in disable (known: {}; process hooks cannot be disabled)",
-                        OPTIONAL.map(Feature::name).join(", ")
+                        optional.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
                     )
                 })
             })
@@ -191,6 +195,7 @@ impl SensorConfig {
             deny_policy: self.deny_policy()?,
             prefer_lsm: self.prefer_lsm,
             freeze_names: self.freeze_names.clone(),
+            freeze_sizes: crate::identity::Identities::scan().sizes_of(&self.freeze_names),
             connect_dedup_ns: self.connect_dedup_secs.saturating_mul(1_000_000_000),
             pin_dir: self.bpf_pin_dir.clone(),
             deny_connect,
@@ -370,6 +375,11 @@ pub struct CaptureConfig {
     /// Captures per workload per window for critical detections, counted
     /// apart so that a flood of lesser ones never uses them up.
     pub budget_critical: u32,
+    /// The agent id written in every bundle's manifest (default: `[ship]
+    /// agent_name` when shipping, so bundles are signed: the collector
+    /// binds a signed bundle's agent id to the certificate that uploads
+    /// it; else the host name).
+    pub agent_id: Option<String>,
 }
 
 impl Default for CaptureConfig {
@@ -389,6 +399,7 @@ impl Default for CaptureConfig {
             budget_per_workload: 100,
             budget_per_uid: 200,
             budget_critical: 50,
+            agent_id: None,
         }
     }
 }
@@ -405,6 +416,12 @@ impl CaptureConfig {
             self.deadline_ms
         );
         self.severity()?;
+        if let Some(id) = &self.agent_id {
+            anyhow::ensure!(
+                !id.is_empty() && id.len() <= 64 && !id.chars().any(char::is_control),
+                "agent_id must be 1-64 printable characters, got {id:?}"
+            );
+        }
         Ok(())
     }
 
@@ -440,7 +457,7 @@ impl CaptureConfig {
     ) -> anyhow::Result<crate::respond::ResponseOptions> {
         Ok(crate::respond::ResponseOptions {
             dir: self.dir.clone(),
-            agent_id,
+            agent_id: self.agent_id.clone().unwrap_or(agent_id),
             min_severity: self.severity()?,
             capture_rules: self.rules.clone(),
             contain: self.contain,
@@ -683,6 +700,7 @@ pub const FLAT_KEYS: &[(&str, &str, &str)] = &[
     ("capture_budget_per_workload", "capture", "budget_per_workload"),
     ("capture_budget_per_uid", "capture", "budget_per_uid"),
     ("capture_budget_critical", "capture", "budget_critical"),
+    ("capture_agent_id", "capture", "agent_id"),
     ("contain_rules", "contain", "rules"),
     ("contain_min_severity", "contain", "min_severity"),
     ("contain_action", "contain", "action"),
@@ -837,6 +855,7 @@ mod tests {
         c.outputs.actions_json = Some("/var/log/vigil/actions.jsonl".into());
         c.outputs.metrics_addr = Some("127.0.0.1:9108".parse().unwrap());
         c.capture.dir = "/srv/capture".into();
+        c.capture.agent_id = Some("node-1".into());
         c.ship.events = false;
         c.detect.enabled = false;
         c
@@ -861,6 +880,13 @@ mod tests {
             cfg.sensor.disabled_features().unwrap(),
             vec![Feature::Rename]
         );
+        // Every optional group is accepted (utimes and comm once were
+        // documented but refused); the required ones are not.
+        let mut c = AgentConfig::default();
+        c.sensor.disable = vec!["comm".into(), "utimes".into(), "unlink".into()];
+        assert_eq!(c.sensor.disabled_features().unwrap().len(), 3);
+        c.sensor.disable = vec!["process".into()];
+        assert!(c.sensor.disabled_features().is_err());
         assert!(AgentConfig::parse("nonsense = 1").is_err());
         assert!(AgentConfig::parse("[sensor]\nnonsense = 1").is_err());
         assert!(AgentConfig::parse("[nonsense]\npoll_interval_ms = 1").is_err());

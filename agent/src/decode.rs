@@ -8,8 +8,8 @@ use vigil_sensor_common as raw;
 use vigil_sensor_common::{EventHeader, EventKind};
 
 use crate::model::event::{
-    Chmod, CommChange, Connect, Event, Exec, ExecDenied, FileOpen, Listen, Payload, Rename, Stdio,
-    StdioIds, Utimes,
+    BpfLoad, Chmod, CommChange, Connect, Event, Exec, ExecDenied, ExecMem, FileOpen, Listen,
+    ModuleLoad, Payload, ProcessAccess, Rename, Stdio, StdioIds, Unlink, Utimes,
 };
 
 /// Why a record could not be decoded.
@@ -109,10 +109,13 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 argv_truncated: cut || e.flags & raw::EXEC_FLAG_ARGV_TRUNCATED != 0,
                 exe_ino: e.exe_ino,
                 exe_dev: e.exe_dev,
+                exe_size: e.exe_size,
                 exe_memfd: e.flags & raw::EXEC_FLAG_MEMFD != 0,
                 exe_deleted: e.flags & raw::EXEC_FLAG_DELETED != 0,
                 script: (e.flags & raw::EXEC_FLAG_SCRIPT != 0).then(|| cstr(script)),
                 ld_preload: (e.preload_len > 0).then(|| cstr(preload)),
+                copy_of: None,
+                history_off: e.flags & raw::EXEC_FLAG_HISTORY_OFF != 0,
                 stdio: [0, 1, 2].map(|i| Stdio::from_raw(e.stdio_mode[i], e.stdio_family[i])),
                 stdio_ids: StdioIds {
                     ino: e.stdio_ino,
@@ -172,6 +175,8 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 saddr: ip(e.family, e.saddr),
                 sport: e.sport,
                 ret: (e.flags & raw::CONNECT_FLAG_ATTEMPT == 0).then_some(e.ret),
+                send_to: e.flags & raw::CONNECT_FLAG_SEND != 0,
+                rewritten_argv: None,
             })
         }
         EventKind::Listen => {
@@ -180,6 +185,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 protocol: protocol_name(e.protocol),
                 addr: ip(e.family, e.addr),
                 port: e.port,
+                rewritten_argv: None,
             })
         }
         EventKind::FileOpen => {
@@ -212,6 +218,53 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Utimes => Payload::Utimes(Utimes {
             path: path_record(buf, "utimes")?.0,
         }),
+        EventKind::Unlink => Payload::Unlink(Unlink {
+            path: path_record(buf, "unlink")?.0,
+        }),
+        EventKind::ModuleLoad => {
+            let e: raw::ChmodEvent = read(buf, "module_load")?;
+            Payload::ModuleLoad(ModuleLoad {
+                path: path_record(buf, "module_load")?.0,
+                from_memory: e.mode & raw::MODULE_FROM_MEMORY != 0,
+                flags: e.mode & !raw::MODULE_FROM_MEMORY,
+                ret: e.ret,
+            })
+        }
+        EventKind::ProcessAccess => {
+            let e: raw::ProcessAccessEvent = read(buf, "process_access")?;
+            Payload::ProcessAccess(ProcessAccess {
+                op: access_op(e.request),
+                target: e.target,
+                target_pid: None,
+                ret: e.ret,
+                addr: e.addr,
+            })
+        }
+        EventKind::BpfLoad => {
+            let e: raw::BpfLoadEvent = read(buf, "bpf_load")?;
+            Payload::BpfLoad(BpfLoad {
+                prog_type: bpf_prog_type(e.prog_type),
+                attach_type: e.attach_type,
+                name: cstr(&e.name),
+                insn_cnt: e.insn_cnt,
+                ret: e.ret,
+            })
+        }
+        EventKind::ExecMem => {
+            let e: raw::ExecMemEvent = read(buf, "exec_mem")?;
+            Payload::ExecMem(ExecMem {
+                op: if e.op == raw::EXECMEM_MMAP {
+                    "mmap"
+                } else {
+                    "mprotect"
+                },
+                prot: e.prot,
+                map_flags: e.map_flags,
+                addr: e.addr,
+                len: e.len,
+                ret: e.ret,
+            })
+        }
         EventKind::Rename => {
             let e: raw::RenameEvent = read(buf, "rename")?;
             let mut off = size_of::<raw::RenameEvent>();
@@ -251,6 +304,66 @@ fn ip(family: u16, b: [u8; 16]) -> IpAddr {
     } else {
         IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
     }
+}
+
+/// The name of a reported ptrace request (or process_vm_writev).
+fn access_op(request: u32) -> &'static str {
+    use raw::ptrace as p;
+    match request as u64 {
+        p::ATTACH => "attach",
+        p::SEIZE => "seize",
+        p::POKETEXT => "poke_text",
+        p::POKEDATA => "poke_data",
+        p::POKEUSER => "poke_user",
+        p::SETREGS => "set_regs",
+        p::SETFPREGS => "set_fpregs",
+        p::SETREGSET => "set_regset",
+        _ if request == raw::ACCESS_VM_WRITEV => "vm_writev",
+        _ => "other",
+    }
+}
+
+/// `BPF_PROG_TYPE_*` by number (uapi order), or the number.
+fn bpf_prog_type(t: u32) -> String {
+    const NAMES: [&str; 33] = [
+        "unspec",
+        "socket_filter",
+        "kprobe",
+        "sched_cls",
+        "sched_act",
+        "tracepoint",
+        "xdp",
+        "perf_event",
+        "cgroup_skb",
+        "cgroup_sock",
+        "lwt_in",
+        "lwt_out",
+        "lwt_xmit",
+        "sock_ops",
+        "sk_skb",
+        "cgroup_device",
+        "sk_msg",
+        "raw_tracepoint",
+        "cgroup_sock_addr",
+        "lwt_seg6local",
+        "lirc_mode2",
+        "sk_reuseport",
+        "flow_dissector",
+        "cgroup_sysctl",
+        "raw_tracepoint_writable",
+        "cgroup_sockopt",
+        "tracing",
+        "struct_ops",
+        "ext",
+        "lsm",
+        "sk_lookup",
+        "syscall",
+        "netfilter",
+    ];
+    NAMES
+        .get(t as usize)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| t.to_string())
 }
 
 fn protocol_name(p: u16) -> String {
@@ -367,6 +480,7 @@ mod tests {
             stdio_ino: [0; 3],
             stdio_dev: [0; 3],
             _reserved: 0,
+            exe_size: 125_640,
         };
         let mut v = bytes(&e);
         v.extend_from_slice(path);
@@ -383,6 +497,7 @@ mod tests {
         };
         assert_eq!(e.exe, "/usr/bin/curl");
         assert_eq!(e.argv, ["curl", "-s", "http://x/"]);
+        assert_eq!(e.exe_size, 125_640);
         assert_eq!(ev.comm, "sh");
     }
 

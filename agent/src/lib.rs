@@ -17,6 +17,7 @@ pub mod decode;
 pub mod detect;
 pub mod dirs;
 pub mod frozen;
+pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod outputs;

@@ -90,6 +90,9 @@ pub struct Metrics {
     /// Connects suppressed by in-kernel de-duplication (same process and
     /// destination within `connect_dedup_secs`).
     pub connect_dedup: Counter,
+    /// Exec-memory, ptrace-write and process_vm_writev records suppressed in
+    /// the kernel (the process already reported that kind and target).
+    pub once_dedup: Counter,
     /// Syscalls not tracked because the in-flight table was full.
     pub inflight_full: Counter,
     /// Kernel pointer reads that failed.
@@ -317,6 +320,11 @@ impl Metrics {
             "connect_dedup",
             "Connects suppressed by in-kernel de-duplication (same process and destination within connect_dedup_secs)",
             self.connect_dedup.clone(),
+        );
+        r.register(
+            "once_dedup",
+            "Exec-memory, ptrace-write and process_vm_writev records suppressed in the kernel (reported once per process, kind and target)",
+            self.once_dedup.clone(),
         );
         r.register(
             "inflight_full",
@@ -552,6 +560,8 @@ impl Metrics {
             .inc_by(delta(raw::STAT_FILE_DEDUP, &mut last));
         self.connect_dedup
             .inc_by(delta(raw::STAT_CONNECT_DEDUP, &mut last));
+        self.once_dedup
+            .inc_by(delta(raw::STAT_ONCE_DEDUP, &mut last));
         self.inflight_full
             .inc_by(delta(raw::STAT_STASH_FULL, &mut last));
         self.kernel_read_errors

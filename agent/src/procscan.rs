@@ -134,6 +134,29 @@ pub fn env_var_of(pid: u32, start_boot_ns: u64, name: &str) -> Option<Option<Str
     Some(env_value(&buf, name))
 }
 
+/// The pid, in the agent's pid namespace, of the process `actor` names
+/// `target` (a pid in `actor`'s own namespace, as ptrace takes it). The
+/// same number when `actor` shares the agent's namespace; else the process
+/// in `actor`'s namespace whose innermost `NSpid` is `target` (a scan of
+/// /proc, done for rare events only). `None` when it cannot be told.
+pub fn host_pid_of(actor: u32, target: u32) -> Option<u32> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let actor_ns = ns(&actor.to_string())?;
+    if Some(&actor_ns) == ns("self").as_ref() {
+        return Some(target);
+    }
+    for p in procfs::process::all_processes().ok()?.flatten() {
+        if ns(&p.pid.to_string()).as_ref() != Some(&actor_ns) {
+            continue;
+        }
+        let inner = p.status().ok().and_then(|s| s.nspid?.last().copied());
+        if inner == Some(target as i32) {
+            return Some(p.pid as u32);
+        }
+    }
+    None
+}
+
 /// `name`'s value in a NUL-separated environment block.
 fn env_value(block: &[u8], name: &str) -> Option<String> {
     block.split(|&b| b == 0).find_map(|kv| {

@@ -149,9 +149,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             None => None,
         };
         if cfg.capture.enabled {
-            let agent_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "vigil-agent".into());
+            // The certificate name when shipping (the collector binds a
+            // signed bundle's agent id to the certificate that uploads
+            // it), else the host name.
+            let agent_id = match &cfg.ship.agent_name {
+                Some(name) if cfg.ship.collector.is_some() => name.clone(),
+                _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "vigil-agent".into()),
+            };
             let responder = Responder::start(
                 cfg.capture.response(
                     agent_id,

@@ -36,6 +36,19 @@ pub enum Feature {
     Utimes,
     /// A process renaming itself (`task_rename`).
     Comm,
+    /// Datagrams sent to an address given with the call (sendto/sendmsg
+    /// on unconnected sockets), reported as connects.
+    Send,
+    /// ptrace attach/seize/writes and `process_vm_writev`.
+    ProcessAccess,
+    /// Kernel module loads (init_module, finit_module).
+    Module,
+    /// BPF program loads.
+    Bpf,
+    /// Anonymous memory made executable (mmap, mprotect).
+    ExecMem,
+    /// Unlinks of logs and shell histories (filtered in the kernel).
+    Unlink,
     /// Containment's connect refusal (cgroup connect/sendmsg hooks).
     DenyConnect,
     /// The deny_exec policy (BPF LSM `bprm_check_security`).
@@ -44,7 +57,7 @@ pub enum Feature {
 
 impl Feature {
     /// Every feature, for reporting.
-    pub const ALL: [Feature; 10] = [
+    pub const ALL: [Feature; 16] = [
         Feature::Process,
         Feature::FileWrite,
         Feature::Chmod,
@@ -53,6 +66,12 @@ impl Feature {
         Feature::Listen,
         Feature::Utimes,
         Feature::Comm,
+        Feature::Send,
+        Feature::ProcessAccess,
+        Feature::Module,
+        Feature::Bpf,
+        Feature::ExecMem,
+        Feature::Unlink,
         Feature::DenyConnect,
         Feature::DenyExec,
     ];
@@ -68,6 +87,12 @@ impl Feature {
             Feature::Listen => "listen",
             Feature::Utimes => "utimes",
             Feature::Comm => "comm",
+            Feature::Send => "send",
+            Feature::ProcessAccess => "process_access",
+            Feature::Module => "module",
+            Feature::Bpf => "bpf",
+            Feature::ExecMem => "exec_mem",
+            Feature::Unlink => "unlink",
             Feature::DenyConnect => "deny_connect",
             Feature::DenyExec => "deny_exec",
         }
@@ -166,6 +191,27 @@ pub const HOOKS: &[Hook] = &[
     sys("vigil_enter_futimesat", "futimesat", Feature::Utimes),
     sys("vigil_enter_utimes", "utimes", Feature::Utimes),
     sys("vigil_enter_utime", "utime", Feature::Utimes),
+    sys("vigil_enter_sendto", "sendto", Feature::Send),
+    sys("vigil_enter_sendmsg", "sendmsg", Feature::Send),
+    sys("vigil_enter_sendmmsg", "sendmmsg", Feature::Send),
+    sys("vigil_enter_ptrace", "ptrace", Feature::ProcessAccess),
+    sys(
+        "vigil_enter_process_vm_writev",
+        "process_vm_writev",
+        Feature::ProcessAccess,
+    ),
+    sys("vigil_enter_init_module", "init_module", Feature::Module),
+    sys("vigil_enter_finit_module", "finit_module", Feature::Module),
+    sys("vigil_enter_bpf", "bpf", Feature::Bpf),
+    sys("vigil_enter_mmap", "mmap", Feature::ExecMem),
+    sys("vigil_enter_mprotect", "mprotect", Feature::ExecMem),
+    sys(
+        "vigil_enter_pkey_mprotect",
+        "pkey_mprotect",
+        Feature::ExecMem,
+    ),
+    sys("vigil_enter_unlink", "unlink", Feature::Unlink),
+    sys("vigil_enter_unlinkat", "unlinkat", Feature::Unlink),
 ];
 
 /// The shared syscall-exit program.
@@ -200,6 +246,9 @@ pub struct SensorOptions {
     pub deny_policy: u32,
     /// Program base names frozen when a server starts them.
     pub freeze_names: Vec<String>,
+    /// File sizes of the system's copies of those programs (a renamed
+    /// copy is frozen too).
+    pub freeze_sizes: Vec<u64>,
     /// Window of the in-kernel connect de-duplication, ns (0: off).
     pub connect_dedup_ns: u64,
     /// bpffs directory where the frozen-process ledger is pinned (so that
@@ -513,6 +562,14 @@ impl Sensor {
             let mut key = [0u8; FREEZE_NAME_LEN];
             key[..b.len()].copy_from_slice(b);
             names.insert(key, 1, 0).context("filling FREEZE_NAMES")?;
+        }
+        let mut sizes: aya::maps::HashMap<MapData, u64, u8> = aya::maps::HashMap::try_from(
+            ebpf.take_map("FREEZE_SIZES")
+                .context("FREEZE_SIZES map missing")?,
+        )
+        .context("FREEZE_SIZES map")?;
+        for s in opts.freeze_sizes.iter().take(256) {
+            sizes.insert(s, 1, 0).context("filling FREEZE_SIZES")?;
         }
         let alive =
             aya::maps::Array::try_from(ebpf.take_map("ALIVE").context("ALIVE map missing")?)

@@ -18,18 +18,30 @@ use crate::workload_cache::WorkloadCache;
 /// The tree, the workload cache and the wall clock's offset.
 pub struct State {
     tree: ProcessTree,
+    identities: crate::identity::Identities,
     workloads: WorkloadCache,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, ns.
     wall_offset_ns: i128,
+    /// Processes (pid, start) whose command line was compared with their
+    /// exec's at their first connect or listen (bounded; a process pushed
+    /// out is compared again at its next one).
+    argv_checked: lru::LruCache<(u32, u64), ()>,
 }
+
+/// Processes [`State`] remembers having compared command lines of.
+const ARGV_CHECKED: usize = 8192;
 
 impl State {
     /// State over `tree` (bootstrapped from /proc) and `workloads`.
     pub fn new(tree: ProcessTree, workloads: WorkloadCache) -> Self {
         Self {
             tree,
+            identities: crate::identity::Identities::scan(),
             workloads,
             wall_offset_ns: crate::model::wall_offset_ns(),
+            argv_checked: lru::LruCache::new(
+                std::num::NonZeroUsize::new(ARGV_CHECKED).expect("non-zero"),
+            ),
         }
     }
 
@@ -59,6 +71,10 @@ impl State {
                     x.argv = argv;
                 }
             }
+            x.copy_of = self
+                .identities
+                .copy_of(ev.pid, &x.exe, x.exe_dev, x.exe_ino, x.exe_size)
+                .map(|p| p.to_string());
             if x.env_truncated && x.ld_preload.is_none() {
                 if let Some(v) = crate::procscan::env_var_of(ev.pid, ev.start_boot_ns, "LD_PRELOAD")
                 {
@@ -70,6 +86,39 @@ impl State {
         if let Payload::Comm(c) = &mut ev.payload {
             // What the renamed process now shows as its command line.
             c.argv = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns).unwrap_or_default();
+        }
+        // A process about to talk to the network shows the command line it
+        // was started with, or one it wrote over its arguments since
+        // (`[kworker/0:1]`, `sshd: root@pts/0`): read once per process.
+        let rewritten = match &mut ev.payload {
+            Payload::Connect(c) => Some(&mut c.rewritten_argv),
+            Payload::Listen(l) => Some(&mut l.rewritten_argv),
+            _ => None,
+        };
+        if let Some(slot) = rewritten {
+            let key = (ev.pid, ev.start_boot_ns);
+            if self.argv_checked.put(key, ()).is_none() {
+                if let Some(p) = self.tree.get(ev.pid) {
+                    let started = &p.image.argv;
+                    // Still the program the tree knows (it did not exec
+                    // again before this event was handled): same file name.
+                    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+                    let same_program = std::fs::read_link(format!("/proc/{}/exe", ev.pid))
+                        .is_ok_and(|l| {
+                            let l = l.to_string_lossy();
+                            base(l.trim_end_matches(" (deleted)")) == base(&p.image.exe)
+                        });
+                    if !started.is_empty() && same_program {
+                        *slot = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns)
+                            .filter(|now| !now.is_empty() && now != started);
+                    }
+                }
+            }
+        }
+        if let Payload::ProcessAccess(a) = &mut ev.payload {
+            // The target as the tree knows it (the caller named it in its
+            // own pid namespace).
+            a.target_pid = crate::procscan::host_pid_of(ev.pid, a.target);
         }
         if !matches!(ev.payload, Payload::Exit { .. }) {
             let workloads = &mut self.workloads;

@@ -206,7 +206,11 @@ impl ProcessTree {
                     pid: ev.pid,
                     ppid,
                     start_boot_ns: ev.start_boot_ns,
-                    image: Image::new(x.exe.clone(), x.argv.clone()),
+                    image: Arc::new(Image {
+                        exe: x.exe.clone(),
+                        argv: x.argv.clone(),
+                        copy_of: x.copy_of.clone(),
+                    }),
                     comm: ev.comm.clone(),
                     uid: ev.uid,
                     euid: x.euid,
@@ -425,6 +429,8 @@ mod tests {
                 exe_deleted: false,
                 script: None,
                 ld_preload: None,
+                copy_of: None,
+                history_off: false,
                 stdio: [crate::model::event::Stdio::Closed; 3],
                 frozen: false,
                 ..Default::default()

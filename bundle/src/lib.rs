@@ -16,6 +16,7 @@
 //! inputs give the same archive.
 
 pub mod private;
+pub mod sign;
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -629,6 +630,40 @@ pub fn verify_bundle(path: &Path) -> Result<VerifiedBundle, BundleError> {
     verify_bundle_with(path, VerifyLimits::default())
 }
 
+/// The manifest of a sealed archive, read from its first entry and not
+/// checked against the artifacts (see [`verify_bundle`] for that).
+pub fn read_manifest(path: &Path) -> Result<Manifest, BundleError> {
+    let archive_err = |source| BundleError::Archive {
+        path: path.to_path_buf(),
+        artifact: MANIFEST.to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err(path))?;
+    let dec = zstd::Decoder::new(BufReader::new(file)).map_err(archive_err)?;
+    let mut tar = tar::Archive::new(dec);
+    let mut entries = tar.entries().map_err(archive_err)?.raw(true);
+    let Some(entry) = entries.next() else {
+        return Err(BundleError::MissingManifest {
+            path: path.to_path_buf(),
+        });
+    };
+    let entry = entry.map_err(archive_err)?;
+    if &*entry.path_bytes() != MANIFEST.as_bytes() || entry.size() > MAX_MANIFEST_BYTES {
+        return Err(BundleError::MissingManifest {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut b = Vec::new();
+    entry
+        .take(MAX_MANIFEST_BYTES)
+        .read_to_end(&mut b)
+        .map_err(archive_err)?;
+    serde_json::from_slice(&b).map_err(|source| BundleError::BadManifest {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// [`verify_bundle`] within `limits`: a manifest over them is refused
 /// before any artifact is read (so no more than `max_expanded_bytes` is
 /// ever decompressed).
@@ -1202,6 +1237,7 @@ mod tests {
 
         let v = verify_bundle(&a.archive).unwrap();
         assert_eq!(v.id.as_deref(), Some(a.id.as_str()));
+        assert_eq!(&read_manifest(&c.archive).unwrap(), &c.manifest);
         assert_eq!(&v.manifest, m);
         verify_bundle(a.dir.as_ref().unwrap()).unwrap();
         let chain = [a.archive.clone(), b.archive.clone(), c.archive.clone()];

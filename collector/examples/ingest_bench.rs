@@ -123,6 +123,7 @@ async fn main() -> Result<()> {
             offset: (i * a.chunk) as u64,
             data: c.to_vec(),
             label: "bench".into(),
+            signature: Vec::new(),
         })
         .collect();
     let mut c = IngestClient::new(client::connect(&a.collector, &agent, None).await?);

@@ -1,10 +1,14 @@
 //! Who is calling: the identity in the client certificate that rustls
-//! verified against the collector's CA during the handshake, and whether
-//! its role allows the call.
+//! verified against the collector's CA during the handshake, whether its
+//! role allows the call, and whether it is revoked ([`Gate`]).
+
+use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+use crate::metrics::Metrics;
 use crate::pki::{self, PeerIdentity, Role};
+use crate::revoke::DenyList;
 
 /// The verified caller of `req`, if its certificate has role `need`.
 ///
@@ -40,4 +44,36 @@ pub fn caller<T>(req: &Request<T>, need: Role) -> Result<PeerIdentity, Status> {
 /// The remote address of `req` as text (empty when unknown).
 pub fn peer_addr<T>(req: &Request<T>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+/// [`caller`] plus the deny-list: what every call of the collector's
+/// services goes through.
+#[derive(Debug)]
+pub struct Gate {
+    deny: DenyList,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    /// Checks roles, and certificates against `deny` (a revoked one is
+    /// counted as refusal `revoked`).
+    pub fn new(deny: DenyList, metrics: Arc<Metrics>) -> Gate {
+        Gate { deny, metrics }
+    }
+
+    /// The verified, unrevoked caller of `req` with role `need`:
+    /// `PERMISSION_DENIED` when the certificate is revoked, else as
+    /// [`caller`].
+    pub fn caller<T>(&self, req: &Request<T>, need: Role) -> Result<PeerIdentity, Status> {
+        let id = caller(req, need)?;
+        if let Some(entry) = self.deny.revoked(&id) {
+            self.metrics.refused("revoked");
+            tracing::warn!(name = id.name, cert_sha256 = id.cert_sha256, peer = peer_addr(req), %entry, "call refused: certificate revoked");
+            return Err(Status::permission_denied(format!(
+                "certificate {:?} is revoked on this collector (entry {entry}): ask an operator",
+                id.name
+            )));
+        }
+        Ok(id)
+    }
 }

@@ -77,8 +77,18 @@ pub enum UploadError {
     #[error("upload of this bundle was started by another agent")]
     OtherUploader,
     /// Too many partial uploads are kept already.
-    #[error("too many unfinished uploads ({0}); finish or abandon some first")]
+    #[error(
+        "too many unfinished uploads ({0}, collector-wide limit); finish or abandon some first"
+    )]
     TooManyPartials(usize),
+    /// This agent keeps too many partial uploads already.
+    #[error("agent {agent:?} has {count} unfinished uploads (per-agent limit); finish or abandon some first")]
+    TooManyAgentPartials {
+        /// The agent.
+        agent: String,
+        /// Its unfinished uploads.
+        count: usize,
+    },
     /// The bytes do not hash to the id; the upload was discarded.
     #[error("bundle hash mismatch: received {size} bytes hashing to {actual}, expected {expected}; upload discarded")]
     HashMismatch {
@@ -89,13 +99,55 @@ pub enum UploadError {
         /// Bytes received.
         size: u64,
     },
+    /// A resumed upload does not hash to its id: the prefix held on disk
+    /// may be at fault, so it was discarded and the upload starts over.
+    #[error("the resumed upload (from byte {resumed_at}) does not hash to its id: the collector's copy was discarded, upload the bundle again from offset 0")]
+    ResumeMismatch {
+        /// Where this upload resumed.
+        resumed_at: u64,
+    },
     /// The bytes hash to the id but are not a well-formed bundle (its
     /// manifest does not match its artifacts); the upload was discarded.
     #[error("bundle refused: {0}; upload discarded")]
     BadBundle(String),
+    /// The bundle's origin does not hold (signature, agent id); the upload
+    /// was discarded.
+    #[error("bundle refused: {0}; upload discarded")]
+    Origin(String),
     /// Disk trouble.
     #[error("storage error: {0}")]
     Io(#[from] io::Error),
+}
+
+impl UploadError {
+    /// The refusal label counted in metrics when this error protects the
+    /// collector's resources (`agent_partials`, `partials`), else `None`.
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            UploadError::TooManyPartials(_) => Some("partials"),
+            UploadError::TooManyAgentPartials { .. } => Some("agent_partials"),
+            _ => None,
+        }
+    }
+}
+
+/// How many unfinished uploads may be kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialLimits {
+    /// Over all agents.
+    pub total: usize,
+    /// For one agent.
+    pub per_agent: usize,
+}
+
+impl PartialLimits {
+    /// The same limit collector-wide and per agent.
+    pub fn flat(n: usize) -> PartialLimits {
+        PartialLimits {
+            total: n,
+            per_agent: n,
+        }
+    }
 }
 
 /// Sidecar of a partial upload.
@@ -108,6 +160,12 @@ pub struct PartialMeta {
     /// Free-form label from the first chunk.
     #[serde(default)]
     pub label: String,
+    /// Bytes of the partial file known to be on disk (fsynced before this
+    /// sidecar said so): what a resume may build on after a power cut.
+    /// `None` in sidecars of collectors before 0.3, which fsynced at every
+    /// suspension: the file's length counts then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<u64>,
 }
 
 /// What the collector holds of a bundle.
@@ -170,11 +228,14 @@ impl BlobStore {
         let Some(meta) = self.read_meta(id)? else {
             return Ok(BlobState::Absent);
         };
-        let received = match fs::metadata(self.part_path(id)) {
+        let len = match fs::metadata(self.part_path(id)) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
+        // Only what was fsynced counts: bytes past it may be torn (a power
+        // cut), and a resume must never build on them.
+        let received = meta.durable.map_or(len, |d| d.min(len));
         Ok(BlobState::Partial { received, meta })
     }
 
@@ -196,10 +257,30 @@ impl BlobStore {
 
     /// Number of unfinished uploads on disk.
     pub fn partial_count(&self) -> io::Result<usize> {
+        Ok(self.partial_ids()?.len())
+    }
+
+    /// The ids of the unfinished uploads on disk.
+    fn partial_ids(&self) -> io::Result<Vec<BundleId>> {
         Ok(fs::read_dir(&self.partial)?
             .filter_map(Result::ok)
-            .filter(|e| e.path().extension().is_some_and(|x| x == "meta"))
-            .count())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "meta"))
+            .filter_map(|p| BundleId::parse(p.file_stem()?.to_str()?).ok())
+            .collect())
+    }
+
+    /// Unfinished uploads on disk: (all, those started by `agent`). Reads
+    /// each sidecar: bounded by the collector-wide limit.
+    pub fn partial_counts(&self, agent: &str) -> io::Result<(usize, usize)> {
+        let ids = self.partial_ids()?;
+        let mut mine = 0;
+        for id in &ids {
+            if self.read_meta(id)?.is_some_and(|m| m.agent == agent) {
+                mine += 1;
+            }
+        }
+        Ok((ids.len(), mine))
     }
 
     /// Starts or resumes an upload at `offset` (which must not be past what
@@ -210,7 +291,7 @@ impl BlobStore {
         id: &BundleId,
         meta: PartialMeta,
         offset: u64,
-        max_partials: usize,
+        max_partials: PartialLimits,
     ) -> Result<Upload, UploadError> {
         let (held, existing) = match self.state(id)? {
             BlobState::Complete { .. } => {
@@ -229,20 +310,27 @@ impl BlobStore {
             }
             Some(_) => {}
             None => {
-                let n = self.partial_count()?;
-                if n >= max_partials {
-                    return Err(UploadError::TooManyPartials(n));
+                let (all, mine) = self.partial_counts(&meta.agent)?;
+                if mine >= max_partials.per_agent {
+                    return Err(UploadError::TooManyAgentPartials {
+                        agent: meta.agent.clone(),
+                        count: mine,
+                    });
+                }
+                if all >= max_partials.total {
+                    return Err(UploadError::TooManyPartials(all));
                 }
             }
         }
         if offset > held {
             return Err(UploadError::Gap { offset, held });
         }
-        if existing.is_none() {
-            write_atomic(
-                &self.meta_path(id),
-                &serde_json::to_vec(&meta).map_err(io::Error::other)?,
-            )?;
+        let mut meta = existing.unwrap_or(meta);
+        if meta.durable != Some(offset) {
+            // Said before the file is cut to `offset`: the sidecar never
+            // claims more than the file durably holds.
+            meta.durable = Some(offset);
+            write_meta(&self.meta_path(id), &meta)?;
             sync_dir(&self.partial)?;
         }
         let mut file = OpenOptions::new()
@@ -276,7 +364,10 @@ impl BlobStore {
             file,
             hasher,
             position: offset,
+            resumed_at: offset,
+            durable: offset,
             total: meta.total_size,
+            sidecar: meta,
             part: self.part_path(id),
             meta: self.meta_path(id),
             dest: self.blob_path(id),
@@ -352,7 +443,12 @@ pub struct Upload {
     file: File,
     hasher: Sha256,
     position: u64,
+    /// Where this upload started: bytes before it came from disk.
+    resumed_at: u64,
+    /// Bytes fsynced and recorded in the sidecar.
+    durable: u64,
     total: u64,
+    sidecar: PartialMeta,
     part: PathBuf,
     meta: PathBuf,
     dest: PathBuf,
@@ -387,14 +483,36 @@ impl Upload {
         self.file.write_all(data)?;
         self.hasher.update(data);
         self.position = end;
+        if self.position - self.durable >= COMMIT_BYTES {
+            self.commit()?;
+        }
         Ok(())
     }
 
-    /// Keeps what arrived for a later resume (fsynced); returns the bytes
-    /// held.
-    pub fn suspend(self) -> Result<u64, UploadError> {
+    /// Makes what arrived durable: fsync the data, then record its length
+    /// in the sidecar (a resume after a power cut starts there).
+    fn commit(&mut self) -> Result<(), UploadError> {
         self.file.sync_data()?;
-        Ok(self.position)
+        self.sidecar.durable = Some(self.position);
+        // No directory fsync: if the rename is lost, the older sidecar
+        // claims less, which is still true.
+        write_meta(&self.meta, &self.sidecar)?;
+        self.durable = self.position;
+        Ok(())
+    }
+
+    /// Bytes fsynced: what the collector may report as held.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// Keeps what arrived for a later resume (fsynced, recorded); returns
+    /// the bytes held.
+    pub fn suspend(mut self) -> Result<u64, UploadError> {
+        if self.position != self.durable {
+            self.commit()?;
+        }
+        Ok(self.durable)
     }
 
     /// Verifies the hash and publishes the blob: fsync, rename into
@@ -423,6 +541,13 @@ impl Upload {
         if actual != self.id.0 {
             let _ = fs::remove_file(&self.part);
             let _ = fs::remove_file(&self.meta);
+            if self.resumed_at > 0 {
+                // Part of the bytes came from the collector's disk: they
+                // may be what is wrong (a torn write). Start over.
+                return Err(UploadError::ResumeMismatch {
+                    resumed_at: self.resumed_at,
+                });
+            }
             return Err(UploadError::HashMismatch {
                 expected: self.id.0.clone(),
                 actual,
@@ -432,7 +557,7 @@ impl Upload {
         self.file.sync_all()?;
         let checked = match check(&self.part) {
             Ok(t) => t,
-            Err(e @ UploadError::BadBundle(_)) => {
+            Err(e @ (UploadError::BadBundle(_) | UploadError::Origin(_))) => {
                 let _ = fs::remove_file(&self.part);
                 let _ = fs::remove_file(&self.meta);
                 return Err(e);
@@ -455,6 +580,13 @@ impl Upload {
         sync_dir(&self.partial_dir)?;
         Ok((self.position, checked))
     }
+}
+
+/// Bytes written between two commits of an upload (fsync + sidecar).
+pub const COMMIT_BYTES: u64 = 8 << 20;
+
+fn write_meta(path: &Path, meta: &PartialMeta) -> io::Result<()> {
+    write_atomic(path, &serde_json::to_vec(meta).map_err(io::Error::other)?)
 }
 
 /// Writes a small file atomically: temp file, fsync, rename.
@@ -483,6 +615,7 @@ mod tests {
             total_size: total as u64,
             agent: "a1".into(),
             label: String::new(),
+            durable: None,
         }
     }
 
@@ -494,7 +627,9 @@ mod tests {
         let id = id_of(&data);
         assert_eq!(store.state(&id).unwrap(), BlobState::Absent);
 
-        let mut up = store.begin(&id, meta(data.len()), 0, 8).unwrap();
+        let mut up = store
+            .begin(&id, meta(data.len()), 0, PartialLimits::flat(8))
+            .unwrap();
         up.write(&data[..100_000]).unwrap();
         assert_eq!(up.suspend().unwrap(), 100_000);
         assert!(matches!(
@@ -508,11 +643,13 @@ mod tests {
         // A reopened store (restart) resumes; a gap is refused.
         let store = BlobStore::open(dir.path()).unwrap();
         assert!(matches!(
-            store.begin(&id, meta(data.len()), 100_001, 8),
+            store.begin(&id, meta(data.len()), 100_001, PartialLimits::flat(8)),
             Err(UploadError::Gap { held: 100_000, .. })
         ));
         // Resuming earlier than held is allowed (the tail is dropped).
-        let mut up = store.begin(&id, meta(data.len()), 50_000, 8).unwrap();
+        let mut up = store
+            .begin(&id, meta(data.len()), 50_000, PartialLimits::flat(8))
+            .unwrap();
         up.write(&data[50_000..]).unwrap();
         assert!(up.is_full());
         up.finish().unwrap();
@@ -543,11 +680,83 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let id = id_of(b"the real bundle");
-        let mut up = store.begin(&id, meta(15), 0, 8).unwrap();
+        let mut up = store
+            .begin(&id, meta(15), 0, PartialLimits::flat(8))
+            .unwrap();
         up.write(b"another bundle!").unwrap();
         assert!(matches!(up.finish(), Err(UploadError::HashMismatch { .. })));
         assert_eq!(store.state(&id).unwrap(), BlobState::Absent);
         assert_eq!(store.disk_usage().unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn only_durable_bytes_are_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let data = vec![7u8; 1000];
+        let id = id_of(&data);
+        let mut up = store
+            .begin(&id, meta(1000), 0, PartialLimits::flat(8))
+            .unwrap();
+        up.write(&data[..600]).unwrap();
+        assert_eq!(up.durable(), 0);
+        // Dropped without a suspension (the process died): written, never
+        // fsynced nor recorded, so not held.
+        drop(up);
+        assert_eq!(fs::metadata(store.part_path(&id)).unwrap().len(), 600);
+        assert!(matches!(
+            store.state(&id).unwrap(),
+            BlobState::Partial { received: 0, .. }
+        ));
+        let mut up = store
+            .begin(&id, meta(1000), 0, PartialLimits::flat(8))
+            .unwrap();
+        up.write(&data[..400]).unwrap();
+        assert_eq!(up.suspend().unwrap(), 400);
+        // Garbage after the recorded length (a torn tail) is not held.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(store.part_path(&id))
+            .unwrap();
+        f.write_all(&[1; 300]).unwrap();
+        assert!(matches!(
+            store.state(&id).unwrap(),
+            BlobState::Partial { received: 400, .. }
+        ));
+        let mut up = store
+            .begin(&id, meta(1000), 400, PartialLimits::flat(8))
+            .unwrap();
+        up.write(&data[400..]).unwrap();
+        up.finish().unwrap();
+        assert!(matches!(
+            store.state(&id).unwrap(),
+            BlobState::Complete { size: 1000 }
+        ));
+    }
+
+    #[test]
+    fn a_resume_on_a_corrupt_prefix_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let id = id_of(&data);
+        let mut up = store
+            .begin(&id, meta(1000), 0, PartialLimits::flat(8))
+            .unwrap();
+        up.write(&data[..500]).unwrap();
+        up.suspend().unwrap();
+        let mut held = fs::read(store.part_path(&id)).unwrap();
+        held[10] ^= 1;
+        fs::write(store.part_path(&id), held).unwrap();
+        let mut up = store
+            .begin(&id, meta(1000), 500, PartialLimits::flat(8))
+            .unwrap();
+        up.write(&data[500..]).unwrap();
+        assert!(matches!(
+            up.finish(),
+            Err(UploadError::ResumeMismatch { resumed_at: 500 })
+        ));
+        assert_eq!(store.state(&id).unwrap(), BlobState::Absent);
     }
 
     #[test]
@@ -556,24 +765,40 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let a = id_of(b"a");
         let b = id_of(b"b");
-        let mut up = store.begin(&a, meta(10), 0, 1).unwrap();
+        let mut up = store
+            .begin(&a, meta(10), 0, PartialLimits::flat(1))
+            .unwrap();
         up.write(b"12345").unwrap();
         assert!(matches!(up.write(b"123456"), Err(UploadError::Invalid(_))));
         up.suspend().unwrap();
         assert!(matches!(
-            store.begin(&b, meta(10), 0, 1),
+            store.begin(&b, meta(10), 0, PartialLimits::flat(1)),
+            Err(UploadError::TooManyAgentPartials { count: 1, .. })
+        ));
+        let second = PartialMeta {
+            agent: "a2".into(),
+            ..meta(10)
+        };
+        let room_for_a2 = PartialLimits {
+            total: 1,
+            per_agent: 8,
+        };
+        assert!(matches!(
+            store.begin(&b, second.clone(), 0, room_for_a2),
             Err(UploadError::TooManyPartials(1))
         ));
+        assert_eq!(store.partial_counts("a2").unwrap(), (1, 0));
+        assert_eq!(store.partial_counts("a1").unwrap(), (1, 1));
         let other = PartialMeta {
             agent: "intruder".into(),
             ..meta(10)
         };
         assert!(matches!(
-            store.begin(&a, other, 0, 8),
+            store.begin(&a, other, 0, PartialLimits::flat(8)),
             Err(UploadError::OtherUploader)
         ));
         assert!(matches!(
-            store.begin(&a, meta(11), 0, 8),
+            store.begin(&a, meta(11), 0, PartialLimits::flat(8)),
             Err(UploadError::Invalid(_))
         ));
         assert_eq!(

@@ -142,6 +142,78 @@ pub fn manifest_facts_within(
     })
 }
 
+/// `path` with `ext` appended (`x.zst` -> `x.zst.sig`): where a bundle's
+/// detached signature (`sig`) and the collector's receipt (`receipt`) are
+/// kept next to it.
+pub fn sidecar(path: &Path, ext: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".");
+    p.push(ext);
+    PathBuf::from(p)
+}
+
+/// What a bundle file's signature and receipt (next to it) say, checked
+/// offline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OriginCheck {
+    /// `FILE.sig`: `None` when there is none (unsigned), else the signer's
+    /// name or why it does not hold.
+    pub signature: Option<Result<String, String>>,
+    /// `FILE.receipt`: `None` when there is none, else the receipt or why
+    /// it does not hold.
+    pub receipt: Option<Result<vigil_bundle::sign::Receipt, String>>,
+    /// Whether certificates were checked against a CA.
+    pub ca_checked: bool,
+}
+
+impl OriginCheck {
+    /// No check failed (an absent signature or receipt is no failure).
+    pub fn ok(&self) -> bool {
+        !matches!(self.signature, Some(Err(_))) && !matches!(self.receipt, Some(Err(_)))
+    }
+}
+
+/// Checks the signature and receipt kept next to the bundle file `path`
+/// whose SHA-256 is `sha256`: the signature must sign that id with a
+/// certificate from `ca` (when given) whose name is the manifest's agent
+/// id; the receipt must be the collector's (from `ca`) for that id.
+pub fn check_origin(
+    path: &Path,
+    sha256: &str,
+    manifest: Option<&Manifest>,
+    ca: Option<&str>,
+) -> OriginCheck {
+    use vigil_bundle::sign;
+    let read = |ext: &str| fs::read(sidecar(path, ext)).ok();
+    let signature = read("sig").map(|b| {
+        let sig = sign::Signature::parse(&b).map_err(|e| e.to_string())?;
+        let who = sign::verify_signature(&sig, sha256, ca).map_err(|e| e.to_string())?;
+        match manifest {
+            Some(m) if m.agent.id != who.name => Err(format!(
+                "signed by agent {:?} but the manifest names agent {:?}",
+                who.name, m.agent.id
+            )),
+            _ => Ok(who.name),
+        }
+    });
+    let receipt = read("receipt").map(|b| {
+        let r = sign::Receipt::parse(&b).map_err(|e| e.to_string())?;
+        sign::verify_receipt(&r, ca).map_err(|e| format!("receipt: {e}"))?;
+        if r.bundle_id != sha256 {
+            return Err(format!(
+                "the receipt is for bundle {}, not this file ({sha256})",
+                r.bundle_id
+            ));
+        }
+        Ok(r)
+    });
+    OriginCheck {
+        signature,
+        receipt,
+        ca_checked: ca.is_some(),
+    }
+}
+
 /// Checks a bundle file against `expected` (its id).
 pub fn verify_file(path: &Path, expected: &str) -> Result<VerifyReport> {
     if !vigil_proto::is_valid_bundle_id(expected) {

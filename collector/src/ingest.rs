@@ -4,9 +4,13 @@
 //! (`PERMISSION_DENIED`), then each message against the limits
 //! (`RESOURCE_EXHAUSTED`) and the contract (`INVALID_ARGUMENT`); only a
 //! batch that passes every check reaches the store, atomically. Evidence
-//! uploads are bounded in size, in concurrency and in unfinished count, and
-//! a bundle becomes visible only after its SHA-256 matched its id
-//! (`DATA_LOSS` otherwise, with nothing kept) and every artifact in it
+//! uploads are bounded in size, in time (idle per chunk, total per call:
+//! `DEADLINE_EXCEEDED`), in concurrency and in unfinished count, per agent
+//! and collector-wide (`RESOURCE_EXHAUSTED`), and a bundle becomes visible
+//! only after its SHA-256 matched its id (`DATA_LOSS` otherwise, with
+//! nothing kept; `ABORTED` when the upload resumed on bytes the collector
+//! held, which may be what was torn: the agent starts over) and every
+//! artifact in it
 //! matched its manifest (`INVALID_ARGUMENT` otherwise, nothing kept). A
 //! bundle over the size limit is `FAILED_PRECONDITION`: the agent sets it
 //! aside instead of retrying until an operator raises the limit. Each
@@ -15,22 +19,28 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
+use vigil_bundle::sign::Signature;
 use vigil_proto::ingest_server::Ingest;
 use vigil_proto::{
     Detection, DetectionBatch, Event, EventBatch, EvidenceChunk, EvidenceInfo, PushAck, Severity,
     UploadResult, UploadStatusReply, UploadStatusRequest,
 };
 
-use crate::auth;
-use crate::blobs::{BlobState, BlobStore, BundleId, PartialMeta, Upload, UploadError};
+use crate::auth::{self, Gate};
+use crate::blobs::{
+    BlobState, BlobStore, BundleId, PartialLimits, PartialMeta, Upload, UploadError,
+};
 use crate::evidence::{manifest_facts, manifest_facts_within, ManifestFacts};
 use crate::metrics::Metrics;
+use crate::origin::{Origin, OriginPolicy};
 use crate::pki::Role;
+use crate::quota::{Kind, QuotaLimits, Quotas};
+use crate::slots::{Slot, UploadSlots};
 use crate::store::{AgentSeen, BatchOutcome, Store, StoreError};
 
 /// Limits of the Ingest service.
@@ -44,11 +54,23 @@ pub struct Limits {
     pub max_bundle_bytes: u64,
     /// Uploads running at once (over all agents).
     pub max_concurrent_uploads: usize,
-    /// Unfinished uploads kept on disk.
+    /// Uploads running at once for one agent (certificate name).
+    pub max_uploads_per_agent: usize,
+    /// Unfinished uploads kept on disk (over all agents).
     pub max_partial_uploads: usize,
+    /// Unfinished uploads kept on disk for one agent.
+    pub max_partial_uploads_per_agent: usize,
+    /// Longest wait for the next message of a stream (an upload's chunk,
+    /// a batch): past it the stream ends with `DEADLINE_EXCEEDED` (an
+    /// upload keeps what arrived, for a resume).
+    pub stream_idle_timeout: Duration,
+    /// Longest time one upload call may take, all chunks together.
+    pub upload_deadline: Duration,
     /// Most bytes a bundle's artifacts may add up to, decompressed (a
     /// manifest claiming more is refused before anything is read).
     pub max_bundle_expanded_bytes: u64,
+    /// What one agent may hold: events, detections, evidence bytes.
+    pub quotas: QuotaLimits,
 }
 
 impl Default for Limits {
@@ -58,8 +80,13 @@ impl Default for Limits {
             max_batch_items: 10_000,
             max_bundle_bytes: 1 << 30,
             max_concurrent_uploads: 8,
+            max_uploads_per_agent: 2,
             max_partial_uploads: 64,
+            max_partial_uploads_per_agent: 8,
+            stream_idle_timeout: Duration::from_secs(30),
+            upload_deadline: Duration::from_secs(600),
             max_bundle_expanded_bytes: 16 << 30,
+            quotas: QuotaLimits::default(),
         }
     }
 }
@@ -162,31 +189,48 @@ pub struct IngestService {
     store: Arc<dyn Store>,
     blobs: Arc<BlobStore>,
     limits: Limits,
-    upload_slots: Arc<Semaphore>,
+    upload_slots: UploadSlots,
     in_progress: Arc<Mutex<HashSet<BundleId>>>,
     metrics: Arc<Metrics>,
+    gate: Arc<Gate>,
+    quotas: Arc<Quotas>,
+    origin: Arc<OriginPolicy>,
 }
 
 impl IngestService {
-    /// A service storing into `store` and `blobs`.
+    /// A service storing into `store` and `blobs`, within `quotas` (built
+    /// with `limits.quotas`).
     pub fn new(
         store: Arc<dyn Store>,
         blobs: Arc<BlobStore>,
         limits: Limits,
         metrics: Arc<Metrics>,
+        gate: Arc<Gate>,
+        quotas: Arc<Quotas>,
+        origin: Arc<OriginPolicy>,
     ) -> IngestService {
         IngestService {
+            quotas,
+            origin,
             store,
             blobs,
-            upload_slots: Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
+            upload_slots: UploadSlots::new(
+                limits.max_uploads_per_agent,
+                limits.max_concurrent_uploads,
+                metrics.uploads_in_progress.clone(),
+            ),
             limits,
             in_progress: Arc::default(),
             metrics,
+            gate,
         }
     }
 
     async fn seen<T>(&self, req: &Request<T>, method: &str) -> Result<String, Status> {
-        let id = auth::caller(req, Role::Agent).inspect_err(|s| self.metrics.error(method, s))?;
+        let id = self
+            .gate
+            .caller(req, Role::Agent)
+            .inspect_err(|s| self.metrics.error(method, s))?;
         let seen = AgentSeen {
             name: id.name.clone(),
             cert_sha256: id.cert_sha256,
@@ -212,6 +256,18 @@ impl IngestService {
             )));
         }
         Ok(())
+    }
+
+    /// Gives back the part of a quota reservation of `n` that a batch did
+    /// not store (a duplicate, a failure).
+    fn settle(&self, agent: &str, kind: Kind, n: u64, outcome: &Result<BatchOutcome, Status>) {
+        let stored = match outcome {
+            Ok(BatchOutcome::Stored(m)) => (*m).min(n),
+            _ => 0,
+        };
+        if stored < n {
+            self.quotas.release(agent, kind, n - stored);
+        }
     }
 
     fn record(&self, stream: &str, outcome: BatchOutcome, bytes: usize, ack: &mut PushAck) {
@@ -411,14 +467,79 @@ fn upload_status(e: UploadError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         UploadError::TooLarge { .. } => Status::failed_precondition(e.to_string()),
-        UploadError::TooManyPartials(_) => Status::resource_exhausted(e.to_string()),
+        UploadError::TooManyPartials(_) | UploadError::TooManyAgentPartials { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         UploadError::BadBundle(_) => Status::invalid_argument(e.to_string()),
+        // Set aside by the agent (not retried): only an operator can tell
+        // a misconfigured agent from an impersonation.
+        UploadError::Origin(_) => Status::failed_precondition(e.to_string()),
         UploadError::Gap { .. } => Status::out_of_range(e.to_string()),
         UploadError::OtherUploader => Status::permission_denied(e.to_string()),
         UploadError::HashMismatch { .. } => Status::data_loss(e.to_string()),
+        // Retried by the agent (from offset 0, the collector kept nothing):
+        // the prefix on the collector's disk may be what was wrong.
+        UploadError::ResumeMismatch { .. } => Status::aborted(e.to_string()),
         UploadError::Io(io) => {
             warn!(error = %io, "evidence storage failure");
             Status::internal(format!("collector storage failure: {io}"))
+        }
+    }
+}
+
+/// How long a stream may wait for its next message: `idle` per message,
+/// and for an upload a deadline for the whole call.
+struct Pace {
+    idle: Duration,
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl Pace {
+    /// A batch stream: the idle limit only.
+    fn stream(l: &Limits) -> Pace {
+        Pace {
+            idle: l.stream_idle_timeout,
+            deadline: None,
+        }
+    }
+
+    /// An upload: the idle limit and the upload deadline, from now.
+    fn upload(l: &Limits) -> Pace {
+        Pace {
+            idle: l.stream_idle_timeout,
+            deadline: Some((Instant::now() + l.upload_deadline, l.upload_deadline)),
+        }
+    }
+}
+
+impl IngestService {
+    /// The next message of `stream`, within `pace` (`DEADLINE_EXCEEDED`
+    /// past it, counted as refusal `idle` or `deadline`).
+    async fn next<T>(&self, stream: &mut Streaming<T>, pace: &Pace) -> Result<Option<T>, Status> {
+        let now = Instant::now();
+        let (wait, by_deadline) = match pace.deadline {
+            Some((at, _)) if at.saturating_duration_since(now) < pace.idle => {
+                (at.saturating_duration_since(now), true)
+            }
+            _ => (pace.idle, false),
+        };
+        match tokio::time::timeout(wait, stream.message()).await {
+            Ok(r) => r.map_err(stream_status),
+            Err(_) if by_deadline => {
+                self.metrics.refused("deadline");
+                let total = pace.deadline.map(|(_, d)| d).unwrap_or_default();
+                Err(Status::deadline_exceeded(format!(
+                    "upload took longer than {} (collector --upload-deadline): what arrived is kept, resume from UploadStatus",
+                    humantime::format_duration(total)
+                )))
+            }
+            Err(_) => {
+                self.metrics.refused("idle");
+                Err(Status::deadline_exceeded(format!(
+                    "no message for {} (collector --stream-idle-timeout): stream closed",
+                    humantime::format_duration(pace.idle)
+                )))
+            }
         }
     }
 }
@@ -427,7 +548,7 @@ fn upload_status(e: UploadError) -> Status {
 struct InProgress {
     set: Arc<Mutex<HashSet<BundleId>>>,
     id: BundleId,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Drop for InProgress {
@@ -480,7 +601,8 @@ impl Ingest for IngestService {
         let mut stream = req.into_inner();
         let mut ack = PushAck::default();
         let result: Result<(), Status> = async {
-            while let Some(batch) = stream.message().await.map_err(stream_status)? {
+            let pace = Pace::stream(&self.limits);
+            while let Some(batch) = self.next(&mut stream, &pace).await? {
                 let mut events = batch.events;
                 self.check_batch("events", &batch.batch_id, events.len())?;
                 let mut bytes = 0;
@@ -488,12 +610,15 @@ impl Ingest for IngestService {
                     check_event(i, e)?;
                     bytes += e.json.len();
                 }
+                let n = events.len() as u64;
+                self.quotas.admit(&agent, Kind::Events, n, true)?;
                 let outcome = self
                     .store
                     .insert_events(&agent, &batch.batch_id, events, now_ns())
                     .await
-                    .map_err(|e| internal(M, &e))?;
-                self.record("events", outcome, bytes, &mut ack);
+                    .map_err(|e| internal(M, &e));
+                self.settle(&agent, Kind::Events, n, &outcome);
+                self.record("events", outcome?, bytes, &mut ack);
             }
             Ok(())
         }
@@ -521,7 +646,8 @@ impl Ingest for IngestService {
         let mut stream = req.into_inner();
         let mut ack = PushAck::default();
         let result: Result<(), Status> = async {
-            while let Some(batch) = stream.message().await.map_err(stream_status)? {
+            let pace = Pace::stream(&self.limits);
+            while let Some(batch) = self.next(&mut stream, &pace).await? {
                 let mut detections = batch.detections;
                 self.check_batch("detections", &batch.batch_id, detections.len())?;
                 let mut bytes = 0;
@@ -529,12 +655,15 @@ impl Ingest for IngestService {
                     check_detection(i, d)?;
                     bytes += d.json.len();
                 }
+                let n = detections.len() as u64;
+                self.quotas.admit(&agent, Kind::Detections, n, true)?;
                 let outcome = self
                     .store
                     .insert_detections(&agent, &batch.batch_id, detections, now_ns())
                     .await
-                    .map_err(|e| internal(M, &e))?;
-                self.record("detections", outcome, bytes, &mut ack);
+                    .map_err(|e| internal(M, &e));
+                self.settle(&agent, Kind::Detections, n, &outcome);
+                self.record("detections", outcome?, bytes, &mut ack);
             }
             Ok(())
         }
@@ -599,7 +728,7 @@ impl Ingest for IngestService {
                 total_size: meta.total_size,
             },
             BlobState::Complete { size } => {
-                self.ensure_recorded(&id, &agent, size, "").await?;
+                self.ensure_recorded(&id, &agent, size, "", None).await?;
                 UploadStatusReply {
                     bundle_id: id.to_string(),
                     received: size,
@@ -616,32 +745,45 @@ impl IngestService {
     /// Records a complete blob in the store when it is not yet (a crash
     /// between the rename and the record leaves a blob without a record).
     /// Its manifest was checked before the rename; it is read again here.
+    /// Returns the bundle's receipt (the first one: a bundle sent again
+    /// gets the receipt of its first storing, with its time and place).
     async fn ensure_recorded(
         &self,
         id: &BundleId,
         agent: &str,
         size: u64,
         label: &str,
-    ) -> Result<(), Status> {
+        sig: Option<&Signature>,
+    ) -> Result<String, Status> {
         const M: &str = "UploadEvidence";
-        if self
+        if let Some(known) = self
             .store
             .evidence(id.as_str())
             .await
             .map_err(|e| internal(M, &e))?
-            .is_none()
         {
-            let path = self.blobs.blob_path(id);
-            let facts = tokio::task::spawn_blocking(move || manifest_facts(&path))
-                .await
-                .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
-                .unwrap_or_else(|why| {
-                    warn!(bundle = %id, reason = %why, "a stored bundle's manifest does not verify");
-                    ManifestFacts::default()
-                });
-            self.record_bundle(id, agent, size, label, facts).await?;
+            debug!(agent, bundle = %id, first_by = known.agent, "bundle already stored: acknowledged with its first receipt");
+            return Ok(known.receipt);
         }
-        Ok(())
+        let path = self.blobs.blob_path(id);
+        let facts = tokio::task::spawn_blocking(move || manifest_facts(&path))
+            .await
+            .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
+            .unwrap_or_else(|why| {
+                warn!(bundle = %id, reason = %why, "a stored bundle's manifest does not verify");
+                ManifestFacts::default()
+            });
+        // Checked before the blob was stored; checked again here (a crash
+        // between the two), recorded unsigned when it does not hold.
+        let origin = self
+            .origin
+            .check(id.as_str(), agent, &facts.agent, sig)
+            .unwrap_or_else(|why| {
+                warn!(bundle = %id, reason = %why, "a stored bundle's signature does not hold: recorded unsigned");
+                Origin::default()
+            });
+        self.record_bundle(id, agent, size, label, facts, origin)
+            .await
     }
 
     /// Records a stored bundle with its manifest facts and its place in
@@ -653,9 +795,10 @@ impl IngestService {
         size: u64,
         label: &str,
         f: ManifestFacts,
-    ) -> Result<(), Status> {
+        origin: Origin,
+    ) -> Result<String, Status> {
         const M: &str = "UploadEvidence";
-        let chain = if f.seq == 0 {
+        let mut chain = if f.seq == 0 {
             ""
         } else if f.prev_bundle_id.is_empty() {
             if f.seq == 1 {
@@ -678,16 +821,52 @@ impl IngestService {
                 Some(_) => "broken",
             }
         };
-        if chain == "gap" || chain == "broken" {
-            self.metrics.chain_breaks.inc();
-            warn!(agent, bundle = %id, seq = f.seq, prev = f.prev_bundle_id, chain, "evidence chain of custody: the previous bundle is not stored here (or does not precede this one)");
+        // A fork: another bundle of this agent already names the same
+        // predecessor (or is its first): one of them replaces a link of
+        // the chain (a rewritten tail, a replay of a re-sealed bundle).
+        let mut forks = Vec::new();
+        if f.seq != 0 {
+            forks = self
+                .store
+                .successors(agent, &f.prev_bundle_id)
+                .await
+                .map_err(|e| internal(M, &e))?;
+            forks.retain(|b| b != id.as_str());
+            if !forks.is_empty() {
+                chain = "fork";
+            }
         }
+        if chain == "gap" || chain == "broken" || chain == "fork" {
+            self.metrics.chain_breaks.inc();
+            warn!(agent, bundle = %id, seq = f.seq, prev = f.prev_bundle_id, chain, forks = ?forks, "evidence chain of custody: the previous bundle is not stored here, does not precede this one, or already has another successor");
+        }
+        if !origin.signed {
+            self.metrics.unsigned_evidence.inc();
+            if f.agent != agent {
+                warn!(agent, bundle = %id, manifest_agent = f.agent, "unsigned bundle whose manifest names another agent: kept, marked unsigned");
+            }
+        }
+        let stored = now_ns();
+        let receipt = self
+            .origin
+            .receipt(vigil_bundle::sign::Receipt {
+                bundle_id: id.to_string(),
+                agent: agent.to_string(),
+                seq: f.seq,
+                prev_bundle_sha256: f.prev_bundle_id.clone(),
+                chain: chain.to_string(),
+                signed: origin.signed,
+                signer_sha256: origin.signer_sha256.clone(),
+                stored_unix_nanos: stored,
+                ..Default::default()
+            })
+            .unwrap_or_default();
         self.store
             .record_evidence(EvidenceInfo {
                 bundle_id: id.to_string(),
                 agent: agent.to_string(),
                 size,
-                stored_unix_nanos: now_ns(),
+                stored_unix_nanos: stored,
                 label: label.to_string(),
                 pid: f.pid,
                 rule: f.rule,
@@ -696,11 +875,15 @@ impl IngestService {
                 prev_bundle_id: f.prev_bundle_id,
                 chain: chain.to_string(),
                 manifest_agent: f.agent,
+                origin: origin.label().to_string(),
+                signature: origin.signature.clone(),
+                receipt: receipt.clone(),
             })
             .await
             .map_err(|e| internal(M, &e))?;
-        info!(agent, bundle = %id, size, seq = f.seq, chain, "evidence stored");
-        Ok(())
+        self.quotas.add(agent, Kind::Evidence, size);
+        info!(agent, bundle = %id, size, seq = f.seq, chain, origin = origin.label(), "evidence stored");
+        Ok(receipt)
     }
 
     async fn upload(
@@ -708,18 +891,14 @@ impl IngestService {
         agent: &str,
         mut stream: Streaming<EvidenceChunk>,
     ) -> Result<UploadResult, Status> {
-        let slot = Arc::clone(&self.upload_slots)
-            .try_acquire_owned()
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "too many uploads in progress (limit {}): retry later",
-                    self.limits.max_concurrent_uploads
-                ))
-            })?;
-        let first = stream
-            .message()
-            .await
-            .map_err(stream_status)?
+        let slot = self.upload_slots.try_acquire(agent).map_err(|r| {
+            self.metrics.refused(r.reason());
+            Status::resource_exhausted(r.to_string())
+        })?;
+        let pace = Pace::upload(&self.limits);
+        let first = self
+            .next(&mut stream, &pace)
+            .await?
             .ok_or_else(|| Status::invalid_argument("empty upload: no chunk"))?;
         let id = BundleId::parse(&first.bundle_id).map_err(upload_status)?;
         let total = first.total_size;
@@ -734,6 +913,14 @@ impl IngestService {
                 limit: self.limits.max_bundle_bytes,
             }));
         }
+        let sig = if first.signature.is_empty() {
+            None
+        } else {
+            Some(
+                vigil_bundle::sign::Signature::parse(&first.signature)
+                    .map_err(|e| Status::invalid_argument(format!("bundle {id}: {e}")))?,
+            )
+        };
         if first.label.len() > MAX_LABEL {
             return Err(Status::invalid_argument(format!(
                 "label longer than {MAX_LABEL} bytes"
@@ -762,37 +949,54 @@ impl IngestService {
             .await?
             .map_err(|e| upload_status(e.into()))?
         {
-            // Content-addressed: someone already stored these exact bytes.
-            self.ensure_recorded(&id, agent, size, &first.label).await?;
+            // Content-addressed: someone already stored these exact bytes
+            // (a replay gets the first receipt, not a new one).
+            let receipt = self
+                .ensure_recorded(&id, agent, size, &first.label, sig.as_ref())
+                .await?;
             return Ok(UploadResult {
                 bundle_id: id.to_string(),
                 received: size,
                 complete: true,
+                receipt,
             });
         }
+        // Checked before anything of the bundle is kept (a bundle already
+        // stored, above, is acknowledged whatever the quota); what the
+        // agent stored before, and a partial upload of it, stay.
+        self.quotas.admit(agent, Kind::Evidence, total, false)?;
 
         let meta = PartialMeta {
             total_size: total,
             agent: agent.to_string(),
             label: first.label.clone(),
+            durable: None,
         };
         let (blobs, id2, max_partials, offset) = (
             Arc::clone(&self.blobs),
             id.clone(),
-            self.limits.max_partial_uploads,
+            PartialLimits {
+                total: self.limits.max_partial_uploads,
+                per_agent: self.limits.max_partial_uploads_per_agent,
+            },
             first.offset,
         );
         let mut up = blocking(&guard, move || {
             blobs.begin(&id2, meta, offset, max_partials)
         })
         .await?
-        .map_err(upload_status)?;
+        .map_err(|e| {
+            if let Some(reason) = e.refusal_reason() {
+                self.metrics.refused(reason);
+            }
+            upload_status(e)
+        })?;
         debug!(agent, bundle = %id, offset, total, "upload started");
         let mut received = first.data.len() as u64;
         let (u, mut res) = write_chunk(&guard, up, first.data).await?;
         up = u;
         while res.is_ok() && !up.is_full() {
-            match stream.message().await {
+            match self.next(&mut stream, &pace).await {
                 Ok(Some(chunk)) => {
                     res = check_chunk(&id, total, up.position(), &chunk);
                     if res.is_ok() {
@@ -804,7 +1008,7 @@ impl IngestService {
                 }
                 // The agent stopped early: keep what arrived.
                 Ok(None) => break,
-                Err(s) => res = Err(stream_status(s)),
+                Err(s) => res = Err(s),
             }
         }
         Metrics::of(&self.metrics.bytes, "evidence").inc_by(received);
@@ -823,23 +1027,36 @@ impl IngestService {
                 bundle_id: id.to_string(),
                 received: held,
                 complete: false,
+                receipt: String::new(),
             });
         }
         let limits = vigil_bundle::VerifyLimits {
             max_expanded_bytes: self.limits.max_bundle_expanded_bytes,
             ..vigil_bundle::VerifyLimits::default()
         };
-        let (size, facts) = blocking(&guard, move || {
-            up.finish_checked(|p| manifest_facts_within(p, limits))
+        let (policy, id2, uploader) = (Arc::clone(&self.origin), id.clone(), agent.to_string());
+        let (size, (facts, origin)) = blocking(&guard, move || {
+            up.finish_checked(|p| {
+                let facts = manifest_facts_within(p, limits)?;
+                let origin = policy.check(id2.as_str(), &uploader, &facts.agent, sig.as_ref())?;
+                Ok((facts, origin))
+            })
         })
         .await?
-        .map_err(upload_status)?;
-        self.record_bundle(&id, agent, size, &first.label, facts)
+        .map_err(|e| {
+            if matches!(e, UploadError::Origin(_)) {
+                self.metrics.refused("origin");
+            }
+            upload_status(e)
+        })?;
+        let receipt = self
+            .record_bundle(&id, agent, size, &first.label, facts, origin)
             .await?;
         Ok(UploadResult {
             bundle_id: id.to_string(),
             received: size,
             complete: true,
+            receipt,
         })
     }
 }

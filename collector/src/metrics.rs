@@ -53,6 +53,22 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label: why the collector refused work to protect itself or others.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// e.g. `agent_uploads`, `idle`, `deadline`, `revoked`.
+    pub reason: String,
+}
+
+/// Label: an agent (certificate name) and what is counted.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentKindLabel {
+    /// The agent's certificate name.
+    pub agent: String,
+    /// `events`, `detections` or `evidence`.
+    pub kind: String,
+}
+
 /// All collector metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -77,6 +93,22 @@ pub struct Metrics {
     /// Bundles stored whose predecessor in their agent's chain of custody
     /// is not stored here (yet) or does not precede them.
     pub chain_breaks: Counter,
+    /// Bundles stored without a verified agent signature (older agents).
+    pub unsigned_evidence: Counter,
+    /// Calls or streams refused or cut to protect the collector and the
+    /// other agents, by reason: `agent_uploads`, `uploads` (upload slots),
+    /// `agent_partials`, `partials` (unfinished uploads), `idle`,
+    /// `deadline` (stream time limits), `revoked` (deny-listed
+    /// certificate), `quota_events`, `quota_detections`,
+    /// `quota_evidence` (per-agent storage quotas), `origin` (a bundle's
+    /// signature or agent id does not hold).
+    pub refusals: Family<ReasonLabel, Counter>,
+    /// Evidence uploads holding a slot now.
+    pub uploads_in_progress: Gauge,
+    /// Events and detections each agent holds (its quotas count these).
+    pub agent_stored_items: Family<AgentKindLabel, Gauge>,
+    /// Evidence bytes each agent holds (kind `evidence`).
+    pub agent_stored_bytes: Family<AgentKindLabel, Gauge>,
 }
 
 impl Metrics {
@@ -97,6 +129,39 @@ impl Metrics {
     ) -> impl std::ops::Deref<Target = Counter> + 'a {
         family.get_or_create(&StreamLabel {
             stream: stream.to_string(),
+        })
+    }
+
+    /// Counts a protective refusal (see [`Metrics::refusals`]).
+    pub fn refused(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// The gauge of items of `kind` `agent` holds.
+    pub fn agent_items(
+        &self,
+        agent: &str,
+        kind: &str,
+    ) -> impl std::ops::Deref<Target = Gauge> + '_ {
+        self.agent_stored_items.get_or_create(&AgentKindLabel {
+            agent: agent.to_string(),
+            kind: kind.to_string(),
+        })
+    }
+
+    /// The gauge of bytes of `kind` `agent` holds.
+    pub fn agent_bytes(
+        &self,
+        agent: &str,
+        kind: &str,
+    ) -> impl std::ops::Deref<Target = Gauge> + '_ {
+        self.agent_stored_bytes.get_or_create(&AgentKindLabel {
+            agent: agent.to_string(),
+            kind: kind.to_string(),
         })
     }
 
@@ -144,6 +209,31 @@ impl Metrics {
             "evidence_chain_breaks",
             "Bundles stored whose chain-of-custody predecessor is not stored here or does not precede them",
             self.chain_breaks.clone(),
+        );
+        r.register(
+            "evidence_unsigned",
+            "Bundles stored without an agent signature (agents before proof of origin)",
+            self.unsigned_evidence.clone(),
+        );
+        r.register(
+            "refusals",
+            "Calls or streams refused or cut to protect the collector and other agents, by reason",
+            self.refusals.clone(),
+        );
+        r.register(
+            "uploads_in_progress",
+            "Evidence uploads holding a slot now",
+            self.uploads_in_progress.clone(),
+        );
+        r.register(
+            "agent_stored_items",
+            "Events and detections each agent holds (per-agent quotas count these)",
+            self.agent_stored_items.clone(),
+        );
+        r.register(
+            "agent_stored_bytes",
+            "Evidence bytes each agent holds (per-agent quota)",
+            self.agent_stored_bytes.clone(),
         );
         r
     }

@@ -373,6 +373,34 @@ pub fn server_tls(dir: &Path) -> Result<ServerTlsConfig> {
         .timeout(std::time::Duration::from_secs(10)))
 }
 
+/// TLS for the web UI: the collector's server certificate and key (the
+/// ones its gRPC listener presents), no client certificates, ring crypto.
+pub fn ui_tls_config(dir: &Path) -> Result<std::sync::Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_path = dir.join("server.pem");
+    let key_path = dir.join("server.key");
+    let certs = CertificateDer::pem_slice_iter(read(&cert_path)?.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .with_context(|| format!("reading the certificates in {}", cert_path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "no certificate in {} (made by `vigil-collector init-pki`)",
+        cert_path.display()
+    );
+    let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes())
+        .with_context(|| format!("reading the private key {}", key_path.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the web UI's TLS certificate and key")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(cfg))
+}
+
 /// Where a client finds its CA, certificate and key.
 #[derive(Clone, Debug)]
 pub struct ClientFiles {

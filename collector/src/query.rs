@@ -9,11 +9,12 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 use vigil_proto::query_server::Query;
 use vigil_proto::{
-    EvidenceData, FetchEvidenceRequest, GetIncidentRequest, IncidentDetail, ListDetectionsReply,
-    ListDetectionsRequest, ListIncidentsReply, ListIncidentsRequest,
+    EvidenceData, EvidenceStatusReply, EvidenceStatusRequest, FetchEvidenceRequest,
+    GetIncidentRequest, IncidentDetail, ListDetectionsReply, ListDetectionsRequest,
+    ListIncidentsReply, ListIncidentsRequest,
 };
 
-use crate::auth;
+use crate::auth::Gate;
 use crate::blobs::{BlobState, BlobStore, BundleId};
 use crate::metrics::Metrics;
 use crate::pki::Role;
@@ -29,6 +30,7 @@ pub struct QueryService {
     store: Arc<dyn Store>,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
+    gate: Arc<Gate>,
 }
 
 impl QueryService {
@@ -37,16 +39,19 @@ impl QueryService {
         store: Arc<dyn Store>,
         blobs: Arc<BlobStore>,
         metrics: Arc<Metrics>,
+        gate: Arc<Gate>,
     ) -> QueryService {
         QueryService {
             store,
             blobs,
             metrics,
+            gate,
         }
     }
 
     fn check<T>(&self, req: &Request<T>, method: &str) -> Result<(), Status> {
-        auth::caller(req, Role::Analyst)
+        self.gate
+            .caller(req, Role::Analyst)
             .map(|_| ())
             .inspect_err(|s| self.metrics.error(method, s))
     }
@@ -108,6 +113,45 @@ impl Query for QueryService {
             .await
             .map_err(|e| self.store_error(M, e))?;
         Ok(Response::new(ListDetectionsReply { detections }))
+    }
+
+    async fn evidence_status(
+        &self,
+        req: Request<EvidenceStatusRequest>,
+    ) -> Result<Response<EvidenceStatusReply>, Status> {
+        const M: &str = "EvidenceStatus";
+        self.check(&req, M)?;
+        let id = BundleId::parse(&req.get_ref().bundle_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let Some(info) = self
+            .store
+            .evidence(id.as_str())
+            .await
+            .map_err(|e| self.store_error(M, e))?
+        else {
+            return Ok(Response::new(EvidenceStatusReply::default()));
+        };
+        let head = self
+            .store
+            .chain_head(&info.agent)
+            .await
+            .map_err(|e| self.store_error(M, e))?;
+        let mut forks = if info.seq == 0 {
+            Vec::new()
+        } else {
+            self.store
+                .successors(&info.agent, &info.prev_bundle_id)
+                .await
+                .map_err(|e| self.store_error(M, e))?
+        };
+        forks.retain(|b| b != id.as_str());
+        Ok(Response::new(EvidenceStatusReply {
+            found: true,
+            head_seq: head.as_ref().map(|h| h.seq).unwrap_or(0),
+            head_bundle_id: head.map(|h| h.bundle_id).unwrap_or_default(),
+            info: Some(info),
+            forks,
+        }))
     }
 
     type FetchEvidenceStream = ReceiverStream<Result<EvidenceData, Status>>;

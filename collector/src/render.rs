@@ -65,11 +65,8 @@ pub fn command_line(argv: &[String], max: usize) -> String {
             s.push_str(a);
         }
     }
-    // Control characters must not reach the terminal.
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
+    // Control and bidirectional characters must not reach the terminal.
+    let s = clean(&s);
     if s.chars().count() > max {
         let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
         cut.push('…');
@@ -80,13 +77,38 @@ pub fn command_line(argv: &[String], max: usize) -> String {
 }
 
 /// `s` safe to print to a terminal: every control character (escape
-/// sequences, carriage returns, bells) becomes `?`. Everything an agent
-/// sent (rule names, paths, manifest fields, errors quoting them) goes
-/// through this before it reaches a terminal.
+/// sequences, carriage returns, bells, C1 controls such as CSI) and every
+/// bidirectional formatting character (which can make a terminal show
+/// text in another order than it is) becomes `?`. Everything an agent sent
+/// (rule names, paths, manifest fields, errors quoting them) goes through
+/// this before it reaches a terminal.
 pub fn clean(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if unsafe_for_terminal(c) { '?' } else { c })
         .collect()
+}
+
+/// Control characters and bidirectional formatting characters.
+fn unsafe_for_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Pretty JSON of `v` safe to print to a terminal and still the same JSON:
+/// serde escapes C0 controls in strings; DEL, C1 controls and bidirectional
+/// formatting characters (which can only be inside strings) are escaped
+/// here as `\uXXXX`.
+pub fn terminal_json(v: &Value) -> String {
+    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c != '\n' && unsafe_for_terminal(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -193,7 +215,7 @@ pub fn tree_text(roots: &[TreeNode]) -> String {
             let rules = if n.rules.is_empty() {
                 String::new()
             } else {
-                format!("  <- {}", n.rules.join(", "))
+                format!("  <- {}", clean(&n.rules.join(", ")))
             };
             format!("{cmd}{exe}  [pid {}]{rules}", n.pid)
         };
@@ -409,12 +431,24 @@ pub fn detection_json(s: &StoredDetection) -> Value {
 
 /// What the manifest says of a bundle, for a line: `  pid 5 (web_shell),
 /// chain #3 linked`; empty when unknown.
+/// With the bundle's origin: `signed`, or `UNSIGNED` (an agent before
+/// signatures) and the agent id its manifest claims when that is not the
+/// uploader.
 pub fn provenance(e: &EvidenceInfo) -> String {
     if e.seq == 0 {
         return String::new();
     }
+    let origin = match e.origin.as_str() {
+        "signed" => ", signed".to_string(),
+        "unsigned" if e.manifest_agent != e.agent => format!(
+            ", UNSIGNED (manifest names agent {})",
+            clean(&e.manifest_agent)
+        ),
+        "unsigned" => ", UNSIGNED".to_string(),
+        _ => String::new(),
+    };
     format!(
-        "  pid {} ({}), chain #{} {}",
+        "  pid {} ({}), chain #{} {}{origin}",
         e.pid,
         clean(&e.rule),
         e.seq,
@@ -438,6 +472,8 @@ pub fn evidence_json(e: &EvidenceInfo) -> Value {
         "prev_bundle_id": e.prev_bundle_id,
         "chain": e.chain,
         "manifest_agent": e.manifest_agent,
+        "origin": e.origin,
+        "receipt": e.receipt,
     })
 }
 
@@ -466,6 +502,22 @@ pub fn incident_json(d: &IncidentDetail) -> Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn terminal_text_and_json_carry_no_controls() {
+        let evil = "a\u{1b}]0;x\u{7}\u{9b}31m\u{7f}\u{202e}gpj.exe\u{2066}";
+        assert_eq!(super::clean(evil), "a?]0;x??31m??gpj.exe?");
+        let v = serde_json::json!({ "rule": evil, "n": 1 });
+        let text = super::terminal_json(&v);
+        assert!(
+            !text
+                .chars()
+                .any(|c| c != '\n' && super::unsafe_for_terminal(c)),
+            "{text:?}"
+        );
+        // Still the same JSON.
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
+    }
+
     use super::*;
 
     #[test]

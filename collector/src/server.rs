@@ -14,12 +14,14 @@ use tracing::{info, warn};
 use vigil_proto::ingest_server::IngestServer;
 use vigil_proto::query_server::QueryServer;
 
+use crate::auth::Gate;
 use crate::blobs::BlobStore;
 use crate::incident::Grouping;
 use crate::ingest::{now_ns, IngestService, Limits};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::query::{QueryService, FETCH_CHUNK};
+use crate::revoke::DenyList;
 use crate::store::{PostgresStore, SqliteStore, Store};
 
 /// Where the index lives.
@@ -55,8 +57,20 @@ pub struct ServeConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Web UI address, if any.
     pub ui_addr: Option<SocketAddr>,
+    /// Serve the web UI over HTTPS with the PKI's server certificate.
+    pub ui_tls: bool,
     /// File holding the UI token (default: `DATA/ui-token`, created).
     pub ui_token_file: Option<PathBuf>,
+    /// The certificate deny-list (default: `DATA/revoked`), re-read when
+    /// it changes.
+    pub revoked_file: Option<PathBuf>,
+    /// Refuse evidence bundles without an agent signature.
+    pub require_signed_evidence: bool,
+    /// How long a UI session lasts after sign-in.
+    pub ui_session_ttl: Duration,
+    /// File with the UI viewer token (incidents without evidence
+    /// downloads; created when missing), if any.
+    pub ui_viewer_token_file: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -72,7 +86,12 @@ impl Default for ServeConfig {
             grouping: Grouping::default(),
             metrics_addr: None,
             ui_addr: None,
+            ui_tls: false,
             ui_token_file: None,
+            revoked_file: None,
+            require_signed_evidence: false,
+            ui_session_ttl: Duration::from_secs(12 * 3600),
+            ui_viewer_token_file: None,
         }
     }
 }
@@ -87,6 +106,8 @@ pub struct Listening {
     pub grpc: SocketAddr,
     /// The web UI address and its token file, when enabled.
     pub ui: Option<(SocketAddr, PathBuf)>,
+    /// Whether the web UI is served over HTTPS.
+    pub ui_tls: bool,
 }
 
 /// Runs the collector until `shutdown` completes. `on_listening` is called
@@ -117,6 +138,14 @@ pub async fn serve(
             .with_context(|| format!("opening the blob store in {}", cfg.data_dir.display()))?,
     );
     let metrics = Arc::new(Metrics::default());
+    let revoked_file = cfg
+        .revoked_file
+        .clone()
+        .unwrap_or_else(|| crate::revoke::default_path(&cfg.data_dir));
+    let gate = Arc::new(Gate::new(
+        DenyList::at(revoked_file.clone()),
+        Arc::clone(&metrics),
+    ));
 
     if let Some(addr) = cfg.metrics_addr {
         let (m, s, b) = (Arc::clone(&metrics), Arc::clone(&store), Arc::clone(&blobs));
@@ -127,8 +156,14 @@ pub async fn serve(
             }
         });
     }
+    let quotas = Arc::new(
+        crate::quota::Quotas::load(store.as_ref(), cfg.limits.quotas, Arc::clone(&metrics))
+            .await
+            .context("reading what each agent holds (quotas)")?,
+    );
     tokio::spawn(retention(
         Arc::clone(&store),
+        Arc::clone(&quotas),
         Arc::clone(&blobs),
         cfg.retention_days,
         cfg.partial_ttl,
@@ -148,6 +183,12 @@ pub async fn serve(
         Arc::clone(&blobs),
         cfg.limits.clone(),
         Arc::clone(&metrics),
+        Arc::clone(&gate),
+        quotas,
+        Arc::new(crate::origin::OriginPolicy::from_pki(
+            &cfg.pki_dir,
+            cfg.require_signed_evidence,
+        )?),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -155,6 +196,7 @@ pub async fn serve(
         Arc::clone(&store),
         Arc::clone(&blobs),
         Arc::clone(&metrics),
+        gate,
     ))
     .max_decoding_message_size(64 << 10)
     .max_encoding_message_size((64 << 20).max(2 * FETCH_CHUNK));
@@ -164,6 +206,7 @@ pub async fn serve(
         data_dir = %cfg.data_dir.display(),
         store = match cfg.store { StoreConfig::Sqlite => "sqlite", StoreConfig::Postgres(_) => "postgres" },
         pki = %cfg.pki_dir.display(),
+        revoked = %revoked_file.display(),
         max_message_bytes = max,
         max_bundle_bytes = cfg.limits.max_bundle_bytes,
         "collector listening (mutual TLS)"
@@ -176,27 +219,53 @@ pub async fn serve(
             .clone()
             .unwrap_or_else(|| cfg.data_dir.join("ui-token"));
         let token = crate::web::load_or_create_token(&token_file)?;
+        let viewer_token = match &cfg.ui_viewer_token_file {
+            Some(p) => Some(crate::web::load_or_create_token(p)?),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(ui_addr)
             .await
             .with_context(|| format!("binding the web UI address {ui_addr}"))?;
         let bound = listener.local_addr()?;
-        if !crate::web::is_loopback(&bound) {
-            warn!(%bound, "the web UI has no TLS yet: put it behind a TLS proxy off loopback");
-        }
-        info!(addr = %bound, token_file = %token_file.display(), "web UI listening");
-        let app = crate::web::router(Arc::clone(&store), Arc::clone(&blobs), token);
+        let ui_tls = if cfg.ui_tls {
+            Some(pki::ui_tls_config(&cfg.pki_dir)?)
+        } else {
+            if !crate::web::is_loopback(&bound) {
+                warn!(%bound, "the web UI is served without TLS off loopback: use --ui-tls or a TLS proxy");
+            }
+            None
+        };
+        info!(addr = %bound, tls = cfg.ui_tls, token_file = %token_file.display(), "web UI listening");
+        let app = crate::web::router(
+            Arc::clone(&store),
+            Arc::clone(&blobs),
+            crate::web::UiConfig {
+                token,
+                viewer_token,
+                session_ttl: cfg.ui_session_ttl,
+                secure_cookies: cfg.ui_tls,
+            },
+        );
         let mut rx = shutdown_rx.clone();
         tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|v| *v).await;
             };
-            if let Err(e) = crate::web::serve(listener, app, stop).await {
+            let served = match ui_tls {
+                Some(tls) => crate::web::serve_tls(listener, app, tls, stop).await,
+                None => crate::web::serve(listener, app, stop).await,
+            };
+            if let Err(e) = served {
                 warn!(error = format!("{e:#}"), "web UI stopped");
             }
         });
         ui = Some((bound, token_file));
     }
-    on_listening(&Listening { grpc: addr, ui });
+    on_listening(&Listening {
+        grpc: addr,
+        ui,
+        ui_tls: cfg.ui_tls,
+    });
     let shutdown = async move {
         shutdown.await;
         let _ = shutdown_tx.send(true);
@@ -216,7 +285,13 @@ pub async fn serve(
     Ok(())
 }
 
-async fn retention(store: Arc<dyn Store>, blobs: Arc<BlobStore>, days: u32, partial_ttl: Duration) {
+async fn retention(
+    store: Arc<dyn Store>,
+    quotas: Arc<crate::quota::Quotas>,
+    blobs: Arc<BlobStore>,
+    days: u32,
+    partial_ttl: Duration,
+) {
     let mut tick = tokio::time::interval(RETENTION_PERIOD);
     loop {
         tick.tick().await;
@@ -224,7 +299,13 @@ async fn retention(store: Arc<dyn Store>, blobs: Arc<BlobStore>, days: u32, part
             let before = now_ns() - i64::from(days) * 86_400 * 1_000_000_000;
             match store.delete_events_before(before).await {
                 Ok(0) => {}
-                Ok(n) => info!(deleted = n, days, "retention: old events deleted"),
+                Ok(n) => {
+                    info!(deleted = n, days, "retention: old events deleted");
+                    // The agents' event quotas have room again.
+                    if let Err(e) = quotas.reload(store.as_ref()).await {
+                        warn!(error = %e, "re-reading per-agent usage after retention");
+                    }
+                }
                 Err(e) => warn!(error = %e, "retention failed"),
             }
         }

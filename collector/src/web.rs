@@ -4,8 +4,16 @@
 //! Pages: the incident list (`/`), an incident (`/incidents/ID`: summary,
 //! ATT&CK ids, the process tree drawn as SVG, the timeline, evidence with
 //! download links), and JSON under `/api/`. Every route but `/login` needs
-//! the UI token: the `vigil_ui` cookie set by `/login`, or
-//! `Authorization: Bearer TOKEN`.
+//! a session or the UI token: `/login` (with the token) opens a server-side
+//! session whose random id is the `vigil_ui` cookie (never the token),
+//! valid for `--ui-session-ttl` and ended by `POST /logout`; API clients
+//! send `Authorization: Bearer TOKEN`. Sessions live in memory: a restart
+//! signs everyone out.
+//!
+//! Roles: the UI token (`ui-token`) is the analyst's: everything, evidence
+//! downloads included. An optional viewer token (`--ui-viewer-token-file`)
+//! shows incidents, trees, timelines and the API, but no evidence bytes
+//! (`403`; no download links).
 //!
 //! Invariants: every value from agents is HTML-escaped; the content
 //! security policy allows no script at all; the token is compared in
@@ -35,6 +43,8 @@ use crate::render;
 use crate::store::Store;
 
 const COOKIE: &str = "vigil_ui";
+/// Sessions kept at most (the oldest go first past it).
+const MAX_SESSIONS: usize = 1024;
 
 /// Shared state of the UI handlers.
 #[derive(Clone)]
@@ -42,6 +52,121 @@ pub struct Web {
     store: Arc<dyn Store>,
     blobs: Arc<BlobStore>,
     token: Arc<str>,
+    viewer_token: Option<Arc<str>>,
+    sessions: Arc<Sessions>,
+    /// `; Secure` on the session cookie (served over HTTPS).
+    cookie_attrs: &'static str,
+}
+
+/// Who may sign in to the UI, and how its sessions behave.
+pub struct UiConfig {
+    /// The analyst's token.
+    pub token: String,
+    /// The viewer's token, if there is a viewer role.
+    pub viewer_token: Option<String>,
+    /// How long a session lasts after sign-in.
+    pub session_ttl: std::time::Duration,
+    /// Mark the session cookie `Secure` (the UI is served over HTTPS).
+    pub secure_cookies: bool,
+}
+
+/// What a UI user may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UiRole {
+    /// Everything, evidence downloads included (the UI token).
+    Analyst,
+    /// Incidents and detections, no evidence bytes (the viewer token).
+    Viewer,
+}
+
+impl Web {
+    /// The role a presented token gives, if any (compared in constant time).
+    fn role_of(&self, token: &str) -> Option<UiRole> {
+        let t = token.trim().as_bytes();
+        if constant_time_eq(t, self.token.as_bytes()) {
+            Some(UiRole::Analyst)
+        } else if self
+            .viewer_token
+            .as_ref()
+            .is_some_and(|v| constant_time_eq(t, v.as_bytes()))
+        {
+            Some(UiRole::Viewer)
+        } else {
+            None
+        }
+    }
+}
+
+type SessionMap = std::collections::HashMap<String, (std::time::Instant, UiRole)>;
+
+/// Server-side sessions: SHA-256 of the cookie's random id -> expiry and
+/// role.
+#[derive(Debug)]
+pub struct Sessions {
+    ttl: std::time::Duration,
+    map: std::sync::Mutex<SessionMap>,
+}
+
+impl Sessions {
+    /// Sessions that last `ttl` from sign-in.
+    pub fn new(ttl: std::time::Duration) -> Sessions {
+        Sessions {
+            ttl,
+            map: Default::default(),
+        }
+    }
+
+    fn key(id: &str) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(id.as_bytes()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionMap> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new session with `role`; its id (the cookie value).
+    pub fn open(&self, role: UiRole) -> anyhow::Result<String> {
+        use std::io::Read;
+        let mut raw = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut raw))
+            .context("reading /dev/urandom")?;
+        let id = hex::encode(raw);
+        let now = std::time::Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, (exp, _)| *exp > now);
+        while map.len() >= MAX_SESSIONS {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, (exp, _))| *exp)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            map.remove(&oldest);
+        }
+        map.insert(Self::key(&id), (now + self.ttl, role));
+        Ok(id)
+    }
+
+    /// The role of session `id` when it has not expired (an expired one
+    /// is dropped).
+    pub fn valid(&self, id: &str) -> Option<UiRole> {
+        let key = Self::key(id);
+        let mut map = self.lock();
+        match map.get(&key) {
+            Some((exp, role)) if *exp > std::time::Instant::now() => Some(*role),
+            Some(_) => {
+                map.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Ends session `id`.
+    pub fn close(&self, id: &str) {
+        self.lock().remove(&Self::key(id));
+    }
 }
 
 /// Reads the UI token from `path`, creating a random one (0600) when the
@@ -71,12 +196,20 @@ pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// The UI's routes.
-pub fn router(store: Arc<dyn Store>, blobs: Arc<BlobStore>, token: String) -> Router {
+/// The UI's routes; `ui.token` gives the analyst role, `ui.viewer_token`
+/// (if any) the viewer role; a session lasts `ui.session_ttl`.
+pub fn router(store: Arc<dyn Store>, blobs: Arc<BlobStore>, ui: UiConfig) -> Router {
     let web = Web {
         store,
         blobs,
-        token: token.into(),
+        token: ui.token.into(),
+        viewer_token: ui.viewer_token.map(Into::into),
+        sessions: Arc::new(Sessions::new(ui.session_ttl)),
+        cookie_attrs: if ui.secure_cookies {
+            "HttpOnly; Secure; SameSite=Strict; Path=/"
+        } else {
+            "HttpOnly; SameSite=Strict; Path=/"
+        },
     };
     let protected = Router::new()
         .route("/", get(incidents_page))
@@ -89,6 +222,7 @@ pub fn router(store: Arc<dyn Store>, blobs: Arc<BlobStore>, token: String) -> Ro
         .route_layer(middleware::from_fn_with_state(web.clone(), require_token));
     Router::new()
         .route("/login", get(login_get).post(login_post))
+        .route("/logout", axum::routing::post(logout))
         .merge(protected)
         .layer(middleware::from_fn(security_headers))
         .with_state(web)
@@ -106,7 +240,69 @@ pub async fn serve(
         .context("web UI server")
 }
 
-/// Whether `addr` is loopback (the UI has no TLS of its own yet).
+/// Connections the HTTPS UI serves at once; more wait in the backlog.
+const TLS_CONNECTIONS: usize = 256;
+/// Time a client has to finish its TLS handshake.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the UI over TLS on `listener` until `shutdown`: each connection
+/// gets [`TLS_HANDSHAKE`] to complete its handshake, at most
+/// [`TLS_CONNECTIONS`] are served at once (HTTP/1.1 and HTTP/2).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(TLS_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.context("connection slots closed")?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and the like: back off, do not spin.
+                    tracing::warn!(error = %e, "web UI accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "web UI TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "web UI TLS handshake timed out");
+                    return;
+                }
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "web UI connection ended");
+            }
+        });
+    }
+}
+
+/// Whether `addr` is loopback (where a UI without TLS may be served).
 pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
@@ -115,15 +311,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn presented_token(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers
+/// The bearer token of `Authorization`, if any.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    {
-        if let Some(t) = v.strip_prefix("Bearer ") {
-            return Some(t.trim().to_string());
-        }
-    }
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+}
+
+/// The session cookie's value, if any.
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -134,10 +332,13 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-async fn require_token(State(web): State<Web>, req: Request, next: Next) -> Response {
-    let ok = presented_token(req.headers())
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), web.token.as_bytes()));
-    if ok {
+async fn require_token(State(web): State<Web>, mut req: Request, next: Next) -> Response {
+    let role = match bearer(req.headers()) {
+        Some(t) => web.role_of(&t),
+        None => session_cookie(req.headers()).and_then(|id| web.sessions.valid(&id)),
+    };
+    if let Some(role) = role {
+        req.extensions_mut().insert(role);
         return next.run(req).await;
     }
     if req.uri().path().starts_with("/api/") {
@@ -207,16 +408,36 @@ struct LoginQuery {
 }
 
 fn login_ok(web: &Web, token: &str, next: Option<&str>) -> Option<Response> {
-    if !constant_time_eq(token.trim().as_bytes(), web.token.as_bytes()) {
-        return None;
-    }
-    let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", web.token);
+    let role = web.role_of(token)?;
+    let id = match web.sessions.open(role) {
+        Ok(id) => id,
+        Err(e) => return Some(server_error(format!("{e:#}"))),
+    };
+    let cookie = format!(
+        "{COOKIE}={id}; {}; Max-Age={}",
+        web.cookie_attrs,
+        web.sessions.ttl.as_secs().max(1)
+    );
     let mut res = Redirect::to(&safe_next(next)).into_response();
     res.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).expect("hex token is a valid header"),
+        HeaderValue::from_str(&cookie).expect("a hex id is a valid header"),
     );
     Some(res)
+}
+
+/// `POST /logout`: ends the session and clears the cookie.
+async fn logout(State(web): State<Web>, headers: HeaderMap) -> Response {
+    if let Some(id) = session_cookie(&headers) {
+        web.sessions.close(&id);
+    }
+    let mut res = Redirect::to("/login").into_response();
+    res.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&format!("{COOKIE}=; {}; Max-Age=0", web.cookie_attrs))
+            .expect("a valid header"),
+    );
+    res
 }
 
 fn login_form(next: &str, failed: bool) -> Response {
@@ -307,7 +528,9 @@ fn html_page(title: &str, body: &str) -> Response {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <title>{} - vigil</title><style>{CSS}</style></head><body>\
-         <header><a href=\"/\">vigil</a><span class=\"muted\">incidents</span></header>\
+         <header><a href=\"/\">vigil</a><span class=\"muted\">incidents</span>\
+         <form method=\"post\" action=\"/logout\" style=\"display:inline;float:right;margin:0\">\
+         <button type=\"submit\">Sign out</button></form></header>\
          <main>{body}</main></body></html>",
         esc(title)
     );
@@ -514,7 +737,7 @@ pub fn tree_svg(roots: &[TreeNode]) -> String {
     )
 }
 
-fn incident_html(d: &IncidentDetail) -> String {
+fn incident_html(d: &IncidentDetail, role: UiRole) -> String {
     let mut b = String::new();
     let Some(i) = &d.incident else {
         return b;
@@ -608,6 +831,16 @@ fn incident_html(d: &IncidentDetail) -> String {
                     r#"<tr><td class="mono">{}</td><td colspan="4" class="muted">not uploaded yet</td></tr>"#,
                     esc(&e.bundle_id)
                 );
+            } else if role == UiRole::Viewer {
+                let _ = write!(
+                    b,
+                    r#"<tr><td class="mono" title="downloading evidence needs the analyst role">{id}</td><td>{}</td><td>{}</td><td class="mono">{}</td><td>{}</td></tr>"#,
+                    esc(&render::bytes(e.size)),
+                    esc(&e.agent),
+                    esc(&render::time_secs(e.stored_unix_nanos)),
+                    esc(render::provenance(e).trim()),
+                    id = esc(&e.bundle_id),
+                );
             } else {
                 let _ = write!(
                     b,
@@ -642,9 +875,13 @@ async fn load_incident(web: &Web, id: i64) -> Result<IncidentDetail, Response> {
     }
 }
 
-async fn incident_page(State(web): State<Web>, UrlPath(id): UrlPath<i64>) -> Response {
+async fn incident_page(
+    State(web): State<Web>,
+    axum::Extension(role): axum::Extension<UiRole>,
+    UrlPath(id): UrlPath<i64>,
+) -> Response {
     match load_incident(&web, id).await {
-        Ok(d) => html_page(&format!("Incident {id}"), &incident_html(&d)),
+        Ok(d) => html_page(&format!("Incident {id}"), &incident_html(&d, role)),
         Err(r) => r,
     }
 }
@@ -660,7 +897,18 @@ async fn tree_svg_route(State(web): State<Web>, UrlPath(id): UrlPath<i64>) -> Re
     }
 }
 
-async fn evidence_download(State(web): State<Web>, UrlPath(id): UrlPath<String>) -> Response {
+async fn evidence_download(
+    State(web): State<Web>,
+    axum::Extension(role): axum::Extension<UiRole>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if role != UiRole::Analyst {
+        return (
+            StatusCode::FORBIDDEN,
+            "downloading evidence needs the analyst role (the UI token, not the viewer token)",
+        )
+            .into_response();
+    }
     let Ok(id) = BundleId::parse(&id) else {
         return (StatusCode::BAD_REQUEST, "invalid bundle id").into_response();
     };
@@ -786,16 +1034,39 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=b; vigil_ui=abc; c=d"),
         );
-        assert_eq!(presented_token(&h).as_deref(), Some("abc"));
+        assert_eq!(session_cookie(&h).as_deref(), Some("abc"));
+        assert_eq!(bearer(&h), None);
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer xyz"),
         );
-        assert_eq!(presented_token(&h).as_deref(), Some("xyz"));
+        assert_eq!(bearer(&h).as_deref(), Some("xyz"));
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn sessions_expire_close_and_are_bounded() {
+        let s = Sessions::new(std::time::Duration::from_millis(50));
+        let a = s.open(UiRole::Analyst).unwrap();
+        assert_eq!(s.valid(&a), Some(UiRole::Analyst));
+        assert_eq!(s.valid("not-a-session"), None);
+        let v = s.open(UiRole::Viewer).unwrap();
+        assert_eq!(s.valid(&v), Some(UiRole::Viewer));
+        s.close(&a);
+        assert_eq!(s.valid(&a), None, "closed");
+        let b = s.open(UiRole::Analyst).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert_eq!(s.valid(&b), None, "expired");
+        let long = Sessions::new(std::time::Duration::from_secs(3600));
+        let first = long.open(UiRole::Analyst).unwrap();
+        for _ in 0..MAX_SESSIONS {
+            long.open(UiRole::Viewer).unwrap();
+        }
+        assert_eq!(long.valid(&first), None, "the oldest went first");
+        assert_eq!(long.lock().len(), MAX_SESSIONS);
     }
 
     #[test]

@@ -117,6 +117,7 @@ async fn analyst_cli_lists_shows_downloads_and_verifies(backend: Backend) {
             offset: (i << 20) as u64,
             data: ch.to_vec(),
             label: "core+context".into(),
+            signature: Vec::new(),
         })
         .collect();
     assert!(
@@ -329,7 +330,193 @@ node server.js (/usr/bin/node)  [pid 100]
     );
 }
 
-on_both_stores!(analyst_cli_lists_shows_downloads_and_verifies,);
+/// A hostile agent's strings carry terminal escape sequences, C1 controls
+/// and bidirectional overrides (rule, summary, exe, argv, ancestry): no
+/// `vigil` output prints one, tables nor JSON (which stays valid).
+async fn no_agent_string_reaches_the_terminal_raw(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let evil = r"x\u001b]0;pwned\u0007\u001b[2J\r\u009b31m\u007f\u202egpj.exe";
+    let d = Detection::from_agent_json(&format!(
+        r#"{{"time":"2026-11-26T14:09:01Z","rule":"{evil}","severity":"high","mitre":["T1059\\u001b[2J\\u202e"],"summary":"{evil}","process":{{"pid":9,"ppid":8,"exe":"/bin/{evil}","comm":"{evil}","argv":["{evil}","-c"],"uid":33}},"ancestry":[{{"pid":8,"exe":"/usr/bin/{evil}","argv":["{evil}"]}}]}}"#
+    ))
+    .unwrap();
+    assert!(d.rule.contains('\u{1b}'));
+    c.ingest(&pki, "agent-1")
+        .await
+        .push_detections(tokio_stream::iter(vec![DetectionBatch {
+            batch_id: "evil".into(),
+            detections: vec![d],
+        }]))
+        .await
+        .unwrap();
+    let raw = |c: char| {
+        (c.is_control() && c != '\n')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    for args in [
+        &["detections", "list"][..],
+        &["detections", "list", "--json"],
+        &["incidents", "list"],
+        &["incidents", "list", "--json"],
+        &["incidents", "show", "1"],
+        &["incidents", "show", "1", "--json"],
+    ] {
+        let out = stdout(&vigil(&c, pki.path(), args));
+        assert!(out.contains("pwned"), "{args:?}: {out}");
+        assert!(!out.chars().any(raw), "{args:?} printed a control: {out:?}");
+        if args.contains(&"--json") {
+            serde_json::from_str::<serde_json::Value>(&out).unwrap();
+            assert!(out.contains("\\u009b") && out.contains("\\u202e"), "{out}");
+        }
+    }
+}
+
+async fn upload_signed(
+    c: &Collector,
+    pki: &Pki,
+    agent: &str,
+    bytes: &[u8],
+    signed: bool,
+) -> String {
+    let id = sha256_hex(bytes);
+    let chunk = EvidenceChunk {
+        bundle_id: id.clone(),
+        total_size: bytes.len() as u64,
+        offset: 0,
+        data: bytes.to_vec(),
+        label: String::new(),
+        signature: if signed {
+            common::sign(pki.path(), agent, &id)
+        } else {
+            Vec::new()
+        },
+    };
+    let r = c
+        .ingest(pki, agent)
+        .await
+        .upload_evidence(tokio_stream::iter(vec![chunk]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.complete);
+    id
+}
+
+fn out_text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `vigil evidence get` keeps the signature and the receipt next to the
+/// bundle; `vigil evidence verify` checks them offline and the collector's
+/// record online: an altered bundle renamed to its new hash, a fork and an
+/// unsigned bundle are each reported; offline it says what it did not
+/// check.
+async fn verify_checks_origin_offline_and_at_the_collector(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let chain = common::AgentChain::new("agent-1");
+    let id1 = upload_signed(&c, &pki, "agent-1", &chain.next(1), true).await;
+    let fork = chain.fork();
+    let id2 = upload_signed(&c, &pki, "agent-1", &chain.next(2), true).await;
+    let id2x = upload_signed(&c, &pki, "agent-1", &fork.next(3), true).await;
+    let old = upload_signed(
+        &c,
+        &pki,
+        "agent-2",
+        &common::AgentChain::new("agent-2").next(4),
+        false,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let get = |id: &str| {
+        let out = dir.path().join(format!("{id}.zst"));
+        let o = vigil(
+            &c,
+            pki.path(),
+            &["evidence", "get", "-q", id, "-o", out.to_str().unwrap()],
+        );
+        stdout(&o);
+        out
+    };
+    let verify = |extra: &[&str], file: &Path| {
+        let mut args = vec!["evidence", "verify"];
+        args.extend_from_slice(extra);
+        args.push(file.to_str().unwrap());
+        vigil(&c, pki.path(), &args)
+    };
+
+    let f1 = get(&id1);
+    assert!(common::files_under(dir.path())
+        .iter()
+        .any(|f| f.ends_with(".zst.sig")));
+    let o = verify(&[], &f1);
+    let text = stdout(&o);
+    assert!(text.contains("signed by agent agent-1"), "{text}");
+    assert!(
+        text.contains(
+            "receipt: stored by the collector from agent agent-1, seq 1, chain first, signed"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("collector: holds it from agent agent-1 (signed), seq 1"),
+        "{text}"
+    );
+    assert!(!text.contains("self-consistency only"), "{text}");
+    let o = verify(&["--offline"], &f1);
+    let text = stdout(&o);
+    assert!(text.contains("checked self-consistency only"), "{text}");
+
+    // Altered and renamed to its new hash, the old signature kept with it.
+    let altered = common::AgentChain::new("agent-1").next(99);
+    let alt = dir.path().join(format!("{}.zst", sha256_hex(&altered)));
+    std::fs::write(&alt, &altered).unwrap();
+    std::fs::copy(
+        format!("{}.sig", f1.display()),
+        format!("{}.sig", alt.display()),
+    )
+    .unwrap();
+    let o = verify(&[], &alt);
+    assert_eq!(o.status.code(), Some(1), "{}", out_text(&o));
+    let text = out_text(&o);
+    assert!(
+        text.contains("changed (or renamed) after it was signed"),
+        "{text}"
+    );
+    assert!(text.contains("holds no bundle with this content"), "{text}");
+    // Without its signature: unsigned, and the collector does not know it.
+    std::fs::remove_file(format!("{}.sig", alt.display())).unwrap();
+    let o = verify(&[], &alt);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out_text(&o).contains("WARN unsigned"), "{}", out_text(&o));
+
+    // The fork: both ends fail at the collector.
+    for id in [&id2, &id2x] {
+        let o = verify(&[], &get(id));
+        assert_eq!(o.status.code(), Some(1), "{}", out_text(&o));
+        assert!(
+            out_text(&o).contains("other bundles naming the same predecessor"),
+            "{}",
+            out_text(&o)
+        );
+    }
+
+    // An older agent's unsigned bundle: kept, said to be unsigned.
+    let f = get(&old);
+    let o = verify(&[], &f);
+    let text = stdout(&o);
+    assert!(text.contains("WARN unsigned"), "{text}");
+    assert!(text.contains("(unsigned)"), "{text}");
+}
+
+on_both_stores!(
+    verify_checks_origin_offline_and_at_the_collector,
+    analyst_cli_lists_shows_downloads_and_verifies,
+    no_agent_string_reaches_the_terminal_raw,
+);
 
 /// `vigil-collector ui-token` prints the token a serving collector made
 /// (for images with no shell), and says clearly when there is none yet.

@@ -57,6 +57,29 @@ fn get(addr: SocketAddr, path: &str, extra: &str) -> Http {
     }
 }
 
+fn post(addr: SocketAddr, path: &str, extra: &str) -> Http {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response");
+    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = headers.split(' ').nth(1).unwrap().parse().unwrap();
+    Http {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
 /// A detection line; `process` is (pid, exe), `rule` is (id, severity, summary).
 fn det(
     sec: u32,
@@ -92,7 +115,18 @@ async fn web_ui(backend: Backend) {
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let ui: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let c = Collector::start(backend, &pki, data.path(), &["--ui-addr", &ui.to_string()]);
+    let viewer_file = data.path().join("viewer-token");
+    let c = Collector::start(
+        backend,
+        &pki,
+        data.path(),
+        &[
+            "--ui-addr",
+            &ui.to_string(),
+            "--ui-viewer-token-file",
+            viewer_file.to_str().unwrap(),
+        ],
+    );
     let token = std::fs::read_to_string(data.path().join("ui-token"))
         .unwrap()
         .trim()
@@ -140,6 +174,7 @@ async fn web_ui(backend: Backend) {
         offset: 0,
         data: bytes.clone(),
         label: "core".into(),
+        signature: Vec::new(),
     };
     assert!(
         ingest
@@ -172,7 +207,12 @@ async fn web_ui(backend: Backend) {
         cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
         "{cookie}"
     );
+    assert!(cookie.contains("Max-Age="), "{cookie}");
+    // The cookie is a session id, not the token.
+    assert!(!cookie.contains(&token), "{cookie}");
     let cookie = format!("Cookie: {}\r\n", cookie.split(';').next().unwrap());
+    let token_cookie = format!("Cookie: vigil_ui={token}\r\n");
+    assert_eq!(get(ui, "/", &token_cookie).status, 303);
     // An open redirect is not possible.
     let r = get(ui, &format!("/login?token={token}&next=//evil.example"), "");
     assert_eq!(r.header("location").as_deref(), Some("/"));
@@ -229,6 +269,51 @@ async fn web_ui(backend: Backend) {
         404
     );
 
+    // A viewer sees the incident but neither a download link nor the
+    // evidence bytes.
+    let viewer = std::fs::read_to_string(&viewer_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(viewer, token);
+    let v = get(ui, &format!("/login?token={viewer}"), "");
+    assert_eq!(v.status, 303);
+    let v = format!(
+        "Cookie: {}\r\n",
+        v.header("set-cookie").unwrap().split(';').next().unwrap()
+    );
+    let page = get(ui, "/incidents/1", &v).text();
+    assert!(
+        page.contains(&id) && !page.contains(&format!("/evidence/{id}")),
+        "{page}"
+    );
+    let dl = get(ui, &format!("/evidence/{id}"), &v);
+    assert_eq!(dl.status, 403);
+    assert!(dl.text().contains("analyst role"), "{}", dl.text());
+    let bearer = format!("Authorization: Bearer {viewer}\r\n");
+    assert_eq!(get(ui, "/api/incidents", &bearer).status, 200);
+    assert_eq!(get(ui, &format!("/evidence/{id}"), &bearer).status, 403);
+
+    // Sign out: the session ends, its cookie no longer opens anything.
+    let other = get(ui, &format!("/login?token={token}"), "");
+    let other = format!(
+        "Cookie: {}\r\n",
+        other
+            .header("set-cookie")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+    );
+    let out = post(ui, "/logout", &cookie);
+    assert_eq!(out.status, 303);
+    assert_eq!(out.header("location").as_deref(), Some("/login"));
+    assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
+    assert_eq!(get(ui, "/", &cookie).status, 303);
+    assert_eq!(get(ui, &format!("/evidence/{id}"), &cookie).status, 303);
+    // Another session is not affected.
+    assert_eq!(get(ui, "/", &other).status, 200);
+
     // A real browser: log in through the link, render the incident page.
     if backend == Backend::Sqlite {
         let shots = tempfile::tempdir().unwrap();
@@ -276,3 +361,95 @@ async fn web_ui(backend: Backend) {
 }
 
 on_both_stores!(web_ui);
+
+/// `curl` over HTTPS, trusting only the collector's CA: (status, headers).
+fn curl_tls(ca: &Path, url: &str) -> Option<(u16, String)> {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--cacert",
+        ])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    if !out.status.success() {
+        return None;
+    }
+    let headers = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = headers.split(' ').nth(1)?.parse().ok()?;
+    Some((status, headers))
+}
+
+/// `--ui-tls`: the UI answers HTTPS with the collector's certificate (a
+/// client trusting the PKI's CA connects, by name and by address), plain
+/// HTTP gets no page, and the session cookie is `Secure`.
+async fn web_ui_over_tls(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let ui: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let c = Collector::start(
+        backend,
+        &pki,
+        data.path(),
+        &["--ui-addr", &ui.to_string(), "--ui-tls"],
+    );
+    let token = std::fs::read_to_string(data.path().join("ui-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let ca = pki.path().join("ca.pem");
+    for host in ["localhost", "127.0.0.1"] {
+        let (status, _) = curl_tls(&ca, &format!("https://{host}:{}/login", ui.port()))
+            .unwrap_or_else(|| panic!("no HTTPS answer from {host}"));
+        assert_eq!(status, 200);
+    }
+    let (status, headers) = curl_tls(
+        &ca,
+        &format!("https://127.0.0.1:{}/login?token={token}", ui.port()),
+    )
+    .expect("signing in over HTTPS");
+    assert_eq!(status, 303);
+    let cookie = headers
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a session cookie");
+    assert!(cookie.contains("; Secure;"), "{cookie}");
+    // A client that does not trust this CA is refused.
+    let other = tempfile::tempdir().unwrap();
+    vigil_collector::pki::init_pki(&vigil_collector::pki::InitPki {
+        dir: other.path().to_path_buf(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(curl_tls(
+        &other.path().join("ca.pem"),
+        &format!("https://127.0.0.1:{}/login", ui.port())
+    )
+    .is_none());
+    // Plain HTTP on the same port gets no HTTP page.
+    let mut s = TcpStream::connect(ui).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // (The server may close before the request is even written.)
+    let _ = write!(s, "GET /login HTTP/1.0\r\nHost: {ui}\r\n\r\n");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    assert!(
+        !raw.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    drop(c);
+}
+
+/// The store plays no part in TLS: SQLite only.
+#[tokio::test]
+async fn web_ui_over_tls_sqlite() {
+    web_ui_over_tls(Backend::Sqlite).await
+}

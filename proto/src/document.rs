@@ -119,6 +119,12 @@ fn payload_fields(p: &Payload) -> (&'static str, Map<String, Value>) {
             if let Some(s) = &x.ld_preload {
                 put("ld_preload", s.clone().into());
             }
+            if let Some(c) = &x.copy_of {
+                put("copy_of", c.clone().into());
+            }
+            if x.history_off {
+                put("history_off", true.into());
+            }
             put("stdio", x.stdio.clone().into());
             if x.frozen {
                 put("frozen", true.into());
@@ -147,7 +153,51 @@ fn payload_fields(p: &Payload) -> (&'static str, Map<String, Value>) {
             if let Some(r) = c.ret {
                 put("ret", r.into());
             }
+            if c.send_to {
+                put("send_to", true.into());
+            }
+            if !c.rewritten_argv.is_empty() {
+                put("rewritten_argv", c.rewritten_argv.clone().into());
+            }
             "connect"
+        }
+        Payload::ProcessAccess(a) => {
+            put("op", a.op.clone().into());
+            put("target", a.target.into());
+            if let Some(t) = a.target_pid {
+                put("target_pid", t.into());
+            }
+            put("ret", a.ret.into());
+            put("addr", a.addr.into());
+            "process_access"
+        }
+        Payload::ModuleLoad(m) => {
+            put("path", m.path.clone().into());
+            put("from_memory", m.from_memory.into());
+            put("flags", m.flags.into());
+            put("ret", m.ret.into());
+            "module_load"
+        }
+        Payload::BpfLoad(b) => {
+            put("prog_type", b.prog_type.clone().into());
+            put("attach_type", b.attach_type.into());
+            put("name", b.name.clone().into());
+            put("insn_cnt", b.insn_cnt.into());
+            put("ret", b.ret.into());
+            "bpf_load"
+        }
+        Payload::Unlink(u) => {
+            put("path", u.path.clone().into());
+            "unlink"
+        }
+        Payload::ExecMem(x) => {
+            put("op", x.op.clone().into());
+            put("prot", x.prot.into());
+            put("map_flags", x.map_flags.into());
+            put("addr", x.addr.into());
+            put("len", x.len.into());
+            put("ret", x.ret.into());
+            "exec_mem"
         }
         Payload::FileOpen(f) => {
             put("path", f.path.clone().into());
@@ -180,6 +230,9 @@ fn payload_fields(p: &Payload) -> (&'static str, Map<String, Value>) {
             put("protocol", l.protocol.clone().into());
             put("addr", l.addr.clone().into());
             put("port", l.port.into());
+            if !l.rewritten_argv.is_empty() {
+                put("rewritten_argv", l.rewritten_argv.clone().into());
+            }
             "listen"
         }
         Payload::ExecDenied(x) => {

@@ -52,6 +52,9 @@ const _: () =
     assert!(PATH_MAX_BYTES + NAME_MAX_BUF + ARGV_MAX_BYTES + USER_PATH_MAX_BYTES <= TAIL_MAX_BYTES);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() <= FIXED_MAX_BYTES);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() <= FIXED_MAX_BYTES);
+const _: () = assert!(core::mem::size_of::<ProcessAccessEvent>() <= FIXED_MAX_BYTES);
+const _: () = assert!(core::mem::size_of::<BpfLoadEvent>() <= FIXED_MAX_BYTES);
+const _: () = assert!(core::mem::size_of::<ExecMemEvent>() <= FIXED_MAX_BYTES);
 
 /// What a record is. The discriminant is `EventHeader::kind`.
 #[repr(u32)]
@@ -83,10 +86,30 @@ pub enum EventKind {
     /// (`prctl(PR_SET_NAME)`, a write to `/proc/self/comm`): [`CommEvent`].
     /// The header's `comm` is the old name.
     Comm = 11,
+    /// A process acted on another process's memory or execution: ptrace
+    /// attach/seize, memory pokes, register writes, `process_vm_writev`:
+    /// [`ProcessAccessEvent`].
+    ProcessAccess = 12,
+    /// A kernel module load was tried (`init_module` from memory,
+    /// `finit_module` from a file): [`ChmodEvent`] layout, `mode` holds
+    /// [`MODULE_FROM_MEMORY`] or the `finit_module` flags, the path is the
+    /// module file's (empty from memory).
+    ModuleLoad = 13,
+    /// A BPF program load was tried (`bpf(BPF_PROG_LOAD)`): [`BpfLoadEvent`].
+    BpfLoad = 14,
+    /// A process made anonymous memory executable (`mmap` of anonymous
+    /// memory with PROT_EXEC, `mprotect`/`pkey_mprotect` adding PROT_EXEC),
+    /// first time per process and call: [`ExecMemEvent`].
+    ExecMem = 15,
+    /// A file that matters for indicator removal was unlinked (a path
+    /// under /var/log, relative to /var/log, or a name of a shell
+    /// history's kind; filtered in the kernel): [`ChmodEvent`] layout,
+    /// `mode` 0.
+    Unlink = 16,
 }
 
 /// Number of slots indexed by [`EventKind`] (0 is unused; room to grow).
-pub const EVENT_KIND_SLOTS: usize = 16;
+pub const EVENT_KIND_SLOTS: usize = 24;
 
 impl EventKind {
     /// The kind for a raw header value, if it is one.
@@ -103,6 +126,11 @@ impl EventKind {
             9 => Self::ExecDenied,
             10 => Self::Utimes,
             11 => Self::Comm,
+            12 => Self::ProcessAccess,
+            13 => Self::ModuleLoad,
+            14 => Self::BpfLoad,
+            15 => Self::ExecMem,
+            16 => Self::Unlink,
             _ => return None,
         })
     }
@@ -120,10 +148,15 @@ impl EventKind {
             Self::ExecDenied => "exec_denied",
             Self::Utimes => "utimes",
             Self::Comm => "comm",
+            Self::ProcessAccess => "process_access",
+            Self::ModuleLoad => "module_load",
+            Self::BpfLoad => "bpf_load",
+            Self::ExecMem => "exec_mem",
+            Self::Unlink => "unlink",
         }
     }
     /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 16] = [
         Self::Exec,
         Self::Fork,
         Self::Exit,
@@ -135,6 +168,11 @@ impl EventKind {
         Self::ExecDenied,
         Self::Utimes,
         Self::Comm,
+        Self::ProcessAccess,
+        Self::ModuleLoad,
+        Self::BpfLoad,
+        Self::ExecMem,
+        Self::Unlink,
     ];
 }
 
@@ -181,6 +219,9 @@ pub const EXEC_FLAG_SCRIPT: u32 = 1 << 5;
 /// Exec flag: the environment scan for `LD_PRELOAD` stopped early (a
 /// variable longer than [`ENV_STR_MAX`] or more than [`ENV_MAX_VARS`]).
 pub const EXEC_FLAG_ENV_TRUNCATED: u32 = 1 << 6;
+/// Exec flag: the new image's environment switches shell history off
+/// (`HISTFILE=/dev/null`, `HISTFILE=`, `HISTSIZE=0`, `HISTFILESIZE=0`).
+pub const EXEC_FLAG_HISTORY_OFF: u32 = 1 << 8;
 /// Exec flag: the kernel stopped the process (SIGSTOP) at exec under the
 /// freeze policy; the agent must resume or kill it.
 pub const EXEC_FLAG_FROZEN: u32 = 1 << 7;
@@ -233,6 +274,9 @@ pub struct ExecEvent {
     pub stdio_dev: [u32; 3],
     /// Zero.
     pub _reserved: u32,
+    /// Size of the executable file (`i_size`): the agent hashes only files
+    /// with the size of a system shell, downloader or interpreter.
+    pub exe_size: u64,
 }
 
 /// An exec the BPF LSM hook (`bprm_check_security`) refused under the deny
@@ -327,6 +371,10 @@ pub struct ConnectEvent {
 /// connect was attempted, before it ran: `ret` is unknown (0), the source
 /// address and port are usually not bound yet.
 pub const CONNECT_FLAG_ATTEMPT: u16 = 1;
+/// Connect flag: not a connect but a datagram sent to an address given
+/// with the call (`sendto`/`sendmsg`/`sendmmsg` on an unconnected socket:
+/// beacons, DNS tunnels); `ret` is 0 or -errno.
+pub const CONNECT_FLAG_SEND: u16 = 2;
 
 /// A successful listen() on an IPv4 or IPv6 socket: the process serves.
 #[repr(C)]
@@ -369,8 +417,9 @@ pub struct FileOpenEvent {
     pub _reserved: u32,
 }
 
-/// A successful chmod/fchmod/fchmodat that sets an execute, setuid or setgid
-/// bit. Tail: `base_len` bytes of walked base path (the file itself for
+/// A call on one file: a successful chmod/fchmod/fchmodat that sets an
+/// execute, setuid or setgid bit (also the layout of utimes and module
+/// loads). Tail: `base_len` bytes of walked base path (the file itself for
 /// fchmod, the directory a relative path starts from otherwise, empty for an
 /// absolute path), then `user_len` bytes of the path string as given.
 #[repr(C)]
@@ -378,7 +427,8 @@ pub struct FileOpenEvent {
 pub struct ChmodEvent {
     /// Common header.
     pub hdr: EventHeader,
-    /// The new mode.
+    /// The new mode (module loads: [`MODULE_FROM_MEMORY`] or the
+    /// `finit_module` flags).
     pub mode: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
@@ -386,6 +436,123 @@ pub struct ChmodEvent {
     pub base_len: u32,
     /// Bytes of the user path string (NUL terminated, 0 for fchmod).
     pub user_len: u32,
+    /// The call's result: 0 or -errno (only module loads report failures).
+    pub ret: i32,
+    /// Zero.
+    pub _reserved: u32,
+}
+
+/// Module load `mode`: the image came from memory (`init_module`), not a
+/// file descriptor.
+pub const MODULE_FROM_MEMORY: u32 = 1 << 31;
+
+/// ptrace requests the sensor reports: attach and seize (every call), and
+/// writes to the tracee's memory or registers (first per tracer, target
+/// and kind).
+pub mod ptrace {
+    /// PTRACE_POKETEXT.
+    pub const POKETEXT: u64 = 4;
+    /// PTRACE_POKEDATA.
+    pub const POKEDATA: u64 = 5;
+    /// PTRACE_POKEUSER.
+    pub const POKEUSER: u64 = 6;
+    /// PTRACE_SETREGS.
+    pub const SETREGS: u64 = 13;
+    /// PTRACE_SETFPREGS.
+    pub const SETFPREGS: u64 = 15;
+    /// PTRACE_ATTACH.
+    pub const ATTACH: u64 = 16;
+    /// PTRACE_SETREGSET.
+    pub const SETREGSET: u64 = 0x4205;
+    /// PTRACE_SEIZE.
+    pub const SEIZE: u64 = 0x4206;
+}
+
+/// [`ProcessAccessEvent::request`] of a `process_vm_writev` (not a ptrace
+/// request number).
+pub const ACCESS_VM_WRITEV: u32 = 0x1_0000;
+
+/// A process acted on another: ptrace attach/seize (each call), memory
+/// pokes and register writes (first per tracer, target and kind), or
+/// `process_vm_writev` (first per writer and target). Failures are reported
+/// too (an attempt is a signal).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessAccessEvent {
+    /// Common header: the process acting.
+    pub hdr: EventHeader,
+    /// Target pid as the caller gave it (in the caller's pid namespace).
+    pub target: u32,
+    /// The ptrace request, or [`ACCESS_VM_WRITEV`].
+    pub request: u32,
+    /// Result: 0 (or bytes written) or -errno.
+    pub ret: i64,
+    /// ptrace's `addr`; for `process_vm_writev` the first remote iovec's
+    /// base.
+    pub addr: u64,
+}
+
+/// A BPF program load (`bpf(BPF_PROG_LOAD)`), reported with its result.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BpfLoadEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// `bpf_attr.prog_type` (BPF_PROG_TYPE_*).
+    pub prog_type: u32,
+    /// `bpf_attr.expected_attach_type`.
+    pub attach_type: u32,
+    /// Instruction count.
+    pub insn_cnt: u32,
+    /// The new program's fd, or -errno.
+    pub ret: i32,
+    /// `bpf_attr.prog_name` (NUL padded).
+    pub name: [u8; 16],
+}
+
+/// [`ExecMemEvent::op`]: `mmap` of anonymous memory with PROT_EXEC.
+pub const EXECMEM_MMAP: u32 = 1;
+/// [`ExecMemEvent::op`]: `mprotect`/`pkey_mprotect` adding PROT_EXEC.
+pub const EXECMEM_MPROTECT: u32 = 2;
+
+/// Memory made executable outside any file: JIT compilers do it, and so do
+/// shellcode runners and reflective loaders. Reported once per process and
+/// `op` (the first is what tells; a JIT repeats it all day).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecMemEvent {
+    /// Common header.
+    pub hdr: EventHeader,
+    /// [`EXECMEM_MMAP`] or [`EXECMEM_MPROTECT`].
+    pub op: u32,
+    /// The protection asked for (PROT_* bits).
+    pub prot: u32,
+    /// `mmap` flags (0 for mprotect).
+    pub map_flags: u32,
+    /// 0 or -errno.
+    pub ret: i32,
+    /// The mapping's address (mmap's result, mprotect's start).
+    pub addr: u64,
+    /// Its length.
+    pub len: u64,
+}
+
+/// Key of the once-per-process maps (exec memory, ptrace writes,
+/// `process_vm_writev`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OnceKey {
+    /// Process start time (with tgid: the process).
+    pub start_boot_ns: u64,
+    /// Process id.
+    pub tgid: u32,
+    /// The other process (0 when none).
+    pub target: u32,
+    /// What was done (op or request class), with bit 31 set for a failure
+    /// (a failure does not hide a later success).
+    pub op: u32,
+    /// Zero.
+    pub pad: u32,
 }
 
 /// A successful rename. Tail: `base_len` walked bytes (directory the new
@@ -454,6 +621,7 @@ pub struct KernelOffsets {
     pub inode_i_mode: u32,
     pub inode_i_nlink: u32,
     pub inode_i_generation: u32,
+    pub inode_i_size: u32,
     pub sb_s_dev: u32,
     pub vfsmount_mnt_root: u32,
     pub mount_mnt: u32,
@@ -534,7 +702,7 @@ impl SensorConfig {
 /// Slot layout of the per-CPU statistics array: `[kind * 2]` counts records
 /// emitted, `[kind * 2 + 1]` records dropped because the ring buffer was
 /// full; the slots from [`STAT_BASE_OTHER`] count the rest.
-pub const STATS_SLOTS: u32 = 48;
+pub const STATS_SLOTS: u32 = 64;
 /// First slot of the non-per-kind counters.
 pub const STAT_BASE_OTHER: u32 = (EVENT_KIND_SLOTS as u32) * 2;
 /// Syscall entries not tracked because the in-flight table was full.
@@ -561,6 +729,10 @@ pub const STAT_EXEC_DENIED: u32 = STAT_BASE_OTHER + 9;
 /// Connects not reported because the same process reported one to the
 /// same destination within `SensorConfig::connect_dedup_ns`.
 pub const STAT_CONNECT_DEDUP: u32 = STAT_BASE_OTHER + 10;
+/// Exec-memory, ptrace-write and `process_vm_writev` records not reported
+/// because the same process already reported that kind (and target).
+pub const STAT_ONCE_DEDUP: u32 = STAT_BASE_OTHER + 11;
+const _: () = assert!(STAT_ONCE_DEDUP < STATS_SLOTS);
 
 /// Entries of the `FROZEN` map: at most this many processes stopped by the
 /// kernel and not yet released by the agent.

@@ -45,6 +45,9 @@ struct Scratch {
     name: [u8; FREEZE_NAME_LEN],
     /// One environment string at a time, for the LD_PRELOAD scan.
     env: [u8; ENV_STR_MAX],
+    /// [`EXEC_FLAG_HISTORY_OFF`] when the environment scan saw history
+    /// switched off (kept in map memory: no verifier state per value).
+    hist: u64,
 }
 
 #[map]
@@ -65,6 +68,13 @@ const STASH_RENAME: u64 = 4;
 const STASH_CONNECT: u64 = 5;
 const STASH_LISTEN: u64 = 6;
 const STASH_UTIMES: u64 = 7;
+const STASH_SEND: u64 = 8;
+const STASH_PTRACE: u64 = 9;
+const STASH_VM_WRITE: u64 = 10;
+const STASH_MODULE: u64 = 11;
+const STASH_BPF: u64 = 12;
+const STASH_EXEC_MEM: u64 = 13;
+const STASH_UNLINK: u64 = 14;
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
@@ -78,6 +88,11 @@ static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
 /// Program base names the freeze policy stops when a server starts them.
 #[map]
 static FREEZE_NAMES: HashMap<[u8; FREEZE_NAME_LEN], u8> = HashMap::with_max_entries(256, 0);
+
+/// File sizes of the system's copies of those programs: a copy under
+/// another name is stopped too (the agent then compares content).
+#[map]
+static FREEZE_SIZES: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
 
 /// Processes stopped at exec and not yet released, keyed by tgid: written
 /// before the SIGSTOP, removed by the agent when it lets the process go.
@@ -105,6 +120,11 @@ static CONNECT_SEEN: LruHashMap<ConnectKey, u64> = LruHashMap::with_max_entries(
 /// First write-open per (process, inode): the de-duplication set.
 #[map]
 static FILE_SEEN: LruHashMap<FileKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// What a process already reported once (exec memory, ptrace writes,
+/// `process_vm_writev`): the de-duplication set of those records.
+#[map]
+static ONCE_SEEN: LruHashMap<OnceKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 // ---- small helpers -------------------------------------------------------
 
@@ -137,6 +157,9 @@ const S_IFSOCK: u16 = 0o140000;
 const EXEC_MODE_BITS: u64 = 0o6111;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const PROT_EXEC: u64 = 4;
+const MAP_ANONYMOUS: u64 = 0x20;
+const BPF_PROG_LOAD: u64 = 5;
 const PATH_MASK: u64 = (PATH_MAX_BYTES - 1) as u64;
 /// Masks a user string length (<= USER_PATH_MAX_BYTES) without losing the maximum.
 const USER_LEN_MASK: u64 = (2 * USER_PATH_MAX_BYTES - 1) as u64;
@@ -420,8 +443,35 @@ unsafe fn read_user_str(dst: *mut u8, src: u64) -> u64 {
     }
 }
 
+/// The environment scan: `LD_PRELOAD` (value copied to `dst`) and shell
+/// history switched off. Returns (bytes incl. NUL, flags).
+#[inline(always)]
+unsafe fn scan_env(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32) {
+    unsafe {
+        let hist = core::ptr::addr_of_mut!((*s).hist);
+        core::ptr::write_volatile(hist, 0);
+        let (n, flags) = scan_env_preload(s, mm, dst);
+        (n, flags | core::ptr::read_volatile(hist) as u32)
+    }
+}
+
+/// `HISTFILE=/dev/null`, `HISTFILE=`, `HISTFILESIZE=0`, `HISTSIZE=0`: the
+/// first 8 bytes of the variable and the next 8.
+#[inline(always)]
+fn history_off(head: u64, rest: u64) -> bool {
+    let le = u64::from_le_bytes;
+    if head == le(*b"HISTFILE") {
+        rest == le(*b"=/dev/nu")
+            || rest & 0xffff == le(*b"=\0\0\0\0\0\0\0")
+            || rest & 0x00ff_ffff_ffff_ffff == le(*b"SIZE=0\0\0")
+    } else {
+        head == le(*b"HISTSIZE") && rest & 0xff_ffff == le(*b"=0\0\0\0\0\0\0")
+    }
+}
+
 /// Looks for `LD_PRELOAD=` in the new image's environment; copies the value
-/// to `dst`. Returns (bytes incl. NUL, flags).
+/// to `dst`. Returns (bytes incl. NUL, flags). Notes history switched off
+/// in `Scratch::hist` on the way.
 #[inline(always)]
 unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32) {
     unsafe {
@@ -453,6 +503,12 @@ unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32)
                     buf.add(11) as *const c_void,
                 );
                 return (if m > 0 { m as u64 & USER_LEN_MASK } else { 0 }, 0);
+            }
+            if history_off(head, core::ptr::read_unaligned(buf.add(8) as *const u64)) {
+                core::ptr::write_volatile(
+                    core::ptr::addr_of_mut!((*s).hist),
+                    EXEC_FLAG_HISTORY_OFF as u64,
+                );
             }
             if n as usize >= ENV_STR_MAX {
                 return (0, EXEC_FLAG_ENV_TRUNCATED);
@@ -531,12 +587,17 @@ unsafe fn policy_match(s: *mut Scratch, file: u64, parent_serves: bool, policy: 
         if policy & FREEZE_MEMFD != 0 && &key[..6] == b"memfd:" {
             return FREEZE_MEMFD;
         }
+        if policy & FREEZE_SERVER_CHILD == 0 || !parent_serves {
+            return 0;
+        }
         // A name that filled the buffer was cut: it cannot be a listed one.
-        if policy & FREEZE_SERVER_CHILD != 0
-            && parent_serves
-            && (n as usize) < FREEZE_NAME_LEN
-            && FREEZE_NAMES.get(&key).is_some()
-        {
+        if (n as usize) < FREEZE_NAME_LEN && FREEZE_NAMES.get(&key).is_some() {
+            return FREEZE_SERVER_CHILD;
+        }
+        // A listed program copied under another name keeps its size.
+        let inode: u64 = rd(file, off!(file_f_inode)).unwrap_or(0);
+        let size: u64 = rd(inode, off!(inode_i_size)).unwrap_or(0);
+        if size != 0 && FREEZE_SIZES.get(&size).is_some() {
             return FREEZE_SERVER_CHILD;
         }
         0
@@ -592,6 +653,7 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         (*e).exe_dev = rd(sb, off!(sb_s_dev)).unwrap_or(0);
         let nlink: u32 = rd(inode, off!(inode_i_nlink)).unwrap_or(1);
         (*e).exe_nlink = nlink;
+        (*e).exe_size = rd(inode, off!(inode_i_size)).unwrap_or(0);
         if nlink == 0 {
             flags |= EXEC_FLAG_DELETED;
         }
@@ -662,7 +724,7 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         (*e).filename_len = flen as u32;
         // LD_PRELOAD: the value goes after the filename.
         let pre_off = (plen + (got & (ARGV_MAX_BYTES as u64 - 1)) + flen) as usize;
-        let (plen2, eflags) = scan_env_preload(s, mm, t.add(pre_off));
+        let (plen2, eflags) = scan_env(s, mm, t.add(pre_off));
         flags |= eflags;
         (*e).preload_len = plen2 as u32;
         stdio_kinds(task, e);
@@ -1103,6 +1165,212 @@ pub fn vigil_enter_listen(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A datagram sent to an address given with the call (an unconnected
+/// socket): reported like a connect. Sends on connected sockets (no
+/// address: every TCP write) cost one compare.
+#[inline(always)]
+fn stash_send(fd: u64, addr: u64) {
+    if addr == 0 {
+        return;
+    }
+    let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
+    if family == AF_INET || family == AF_INET6 {
+        stash(STASH_SEND, [fd, addr, 0, 0]);
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_sendto")]
+pub fn vigil_enter_sendto(ctx: TracePointContext) -> u32 {
+    stash_send(arg(&ctx, 0), arg(&ctx, 4));
+    0
+}
+
+/// `sendmsg(fd, msg, flags)` and `sendmmsg(fd, msgvec, vlen, flags)`: the
+/// address is the (first) message header's `msg_name`.
+#[tracepoint(category = "syscalls", name = "sys_enter_sendmsg")]
+pub fn vigil_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let msg = arg(&ctx, 1);
+    let name: u64 = unsafe { bpf_probe_read_user(msg as *const u64) }.unwrap_or(0);
+    stash_send(arg(&ctx, 0), name);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_sendmmsg")]
+pub fn vigil_enter_sendmmsg(ctx: TracePointContext) -> u32 {
+    let msg = arg(&ctx, 1);
+    let name: u64 = unsafe { bpf_probe_read_user(msg as *const u64) }.unwrap_or(0);
+    stash_send(arg(&ctx, 0), name);
+    0
+}
+
+/// `ptrace(request, pid, addr, data)`: attach and seize, and writes to the
+/// tracee's memory or registers. Reads (PEEK, GETREGS) and the tracee's
+/// own TRACEME are not reported.
+#[tracepoint(category = "syscalls", name = "sys_enter_ptrace")]
+pub fn vigil_enter_ptrace(ctx: TracePointContext) -> u32 {
+    let request = arg(&ctx, 0);
+    match request {
+        ptrace::ATTACH
+        | ptrace::SEIZE
+        | ptrace::POKETEXT
+        | ptrace::POKEDATA
+        | ptrace::POKEUSER
+        | ptrace::SETREGS
+        | ptrace::SETFPREGS
+        | ptrace::SETREGSET => stash(STASH_PTRACE, [request, arg(&ctx, 1), arg(&ctx, 2), 0]),
+        _ => {}
+    }
+    0
+}
+
+/// `process_vm_writev(pid, local_iov, liovcnt, remote_iov, riovcnt, flags)`.
+#[tracepoint(category = "syscalls", name = "sys_enter_process_vm_writev")]
+pub fn vigil_enter_process_vm_writev(ctx: TracePointContext) -> u32 {
+    let remote = arg(&ctx, 3);
+    let base: u64 = unsafe { bpf_probe_read_user(remote as *const u64) }.unwrap_or(0);
+    stash(STASH_VM_WRITE, [arg(&ctx, 0), base, 0, 0]);
+    0
+}
+
+/// `init_module(image, len, args)`: a module from memory.
+#[tracepoint(category = "syscalls", name = "sys_enter_init_module")]
+pub fn vigil_enter_init_module(_ctx: TracePointContext) -> u32 {
+    stash(STASH_MODULE, [u64::MAX, MODULE_FROM_MEMORY as u64, 0, 0]);
+    0
+}
+
+/// `finit_module(fd, args, flags)`: a module from a file.
+#[tracepoint(category = "syscalls", name = "sys_enter_finit_module")]
+pub fn vigil_enter_finit_module(ctx: TracePointContext) -> u32 {
+    stash(STASH_MODULE, [arg(&ctx, 0), arg(&ctx, 2) & 0xffff, 0, 0]);
+    0
+}
+
+/// `bpf(cmd, attr, size)`: program loads only.
+#[tracepoint(category = "syscalls", name = "sys_enter_bpf")]
+pub fn vigil_enter_bpf(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 0) as u32 as u64 == BPF_PROG_LOAD {
+        stash(STASH_BPF, [arg(&ctx, 1), 0, 0, 0]);
+    }
+    0
+}
+
+/// Whether an unlink's target may be a log or a shell history: a path
+/// under `/var/log/`, a name with `hist`/`hst` in it (`.bash_history`,
+/// `.lesshst`), or a name relative to a directory `/var/log`. The agent
+/// judges the full path; this only keeps `rm -rf node_modules` out.
+#[inline(always)]
+unsafe fn unlink_matters(dirfd: u64, path: u64) -> bool {
+    unsafe {
+        let Some(s) = scratch() else { return false };
+        let buf = core::ptr::addr_of_mut!((*s).env) as *mut u8;
+        let n = bpf_probe_read_user_str(buf as *mut c_void, 256, path as *const c_void);
+        if n <= 0 {
+            return false;
+        }
+        let head = core::ptr::read_unaligned(buf as *const u64);
+        if head == u64::from_le_bytes(*b"/var/log") && *buf.add(8) == b'/' {
+            return true;
+        }
+        let n = n as usize;
+        let mut i = 0usize;
+        while i < 252 {
+            if i + 3 >= n {
+                break;
+            }
+            if *buf.add(i) == b'h' {
+                let (a, b, c) = (*buf.add(i + 1), *buf.add(i + 2), *buf.add(i + 3));
+                if (a == b'i' && b == b's' && c == b't') || (a == b's' && b == b't') {
+                    return true;
+                }
+            }
+            i += 1;
+        }
+        if *buf == b'/' {
+            return false;
+        }
+        // Relative: to the cwd or a directory fd named /var/log.
+        let task = bpf_get_current_task();
+        let dirfd = dirfd as u32 as i32 as i64;
+        let dentry: u64 = if dirfd == AT_FDCWD {
+            let fs: u64 = rd(task, off!(task_fs)).unwrap_or(0);
+            rd(fs, off!(fs_pwd) + off!(path_dentry)).unwrap_or(0)
+        } else {
+            match fd_file(task, dirfd as u64) {
+                Some(f) => rd(f, off!(file_f_path) + off!(path_dentry)).unwrap_or(0),
+                None => 0,
+            }
+        };
+        let name4 = |d: u64| -> u32 {
+            let p: u64 = rd(d, off!(dentry_d_name) + off!(qstr_name)).unwrap_or(0);
+            bpf_probe_read_kernel(p as *const u32).unwrap_or(0)
+        };
+        let parent: u64 = rd(dentry, off!(dentry_d_parent)).unwrap_or(0);
+        dentry != 0
+            && name4(dentry) == u32::from_le_bytes(*b"log\0")
+            && name4(parent) == u32::from_le_bytes(*b"var\0")
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_unlink")]
+pub fn vigil_enter_unlink(ctx: TracePointContext) -> u32 {
+    let path = arg(&ctx, 0);
+    if ready() && unsafe { unlink_matters(AT_FDCWD as u64, path) } {
+        stash(STASH_UNLINK, [AT_FDCWD as u64, path, 0, 0]);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_unlinkat")]
+pub fn vigil_enter_unlinkat(ctx: TracePointContext) -> u32 {
+    let (dirfd, path) = (arg(&ctx, 0), arg(&ctx, 1));
+    if ready() && unsafe { unlink_matters(dirfd, path) } {
+        stash(STASH_UNLINK, [dirfd, path, 0, 0]);
+    }
+    0
+}
+
+/// `mmap(addr, len, prot, flags, fd, off)`: anonymous and executable only
+/// (libraries and programs are file mappings).
+#[tracepoint(category = "syscalls", name = "sys_enter_mmap")]
+pub fn vigil_enter_mmap(ctx: TracePointContext) -> u32 {
+    let prot = arg(&ctx, 2);
+    let flags = arg(&ctx, 3);
+    if prot & PROT_EXEC != 0 && flags & MAP_ANONYMOUS != 0 {
+        stash(
+            STASH_EXEC_MEM,
+            [EXECMEM_MMAP as u64, arg(&ctx, 1), prot, flags],
+        );
+    }
+    0
+}
+
+/// `mprotect(start, len, prot)` and `pkey_mprotect(start, len, prot, key)`
+/// adding PROT_EXEC.
+#[inline(always)]
+fn stash_mprotect(ctx: &TracePointContext) {
+    let prot = arg(ctx, 2);
+    if prot & PROT_EXEC != 0 {
+        // The op and the start share a slot: starts are page aligned.
+        stash(
+            STASH_EXEC_MEM,
+            [EXECMEM_MPROTECT as u64 | arg(ctx, 0), arg(ctx, 1), prot, 0],
+        );
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_mprotect")]
+pub fn vigil_enter_mprotect(ctx: TracePointContext) -> u32 {
+    stash_mprotect(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_pkey_mprotect")]
+pub fn vigil_enter_pkey_mprotect(ctx: TracePointContext) -> u32 {
+    stash_mprotect(&ctx);
+    0
+}
+
 // ---- syscall exit: one program for every stashed call -----------------------------
 
 #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
@@ -1117,8 +1385,8 @@ pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
     unsafe {
         match st.kind {
             STASH_OPEN => on_open(task, ret, st.args[0]),
-            // One call site for the three (the path walk is inlined once).
-            STASH_CHMOD | STASH_FCHMOD | STASH_UTIMES => {
+            // One call site for the four (the path walk is inlined once).
+            STASH_CHMOD | STASH_FCHMOD | STASH_UTIMES | STASH_MODULE | STASH_UNLINK => {
                 let (kind, dirfd, path, mode, fd) = match st.kind {
                     STASH_CHMOD => (
                         EventKind::Chmod,
@@ -1128,6 +1396,9 @@ pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
                         0,
                     ),
                     STASH_FCHMOD => (EventKind::Chmod, 0, 0, st.args[2], st.args[0]),
+                    // The module file's descriptor (none from memory).
+                    STASH_MODULE => (EventKind::ModuleLoad, 0, 0, st.args[1], st.args[0]),
+                    STASH_UNLINK => (EventKind::Unlink, st.args[0] as i64, st.args[1], 0, 0),
                     // A NULL path names the descriptor's file (futimens).
                     _ => (
                         EventKind::Utimes,
@@ -1140,8 +1411,13 @@ pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
                 on_path_event(kind, task, ret, dirfd, path, mode, fd)
             }
             STASH_RENAME => on_rename(task, ret, &st.args),
-            STASH_CONNECT => on_connect(task, ret, &st.args),
+            // A send's result is a byte count: only an error is kept.
+            STASH_CONNECT => on_connect(task, ret, &st.args, 0),
+            STASH_SEND => on_connect(task, ret.min(0), &st.args, CONNECT_FLAG_SEND),
             STASH_LISTEN => on_listen(task, ret, st.args[0]),
+            STASH_PTRACE | STASH_VM_WRITE => on_access(task, ret, &st),
+            STASH_BPF => on_bpf_load(task, ret, st.args[0]),
+            STASH_EXEC_MEM => on_exec_mem(task, ret, &st.args),
             _ => {}
         }
     }
@@ -1227,7 +1503,8 @@ unsafe fn on_path_event(
     mode: u64,
     fd: u64,
 ) {
-    if ret != 0 {
+    // A module load is reported failed too: an attempt is the signal.
+    if ret != 0 && kind as u32 != EventKind::ModuleLoad as u32 {
         return;
     }
     unsafe {
@@ -1235,6 +1512,8 @@ unsafe fn on_path_event(
         let e: *mut ChmodEvent = fixed(s);
         fill_header(&mut (*e).hdr, kind, task);
         (*e).mode = mode as u32;
+        (*e).ret = ret as i32;
+        (*e)._reserved = 0;
         let t = tail(s);
         let (blen, flags) = if path == 0 {
             match fd_file(task, fd) {
@@ -1286,8 +1565,130 @@ unsafe fn on_rename(task: u64, ret: i64, a: &[u64; 4]) {
     }
 }
 
+/// Whether this is the first time this process reports `op` on `target`;
+/// records it when it is.
 #[inline(always)]
-unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
+unsafe fn first_time(task: u64, target: u32, op: u32) -> bool {
+    unsafe {
+        let leader: u64 = rd(task, off!(task_group_leader)).unwrap_or(task);
+        let key = OnceKey {
+            start_boot_ns: rd(leader, off!(task_start_boottime)).unwrap_or(0),
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            target,
+            op,
+            pad: 0,
+        };
+        if ONCE_SEEN.get_ptr(&key).is_some() {
+            stat_add(STAT_ONCE_DEDUP, 1);
+            return false;
+        }
+        let _ = ONCE_SEEN.insert(&key, &1u8, 0);
+        true
+    }
+}
+
+#[inline(always)]
+fn failure_bit(ret: i64) -> u32 {
+    if ret < 0 {
+        1 << 31
+    } else {
+        0
+    }
+}
+
+/// ptrace requests and `process_vm_writev`: attach and seize every time,
+/// writes once per (tracer, target, kind, outcome).
+#[inline(always)]
+unsafe fn on_access(task: u64, ret: i64, st: &Stash) {
+    let (request, target, addr) = if st.kind == STASH_PTRACE {
+        (st.args[0] as u32, st.args[1] as u32, st.args[2])
+    } else {
+        (ACCESS_VM_WRITEV, st.args[0] as u32, st.args[1])
+    };
+    let class = match request as u64 {
+        ptrace::ATTACH | ptrace::SEIZE => 0,
+        ptrace::POKETEXT | ptrace::POKEDATA | ptrace::POKEUSER => ptrace::POKEDATA as u32,
+        ptrace::SETREGS | ptrace::SETFPREGS | ptrace::SETREGSET => ptrace::SETREGS as u32,
+        _ => request,
+    };
+    unsafe {
+        if class != 0 && !first_time(task, target, class | failure_bit(ret)) {
+            return;
+        }
+        let Some(s) = scratch() else { return };
+        let e: *mut ProcessAccessEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::ProcessAccess, task);
+        (*e).target = target;
+        (*e).request = request;
+        (*e).ret = ret;
+        (*e).addr = addr;
+        emit(
+            s,
+            EventKind::ProcessAccess,
+            core::mem::size_of::<ProcessAccessEvent>(),
+            0,
+        );
+    }
+}
+
+/// `bpf(BPF_PROG_LOAD, attr)`: what kind of program, read back from the
+/// caller's `bpf_attr` after the call.
+#[inline(always)]
+unsafe fn on_bpf_load(task: u64, ret: i64, attr: u64) {
+    unsafe {
+        let Some(s) = scratch() else { return };
+        let e: *mut BpfLoadEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::BpfLoad, task);
+        (*e).prog_type = bpf_probe_read_user(attr as *const u32).unwrap_or(0);
+        (*e).insn_cnt = bpf_probe_read_user((attr + 4) as *const u32).unwrap_or(0);
+        (*e).name = bpf_probe_read_user((attr + 48) as *const [u8; 16]).unwrap_or([0; 16]);
+        (*e).attach_type = bpf_probe_read_user((attr + 68) as *const u32).unwrap_or(0);
+        (*e).ret = ret as i32;
+        emit(
+            s,
+            EventKind::BpfLoad,
+            core::mem::size_of::<BpfLoadEvent>(),
+            0,
+        );
+    }
+}
+
+/// Anonymous memory made executable: once per (process, call, outcome).
+#[inline(always)]
+unsafe fn on_exec_mem(task: u64, ret: i64, a: &[u64; 4]) {
+    let op = (a[0] & 0xfff) as u32;
+    unsafe {
+        if !first_time(task, 0, op | failure_bit(ret)) {
+            return;
+        }
+        let Some(s) = scratch() else { return };
+        let e: *mut ExecMemEvent = fixed(s);
+        fill_header(&mut (*e).hdr, EventKind::ExecMem, task);
+        (*e).op = op;
+        (*e).prot = a[2] as u32;
+        (*e).map_flags = a[3] as u32;
+        (*e).ret = ret.min(0) as i32;
+        (*e).addr = if op == EXECMEM_MMAP {
+            if ret > 0 {
+                ret as u64
+            } else {
+                0
+            }
+        } else {
+            a[0] & !0xfff
+        };
+        (*e).len = a[1];
+        emit(
+            s,
+            EventKind::ExecMem,
+            core::mem::size_of::<ExecMemEvent>(),
+            0,
+        );
+    }
+}
+
+#[inline(always)]
+unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4], flags: u16) {
     unsafe {
         let addr = a[1];
         let family: u16 = bpf_probe_read_user(addr as *const u16).unwrap_or(0);
@@ -1302,7 +1703,7 @@ unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4]) {
             Some(file) => rd(file, off!(file_private_data)).unwrap_or(0),
             None => 0,
         };
-        emit_connect(task, sock, family, port, daddr, ret as i32, 0);
+        emit_connect(task, sock, family, port, daddr, ret as i32, flags);
     }
 }
 

@@ -2,13 +2,18 @@
 //! (`attack/*.sh`, `benign/*.sh`, `lib.sh`) against the real agent.
 //!
 //! 1. Learning: an agent learns the baseline while every benign scenario
-//!    runs, then saves it (SIGINT).
+//!    runs [`LEARN_ROUNDS`] times, then saves it (SIGINT). Each run of a
+//!    benign scenario makes new names (temp files, request ids, time
+//!    stamps, its application directory): the test run after it is the
+//!    third, and must be quiet.
 //! 2. Testing: a second agent loads that baseline (learning off); each
 //!    scenario runs alone. A benign scenario must raise nothing; an attack
 //!    scenario must raise one detection per `# expect:` line (alternatives
 //!    separated by `|`, each a rule id, matched exactly, or an ATT&CK id,
 //!    matched as a prefix of the detection's technique ids; distinct lines
-//!    need distinct detections).
+//!    need distinct detections). A scenario with `# requires: PATH` lines
+//!    is skipped (and reported so) on a machine where a path is missing,
+//!    such as `/proc/modules` on a kernel built without modules.
 //!
 //! [`rules_no_scenario_needs`] is the mutation check: with each rule's
 //! detections taken out in turn, some attack scenario must fail.
@@ -36,6 +41,18 @@ use serde_json::Value;
 use crate::collector::{init_pki, shipping_args, vigil_cli, Collector};
 use crate::Agent;
 
+/// How many times the learning agent sees each benign scenario
+/// (`VIGIL_LEARN_ROUNDS` overrides it, for measuring how fast the
+/// baseline settles).
+pub const LEARN_ROUNDS: usize = 2;
+
+fn learn_rounds() -> usize {
+    std::env::var("VIGIL_LEARN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LEARN_ROUNDS)
+}
+
 /// One scenario script.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -47,6 +64,18 @@ pub struct Scenario {
     pub attack: bool,
     /// Expectation lines: each a list of alternative technique prefixes.
     pub expect: Vec<Vec<String>>,
+    /// Paths that must exist for the scenario to run (`# requires:`).
+    pub requires: Vec<PathBuf>,
+}
+
+impl Scenario {
+    /// The first required path this machine lacks, if any.
+    pub fn missing_requirement(&self) -> Option<&Path> {
+        self.requires
+            .iter()
+            .map(PathBuf::as_path)
+            .find(|p| !p.exists())
+    }
 }
 
 /// How to run the scenarios.
@@ -87,8 +116,10 @@ pub struct CollectorCheck {
 pub struct Outcome {
     /// The scenario.
     pub scenario: Scenario,
-    /// Passed?
+    /// Passed? (A skipped scenario passes.)
     pub passed: bool,
+    /// Why it did not run, when skipped.
+    pub skipped: Option<String>,
     /// Rules raised (with their techniques).
     pub raised: Vec<String>,
     /// What was wrong, if anything.
@@ -132,11 +163,17 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
                         .collect()
                 })
                 .collect();
+            let requires = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("# requires:"))
+                .map(|l| PathBuf::from(l.trim()))
+                .collect();
             out.push(Scenario {
                 name: path.file_stem().unwrap().to_string_lossy().into_owned(),
                 path,
                 attack,
                 expect,
+                requires,
             });
         }
     }
@@ -256,7 +293,7 @@ pub fn rules_no_scenario_needs(outcomes: &[Outcome], rules: &[&str]) -> Vec<Stri
         .filter(|rule| {
             !outcomes
                 .iter()
-                .filter(|o| o.scenario.attack && o.passed)
+                .filter(|o| o.scenario.attack && o.passed && o.skipped.is_none())
                 .any(|o| {
                     let without: Vec<Value> = o
                         .detections
@@ -307,8 +344,14 @@ pub fn run_with(
             "--detections-json",
             &learn_dets.to_string_lossy(),
         ]);
-        for s in scenarios.iter().filter(|s| !s.attack) {
-            run_script(&s.path, &work.join(format!("learn-{}.log", s.name)))?;
+        for round in 0..learn_rounds() {
+            for s in scenarios
+                .iter()
+                .filter(|s| !s.attack && s.missing_requirement().is_none())
+            {
+                let log = work.join(format!("learn{round}-{}.log", s.name));
+                run_script(&s.path, &log)?;
+            }
         }
         std::thread::sleep(Duration::from_millis(500));
         let (st, _) = agent.stop();
@@ -345,6 +388,19 @@ pub fn run_with(
     let mut outage_started: Option<Instant> = None;
     let last_attack = scenarios.iter().rposition(|s| s.attack);
     for (idx, s) in scenarios.iter().enumerate() {
+        if let Some(p) = s.missing_requirement() {
+            out.push(Outcome {
+                scenario: s.clone(),
+                passed: true,
+                skipped: Some(format!("this machine has no {}", p.display())),
+                raised: Vec::new(),
+                problem: None,
+                latencies: Vec::new(),
+                bundles: Vec::new(),
+                detections: Vec::new(),
+            });
+            continue;
+        }
         // Only detections written from now on can be this scenario's (pids
         // are reused).
         let seen_before = detections(&dets_path).len();
@@ -411,6 +467,7 @@ pub fn run_with(
         out.push(Outcome {
             scenario: s.clone(),
             passed: problem.is_none(),
+            skipped: None,
             raised,
             problem,
             latencies,
@@ -762,8 +819,16 @@ pub fn report(outcomes: &[Outcome]) -> String {
             } else {
                 "benign"
             },
-            if o.passed { "PASS" } else { "FAIL" },
-            if raised.is_empty() {
+            if o.skipped.is_some() {
+                "SKIP"
+            } else if o.passed {
+                "PASS"
+            } else {
+                "FAIL"
+            },
+            if let Some(why) = &o.skipped {
+                format!("skipped: {why}")
+            } else if raised.is_empty() {
                 "-".to_string()
             } else {
                 raised.join(" ")
@@ -792,11 +857,13 @@ pub fn report(outcomes: &[Outcome]) -> String {
             lat.len()
         ));
     }
-    let passed = outcomes.iter().filter(|o| o.passed).count();
+    let skipped = outcomes.iter().filter(|o| o.skipped.is_some()).count();
+    let passed = outcomes.iter().filter(|o| o.passed).count() - skipped;
     s.push_str(&format!(
-        "{} passed, {} failed\n",
+        "{} passed, {} failed, {} skipped\n",
         passed,
-        outcomes.len() - passed
+        outcomes.len() - passed - skipped,
+        skipped
     ));
     s
 }
@@ -837,10 +904,12 @@ mod tests {
             path: PathBuf::from("s.sh"),
             attack: true,
             expect: expect.iter().map(|x| e(x)).collect(),
+            requires: vec![],
         };
         let outcome = |expect: &[&str]| Outcome {
             scenario: scenario(expect),
             passed: true,
+            skipped: None,
             raised: vec![],
             problem: None,
             latencies: vec![],

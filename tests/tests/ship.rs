@@ -445,22 +445,42 @@ fn an_oversized_bundle_is_set_aside_not_retried() {
     let archive = PathBuf::from(ev["evidence"]["archive"].as_str().unwrap());
     assert!(std::fs::metadata(&archive).unwrap().len() > 2048);
     let rejected = spool.join("rejected");
+    // The spooled archive (`SEQ.ID.tar.zst`) is set aside; its signature
+    // (`SEQ.ID.tar.zst.sig`) goes along with it.
+    let find = |suffix: &str| {
+        std::fs::read_dir(&rejected).ok().and_then(|rd| {
+            rd.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                n.contains(&id) && n.ends_with(suffix)
+            })
+        })
+    };
     let mut kept = None;
     for _ in 0..300 {
-        kept = std::fs::read_dir(&rejected).ok().and_then(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| p.to_string_lossy().contains(&id))
-        });
+        kept = find(".tar.zst");
         if kept.is_some() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let kept = kept.expect("the refused bundle is set aside in rejected/");
-    assert_eq!(
-        std::fs::read(&kept).unwrap(),
-        std::fs::read(&archive).unwrap()
+    let kept = kept.unwrap_or_default();
+    assert!(
+        kept.exists(),
+        "the refused bundle is set aside in rejected/: {:?}",
+        std::fs::read_dir(&rejected)
+            .map(|rd| rd
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect::<Vec<_>>())
+            .unwrap_or_default()
+    );
+    assert!(
+        std::fs::read(&kept).unwrap() == std::fs::read(&archive).unwrap(),
+        "the set-aside archive is intact"
+    );
+    assert!(
+        find(".tar.zst.sig").is_some(),
+        "its signature is kept with it"
     );
     assert_eq!(agent.metric("vigil_ship_rejected_total"), 1.0);
     // Not retried: the queue moved on, the detection is stored.

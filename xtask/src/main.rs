@@ -2,6 +2,8 @@
 
 mod bench;
 mod deploy;
+mod disk;
+mod fuzz;
 mod image;
 mod package;
 mod podrun;
@@ -79,7 +81,8 @@ enum Cmd {
     /// Runs setup (plus clippy/rustfmt components), `cargo build -p
     /// vigil-agent`, `cargo test --workspace` with VIGIL_AGENT_BIN set to the
     /// absolute path of target/debug/vigil-agent, `cargo clippy --workspace
-    /// --all-targets -- -D warnings`, `cargo fmt --all -- --check`,
+    /// --all-targets -- -D warnings`, `cargo fmt --all -- --check`, `fuzz
+    /// --seconds 10` (each fuzz target from its committed corpus),
     /// `deploy-check` (the Kubernetes manifests, see there), `package
     /// --check --debug --no-build` (the Debian packages, see there), the
     /// images (`cargo xtask image --debug --no-build`: needs podman),
@@ -95,6 +98,11 @@ enum Cmd {
         /// process group is killed when it expires.
         #[arg(long, default_value_t = 45)]
         step_timeout_mins: u64,
+        /// Seconds each fuzz target runs from the committed corpus (`cargo
+        /// xtask fuzz`); 0 leaves the fuzzing step out (the corpus is still
+        /// replayed by `cargo test`).
+        #[arg(long, default_value_t = 10)]
+        fuzz_seconds: u64,
         /// Extra arguments for `cargo test` (e.g. `-- -- --test-threads=1`).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
@@ -114,6 +122,17 @@ enum Cmd {
     /// <out>/bench.json and bench.md; `--record LABEL` appends the table to
     /// BENCHMARKS.md. Every wait is bounded.
     Bench(bench::BenchArgs),
+
+    /// Fuzz vigil's parsers of untrusted input (cargo fuzz, nightly)
+    ///
+    /// Installs cargo-fuzz if missing, builds the targets of fuzz/ (the
+    /// kernel record decoder, the bundle reader, ingest's protobuf handlers
+    /// with the store and the incident views, the agent-JSON conversion, the
+    /// Sigma rule and configuration loaders) and runs each for --seconds
+    /// from the committed corpus (fuzz/corpus, fuzz/regressions); new
+    /// inputs go to target/fuzz/corpus, crashes to target/fuzz/artifacts.
+    /// Prints runs per target; fails on any crash, hang or leak.
+    Fuzz(fuzz::FuzzArgs),
 
     /// Run behaviour scenarios against the agent (needs root)
     ///
@@ -296,9 +315,15 @@ fn dispatch(command: Cmd) -> Result<()> {
         }),
         Cmd::Test {
             step_timeout_mins,
+            fuzz_seconds,
             cargo_test_args,
-        } => test(Duration::from_secs(step_timeout_mins * 60), cargo_test_args),
+        } => test(
+            Duration::from_secs(step_timeout_mins * 60),
+            fuzz_seconds,
+            cargo_test_args,
+        ),
         Cmd::Bench(args) => bench::bench(args),
+        Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::BenchServe { threads } => bench::serve(threads),
         Cmd::Image(args) => image::image(args),
         Cmd::DeployCheck => deploy::deploy_check(),
@@ -409,10 +434,11 @@ fn scenarios(
 /// proven on (its verifier is the strictest).
 const CI_VM_KERNEL: &str = "6.1";
 
-fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
+fn test(step_timeout: Duration, fuzz_seconds: u64, cargo_test_args: Vec<String>) -> Result<()> {
     if !util::is_root() {
         eprintln!("warning: not root: the end-to-end tests load eBPF programs and need root");
     }
+    disk::preflight();
     let mut steps = Vec::new();
     let setup_start = std::time::Instant::now();
     let prepared =
@@ -440,6 +466,7 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
     }
 
     let agent = util::agent_bin(false);
+    disk::report("cargo test");
     let mut cmd = util::cargo();
     // Every test binary runs even after one failed: one run shows them all.
     cmd.args(["test", "--no-fail-fast"]);
@@ -474,6 +501,36 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
     let mut cmd = util::cargo();
     cmd.args(["fmt", "--all", "--", "--check"]);
     steps.push(util::run_step("cargo fmt --check", &mut cmd, step_timeout));
+    if util::interrupted() {
+        return util::summarize(&steps);
+    }
+    // The test executables were run; only vm-test's guest runs some again.
+    if disk::reclaim_enabled() && !narrowed {
+        if let Err(e) = disk::remove_test_executables(
+            &[("VIGIL_AGENT_BIN", agent.as_os_str())],
+            vm::GUEST_TESTS,
+        ) {
+            eprintln!("warning: reclaiming the test executables: {e:#}");
+        }
+    }
+
+    // Each parser of untrusted input, fuzzed briefly from its corpus.
+    if fuzz_seconds > 0 {
+        disk::report("fuzz");
+        steps.push(util::fn_step(
+            &format!("fuzz ({fuzz_seconds} s per target)"),
+            || {
+                fuzz::fuzz(&fuzz::FuzzArgs {
+                    seconds: fuzz_seconds,
+                    target: Vec::new(),
+                    max_len: 65536,
+                })
+            },
+        ));
+    }
+    if disk::reclaim_enabled() {
+        disk::remove_dir("the fuzz targets' build", &fuzz::build_dir());
+    }
     if util::interrupted() {
         return util::summarize(&steps);
     }
@@ -527,6 +584,7 @@ fn test(step_timeout: Duration, cargo_test_args: Vec<String>) -> Result<()> {
     // The packages `package --check` built, installed and run in a Debian
     // VM on one of Debian's kernels (`cargo xtask vm-test --kernel all`
     // runs every one).
+    disk::report("vm-test");
     println!("==> vm-test --kernel {CI_VM_KERNEL} (the debug packages)");
     steps.push(util::fn_step(&format!("vm-test {CI_VM_KERNEL}"), || {
         vm::vm_test(&vm::VmTestArgs {

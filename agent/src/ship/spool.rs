@@ -301,6 +301,39 @@ impl Spool {
         })
     }
 
+    /// Stores bundle `id`'s detached signature (`<id>.sig` in the spool,
+    /// synced; not an item: it travels with the bundle's upload and leaves
+    /// with it).
+    pub fn put_signature(&self, id: &str, sig: &[u8]) -> Result<PathBuf, SpoolError> {
+        if !vigil_proto::is_valid_bundle_id(id) {
+            return Err(SpoolError::InvalidId(id.to_string()));
+        }
+        let tmp = self.dir.join(format!(".tmp-sig-{id}"));
+        let dst = self.dir.join(format!("{id}.sig"));
+        let r = write_synced(&tmp, sig).and_then(|()| fs::rename(&tmp, &dst));
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        r?;
+        Ok(dst)
+    }
+
+    /// Bundle `id`'s signature, when it has one (bundles spooled by agents
+    /// before signatures have none).
+    pub fn signature(&self, id: &str) -> Option<Vec<u8>> {
+        if !vigil_proto::is_valid_bundle_id(id) {
+            return None;
+        }
+        fs::read(self.dir.join(format!("{id}.sig"))).ok()
+    }
+
+    fn signature_path(&self, item: &Item) -> Option<PathBuf> {
+        match &item.kind {
+            ItemKind::Bundle(id) => Some(self.dir.join(format!("{id}.sig"))),
+            ItemKind::Detection => None,
+        }
+    }
+
     /// Every queued item, in delivery order.
     pub fn list(&self) -> Result<Vec<Item>, SpoolError> {
         let mut items = Vec::new();
@@ -328,6 +361,9 @@ impl Spool {
     /// Removes an acknowledged item.
     pub fn remove(&self, item: &Item) -> Result<(), SpoolError> {
         fs::remove_file(&item.path)?;
+        if let Some(sig) = self.signature_path(item) {
+            let _ = fs::remove_file(sig);
+        }
         self.unreserve(item.size);
         Ok(())
     }
@@ -339,6 +375,11 @@ impl Spool {
         vigil_bundle::private::secure_dir(&dir)?;
         let dst = dir.join(item.path.file_name().unwrap_or_default());
         fs::rename(&item.path, &dst)?;
+        if let Some(sig) = self.signature_path(item).filter(|p| p.exists()) {
+            let mut name = dst.clone().into_os_string();
+            name.push(".sig");
+            let _ = fs::rename(sig, name);
+        }
         self.unreserve(item.size);
         Ok(dst)
     }
@@ -383,6 +424,34 @@ mod tests {
         assert_eq!(s.usage().0, 3);
         assert_eq!(m.spool_items.get(), 3);
         assert!(s.enqueue_bundle(&arch, "../x", Priority::High).is_err());
+    }
+
+    /// A bundle's signature is no item, travels with it and leaves with
+    /// it (removed when shipped, set aside when rejected); a bundle of an
+    /// older agent has none.
+    #[test]
+    fn signatures_go_with_their_bundles() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let s = Spool::open(d.path(), 1 << 20, 10, m).unwrap();
+        let arch = d.path().join("x.tar.zst");
+        fs::write(&arch, b"bundle").unwrap();
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        s.put_signature(&a, b"sig a").unwrap();
+        s.enqueue_bundle(&arch, &a, Priority::High).unwrap();
+        s.enqueue_bundle(&arch, &b, Priority::High).unwrap();
+        assert!(s.put_signature("../x", b"x").is_err());
+        let items = s.list().unwrap();
+        assert_eq!(items.len(), 2, "a signature is not an item");
+        assert_eq!(s.signature(&a).as_deref(), Some(&b"sig a"[..]));
+        assert_eq!(s.signature(&b), None);
+        s.put_signature(&b, b"sig b").unwrap();
+        s.remove(&items[0]).unwrap();
+        assert_eq!(s.signature(&a), None);
+        let rejected = s.reject(&items[1]).unwrap();
+        assert_eq!(s.signature(&b), None);
+        let kept = format!("{}.sig", rejected.display());
+        assert_eq!(fs::read(kept).unwrap(), b"sig b");
     }
 
     #[test]

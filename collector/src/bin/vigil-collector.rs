@@ -1,5 +1,5 @@
-//! `vigil-collector`: the collector server (`serve`) and its PKI tool
-//! (`init-pki`).
+//! `vigil-collector`: the collector server (`serve`), its PKI tool
+//! (`init-pki`) and its revocation list (`revoke`, `unrevoke`, `revoked`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use vigil_collector::incident::Grouping;
 use vigil_collector::ingest::Limits;
 use vigil_collector::pki::{self, InitPki};
+use vigil_collector::revoke;
 use vigil_collector::server::{self, ServeConfig, StoreConfig};
 
 /// vigil collector: receives events, detections and evidence from agents
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the collector.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or complete a PKI directory: CA, server and client
     /// certificates. Existing files are kept unless --renew or --rotate-ca.
     InitPki(InitPkiArgs),
@@ -35,6 +36,45 @@ enum Command {
     /// --ui-token-file): for images without a shell or `cat`, e.g.
     /// `kubectl exec vigil-collector-0 -- vigil-collector ui-token`.
     UiToken(UiTokenArgs),
+    /// Revoke a certificate: by name (every certificate with that CN) or
+    /// by fingerprint (sha256:HEX, as the agents table records it). The
+    /// running collector refuses it from its next call (PERMISSION_DENIED),
+    /// no restart needed.
+    Revoke(RevokeArgs),
+    /// Take an entry off the revocation list.
+    Unrevoke(RevokeArgs),
+    /// List the revoked certificates.
+    Revoked(RevokedArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RevokedArgs {
+    /// The collector's data directory.
+    #[arg(
+        long,
+        default_value = "/var/lib/vigil-collector",
+        env = "VIGIL_COLLECTOR_DATA"
+    )]
+    data_dir: PathBuf,
+    /// The deny-list file, when `serve` was given another one.
+    #[arg(long)]
+    revoked_file: Option<PathBuf>,
+}
+
+impl RevokedArgs {
+    fn path(&self) -> PathBuf {
+        self.revoked_file
+            .clone()
+            .unwrap_or_else(|| revoke::default_path(&self.data_dir))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct RevokeArgs {
+    /// A certificate name (CN) or sha256:FINGERPRINT.
+    entry: String,
+    #[command(flatten)]
+    list: RevokedArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -94,12 +134,37 @@ struct ServeArgs {
     /// anything is read.
     #[arg(long, default_value_t = 16 << 30)]
     max_bundle_expanded_bytes: u64,
-    /// Evidence uploads running at once.
+    /// Evidence uploads running at once, over all agents.
     #[arg(long, default_value_t = 8)]
     max_concurrent_uploads: usize,
-    /// Unfinished uploads kept on disk for resumption.
+    /// Evidence uploads running at once for one agent (certificate name).
+    #[arg(long, default_value_t = 2)]
+    max_uploads_per_agent: usize,
+    /// Unfinished uploads kept on disk for resumption, over all agents.
     #[arg(long, default_value_t = 64)]
     max_partial_uploads: usize,
+    /// Unfinished uploads kept on disk for one agent.
+    #[arg(long, default_value_t = 8)]
+    max_partial_uploads_per_agent: usize,
+    /// Longest wait for the next message of a stream (a chunk, a batch;
+    /// e.g. 30s): an idle stream is closed with DEADLINE_EXCEEDED.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
+    /// Longest time one evidence upload call may take (e.g. 10m); what
+    /// arrived is kept and the agent resumes.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    upload_deadline: Duration,
+    /// Events one agent (certificate name) may hold (0: unlimited); past
+    /// it its event batches are refused with RESOURCE_EXHAUSTED until
+    /// retention makes room.
+    #[arg(long, default_value_t = 20_000_000)]
+    max_agent_events: u64,
+    /// Detections one agent may hold (0: unlimited).
+    #[arg(long, default_value_t = 1_000_000)]
+    max_agent_detections: u64,
+    /// Bytes of evidence bundles one agent may hold (0: unlimited).
+    #[arg(long, default_value_t = 50 << 30)]
+    max_agent_evidence_bytes: u64,
     /// Delete events older than this many days (0: keep forever).
     /// Detections, incidents and evidence are kept.
     #[arg(long, default_value_t = 30)]
@@ -113,15 +178,37 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long, env = "VIGIL_COLLECTOR_METRICS")]
     metrics_addr: Option<SocketAddr>,
-    /// Serve the incident web UI on this address (plain HTTP: keep it on
-    /// loopback or behind a TLS proxy). Printed on stdout as
-    /// "ui on http://ADDR/".
+    /// Serve the incident web UI on this address (plain HTTP unless
+    /// --ui-tls: then keep it on loopback or behind a TLS proxy). Printed
+    /// on stdout as "ui on http://ADDR/" (https with --ui-tls).
     #[arg(long, env = "VIGIL_COLLECTOR_UI")]
     ui_addr: Option<SocketAddr>,
+    /// Serve the web UI over HTTPS with the collector's own certificate
+    /// from the PKI (PKI/server.pem; browsers must trust PKI/ca.pem):
+    /// session cookies are then marked Secure.
+    #[arg(long)]
+    ui_tls: bool,
     /// File with the UI token (created with a random token when missing;
     /// default DATA/ui-token).
     #[arg(long)]
     ui_token_file: Option<PathBuf>,
+    /// The certificate deny-list (default DATA/revoked; edit it with
+    /// `vigil-collector revoke`), re-read when it changes.
+    #[arg(long)]
+    revoked_file: Option<PathBuf>,
+    /// Refuse evidence bundles the agent did not sign (agents before
+    /// proof of origin); by default they are kept and marked unsigned.
+    #[arg(long)]
+    require_signed_evidence: bool,
+    /// How long a web UI session lasts after sign-in (e.g. 12h); "Sign
+    /// out" ends it sooner, a restart ends them all.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    ui_session_ttl: Duration,
+    /// A second UI token, for viewers: incidents, trees, timelines and the
+    /// API, but no evidence downloads (the UI token is the analyst's).
+    /// Created with a random token when missing. Default: no viewer role.
+    #[arg(long)]
+    ui_viewer_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -223,6 +310,32 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", token.trim());
             Ok(())
         }
+        Command::Revoke(a) => {
+            let entry = revoke::Entry::parse(&a.entry)?;
+            let path = a.list.path();
+            if revoke::revoke(&path, entry.clone())? {
+                println!("revoked {entry} (in {})", path.display());
+            } else {
+                println!("{entry} was already revoked (in {})", path.display());
+            }
+            Ok(())
+        }
+        Command::Unrevoke(a) => {
+            let entry = revoke::Entry::parse(&a.entry)?;
+            let path = a.list.path();
+            if revoke::unrevoke(&path, &entry)? {
+                println!("{entry} is no longer revoked (in {})", path.display());
+                Ok(())
+            } else {
+                anyhow::bail!("{entry} is not in {}", path.display())
+            }
+        }
+        Command::Revoked(a) => {
+            for e in revoke::read(&a.path())? {
+                println!("{e}");
+            }
+            Ok(())
+        }
         Command::InitPki(a) => {
             let mut analysts = a.analysts;
             let (existing, _) = pki::client_paths(&a.dir, pki::Role::Analyst, "analyst");
@@ -267,8 +380,17 @@ fn run(cli: Cli) -> Result<()> {
                     max_batch_items: a.max_batch_items,
                     max_bundle_bytes: a.max_bundle_bytes,
                     max_concurrent_uploads: a.max_concurrent_uploads.max(1),
+                    max_uploads_per_agent: a.max_uploads_per_agent.max(1),
                     max_partial_uploads: a.max_partial_uploads.max(1),
+                    max_partial_uploads_per_agent: a.max_partial_uploads_per_agent.max(1),
+                    stream_idle_timeout: a.stream_idle_timeout.max(Duration::from_millis(100)),
+                    upload_deadline: a.upload_deadline.max(Duration::from_secs(1)),
                     max_bundle_expanded_bytes: a.max_bundle_expanded_bytes,
+                    quotas: vigil_collector::quota::QuotaLimits {
+                        events: a.max_agent_events,
+                        detections: a.max_agent_detections,
+                        evidence_bytes: a.max_agent_evidence_bytes,
+                    },
                 },
                 retention_days: a.retention_days,
                 partial_ttl: a.partial_ttl,
@@ -277,7 +399,12 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 metrics_addr: a.metrics_addr,
                 ui_addr: a.ui_addr,
+                ui_tls: a.ui_tls,
                 ui_token_file: a.ui_token_file,
+                revoked_file: a.revoked_file,
+                require_signed_evidence: a.require_signed_evidence,
+                ui_session_ttl: a.ui_session_ttl.max(Duration::from_secs(1)),
+                ui_viewer_token_file: a.ui_viewer_token_file,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -290,8 +417,12 @@ fn run(cli: Cli) -> Result<()> {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "listening on {}", l.grpc);
                     if let Some((addr, token)) = &l.ui {
-                        let _ =
-                            writeln!(out, "ui on http://{addr}/ (token in {})", token.display());
+                        let scheme = if l.ui_tls { "https" } else { "http" };
+                        let _ = writeln!(
+                            out,
+                            "ui on {scheme}://{addr}/ (token in {})",
+                            token.display()
+                        );
                     }
                     let _ = out.flush();
                 },

@@ -145,10 +145,14 @@ enum EvidenceCmd {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
-    /// Verify bundle files: each one's SHA-256 against its id and every
-    /// artifact against its manifest; with several files (one agent's),
-    /// also their chain of custody. No collector needed. Exit status 1 when
-    /// anything fails.
+    /// Verify bundle files: each one's SHA-256 against its id, every
+    /// artifact against its manifest, the agent's signature (FILE.sig,
+    /// against the CA, bound to the manifest's agent id) and the
+    /// collector's receipt (FILE.receipt); with several files (one
+    /// agent's), also their chain of custody. When the collector is
+    /// reachable, also its record: it holds this exact bundle, its origin,
+    /// its place in the agent's chain, forks, the chain head. Exit status 1
+    /// when anything fails.
     Verify {
         /// The bundle files.
         #[arg(required = true)]
@@ -156,6 +160,9 @@ enum EvidenceCmd {
         /// Expected id (default: from the file name).
         #[arg(long)]
         id: Option<String>,
+        /// Do not ask the collector (self-consistency only).
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -216,7 +223,8 @@ async fn connect(c: &Connection) -> Result<QueryClient<Channel>> {
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    // What agents sent is inside: printed without terminal controls.
+    println!("{}", render::terminal_json(v));
     Ok(())
 }
 
@@ -326,13 +334,46 @@ async fn run(cli: Cli) -> Result<bool> {
                 out.display(),
                 render::bytes(n)
             );
+            // The agent's signature and the collector's receipt go next
+            // to it, for `vigil evidence verify` offline.
+            let st = q
+                .evidence_status(vigil_proto::EvidenceStatusRequest {
+                    bundle_id: id.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if let Some(info) = st.info {
+                for (ext, doc) in [("sig", &info.signature), ("receipt", &info.receipt)] {
+                    if !doc.is_empty() {
+                        let p = evidence::sidecar(&out, ext);
+                        std::fs::write(&p, doc)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                        println!("{}: written", p.display());
+                    }
+                }
+                if info.origin == "unsigned" {
+                    println!("note: the agent did not sign this bundle (an agent before signatures): its origin rests on the collector's record");
+                }
+            }
         }
-        Command::Evidence(EvidenceCmd::Verify { files, id }) => {
+        Command::Evidence(EvidenceCmd::Verify { files, id, offline }) => {
             if id.is_some() && files.len() != 1 {
                 bail!("--id names one file's bundle: pass a single file with it");
             }
             let mark = |ok: bool| if ok { "OK  " } else { "FAIL" };
             let mut all_ok = true;
+            let ca_path = cli
+                .conn
+                .ca
+                .clone()
+                .unwrap_or_else(|| cli.conn.pki.join("ca.pem"));
+            let ca = std::fs::read_to_string(&ca_path).ok();
+            let mut online = if offline {
+                Err("--offline".to_string())
+            } else {
+                connect(&cli.conn).await.map_err(|e| format!("{e:#}"))
+            };
             for file in &files {
                 let expected = match id.clone().or_else(|| evidence::id_from_file_name(file)) {
                     Some(id) => id,
@@ -381,6 +422,51 @@ async fn run(cli: Cli) -> Result<bool> {
                     ),
                 }
                 all_ok &= r.ok();
+                let manifest = r.manifest.as_ref().ok().map(|m| &**m);
+                let o = evidence::check_origin(file, &r.sha256, manifest, ca.as_deref());
+                let c = render::clean;
+                let ca_note = if o.ca_checked {
+                    String::new()
+                } else {
+                    format!(
+                        " (certificate NOT checked against a CA: no {})",
+                        ca_path.display()
+                    )
+                };
+                match &o.signature {
+                    None => println!(
+                        "  WARN unsigned: no {} (an agent before signatures, or the signature was not kept): its origin rests on the collector's record",
+                        evidence::sidecar(file, "sig").display()
+                    ),
+                    Some(Ok(who)) => println!(
+                        "  {} signed by agent {}, the agent the manifest names{ca_note}",
+                        mark(true),
+                        c(who)
+                    ),
+                    Some(Err(e)) => println!("  {} signature: {}", mark(false), c(e)),
+                }
+                match &o.receipt {
+                    None => {}
+                    Some(Ok(rc)) => println!(
+                        "  {} receipt: stored by the collector from agent {}, seq {}, chain {}, {}{ca_note}",
+                        mark(true),
+                        c(&rc.agent),
+                        rc.seq,
+                        c(&rc.chain),
+                        if rc.signed { "signed" } else { "unsigned" }
+                    ),
+                    Some(Err(e)) => println!("  {} receipt: {}", mark(false), c(e)),
+                }
+                all_ok &= o.ok();
+                if let Ok(q) = &mut online {
+                    all_ok &= collector_record(q, &r.sha256, manifest).await?;
+                }
+            }
+            if let Err(why) = &online {
+                println!(
+                    "offline ({}): checked self-consistency only (hash, manifest, signature, receipt); not checked: that the collector holds these exact bundles, their place in the agent's chain, forks, the chain head",
+                    render::clean(why)
+                );
             }
             if files.len() > 1 {
                 match evidence::verify_chain(&files) {
@@ -407,6 +493,65 @@ async fn run(cli: Cli) -> Result<bool> {
     Ok(true)
 }
 
+/// Compares a bundle with the collector's record of it; false when the
+/// collector holds no such bundle or reports a fork.
+async fn collector_record(
+    q: &mut QueryClient<Channel>,
+    sha256: &str,
+    manifest: Option<&vigil_bundle::Manifest>,
+) -> Result<bool> {
+    let mark = |ok: bool| if ok { "OK  " } else { "FAIL" };
+    let c = render::clean;
+    let st = q
+        .evidence_status(vigil_proto::EvidenceStatusRequest {
+            bundle_id: sha256.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let Some(info) = st.info.filter(|_| st.found) else {
+        println!(
+            "  {} collector: holds no bundle with this content (sha256 {sha256}): altered after it was uploaded, or not uploaded yet",
+            mark(false)
+        );
+        return Ok(false);
+    };
+    let mut ok = true;
+    println!(
+        "  {} collector: holds it from agent {} ({}), seq {}, chain {}; the agent's chain head there: seq {} ({})",
+        mark(true),
+        c(&info.agent),
+        if info.origin.is_empty() {
+            "stored before origin checks".to_string()
+        } else {
+            c(&info.origin).to_string()
+        },
+        info.seq,
+        c(&info.chain),
+        st.head_seq,
+        c(&st.head_bundle_id)
+    );
+    if let Some(m) = manifest {
+        if m.agent.id != info.agent {
+            println!(
+                "  WARN the manifest names agent {}, the collector received it from {}",
+                c(&m.agent.id),
+                c(&info.agent)
+            );
+        }
+    }
+    if !st.forks.is_empty() || info.chain == "fork" || info.chain == "broken" {
+        ok = false;
+        println!(
+            "  {} chain of custody at the collector: {}; other bundles naming the same predecessor: {}",
+            mark(false),
+            c(&info.chain),
+            if st.forks.is_empty() { "none".to_string() } else { c(&st.forks.join(", ")) }
+        );
+    }
+    Ok(ok)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -423,7 +568,8 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("vigil: {e:#}");
+            // Errors may quote the collector or a bundle (agent strings).
+            eprintln!("vigil: {}", render::clean(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }

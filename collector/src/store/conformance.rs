@@ -92,6 +92,42 @@ pub async fn batches_are_atomic_and_deduplicated(s: &dyn Store) {
     let st = s.stats().await.unwrap();
     assert_eq!((st.agents, st.events), (2, 6));
     assert!(st.bytes > 0);
+    // Per-agent usage (quotas): a duplicate counts once.
+    s.insert_detections(
+        "a2",
+        "d1",
+        vec![det(T0, 5, "/bin/x", "r", Severity::Low, vec![])],
+        T0,
+    )
+    .await
+    .unwrap();
+    s.record_evidence(EvidenceInfo {
+        bundle_id: "ab".repeat(32),
+        agent: "a2".into(),
+        size: 1234,
+        stored_unix_nanos: T0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let usage = s.usage().await.unwrap();
+    let of = |name: &str| {
+        usage
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, u)| *u)
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        of("a2"),
+        super::AgentUsage {
+            events: 4,
+            detections: 1,
+            evidence_bytes: 1234
+        }
+    );
+    assert_eq!(of("a1").events, 2);
+    assert_eq!(of("a1").detections + of("a1").evidence_bytes, 0);
 }
 
 pub async fn one_attack_chain_is_one_incident(s: &dyn Store) {
@@ -549,6 +585,9 @@ pub async fn evidence_links_to_its_detection_in_either_order(s: &dyn Store) {
         prev_bundle_id: "ee".repeat(32),
         chain: "gap".into(),
         manifest_agent: agent.into(),
+        origin: "signed".into(),
+        signature: format!("{{\"sig\":\"{id}\"}}"),
+        receipt: "{\"receipt\":1}".into(),
     };
     // Detection first, then its bundle.
     let d1 = det(T0, 300, "/bin/sh", "web_shell", Severity::High, web_chain());
@@ -581,6 +620,20 @@ pub async fn evidence_links_to_its_detection_in_either_order(s: &dyn Store) {
 
     let got = s.evidence(&early).await.unwrap().unwrap();
     assert_eq!(got, info(&early, "b1", 300, T0));
+    // Chain lookups: both of b1's bundles name the same predecessor (a
+    // fork); b2's does too but is another agent's.
+    let prev = "ee".repeat(32);
+    assert_eq!(
+        s.successors("b1", &prev).await.unwrap(),
+        vec![early.clone(), late.clone()]
+    );
+    assert_eq!(
+        s.successors("b2", &prev).await.unwrap(),
+        vec![foreign.clone()]
+    );
+    assert!(s.successors("b1", "").await.unwrap().is_empty());
+    assert_eq!(s.chain_head("b1").await.unwrap().unwrap().seq, 2);
+    assert!(s.chain_head("nobody").await.unwrap().is_none());
     let incidents = s
         .list_incidents(&ListIncidentsRequest::default())
         .await

@@ -79,6 +79,17 @@ pub struct StoreStats {
     pub bytes: u64,
 }
 
+/// What one agent holds in the collector (per-agent storage quotas).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentUsage {
+    /// Events stored.
+    pub events: u64,
+    /// Detections stored.
+    pub detections: u64,
+    /// Bytes of the evidence bundles recorded under the agent.
+    pub evidence_bytes: u64,
+}
+
 /// The index of everything agents sent.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -112,6 +123,14 @@ pub trait Store: Send + Sync + 'static {
     /// The record of one evidence bundle.
     async fn evidence(&self, bundle_id: &str) -> Result<Option<EvidenceInfo>, StoreError>;
 
+    /// Ids of `agent`'s bundles naming `prev` as their predecessor (for
+    /// `prev` empty: its bundles with seq 1), oldest first. More than one
+    /// is a fork of its chain.
+    async fn successors(&self, agent: &str, prev: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The record of `agent`'s bundle with the highest seq.
+    async fn chain_head(&self, agent: &str) -> Result<Option<EvidenceInfo>, StoreError>;
+
     /// Incidents matching the filters, most recently active first.
     async fn list_incidents(
         &self,
@@ -133,6 +152,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts and sizes.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// What every agent holds (agents holding nothing may be left out).
+    async fn usage(&self) -> Result<Vec<(String, AgentUsage)>, StoreError>;
 }
 
 /// Default and maximum number of rows a list query returns.

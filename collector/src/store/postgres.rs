@@ -21,12 +21,12 @@ use vigil_proto::{
 };
 
 use super::{
-    effective_limit, like, merge_list, split_list, AgentSeen, BatchOutcome, Store, StoreError,
-    StoreStats, INCIDENT_EVENTS_LIMIT, INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
+    effective_limit, like, merge_list, split_list, AgentSeen, AgentUsage, BatchOutcome, Store,
+    StoreError, StoreStats, INCIDENT_EVENTS_LIMIT, INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
 };
 use crate::incident::{chain, Grouping};
 
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA: &str = r#"
 CREATE TABLE agents (
@@ -126,6 +126,20 @@ ALTER TABLE evidence ADD COLUMN manifest_agent TEXT NOT NULL DEFAULT '';
 CREATE INDEX evidence_subject ON evidence(agent_id, detection_ns);
 "#;
 
+/// Version 3: proof of origin and the chain lookups.
+const MIGRATE_3: &str = r#"
+ALTER TABLE evidence ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN signature TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN receipt TEXT NOT NULL DEFAULT '';
+CREATE INDEX evidence_prev ON evidence(agent_id, prev_bundle_id);
+CREATE INDEX evidence_seq ON evidence(agent_id, seq);
+"#;
+
+/// The columns of an evidence record, in [`evidence_row`] order.
+const EVIDENCE_COLUMNS: &str = "e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
+   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent, e.origin, e.signature,
+   e.receipt";
+
 /// One connection and its prepared statements.
 struct Conn {
     config: Config,
@@ -205,11 +219,15 @@ impl PostgresStore {
             None => {
                 tx.batch_execute(SCHEMA).await?;
                 tx.batch_execute(MIGRATE_2).await?;
+                tx.batch_execute(MIGRATE_3).await?;
                 tx.execute("INSERT INTO schema_version VALUES ($1)", &[&SCHEMA_VERSION])
                     .await?;
             }
-            Some(1) => {
-                tx.batch_execute(MIGRATE_2).await?;
+            Some(v @ (1 | 2)) => {
+                if v == 1 {
+                    tx.batch_execute(MIGRATE_2).await?;
+                }
+                tx.batch_execute(MIGRATE_3).await?;
                 tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])
                     .await?;
             }
@@ -451,6 +469,9 @@ fn evidence_row(r: &Row) -> EvidenceInfo {
         prev_bundle_id: r.get(9),
         chain: r.get(10),
         manifest_agent: r.get(11),
+        origin: r.get(12),
+        signature: r.get(13),
+        receipt: r.get(14),
     }
 }
 
@@ -600,8 +621,9 @@ impl Store for PostgresStore {
         let st = c
             .stmt(
                 "INSERT INTO evidence (bundle_id, agent_id, size, stored_ns, label, pid, rule,
-                   detection_ns, seq, prev_bundle_id, chain, manifest_agent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                   detection_ns, seq, prev_bundle_id, chain, manifest_agent, origin, signature,
+                   receipt)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                  ON CONFLICT DO NOTHING",
             )
             .await?;
@@ -630,6 +652,9 @@ impl Store for PostgresStore {
                 &info.prev_bundle_id,
                 &info.chain,
                 &info.manifest_agent,
+                &info.origin,
+                &info.signature,
+                &info.receipt,
             ],
         )
         .await?;
@@ -655,11 +680,43 @@ impl Store for PostgresStore {
         let st = c
             .stmt(
                 "SELECT e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
-                   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent
+                   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent, e.origin,
+                   e.signature, e.receipt
                  FROM evidence e JOIN agents a ON a.id = e.agent_id WHERE e.bundle_id = $1",
             )
             .await?;
         let row = c.client().await?.query_opt(&st, &[&bundle_id]).await?;
+        Ok(row.as_ref().map(evidence_row))
+    }
+
+    async fn successors(&self, agent: &str, prev: &str) -> Result<Vec<String>, StoreError> {
+        let mut c = self.reader.lock().await;
+        let rows = c
+            .client()
+            .await?
+            .query(
+                "SELECT e.bundle_id FROM evidence e JOIN agents a ON a.id = e.agent_id
+                 WHERE a.name = $1 AND e.prev_bundle_id = $2 AND ($2 <> '' OR e.seq = 1)
+                 ORDER BY e.stored_ns, e.bundle_id",
+                &[&agent, &prev],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn chain_head(&self, agent: &str) -> Result<Option<EvidenceInfo>, StoreError> {
+        let mut c = self.reader.lock().await;
+        let row = c
+            .client()
+            .await?
+            .query_opt(
+                &format!(
+                    "SELECT {EVIDENCE_COLUMNS} FROM evidence e JOIN agents a ON a.id = e.agent_id
+                     WHERE a.name = $1 AND e.seq > 0 ORDER BY e.seq DESC, e.stored_ns LIMIT 1"
+                ),
+                &[&agent],
+            )
+            .await?;
         Ok(row.as_ref().map(evidence_row))
     }
 
@@ -736,7 +793,8 @@ impl Store for PostgresStore {
                    coalesce(max(e.pid), 0), coalesce(max(e.rule), ''),
                    coalesce(max(e.detection_ns), 0), coalesce(max(e.seq), 0),
                    coalesce(max(e.prev_bundle_id), ''), coalesce(max(e.chain), ''),
-                   coalesce(max(e.manifest_agent), '')
+                   coalesce(max(e.manifest_agent), ''), coalesce(max(e.origin), ''),
+                   coalesce(max(e.signature), ''), coalesce(max(e.receipt), '')
                  FROM detection_evidence de JOIN detections d ON d.id = de.detection_id
                  LEFT JOIN evidence e ON e.bundle_id = de.bundle_id
                  LEFT JOIN agents a ON a.id = e.agent_id
@@ -876,6 +934,35 @@ impl Store for PostgresStore {
             evidence: n(4),
             bytes: n(5),
         })
+    }
+
+    async fn usage(&self) -> Result<Vec<(String, AgentUsage)>, StoreError> {
+        let mut c = self.reader.lock().await;
+        let rows = c
+            .client()
+            .await?
+            .query(
+                "SELECT a.name,
+                   (SELECT count(*) FROM events WHERE agent_id = a.id),
+                   (SELECT count(*) FROM detections WHERE agent_id = a.id),
+                   (SELECT coalesce(sum(size), 0)::BIGINT FROM evidence WHERE agent_id = a.id)
+                 FROM agents a ORDER BY a.name",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    AgentUsage {
+                        events: r.get::<_, i64>(1) as u64,
+                        detections: r.get::<_, i64>(2) as u64,
+                        evidence_bytes: r.get::<_, i64>(3) as u64,
+                    },
+                )
+            })
+            .collect())
     }
 }
 

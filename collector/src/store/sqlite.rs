@@ -19,12 +19,12 @@ use vigil_proto::{
 };
 
 use super::{
-    effective_limit, like, merge_list, split_list, AgentSeen, BatchOutcome, Store, StoreError,
-    StoreStats, INCIDENT_EVENTS_LIMIT, INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
+    effective_limit, like, merge_list, split_list, AgentSeen, AgentUsage, BatchOutcome, Store,
+    StoreError, StoreStats, INCIDENT_EVENTS_LIMIT, INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
 };
 use crate::incident::{chain, Grouping};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = r#"
 CREATE TABLE agents (
@@ -125,9 +125,20 @@ ALTER TABLE evidence ADD COLUMN manifest_agent TEXT NOT NULL DEFAULT '';
 CREATE INDEX evidence_subject ON evidence(agent_id, detection_ns);
 "#;
 
+/// Version 3: proof of origin (signed or not, the agent's signature, the
+/// collector's receipt) and the chain lookups (successors of a bundle).
+const MIGRATE_3: &str = r#"
+ALTER TABLE evidence ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN signature TEXT NOT NULL DEFAULT '';
+ALTER TABLE evidence ADD COLUMN receipt TEXT NOT NULL DEFAULT '';
+CREATE INDEX evidence_prev ON evidence(agent_id, prev_bundle_id);
+CREATE INDEX evidence_seq ON evidence(agent_id, seq);
+"#;
+
 /// The columns of an evidence record, in [`evidence_row`] order.
 const EVIDENCE_COLUMNS: &str = "e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
-   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent";
+   e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent, e.origin, e.signature,
+   e.receipt";
 
 fn evidence_row(r: &rusqlite::Row) -> rusqlite::Result<EvidenceInfo> {
     Ok(EvidenceInfo {
@@ -143,6 +154,9 @@ fn evidence_row(r: &rusqlite::Row) -> rusqlite::Result<EvidenceInfo> {
         prev_bundle_id: r.get(9)?,
         chain: r.get(10)?,
         manifest_agent: r.get(11)?,
+        origin: r.get(12)?,
+        signature: r.get(13)?,
+        receipt: r.get(14)?,
     })
 }
 
@@ -166,9 +180,10 @@ impl std::fmt::Debug for SqliteStore {
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // WAL + NORMAL: a crash loses at most the last transactions, never
-    // consistency; fsync at checkpoints.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // WAL + FULL: every commit is fsynced before it returns, so what the
+    // collector acknowledged survives a power cut (NORMAL would lose the
+    // last transactions, which the agent no longer holds).
+    conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
@@ -193,12 +208,15 @@ impl SqliteStore {
         configure(&writer)?;
         let version: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
-            0 | 1 => {
+            0..=2 => {
                 let tx = writer.transaction()?;
                 if version == 0 {
                     tx.execute_batch(SCHEMA)?;
                 }
-                tx.execute_batch(MIGRATE_2)?;
+                if version < 2 {
+                    tx.execute_batch(MIGRATE_2)?;
+                }
+                tx.execute_batch(MIGRATE_3)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
                 tx.commit()?;
             }
@@ -556,8 +574,9 @@ impl Store for SqliteStore {
             let agent = agent_id(&tx, &info.agent, info.stored_unix_nanos)?;
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO evidence (bundle_id, agent_id, size, stored_ns, label, pid,
-                   rule, detection_ns, seq, prev_bundle_id, chain, manifest_agent)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                   rule, detection_ns, seq, prev_bundle_id, chain, manifest_agent, origin,
+                   signature, receipt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?
             .execute(params![
                 info.bundle_id,
@@ -571,7 +590,10 @@ impl Store for SqliteStore {
                 info.seq as i64,
                 info.prev_bundle_id,
                 info.chain,
-                info.manifest_agent
+                info.manifest_agent,
+                info.origin,
+                info.signature,
+                info.receipt
             ])?;
             // The detections of the captured event (stored before it).
             if info.detection_unix_nanos != 0 {
@@ -601,6 +623,36 @@ impl Store for SqliteStore {
                      FROM evidence e JOIN agents a ON a.id = e.agent_id WHERE e.bundle_id = ?1"
             ))?
             .query_row([bundle_id], evidence_row)
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn successors(&self, agent: &str, prev: &str) -> Result<Vec<String>, StoreError> {
+        let (agent, prev) = (agent.to_string(), prev.to_string());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT e.bundle_id FROM evidence e JOIN agents a ON a.id = e.agent_id
+                 WHERE a.name = ?1 AND e.prev_bundle_id = ?2 AND (?2 <> '' OR e.seq = 1)
+                 ORDER BY e.stored_ns, e.bundle_id",
+            )?;
+            let ids = st
+                .query_map(params![agent, prev], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn chain_head(&self, agent: &str) -> Result<Option<EvidenceInfo>, StoreError> {
+        let agent = agent.to_string();
+        self.read(move |c| {
+            Ok(c.prepare_cached(&format!(
+                "SELECT {EVIDENCE_COLUMNS}
+                     FROM evidence e JOIN agents a ON a.id = e.agent_id
+                     WHERE a.name = ?1 AND e.seq > 0 ORDER BY e.seq DESC, e.stored_ns LIMIT 1"
+            ))?
+            .query_row([agent], evidence_row)
             .optional()?)
         })
         .await
@@ -688,7 +740,8 @@ impl Store for SqliteStore {
                        coalesce(e.stored_ns, 0), coalesce(e.label, ''), coalesce(e.pid, 0),
                        coalesce(e.rule, ''), coalesce(e.detection_ns, 0), coalesce(e.seq, 0),
                        coalesce(e.prev_bundle_id, ''), coalesce(e.chain, ''),
-                       coalesce(e.manifest_agent, '')
+                       coalesce(e.manifest_agent, ''), coalesce(e.origin, ''),
+                       coalesce(e.signature, ''), coalesce(e.receipt, '')
                      FROM detection_evidence de JOIN detections d ON d.id = de.detection_id
                      LEFT JOIN evidence e ON e.bundle_id = de.bundle_id
                      LEFT JOIN agents a ON a.id = e.agent_id
@@ -847,6 +900,30 @@ impl Store for SqliteStore {
                 evidence: count("evidence")?,
                 bytes: file_len(path) + file_len(PathBuf::from(wal)),
             })
+        })
+        .await
+    }
+
+    async fn usage(&self) -> Result<Vec<(String, AgentUsage)>, StoreError> {
+        self.read(move |c| {
+            let mut s = c.prepare(
+                "SELECT a.name,
+                   (SELECT count(*) FROM events WHERE agent_id = a.id),
+                   (SELECT count(*) FROM detections WHERE agent_id = a.id),
+                   (SELECT coalesce(sum(size), 0) FROM evidence WHERE agent_id = a.id)
+                 FROM agents a ORDER BY a.name",
+            )?;
+            let rows = s.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    AgentUsage {
+                        events: r.get::<_, i64>(1)? as u64,
+                        detections: r.get::<_, i64>(2)? as u64,
+                        evidence_bytes: r.get::<_, i64>(3)? as u64,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }

@@ -269,16 +269,53 @@ pub fn sealed_bundle_as(
     pid: u32,
     detection_time: &str,
 ) -> Vec<u8> {
+    let detection = serde_json::json!({
+        "time": detection_time,
+        "rule": "web_shell",
+        "process": { "pid": pid },
+    });
+    seal(agent_id, noise(raw_len, seed), pid, detection)
+}
+
+/// A sealed bundle whose core is `len` zero bytes: it compresses to
+/// almost nothing (a decompression bomb, at small scale).
+pub fn zero_bundle(len: usize) -> Vec<u8> {
+    let detection = serde_json::json!({ "time": "2026-11-26T14:08:28Z", "rule": "r" });
+    seal("test-agent", vec![0u8; len], 7, detection)
+}
+
+/// A real bundle sealed by the agent's own bundle code: one `core`
+/// artifact holding `core`, the first of `agent_id`'s chain, captured from
+/// `pid` for `detection`.
+fn seal(agent_id: &str, core: Vec<u8>, pid: u32, detection: serde_json::Value) -> Vec<u8> {
     let root = tempfile::tempdir().unwrap();
+    seal_in(root.path(), agent_id, core, pid, detection)
+}
+
+/// [`seal`] with the chain state (and work directories) under `root`: the
+/// next link of the chain kept there.
+pub fn seal_in(
+    root: &Path,
+    agent_id: &str,
+    core: Vec<u8>,
+    pid: u32,
+    detection: serde_json::Value,
+) -> Vec<u8> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = tempfile::Builder::new()
+        .prefix(&format!("seal-{n}-"))
+        .tempdir_in(root)
+        .unwrap();
     let cfg = vigil_bundle::BundleConfig {
-        out_dir: root.path().join("out"),
-        state_dir: root.path().join("state"),
+        out_dir: work.path().join("out"),
+        state_dir: root.join("state"),
         agent_id: agent_id.into(),
         zstd_level: 1,
         keep_dir: false,
     };
-    let mut b = vigil_bundle::BundleBuilder::create(&root.path().join("b")).unwrap();
-    std::fs::write(b.path_of("core"), noise(raw_len, seed)).unwrap();
+    let mut b = vigil_bundle::BundleBuilder::create(&work.path().join("b")).unwrap();
+    std::fs::write(b.path_of("core"), core).unwrap();
     b.add_file("core", "core").unwrap();
     let m = vigil_bundle::Manifest {
         format: String::new(),
@@ -293,49 +330,65 @@ pub fn sealed_bundle_as(
             details: serde_json::Value::Null,
         },
         subject: serde_json::json!({ "pid": pid }),
-        detection: serde_json::json!({
-            "time": detection_time,
-            "rule": "web_shell",
-            "process": { "pid": pid },
-        }),
+        detection,
         artifacts: vec![],
     };
     let sealed = b.seal(&cfg, m).unwrap();
     std::fs::read(sealed.archive).unwrap()
 }
 
-/// A sealed bundle whose core is `len` zero bytes: it compresses to
-/// almost nothing (a decompression bomb, at small scale).
-pub fn zero_bundle(len: usize) -> Vec<u8> {
-    let root = tempfile::tempdir().unwrap();
-    let cfg = vigil_bundle::BundleConfig {
-        out_dir: root.path().join("out"),
-        state_dir: root.path().join("state"),
-        agent_id: "test-agent".into(),
-        zstd_level: 1,
-        keep_dir: false,
-    };
-    let mut b = vigil_bundle::BundleBuilder::create(&root.path().join("b")).unwrap();
-    std::fs::write(b.path_of("core"), vec![0u8; len]).unwrap();
-    b.add_file("core", "core").unwrap();
-    let m = vigil_bundle::Manifest {
-        format: String::new(),
-        seq: 0,
-        prev_bundle_sha256: None,
-        agent: vigil_bundle::AgentIdentity::current("test-agent"),
-        times: Default::default(),
-        acquisition: vigil_bundle::Acquisition {
-            method: "test".into(),
-            tool: "collector tests".into(),
-            tool_version: "0".into(),
-            details: serde_json::Value::Null,
-        },
-        subject: serde_json::json!({ "pid": 7 }),
-        detection: serde_json::json!({ "time": "2026-11-26T14:08:28Z", "rule": "r" }),
-        artifacts: vec![],
-    };
-    let sealed = b.seal(&cfg, m).unwrap();
-    std::fs::read(sealed.archive).unwrap()
+/// One agent's chain of bundles, sealed by the agent's own code with its
+/// chain state in a directory of its own (copy it to fork the chain).
+pub struct AgentChain {
+    pub root: tempfile::TempDir,
+    pub agent_id: String,
+}
+
+impl AgentChain {
+    pub fn new(agent_id: &str) -> AgentChain {
+        AgentChain {
+            root: tempfile::tempdir().unwrap(),
+            agent_id: agent_id.to_string(),
+        }
+    }
+
+    /// The next bundle of the chain (core: 4 KiB of noise from `seed`).
+    pub fn next(&self, seed: u64) -> Vec<u8> {
+        let detection = serde_json::json!({
+            "time": "2026-11-26T14:08:28Z", "rule": "web_shell", "process": { "pid": 4242 },
+        });
+        seal_in(
+            self.root.path(),
+            &self.agent_id,
+            noise(4096, seed),
+            4242,
+            detection,
+        )
+    }
+
+    /// A second chain that continues from where this one is now.
+    pub fn fork(&self) -> AgentChain {
+        let f = AgentChain::new(&self.agent_id);
+        std::fs::create_dir_all(f.root.path().join("state")).unwrap();
+        std::fs::copy(
+            self.root.path().join("state/chain.json"),
+            f.root.path().join("state/chain.json"),
+        )
+        .unwrap();
+        f
+    }
+}
+
+/// The detached signature of bundle `id` made with `agent`'s certificate
+/// key from `pki` (what the agent sends with its upload).
+pub fn sign(pki: &Path, agent: &str, id: &str) -> Vec<u8> {
+    let f = ClientFiles::in_pki(pki, Role::Agent, agent);
+    let key = vigil_bundle::sign::SigningKey::from_pem(
+        &std::fs::read_to_string(f.cert).unwrap(),
+        &std::fs::read_to_string(f.key).unwrap(),
+    )
+    .unwrap();
+    key.sign_bundle(id).unwrap().to_bytes()
 }
 
 /// A bundle (see [`sealed_bundle`]) of about `raw_len` bytes, different per
@@ -366,4 +419,39 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0 with `extra` header lines; (status, body).
+pub fn http_get(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// The value of the first metric line starting with `prefix` on the
+/// collector's `/metrics` at `port` (0 when absent).
+pub fn metric(port: u16, prefix: &str) -> f64 {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (_, body) = http_get(addr, "/metrics", "");
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

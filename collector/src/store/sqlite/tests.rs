@@ -64,3 +64,20 @@ async fn a_version_1_database_is_migrated_and_keeps_its_evidence() {
         .unwrap();
     assert_eq!(v, SCHEMA_VERSION);
 }
+
+#[test]
+fn commits_are_fsynced_before_they_return() {
+    // WAL with synchronous=FULL on both connections: what the collector
+    // acknowledged survives a power cut (NORMAL loses the last commits).
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("vigil.db"), Grouping::default()).unwrap();
+    for conn in [&s.writer, &s.reader] {
+        let c = conn.lock().unwrap();
+        let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL (2)");
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+}
