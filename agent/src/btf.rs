@@ -401,7 +401,13 @@ const OFFSET_TABLE: &[(&str, &[Spec])] = &[
             spec!(mount_mnt_mountpoint, ["mnt_mountpoint"], Want::Ptr),
         ],
     ),
-    ("fs_struct", &[spec!(fs_pwd, ["pwd"], Want::Any)]),
+    (
+        "fs_struct",
+        &[
+            spec!(fs_pwd, ["pwd"], Want::Any),
+            spec!(fs_root, ["root"], Want::Any),
+        ],
+    ),
     ("files_struct", &[spec!(files_fdt, ["fdt"], Want::Ptr)]),
     (
         "fdtable",
@@ -757,6 +763,7 @@ mod tests {
             mount_mnt_parent,
             mount_mnt_mountpoint,
             fs_pwd,
+            fs_root,
             files_fdt,
             fdtable_max_fds,
             fdtable_fd,
@@ -813,6 +820,7 @@ mod tests {
             ("mount_mnt_parent", mount_mnt_parent),
             ("mount_mnt_mountpoint", mount_mnt_mountpoint),
             ("fs_pwd", fs_pwd),
+            ("fs_root", fs_root),
             ("files_fdt", files_fdt),
             ("fdtable_max_fds", fdtable_max_fds),
             ("fdtable_fd", fdtable_fd),

@@ -274,14 +274,19 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             off += e.new_len as usize;
             let old = tail(buf, off, e.old_len, "rename old path")?;
             let base = walked_path(walked);
-            let old = cstr(old);
+            let (new, old) = (cstr(new), cstr(old));
+            // The base was walked for the new path: the directory of a
+            // relative one, a chroot's root for an absolute one. The old
+            // path shares it only when it is of the same kind (and, when
+            // relative, relative to the same directory).
+            let shares_base = if old.starts_with('/') {
+                new.starts_with('/')
+            } else {
+                !new.starts_with('/') && e.old_dirfd_differs == 0
+            };
             Payload::Rename(Rename {
-                new_path: join(&base, &cstr(new)),
-                old_path: if e.old_dirfd_differs == 0 {
-                    join(&base, &old)
-                } else {
-                    old
-                },
+                old_path: if shares_base { join(&base, &old) } else { old },
+                new_path: join(&base, &new),
             })
         }
     };
@@ -411,10 +416,23 @@ fn path_record(buf: &[u8], what: &'static str) -> Result<(String, u32), DecodeEr
     Ok((join(&walked_path(walked), &cstr(user)), e.mode))
 }
 
-/// `user` resolved against `base` (lexically: "." and ".." handled).
+/// `user` resolved against `base` (lexically: "." and ".." handled). An
+/// absolute `user` with a `base` comes from a chrooted process: `base` is
+/// its root, which ".." cannot leave.
 fn join(base: &str, user: &str) -> String {
-    if user.starts_with('/') || base.is_empty() {
+    if base.is_empty() {
         return crate::model::normalize_path(user);
+    }
+    if user.starts_with('/') {
+        let base = crate::model::normalize_path(base);
+        let inner = crate::model::normalize_path(user);
+        if base == "/" {
+            return inner;
+        }
+        if inner == "/" {
+            return base;
+        }
+        return format!("{base}{inner}");
     }
     crate::model::normalize_path(&format!("{base}/{user}"))
 }
@@ -601,7 +619,78 @@ mod tests {
         assert_eq!(join("/home/u", "./dashboard/x"), "/home/u/dashboard/x");
         assert_eq!(join("/home/u", "../v/x"), "/home/v/x");
         assert_eq!(join("", "rel/x"), "rel/x");
-        assert_eq!(join("/a", "/etc/cron.d/x"), "/etc/cron.d/x");
+        // An absolute path with a base: a chrooted process's, under its
+        // root, which ".." cannot leave.
+        assert_eq!(join("/srv/root", "/etc/cron.d/x"), "/srv/root/etc/cron.d/x");
+        assert_eq!(join("/srv/root", "/../../etc/x"), "/srv/root/etc/x");
+        assert_eq!(join("/srv/root", "/"), "/srv/root");
+        assert_eq!(join("/", "/etc/x"), "/etc/x");
+        assert_eq!(join("", "/etc/x"), "/etc/x");
+    }
+
+    /// A rename record: base walked leaf first, then new and old paths.
+    fn rename_record(base: &[u8], new: &str, old: &str, old_dirfd_differs: bool) -> Vec<u8> {
+        let (new, old) = (format!("{new}\0"), format!("{old}\0"));
+        let fixed = size_of::<raw::RenameEvent>();
+        let e = raw::RenameEvent {
+            hdr: header(
+                EventKind::Rename,
+                fixed + base.len() + new.len() + old.len(),
+            ),
+            flags: 0,
+            old_dirfd_differs: old_dirfd_differs as u32,
+            base_len: base.len() as u32,
+            new_len: new.len() as u32,
+            old_len: old.len() as u32,
+            _reserved: 0,
+        };
+        let mut out = bytes(&e);
+        out.extend_from_slice(base);
+        out.extend_from_slice(new.as_bytes());
+        out.extend_from_slice(old.as_bytes());
+        out
+    }
+
+    #[test]
+    fn rename_paths_share_the_base_only_when_it_is_theirs() {
+        let paths = |r: Vec<u8>| match decode(&r).unwrap().payload {
+            Payload::Rename(x) => (x.old_path, x.new_path),
+            p => panic!("{p:?}"),
+        };
+        let cwd = b"src\0home\0";
+        // Both relative to the cwd.
+        assert_eq!(
+            paths(rename_record(cwd, "b", "a", false)),
+            ("/home/src/a".into(), "/home/src/b".into())
+        );
+        // Old relative to another directory fd: left as given.
+        assert_eq!(
+            paths(rename_record(cwd, "b", "a", true)),
+            ("a".into(), "/home/src/b".into())
+        );
+        // An absolute old path with a relative new one: the base is the
+        // new one's directory, not the old one's.
+        assert_eq!(
+            paths(rename_record(cwd, "b", "/tmp/a", false)),
+            ("/tmp/a".into(), "/home/src/b".into())
+        );
+        // Both absolute, not chrooted (no base).
+        assert_eq!(
+            paths(rename_record(b"", "/etc/b", "/etc/a", false)),
+            ("/etc/a".into(), "/etc/b".into())
+        );
+        // Both absolute in a chroot: the base is its root, for both.
+        let root = b"root\0srv\0";
+        assert_eq!(
+            paths(rename_record(root, "/etc/cron.d/b", "/tmp/a", false)),
+            ("/srv/root/tmp/a".into(), "/srv/root/etc/cron.d/b".into())
+        );
+        // A relative old path with an absolute new one: the root is not
+        // its directory.
+        assert_eq!(
+            paths(rename_record(root, "/etc/b", "a", false)),
+            ("a".into(), "/srv/root/etc/b".into())
+        );
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub struct Metrics {
     pub containment_actions: Family<ActionLabel, Counter>,
     /// Archives removed from the node after the collector acknowledged them.
     pub archives_pruned: Counter,
+    /// The collector's receipts for acknowledged bundles, by outcome
+    /// (`verified`, `invalid`, `none`).
+    pub evidence_receipts: Family<ReasonLabel, Counter>,
     /// Bytes the capture directory holds (at the last capture decision).
     pub capture_disk_bytes: Gauge,
     /// Captures stopped by their deadline (their process was resumed).
@@ -436,6 +439,11 @@ impl Metrics {
             "archives_pruned",
             "Evidence archives removed from the node after the collector acknowledged them",
             self.archives_pruned.clone(),
+        );
+        r.register(
+            "evidence_receipts",
+            "The collector's receipts for acknowledged bundles, by outcome (verified, invalid, none)",
+            self.evidence_receipts.clone(),
         );
         r.register(
             "capture_disk_bytes",

@@ -52,6 +52,10 @@ pub enum SignError {
     /// The signature does not verify.
     #[error("the signature does not verify with the certificate of {0}: forged or altered")]
     BadSignature(String),
+    /// A receipt signed with a certificate that cannot authenticate a
+    /// server (an agent's or an analyst's key from the same CA).
+    #[error("the receipt is signed by {0}, whose certificate is not a collector's (no serverAuth usage): forged")]
+    NotCollector(String),
 }
 
 /// A bundle's detached signature (`<archive>.sig`).
@@ -166,6 +170,10 @@ pub struct Signer {
     pub role: String,
     /// SHA-256 of the DER certificate, hex.
     pub cert_sha256: String,
+    /// The certificate may authenticate a server (extended key usage
+    /// serverAuth): the collector's. `init-pki` issues agents and analysts
+    /// client-only certificates.
+    pub server: bool,
 }
 
 /// A signing key with its certificate.
@@ -275,6 +283,11 @@ fn check(
         cert.verify_signature(Some(ca_cert.public_key()))
             .map_err(|_| SignError::UntrustedCertificate(name.clone()))?;
     }
+    let server = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.server_auth);
     let sig = hex::decode(sig_hex).map_err(|_| SignError::BadSignature(name.clone()))?;
     UnparsedPublicKey::new(
         &signature::ECDSA_P256_SHA256_ASN1,
@@ -286,6 +299,7 @@ fn check(
         name,
         role,
         cert_sha256: hex::encode(sha2::Sha256::digest(&der)),
+        server,
     })
 }
 
@@ -305,31 +319,58 @@ pub fn verify_signature(sig: &Signature, id: &str, ca: Option<&str>) -> Result<S
 
 /// Checks a collector receipt: its certificate was issued by `ca` (when
 /// given) and its signature verifies. Returns the collector's identity.
+/// The certificate must be a server's: an agent's key (which root on its
+/// node holds) cannot make a receipt.
 pub fn verify_receipt(r: &Receipt, ca: Option<&str>) -> Result<Signer, SignError> {
-    check(&r.certificate, ca, &r.signed_bytes(), &r.signature)
+    let who = check(&r.certificate, ca, &r.signed_bytes(), &r.signature)?;
+    if !who.server {
+        return Err(SignError::NotCollector(who.name));
+    }
+    Ok(who)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A CA and a leaf `name` (OU agent) it issued: (ca pem, cert pem,
-    /// key pem).
-    fn pki(name: &str) -> (String, String, String) {
+    /// A CA: (its PEM, an issuer for leaves).
+    fn ca() -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::default();
         ca.distinguished_name
             .push(rcgen::DnType::CommonName, "test CA");
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca_cert = ca.clone().self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
+        (ca_cert.pem(), rcgen::Issuer::new(ca, ca_key))
+    }
+
+    /// A leaf `name` issued by `issuer` as `init-pki` makes them: an
+    /// agent's (OU agent, client auth) or the collector's (server auth):
+    /// (cert pem, key pem).
+    fn leaf(
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        name: &str,
+        server: bool,
+    ) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::default();
         p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.distinguished_name
-            .push(rcgen::DnType::OrganizationalUnitName, "agent");
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        (ca_cert.pem(), cert.pem(), key.serialize_pem())
+        if server {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        } else {
+            p.distinguished_name
+                .push(rcgen::DnType::OrganizationalUnitName, "agent");
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let cert = p.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A CA and an agent `name` it issued: (ca pem, cert pem, key pem).
+    fn pki(name: &str) -> (String, String, String) {
+        let (ca, issuer) = ca();
+        let (cert, key) = leaf(&issuer, name, false);
+        (ca, cert, key)
     }
 
     #[test]
@@ -361,26 +402,42 @@ mod tests {
 
     #[test]
     fn receipts_verify_and_edits_are_caught() {
-        let (ca, cert, key) = pki("collector");
+        let (ca, issuer) = ca();
+        let (cert, key) = leaf(&issuer, "vigil-collector", true);
         let k = SigningKey::from_pem(&cert, &key).unwrap();
-        let r = k
-            .sign_receipt(Receipt {
-                bundle_id: "ab".repeat(32),
-                agent: "web-1".into(),
-                seq: 3,
-                chain: "linked".into(),
-                signed: true,
-                stored_unix_nanos: 1,
-                ..Default::default()
-            })
-            .unwrap();
+        let receipt = Receipt {
+            bundle_id: "ab".repeat(32),
+            agent: "web-1".into(),
+            seq: 3,
+            chain: "linked".into(),
+            signed: true,
+            stored_unix_nanos: 1,
+            ..Default::default()
+        };
+        let r = k.sign_receipt(receipt.clone()).unwrap();
         let back = Receipt::parse(&r.to_bytes()).unwrap();
-        assert_eq!(verify_receipt(&back, Some(&ca)).unwrap().name, "collector");
+        let who = verify_receipt(&back, Some(&ca)).unwrap();
+        assert_eq!(who.name, "vigil-collector");
+        assert!(who.server);
         let mut edited = back.clone();
         edited.seq = 4;
         assert!(matches!(
             verify_receipt(&edited, Some(&ca)),
             Err(SignError::BadSignature(_))
         ));
+        // Root on a node holds its agent's key, issued by the same CA: a
+        // receipt it makes for a rewritten bundle is no collector's.
+        let (agent_cert, agent_key) = leaf(&issuer, "web-1", false);
+        let a = SigningKey::from_pem(&agent_cert, &agent_key).unwrap();
+        let forged = a.sign_receipt(receipt).unwrap();
+        let e = verify_receipt(&forged, Some(&ca)).unwrap_err();
+        assert!(matches!(e, SignError::NotCollector(_)), "{e}");
+        // An agent's signature still names an agent.
+        let sig = a.sign_bundle(&"ab".repeat(32)).unwrap();
+        assert!(
+            !verify_signature(&sig, &"ab".repeat(32), Some(&ca))
+                .unwrap()
+                .server
+        );
     }
 }

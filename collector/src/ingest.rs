@@ -726,14 +726,16 @@ impl Ingest for IngestService {
                 received,
                 complete: false,
                 total_size: meta.total_size,
+                receipt: String::new(),
             },
             BlobState::Complete { size } => {
-                self.ensure_recorded(&id, &agent, size, "", None).await?;
+                let receipt = self.ensure_recorded(&id, &agent, size, "", None).await?;
                 UploadStatusReply {
                     bundle_id: id.to_string(),
                     received: size,
                     complete: true,
                     total_size: size,
+                    receipt,
                 }
             }
         };

@@ -99,6 +99,19 @@ async fn signed_evidence_is_bound_to_its_agent(backend: Backend) {
         ("signed", "first")
     );
     assert_eq!(info.receipt, r1.receipt);
+    // The agent asking where its upload stands is handed the same receipt
+    // (an agent that finds its bundle already stored still keeps one).
+    let up = c
+        .ingest(&pki, "agent-1")
+        .await
+        .upload_status(vigil_proto::UploadStatusRequest {
+            bundle_id: id1.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(up.complete);
+    assert_eq!(up.receipt, r1.receipt);
 
     // Altered and renamed to its new hash: the signature names the old id.
     let altered = AgentChain::new("agent-1").next(666);

@@ -628,6 +628,7 @@ pub struct KernelOffsets {
     pub mount_mnt_parent: u32,
     pub mount_mnt_mountpoint: u32,
     pub fs_pwd: u32,
+    pub fs_root: u32,
     pub files_fdt: u32,
     pub fdtable_max_fds: u32,
     pub fdtable_fd: u32,

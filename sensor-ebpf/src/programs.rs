@@ -387,8 +387,10 @@ unsafe fn walk_file(s: *mut Scratch, dst: *mut u8, file: u64) -> (u64, u32) {
     }
 }
 
-/// Walks the directory a path argument is relative to: nothing for an
-/// absolute path, the cwd for AT_FDCWD, else the directory fd.
+/// Walks the directory a path argument is relative to: for an absolute
+/// path, nothing, except the root directory of a chrooted process (its
+/// "/etc" is the host's "/srv/root/etc"); the cwd for AT_FDCWD, else the
+/// directory fd. One call site of the walk (it is inlined).
 #[inline(always)]
 unsafe fn walk_base(
     s: *mut Scratch,
@@ -399,30 +401,40 @@ unsafe fn walk_base(
 ) -> (u64, u32) {
     unsafe {
         let first: u8 = bpf_probe_read_user(user_path as *const u8).unwrap_or(b'/');
-        if first == b'/' {
-            return (0, 0);
-        }
         // The syscall's `int dfd` arrives as a 64-bit register: compare its
         // low 32 bits, sign-extended.
         let dirfd = dirfd as u32 as i32 as i64;
-        if dirfd == AT_FDCWD {
-            let fs: u64 = match rd(task, off!(task_fs)) {
-                Ok(v) => v,
-                Err(_) => return (0, 0),
-            };
-            let pwd = off!(fs_pwd);
-            let dentry: u64 = rd(fs, pwd + off!(path_dentry)).unwrap_or(0);
-            let mnt: u64 = rd(fs, pwd + off!(path_mnt)).unwrap_or(0);
-            if dentry == 0 || mnt == 0 {
+        // The `struct path` to walk: in fs_struct (root or pwd) or a file.
+        let path: u64 = if first == b'/' || dirfd == AT_FDCWD {
+            let Ok(fs) = rd::<u64>(task, off!(task_fs)) else {
                 return (0, 0);
+            };
+            fs + if first == b'/' {
+                off!(fs_root)
+            } else {
+                off!(fs_pwd)
             }
-            walk_path(s, dst, dentry, mnt)
         } else {
             match fd_file(task, dirfd as u64) {
-                Some(f) => walk_file(s, dst, f),
-                None => (0, 0),
+                Some(f) => f + off!(file_f_path),
+                None => return (0, 0),
+            }
+        };
+        let dentry: u64 = rd(path, off!(path_dentry)).unwrap_or(0);
+        let vfs: u64 = rd(path, off!(path_mnt)).unwrap_or(0);
+        if dentry == 0 || vfs == 0 {
+            return (0, 0);
+        }
+        if first == b'/' {
+            // The namespace's root (not chrooted): nothing to prefix.
+            let mnt = vfs.wrapping_sub(off!(mount_mnt));
+            let mnt_root: u64 = rd(vfs, off!(vfsmount_mnt_root)).unwrap_or(0);
+            let parent: u64 = rd(mnt, off!(mount_mnt_parent)).unwrap_or(0);
+            if dentry == mnt_root && (parent == mnt || parent == 0) {
+                return (0, 0);
             }
         }
+        walk_path(s, dst, dentry, vfs)
     }
 }
 

@@ -455,7 +455,7 @@ pub fn run_with(
             } else if shipping.is_some() && bundles.is_empty() {
                 Some(format!(
                     "no evidence bundle captured ({})",
-                    capture_errors(&agent, pid).join("; ")
+                    capture_errors(&agent, pid, &dets).join("; ")
                 ))
             } else {
                 None
@@ -519,17 +519,29 @@ fn scenario_bundles(agent: &Agent, pid: u32, timeout: Duration) -> Vec<String> {
     }
 }
 
-fn capture_errors(agent: &Agent, pid: u32) -> Vec<String> {
+/// Why a scenario has no bundle: the captures' errors, else whether any
+/// of its detections asked for a capture at all.
+fn capture_errors(agent: &Agent, pid: u32, dets: &[Value]) -> Vec<String> {
     let errs: Vec<String> = agent
         .evidence()
         .iter()
         .filter(|e| belongs_to(&e["detection"], pid))
         .filter_map(|e| e["error"].as_str().map(String::from))
         .collect();
-    if errs.is_empty() {
-        vec!["no capture was attempted: no detection at or above the capture severity".into()]
+    if !errs.is_empty() {
+        return errs;
+    }
+    let asked = dets
+        .iter()
+        .filter(|d| !d["evidence"]["capture"].is_null())
+        .count();
+    if asked > 0 {
+        vec![format!(
+            "{asked} detection(s) asked for a capture and none ended within the wait \
+             (still queued or running: a slow or overloaded machine)"
+        )]
     } else {
-        errs
+        vec!["no capture was attempted: no detection at or above the capture severity".into()]
     }
 }
 

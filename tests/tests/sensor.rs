@@ -290,6 +290,72 @@ fn rename_into_place_is_seen() {
     assert_eq!(e.str_of("old_path"), from.to_string_lossy());
 }
 
+/// A chrooted process's absolute paths name its root's files: they are
+/// reported as the host sees them (a build root's /etc is not the host's
+/// /etc, and ".." does not leave the root).
+#[test]
+fn a_chrooted_process_paths_are_reported_as_the_host_sees_them() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    std::fs::create_dir(root.join("etc")).unwrap();
+    let name = marker("chroot");
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let root_c = c(root.to_str().unwrap());
+    let file = c(&format!("/etc/{name}"));
+    let moved = c(&format!("/../etc/{name}.moved"));
+    // The child chroots and makes the calls (system calls only: it is a
+    // fork of a multi-threaded process), then exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        unsafe {
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                libc::_exit(2);
+            }
+            let fd = libc::open(file.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
+            if fd < 0 {
+                libc::_exit(3);
+            }
+            libc::close(fd);
+            if libc::chmod(file.as_ptr(), 0o755) != 0 {
+                libc::_exit(4);
+            }
+            if libc::rename(file.as_ptr(), moved.as_ptr()) != 0 {
+                libc::_exit(5);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the chrooted child failed: status {status:#x}"
+    );
+    let host = root.join("etc").join(&name).to_string_lossy().into_owned();
+    let host_moved = format!("{host}.moved");
+    let of_child = |e: &Value| e.pid() == pid as u64;
+    agent.expect_event("open in the chroot", |e| {
+        of_child(e) && e.kind() == "file_open" && e.str_of("path") == host
+    });
+    agent.expect_event("chmod in the chroot", |e| {
+        of_child(e) && e.kind() == "chmod" && e.str_of("path") == host
+    });
+    let e = agent.expect_event("rename in the chroot", |e| {
+        of_child(e) && e.kind() == "rename" && e.str_of("new_path") == host_moved
+    });
+    assert_eq!(e.str_of("old_path"), host);
+    let inner = format!("/etc/{name}");
+    assert!(
+        !agent
+            .events()
+            .iter()
+            .any(|e| of_child(e) && e.str_of("path").starts_with(&inner)),
+        "no path of the chroot reported as the host's /etc"
+    );
+}
+
 #[test]
 fn times_set_to_chosen_values_are_seen_and_set_to_now_are_not() {
     let agent = Agent::start(&[]);

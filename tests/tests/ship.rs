@@ -199,6 +199,42 @@ fn detection_and_bundle_reach_the_collector() {
     assert_eq!(agent.metric("vigil_ship_sent_total{kind=\"bundle\"}"), 1.0);
     assert!(agent.metric("vigil_ship_sent_total{kind=\"detection\"}") >= 1.0);
 
+    // The collector's receipt stays on the node: logged in the spool, and
+    // next to the kept archive with the agent's signature, so that the node
+    // proves offline that it signed these bytes and the collector stored
+    // them.
+    assert_eq!(
+        agent.metric("vigil_evidence_receipts_total{reason=\"verified\"}"),
+        1.0
+    );
+    let log = std::fs::read_to_string(spool.join("receipts.jsonl")).expect("the receipt log");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert_eq!(lines[0]["verified"], true, "{log}");
+    assert_eq!(lines[0]["receipt"]["bundle_id"], id.as_str());
+    assert_eq!(lines[0]["receipt"]["agent"], "agent1");
+    assert_eq!(lines[0]["receipt"]["chain"], "first");
+    let out = vigil_cli(
+        &url,
+        &pki,
+        &[
+            "evidence",
+            "verify",
+            "--offline",
+            &archive.to_string_lossy(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("OK   signed by agent agent1"), "{text}");
+    assert!(
+        text.contains("OK   receipt: stored by the collector from agent agent1, seq "),
+        "{text}"
+    );
+
     // Evidence and state are private: everything the agent wrote (capture
     // work, bundles, chain and freeze state, events, evidence, detections,
     // baseline, spool) and the collector wrote (database and its -wal/-shm,

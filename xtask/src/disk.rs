@@ -120,10 +120,7 @@ pub fn test_executables(envs: &[(&str, &std::ffi::OsStr)]) -> Result<Vec<(String
 
 /// Removes the test executables `cargo test` ran, except those named in
 /// `keep` (later steps run them again).
-pub fn remove_test_executables(
-    envs: &[(&str, &std::ffi::OsStr)],
-    keep: &[&str],
-) -> Result<()> {
+pub fn remove_test_executables(envs: &[(&str, &std::ffi::OsStr)], keep: &[&str]) -> Result<()> {
     let dir = util::target_dir();
     let before = free_bytes(&dir);
     let mut removed = 0usize;

@@ -701,61 +701,64 @@ fn timestomp(ctx: &mut Ctx<'_>, path: &str, out: &mut Vec<Finding>) {
 /// `postgres: checkpointer`) keep their program's name and pass.
 fn argv_rewritten(ctx: &Ctx<'_>, argv: &[String], out: &mut Vec<Finding>) {
     let exe = &ctx.ev.process.image.exe;
-    let exe_name = basename(exe);
     let shown = argv.first().map(|a| a.trim()).unwrap_or("");
-    if !looks_like_kernel_thread(shown) {
-        // "sshd: root@pts/0": the name is the first word.
-        let name = basename(shown.split([' ', ':']).next().unwrap_or(""));
-        if name.is_empty()
-            || exe_name.starts_with(name)
-            || name.starts_with(exe_name)
-            || !is_daemon_name(name)
-        {
-            return;
-        }
+    let kthread = looks_like_kernel_thread(shown);
+    // "sshd: root@pts/0": the name is the first word.
+    let name = if kthread {
+        shown
+    } else {
+        basename(shown.split([' ', ':']).next().unwrap_or(""))
+    };
+    if !shows_borrowed_name(exe, name, kthread) {
+        return;
     }
-    out.push(finding(
-        ids::MASQUERADE,
-        Severity::High,
-        &["T1036.005"],
-        format!(
-            "{exe} rewrote its command line to \"{}\" (started as \"{}\")",
-            argv.join(" "),
-            ctx.ev.process.image.argv.join(" ")
-        ),
-        true,
-        "",
-    ));
+    out.push(masquerade_after_exec(format!(
+        "{exe} rewrote its command line to \"{}\" (started as \"{}\")",
+        argv.join(" "),
+        ctx.ev.process.image.argv.join(" ")
+    )));
 }
 
 fn renamed(ctx: &Ctx<'_>, c: &crate::model::event::CommChange, out: &mut Vec<Finding>) {
     let exe = &ctx.ev.process.image.exe;
-    let exe_name = basename(exe);
     let new = c.new_comm.trim();
     let argv0 = c.argv.first().map(String::as_str).unwrap_or("");
-    if new.is_empty() || exe_name.starts_with(new) || new.starts_with(exe_name) {
+    let kthread = looks_like_kernel_thread(argv0) || looks_like_kernel_thread(new);
+    if !shows_borrowed_name(exe, new, kthread) {
         return;
     }
-    let as_kthread = looks_like_kernel_thread(argv0) || looks_like_kernel_thread(new);
-    if !(as_kthread || is_daemon_name(new)) {
-        return;
+    out.push(masquerade_after_exec(format!(
+        "{exe} renamed itself \"{new}\" (was \"{}\"){}",
+        ctx.ev.event.comm,
+        if argv0.is_empty() {
+            String::new()
+        } else {
+            format!(" and shows the command line \"{}\"", c.argv.join(" "))
+        }
+    )));
+}
+
+/// Whether `name`, shown by a process running `exe` after it started (its
+/// new comm or argv[0]), passes it for something it is not: a kernel thread
+/// (`kthread`), or a daemon whose name is not its executable's.
+fn shows_borrowed_name(exe: &str, name: &str, kthread: bool) -> bool {
+    let exe_name = basename(exe);
+    if name.is_empty() || exe_name.starts_with(name) || name.starts_with(exe_name) {
+        return false;
     }
-    out.push(finding(
+    kthread || is_daemon_name(name)
+}
+
+/// A masquerade noticed after exec (a rename or a rewritten command line).
+fn masquerade_after_exec(what: String) -> Finding {
+    finding(
         ids::MASQUERADE,
         Severity::High,
         &["T1036.005"],
-        format!(
-            "{exe} renamed itself \"{new}\" (was \"{}\"){}",
-            ctx.ev.event.comm,
-            if argv0.is_empty() {
-                String::new()
-            } else {
-                format!(" and shows the command line \"{}\"", c.argv.join(" "))
-            }
-        ),
+        what,
         true,
         "",
-    ));
+    )
 }
 
 /// Another process's memory opened for writing through

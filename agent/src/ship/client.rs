@@ -181,21 +181,25 @@ impl Client {
     }
 
     /// Uploads one bundle, resuming where the collector stands. Returns
-    /// when the collector holds it complete and verified.
-    /// `signature`: the bundle's detached signature document, sent with
-    /// the first chunk of every attempt.
+    /// when the collector holds it complete and verified, with the
+    /// collector's signed receipt for it ("" from a collector that issues
+    /// none). `signature`: the bundle's detached signature document, sent
+    /// with the first chunk of every attempt.
     pub async fn upload_bundle(
         &mut self,
         path: &Path,
         id: &str,
         signature: Option<Vec<u8>>,
-    ) -> Result<(), ShipError> {
+    ) -> Result<String, ShipError> {
         let size = std::fs::metadata(path)
             .map_err(|e| ShipError::Rejected(format!("{}: {e}", path.display())))?
             .len();
         let mut offset = self.status(id).await?;
         for _ in 0..4 {
-            let Some(start) = offset else { return Ok(()) };
+            let start = match offset {
+                Resume::At(start) => start,
+                Resume::Complete(receipt) => return Ok(receipt),
+            };
             let start = if start > size { 0 } else { start };
             let mut chunks = ChunkIter::open(path, id, size, start)?;
             chunks.signature = signature.clone().unwrap_or_default();
@@ -203,9 +207,9 @@ impl Client {
                 Ok(r) => {
                     let r = r.into_inner();
                     if r.complete {
-                        return Ok(());
+                        return Ok(r.receipt);
                     }
-                    offset = Some(r.received);
+                    offset = Resume::At(r.received);
                 }
                 Err(s) if s.code() == Code::OutOfRange => {
                     // "resume at N": ask where the collector stands.
@@ -219,8 +223,8 @@ impl Client {
         )))
     }
 
-    /// `None` when complete, else the offset to resume at.
-    async fn status(&mut self, id: &str) -> Result<Option<u64>, ShipError> {
+    /// Where the collector stands with bundle `id`.
+    async fn status(&mut self, id: &str) -> Result<Resume, ShipError> {
         let st = self
             .inner
             .upload_status(UploadStatusRequest {
@@ -229,8 +233,20 @@ impl Client {
             .await
             .map_err(|s| ShipError::from_status(&s))?
             .into_inner();
-        Ok((!st.complete).then_some(st.received))
+        Ok(if st.complete {
+            Resume::Complete(st.receipt)
+        } else {
+            Resume::At(st.received)
+        })
     }
+}
+
+/// Where an upload stands at the collector.
+enum Resume {
+    /// Send from this offset.
+    At(u64),
+    /// Stored: nothing to send; the collector's receipt ("" when none).
+    Complete(String),
 }
 
 /// Reads a bundle lazily as upload chunks (a short read ends the stream:

@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod events;
+pub mod receipts;
 pub mod spool;
 pub mod wire;
 
@@ -135,6 +136,11 @@ impl Shipper {
             );
         }
         let signer = signer(&files, &opts.agent_name);
+        let receipts = receipts::Receipts::new(
+            &opts.spool_dir,
+            &opts.agent_name,
+            std::fs::read_to_string(&files.ca).map_err(|e| format!("{}: {e}", files.ca.display())),
+        );
         let (items, bytes) = spool.usage();
         info!(collector = %opts.collector, spool = %opts.spool_dir.display(), items, bytes, "shipping to the collector");
         let (tx, rx) = channel(QUEUE);
@@ -150,6 +156,7 @@ impl Shipper {
             archive_dir: opts.archive_dir,
             keep_shipped_bytes: opts.keep_shipped_bytes,
             lane: EventLane::new(metrics.clone()),
+            receipts,
         };
         std::thread::Builder::new()
             .name("vigil-ship".into())
@@ -335,6 +342,7 @@ struct Worker {
     archive_dir: Option<PathBuf>,
     keep_shipped_bytes: u64,
     lane: EventLane,
+    receipts: receipts::Receipts,
 }
 
 impl Worker {
@@ -517,8 +525,9 @@ impl Worker {
                         .upload_bundle(&item.path, &id, sig)
                         .await;
                     match r {
-                        Ok(()) => {
+                        Ok(receipt) => {
                             info!(bundle = %id, bytes = item.size, ms = t0.elapsed().as_millis() as u64, "evidence shipped to the collector");
+                            self.keep_receipt(&id, &receipt);
                             self.done(&[item], "bundle")?;
                             self.prune_shipped(&id);
                         }
@@ -593,6 +602,56 @@ impl Worker {
     /// `keep_shipped_bytes`: then it is marked acknowledged
     /// (`shipped/<id>`), and the oldest marked ones go first. An archive
     /// without a mark (not acknowledged yet, never queued) is never touched.
+    /// Checks and logs the collector's receipt for bundle `id`; an
+    /// archive kept on the node gets its signature and verified receipt
+    /// next to it (before the spool lets go of the signature).
+    fn keep_receipt(&self, id: &str, receipt: &str) {
+        let checked = self.receipts.check(id, receipt);
+        let outcome = match &checked {
+            Ok(r) => {
+                debug!(bundle = id, seq = r.seq, chain = %r.chain, "collector receipt verified");
+                "verified"
+            }
+            Err(e) => {
+                warn!(bundle = id, problem = %e, "the collector's receipt for a bundle it acknowledged does not verify");
+                e.outcome()
+            }
+        };
+        self.metrics
+            .evidence_receipts
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: outcome.into(),
+            })
+            .inc();
+        if let Err(e) = self.receipts.log(id, receipt, &checked) {
+            warn!(bundle = id, error = %e, "could not log the collector's receipt");
+        }
+        let Some(dir) = self
+            .archive_dir
+            .as_ref()
+            .filter(|_| self.keep_shipped_bytes > 0)
+        else {
+            return;
+        };
+        let archive = dir.join(format!("{id}.tar.zst"));
+        if !archive.exists() {
+            return;
+        }
+        let sig = self.spool.signature(id);
+        let sidecars = [
+            ("sig", sig.as_deref()),
+            ("receipt", checked.as_ref().ok().map(|_| receipt.as_bytes())),
+        ];
+        for (ext, data) in sidecars {
+            if let Some(data) = data {
+                let p = receipts::sidecar(&archive, ext);
+                if let Err(e) = receipts::write_sidecar(&p, data) {
+                    warn!(path = %p.display(), error = %e, "could not keep a shipped archive's {ext}");
+                }
+            }
+        }
+    }
+
     fn prune_shipped(&self, id: &str) {
         let Some(dir) = &self.archive_dir else {
             return;
@@ -601,6 +660,9 @@ impl Worker {
         let marks = dir.join("shipped");
         let remove = |id: &str| {
             let p = archive(id);
+            for ext in ["sig", "receipt"] {
+                let _ = std::fs::remove_file(receipts::sidecar(&p, ext));
+            }
             match std::fs::remove_file(&p) {
                 Ok(()) => {
                     self.metrics.archives_pruned.inc();
