@@ -530,6 +530,12 @@ fn test(step_timeout: Duration, fuzz_seconds: u64, cargo_test_args: Vec<String>)
     }
     if disk::reclaim_enabled() {
         disk::remove_dir("the fuzz targets' build", &fuzz::build_dir());
+        // The host side of that build (build scripts, proc macros): no
+        // later step of a test run builds in release.
+        disk::remove_dir(
+            "the fuzz build's host artifacts",
+            &util::target_dir().join("release"),
+        );
     }
     if util::interrupted() {
         return util::summarize(&steps);
