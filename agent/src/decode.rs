@@ -278,7 +278,9 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             // The base was walked for the new path: the directory of a
             // relative one, a chroot's root for an absolute one. The old
             // path shares it only when it is of the same kind (and, when
-            // relative, relative to the same directory).
+            // relative, relative to the same directory); otherwise it is
+            // reported as given (in a chroot, an absolute old path with a
+            // relative new one is then the chroot's, not the host's).
             let shares_base = if old.starts_with('/') {
                 new.starts_with('/')
             } else {

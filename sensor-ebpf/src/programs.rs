@@ -388,9 +388,11 @@ unsafe fn walk_file(s: *mut Scratch, dst: *mut u8, file: u64) -> (u64, u32) {
 }
 
 /// Walks the directory a path argument is relative to: for an absolute
-/// path, nothing, except the root directory of a chrooted process (its
-/// "/etc" is the host's "/srv/root/etc"); the cwd for AT_FDCWD, else the
-/// directory fd. One call site of the walk (it is inlined).
+/// path the process's root directory, which walks to nothing unless the
+/// process is chrooted (its "/etc" is then the host's "/srv/root/etc");
+/// the cwd for AT_FDCWD, else the directory fd. One call site of the walk
+/// (it is inlined). A root that is not chrooted is a mount's root whose
+/// mount point is its namespace's root: two steps, no names.
 #[inline(always)]
 unsafe fn walk_base(
     s: *mut Scratch,
@@ -424,15 +426,6 @@ unsafe fn walk_base(
         let vfs: u64 = rd(path, off!(path_mnt)).unwrap_or(0);
         if dentry == 0 || vfs == 0 {
             return (0, 0);
-        }
-        if first == b'/' {
-            // The namespace's root (not chrooted): nothing to prefix.
-            let mnt = vfs.wrapping_sub(off!(mount_mnt));
-            let mnt_root: u64 = rd(vfs, off!(vfsmount_mnt_root)).unwrap_or(0);
-            let parent: u64 = rd(mnt, off!(mount_mnt_parent)).unwrap_or(0);
-            if dentry == mnt_root && (parent == mnt || parent == 0) {
-                return (0, 0);
-            }
         }
         walk_path(s, dst, dentry, vfs)
     }

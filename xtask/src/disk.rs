@@ -98,11 +98,16 @@ pub fn remove_dir(what: &str, dir: &Path) {
     }
 }
 
-/// The test executables `cargo test --workspace` built, as cargo names them
-/// (asked again with `--no-run`: nothing is rebuilt).
-pub fn test_executables(envs: &[(&str, &std::ffi::OsStr)]) -> Result<Vec<(String, PathBuf)>> {
+/// The test executables `cargo test --workspace ARGS` built, as cargo
+/// names them (asked again with `--no-run` and the same cargo arguments:
+/// nothing is rebuilt).
+pub fn test_executables(
+    envs: &[(&str, &std::ffi::OsStr)],
+    cargo_args: &[String],
+) -> Result<Vec<(String, PathBuf)>> {
     let mut cmd = util::cargo();
     cmd.args(["test", "--workspace", "--no-run", "--message-format=json"]);
+    cmd.args(cargo_args.iter().take_while(|a| *a != "--"));
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -122,13 +127,17 @@ pub fn test_executables(envs: &[(&str, &std::ffi::OsStr)]) -> Result<Vec<(String
         .collect())
 }
 
-/// Removes the test executables `cargo test` ran, except those named in
-/// `keep` (later steps run them again).
-pub fn remove_test_executables(envs: &[(&str, &std::ffi::OsStr)], keep: &[&str]) -> Result<()> {
+/// Removes the test executables `cargo test --workspace CARGO_ARGS` ran,
+/// except those named in `keep` (later steps run them again).
+pub fn remove_test_executables(
+    envs: &[(&str, &std::ffi::OsStr)],
+    cargo_args: &[String],
+    keep: &[&str],
+) -> Result<()> {
     let dir = util::target_dir();
     let before = free_bytes(&dir);
     let mut removed = 0usize;
-    for (name, exe) in test_executables(envs)? {
+    for (name, exe) in test_executables(envs, cargo_args)? {
         if keep.contains(&name.as_str()) {
             continue;
         }

@@ -508,6 +508,7 @@ fn test(step_timeout: Duration, fuzz_seconds: u64, cargo_test_args: Vec<String>)
     if disk::reclaim_enabled() && !narrowed {
         if let Err(e) = disk::remove_test_executables(
             &[("VIGIL_AGENT_BIN", agent.as_os_str())],
+            &cargo_test_args,
             vm::GUEST_TESTS,
         ) {
             eprintln!("warning: reclaiming the test executables: {e:#}");

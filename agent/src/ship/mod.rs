@@ -597,11 +597,6 @@ impl Worker {
         Ok(())
     }
 
-    /// After the collector acknowledged bundle `id`: its archive leaves the
-    /// node, unless acknowledged archives are kept up to
-    /// `keep_shipped_bytes`: then it is marked acknowledged
-    /// (`shipped/<id>`), and the oldest marked ones go first. An archive
-    /// without a mark (not acknowledged yet, never queued) is never touched.
     /// Checks and logs the collector's receipt for bundle `id`; an
     /// archive kept on the node gets its signature and verified receipt
     /// next to it (before the spool lets go of the signature).
@@ -652,6 +647,12 @@ impl Worker {
         }
     }
 
+    /// After the collector acknowledged bundle `id`: its archive leaves the
+    /// node, unless acknowledged archives are kept up to
+    /// `keep_shipped_bytes`: then it is marked acknowledged
+    /// (`shipped/<id>`), and the oldest marked ones go first. An archive
+    /// without a mark (not acknowledged yet, never queued) is never touched.
+    /// The archive's signature and receipt go with it (never before it).
     fn prune_shipped(&self, id: &str) {
         let Some(dir) = &self.archive_dir else {
             return;
@@ -660,9 +661,6 @@ impl Worker {
         let marks = dir.join("shipped");
         let remove = |id: &str| {
             let p = archive(id);
-            for ext in ["sig", "receipt"] {
-                let _ = std::fs::remove_file(receipts::sidecar(&p, ext));
-            }
             match std::fs::remove_file(&p) {
                 Ok(()) => {
                     self.metrics.archives_pruned.inc();
@@ -673,6 +671,9 @@ impl Worker {
                     warn!(archive = %p.display(), error = %e, "could not remove a shipped archive");
                     return;
                 }
+            }
+            for ext in ["sig", "receipt"] {
+                let _ = std::fs::remove_file(receipts::sidecar(&p, ext));
             }
             let _ = std::fs::remove_file(marks.join(id));
         };

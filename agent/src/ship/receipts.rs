@@ -146,11 +146,10 @@ pub fn sidecar(path: &Path, ext: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Writes `data` as a private file at `path` (replacing one there).
+/// Writes `data` as a private file at `path`, atomically (a partial
+/// receipt would make `vigil evidence verify` fail the archive).
 pub fn write_sidecar(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = vigil_bundle::private::replace_new(path)?;
-    f.write_all(data)?;
-    f.sync_data()
+    vigil_bundle::private::write_atomic(path, data)
 }
 
 #[cfg(test)]
