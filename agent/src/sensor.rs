@@ -523,6 +523,15 @@ impl Sensor {
                 error: r.err().map(|e| format!("{e:#}")),
             });
         }
+        // What the verifier walked for each program: the bulk of the
+        // start-up time (and what grows when a program gets harder to prove).
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (program, p) in ebpf.programs() {
+                if let Ok(info) = p.info() {
+                    debug!(program, verified_insns = ?info.verified_instruction_count(), "verified");
+                }
+            }
+        }
         let ok = hooks.iter().filter(|h| h.error.is_none()).count();
         let paths: Vec<(Feature, &'static str)> = Feature::ALL
             .into_iter()

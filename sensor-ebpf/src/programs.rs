@@ -45,10 +45,15 @@ struct Scratch {
     name: [u8; FREEZE_NAME_LEN],
     /// One environment string at a time, for the LD_PRELOAD scan.
     env: [u8; ENV_STR_MAX],
-    /// [`EXEC_FLAG_HISTORY_OFF`] when the environment scan saw history
-    /// switched off (kept in map memory: no verifier state per value).
-    hist: u64,
+    /// The environment scan's outcome, kept in map memory (no verifier
+    /// state per value): `EXEC_FLAG_*` bits (history off, truncated) and
+    /// [`ENV_PRELOAD_FOUND`] when `env` holds the `LD_PRELOAD=` variable.
+    envscan: u64,
 }
+
+/// `Scratch::envscan`: `env` holds the `LD_PRELOAD=...` variable. Above
+/// every `EXEC_FLAG_*` bit.
+const ENV_PRELOAD_FOUND: u64 = 1 << 32;
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -448,15 +453,40 @@ unsafe fn read_user_str(dst: *mut u8, src: u64) -> u64 {
     }
 }
 
-/// The environment scan: `LD_PRELOAD` (value copied to `dst`) and shell
-/// history switched off. Returns (bytes incl. NUL, flags).
+/// The environment scan: `LD_PRELOAD` and shell history switched off, its
+/// outcome left in `Scratch::envscan` (and the variable in `Scratch::env`)
+/// for [`env_outcome`]. Run first in the exec program, from a state with
+/// nothing else live: the verifier walks its loop once, not once per
+/// outcome of the path walk and argv read (that multiplied the program's
+/// verification to half a million instructions).
 #[inline(always)]
-unsafe fn scan_env(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32) {
+unsafe fn scan_env(s: *mut Scratch, mm: u64) {
     unsafe {
-        let hist = core::ptr::addr_of_mut!((*s).hist);
-        core::ptr::write_volatile(hist, 0);
-        let (n, flags) = scan_env_preload(s, mm, dst);
-        (n, flags | core::ptr::read_volatile(hist) as u32)
+        let out = core::ptr::addr_of_mut!((*s).envscan);
+        core::ptr::write_volatile(out, 0);
+        let flags = scan_env_preload(s, mm);
+        core::ptr::write_volatile(out, core::ptr::read_volatile(out) | flags as u64);
+    }
+}
+
+/// What [`scan_env`] found: copies the `LD_PRELOAD` value (if any) to
+/// `dst`; returns (bytes incl. NUL, `EXEC_FLAG_*` flags).
+#[inline(always)]
+unsafe fn env_outcome(s: *mut Scratch, dst: *mut u8) -> (u64, u32) {
+    unsafe {
+        let found = core::ptr::read_volatile(core::ptr::addr_of!((*s).envscan));
+        let flags = (found & 0xffff_ffff) as u32;
+        if found & ENV_PRELOAD_FOUND == 0 {
+            return (0, flags);
+        }
+        // "LD_PRELOAD=" is 11 bytes.
+        let buf = core::ptr::addr_of_mut!((*s).env) as *mut u8;
+        let m = bpf_probe_read_kernel_str(
+            dst as *mut c_void,
+            USER_PATH_MAX_BYTES as u32,
+            buf.add(11) as *const c_void,
+        );
+        (if m > 0 { m as u64 & USER_LEN_MASK } else { 0 }, flags)
     }
 }
 
@@ -474,11 +504,11 @@ fn history_off(head: u64, rest: u64) -> bool {
     }
 }
 
-/// Looks for `LD_PRELOAD=` in the new image's environment; copies the value
-/// to `dst`. Returns (bytes incl. NUL, flags). Notes history switched off
-/// in `Scratch::hist` on the way.
+/// Looks for `LD_PRELOAD=` in the new image's environment, leaving it in
+/// `Scratch::env` (noted in `Scratch::envscan`). Returns the truncation
+/// flag; notes history switched off in `Scratch::envscan` on the way.
 #[inline(always)]
-unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32) {
+unsafe fn scan_env_preload(s: *mut Scratch, mm: u64) -> u32 {
     unsafe {
         let start: u64 = rd(mm, off!(mm_env_start)).unwrap_or(0);
         let end: u64 = rd(mm, off!(mm_env_end)).unwrap_or(0);
@@ -488,12 +518,12 @@ unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32)
         while i < ENV_MAX_VARS {
             i += 1;
             if p == 0 || p >= end {
-                return (0, 0);
+                return 0;
             }
             let n =
                 bpf_probe_read_user_str(buf as *mut c_void, ENV_STR_MAX as u32, p as *const c_void);
             if n <= 0 {
-                return (0, 0);
+                return 0;
             }
             // "LD_PRELOAD=" is 11 bytes.
             let head = core::ptr::read_unaligned(buf as *const u64);
@@ -502,25 +532,23 @@ unsafe fn scan_env_preload(s: *mut Scratch, mm: u64, dst: *mut u8) -> (u64, u32)
                 && *buf.add(9) == b'D'
                 && *buf.add(10) == b'='
             {
-                let m = bpf_probe_read_kernel_str(
-                    dst as *mut c_void,
-                    USER_PATH_MAX_BYTES as u32,
-                    buf.add(11) as *const c_void,
-                );
-                return (if m > 0 { m as u64 & USER_LEN_MASK } else { 0 }, 0);
+                let out = core::ptr::addr_of_mut!((*s).envscan);
+                core::ptr::write_volatile(out, core::ptr::read_volatile(out) | ENV_PRELOAD_FOUND);
+                return 0;
             }
             if history_off(head, core::ptr::read_unaligned(buf.add(8) as *const u64)) {
+                let out = core::ptr::addr_of_mut!((*s).envscan);
                 core::ptr::write_volatile(
-                    core::ptr::addr_of_mut!((*s).hist),
-                    EXEC_FLAG_HISTORY_OFF as u64,
+                    out,
+                    core::ptr::read_volatile(out) | EXEC_FLAG_HISTORY_OFF as u64,
                 );
             }
             if n as usize >= ENV_STR_MAX {
-                return (0, EXEC_FLAG_ENV_TRUNCATED);
+                return EXEC_FLAG_ENV_TRUNCATED;
             }
             p += n as u64;
         }
-        (0, EXEC_FLAG_ENV_TRUNCATED)
+        EXEC_FLAG_ENV_TRUNCATED
     }
 }
 
@@ -636,6 +664,9 @@ unsafe fn on_exec(task: u64, bprm: u64) {
     }
     let Some(s) = scratch() else { return };
     unsafe {
+        // First, while nothing else is live (see `scan_env`).
+        let mm: u64 = rd(task, off!(task_mm)).unwrap_or(0);
+        scan_env(s, mm);
         let e: *mut ExecEvent = fixed(s);
         fill_header(&mut (*e).hdr, EventKind::Exec, task);
         let parent: u64 = rd(task, off!(task_real_parent)).unwrap_or(0);
@@ -684,7 +715,6 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         let plen = plen & PATH_MASK;
         (*e).path_len = plen as u32;
         // argv from the new image's stack.
-        let mm: u64 = rd(task, off!(task_mm)).unwrap_or(0);
         let start: u64 = rd(mm, off!(mm_arg_start)).unwrap_or(0);
         let end: u64 = rd(mm, off!(mm_arg_end)).unwrap_or(0);
         let mut alen = end.wrapping_sub(start);
@@ -729,7 +759,7 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         (*e).filename_len = flen as u32;
         // LD_PRELOAD: the value goes after the filename.
         let pre_off = (plen + (got & (ARGV_MAX_BYTES as u64 - 1)) + flen) as usize;
-        let (plen2, eflags) = scan_env(s, mm, t.add(pre_off));
+        let (plen2, eflags) = env_outcome(s, t.add(pre_off));
         flags |= eflags;
         (*e).preload_len = plen2 as u32;
         stdio_kinds(task, e);
