@@ -110,6 +110,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 exe_ino: e.exe_ino,
                 exe_dev: e.exe_dev,
                 exe_size: e.exe_size,
+                arg_start: e.arg_start,
                 exe_memfd: e.flags & raw::EXEC_FLAG_MEMFD != 0,
                 exe_deleted: e.flags & raw::EXEC_FLAG_DELETED != 0,
                 script: (e.flags & raw::EXEC_FLAG_SCRIPT != 0).then(|| cstr(script)),
@@ -501,6 +502,7 @@ mod tests {
             stdio_dev: [0; 3],
             _reserved: 0,
             exe_size: 125_640,
+            arg_start: 0x7ffd_0000_1000,
         };
         let mut v = bytes(&e);
         v.extend_from_slice(path);
@@ -518,6 +520,7 @@ mod tests {
         assert_eq!(e.exe, "/usr/bin/curl");
         assert_eq!(e.argv, ["curl", "-s", "http://x/"]);
         assert_eq!(e.exe_size, 125_640);
+        assert_eq!(e.arg_start, 0x7ffd_0000_1000);
         assert_eq!(ev.comm, "sh");
     }
 

@@ -96,42 +96,76 @@ pub const ARGV_MAX_ARGS: usize = 1024;
 /// Most bytes of an environment read from /proc for `LD_PRELOAD`.
 const ENVIRON_MAX_BYTES: u64 = 1 << 20;
 
-/// The process `pid` is still the one that started at `start_boot_ns`
-/// (its start time in clock ticks matches within one tick).
-fn same_process(p: &procfs::process::Process, start_boot_ns: u64) -> bool {
-    let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
-    p.stat()
-        .is_ok_and(|st| (st.starttime * tick_ns).abs_diff(start_boot_ns) <= tick_ns)
+/// Which process, and which of its images, a /proc read must come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageKey {
+    /// The process's start time (boot ns): another process on a reused
+    /// pid differs.
+    pub start_boot_ns: u64,
+    /// Where the image's arguments start (`mm->arg_start`, from the exec
+    /// record; 0: any image of the process). An exec keeps the process's
+    /// start time but gives it a new stack: a process that exec'd again
+    /// since the record was made differs here.
+    pub arg_start: u64,
 }
 
-/// The command line of `pid` (started at `start_boot_ns`) read from /proc,
-/// bounded like the bootstrap's: for an exec whose record was cut. `None`
-/// when the process is gone or is another one.
-pub fn cmdline_of(pid: u32, start_boot_ns: u64) -> Option<Vec<String>> {
+impl ImageKey {
+    /// Any image of the process started at `start_boot_ns`.
+    pub fn process(start_boot_ns: u64) -> ImageKey {
+        ImageKey {
+            start_boot_ns,
+            arg_start: 0,
+        }
+    }
+
+    /// `p` is still this process (its start time in clock ticks matches
+    /// within one tick) and, when known, this image.
+    fn matches(&self, p: &procfs::process::Process) -> bool {
+        let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
+        p.stat().is_ok_and(|st| {
+            (st.starttime * tick_ns).abs_diff(self.start_boot_ns) <= tick_ns
+                && (self.arg_start == 0 || st.arg_start == Some(self.arg_start))
+        })
+    }
+}
+
+/// `read` of the process `pid` when it is `key`'s image both before and
+/// after the read (an exec between the two would have read another image).
+fn read_image<T>(
+    pid: u32,
+    key: ImageKey,
+    read: impl FnOnce(&procfs::process::Process) -> Option<T>,
+) -> Option<T> {
     let p = procfs::process::Process::new(pid as i32).ok()?;
-    if !same_process(&p, start_boot_ns) {
+    if !key.matches(&p) {
         return None;
     }
-    let argv = p.cmdline().ok()?;
+    let v = read(&p)?;
+    key.matches(&p).then_some(v)
+}
+
+/// The command line of `pid` (as `key` names it) read from /proc, bounded
+/// like the bootstrap's: for an exec whose record was cut. `None` when the
+/// process is gone, is another one, or runs another image.
+pub fn cmdline_of(pid: u32, key: ImageKey) -> Option<Vec<String>> {
+    let argv = read_image(pid, key, |p| p.cmdline().ok())?;
     (!argv.is_empty()).then(|| bounded_argv(argv))
 }
 
-/// The value of `name` in the environment `pid` (started at
-/// `start_boot_ns`) was given at exec, read from /proc (at most 1 MiB):
-/// `Some(None)` when it has none, `None` when it cannot be read.
-pub fn env_var_of(pid: u32, start_boot_ns: u64, name: &str) -> Option<Option<String>> {
+/// The value of `name` in the environment `pid` (as `key` names it) was
+/// given at exec, read from /proc (at most 1 MiB): `Some(None)` when it
+/// has none, `None` when it cannot be read or is another image's.
+pub fn env_var_of(pid: u32, key: ImageKey, name: &str) -> Option<Option<String>> {
     use std::io::Read;
-    let p = procfs::process::Process::new(pid as i32).ok()?;
-    if !same_process(&p, start_boot_ns) {
-        return None;
-    }
-    let mut buf = Vec::new();
-    std::fs::File::open(format!("/proc/{pid}/environ"))
-        .ok()?
-        .take(ENVIRON_MAX_BYTES)
-        .read_to_end(&mut buf)
-        .ok()?;
-    Some(env_value(&buf, name))
+    read_image(pid, key, |_| {
+        let mut buf = Vec::new();
+        std::fs::File::open(format!("/proc/{pid}/environ"))
+            .ok()?
+            .take(ENVIRON_MAX_BYTES)
+            .read_to_end(&mut buf)
+            .ok()?;
+        Some(env_value(&buf, name))
+    })
 }
 
 /// The pid, in the agent's pid namespace, of the process `actor` names
@@ -209,28 +243,59 @@ mod tests {
         assert_eq!(env_value(b"A=1\0LD_PRELOADX=2\0", "LD_PRELOAD"), None);
     }
 
+    /// Waits (at most 5 s) until `p`'s command line satisfies `done`.
+    fn wait_cmdline(p: &procfs::process::Process, done: impl Fn(&[String]) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !p.cmdline().is_ok_and(|c| done(&c)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
-    fn a_command_line_cut_by_the_kernel_is_read_whole_from_proc() {
+    fn a_command_line_cut_by_the_kernel_is_read_whole_from_proc_while_it_is_that_image() {
+        use std::io::Write as _;
         let pad = "p".repeat(3000);
+        // A shell that waits for a line, then execs another program in
+        // place (same pid, same start time).
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; :", &pad, "tail-argument"])
+            .args(["-c", "read x; exec sleep 30", &pad, "tail-argument"])
+            .stdin(std::process::Stdio::piped())
             .spawn()
-            .expect("sleep");
+            .expect("sh");
         let pid = child.id();
         let me = procfs::process::Process::new(pid as i32).expect("proc");
-        let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
-        let start = me.stat().expect("stat").starttime * tick_ns;
         // spawn() may return while the exec is still setting up the new
         // image (an empty command line): the agent reads it only after the
         // kernel's exec event, when it is in place.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while me.cmdline().map_or(true, |c| c.is_empty()) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let argv = cmdline_of(pid, start).expect("live process");
+        wait_cmdline(&me, |c| !c.is_empty());
+        let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
+        let stat = me.stat().expect("stat");
+        let start = stat.starttime * tick_ns;
+        let key = ImageKey {
+            start_boot_ns: start,
+            arg_start: stat.arg_start.expect("arg_start in /proc/PID/stat"),
+        };
+        let argv = cmdline_of(pid, key).expect("live process");
         assert_eq!(argv.last().map(String::as_str), Some("tail-argument"));
         // Another process under that pid (a start time 1 s off) is not it.
-        assert_eq!(cmdline_of(pid, start + 1_000_000_000), None);
+        let other = ImageKey {
+            start_boot_ns: start + 1_000_000_000,
+            ..key
+        };
+        assert_eq!(cmdline_of(pid, other), None);
+        assert_eq!(env_var_of(pid, other, "PATH"), None);
+        // Once it exec'd again, the first image's command line and
+        // environment are gone: /proc shows the new image's, which must not
+        // be taken for the first's. Any image of the process still reads.
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").expect("writing to sh");
+        wait_cmdline(&me, |c| c.first().is_some_and(|a| a == "sleep"));
+        assert_eq!(cmdline_of(pid, key), None);
+        assert_eq!(env_var_of(pid, key, "PATH"), None);
+        assert_eq!(
+            cmdline_of(pid, ImageKey::process(start)),
+            Some(vec!["sleep".to_string(), "30".into()])
+        );
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -64,8 +64,12 @@ impl State {
             // Padding a command line or an environment past what the kernel
             // copies must not hide its end: read the rest while the process
             // lives (rare: long command lines, huge environments).
+            let image = crate::procscan::ImageKey {
+                start_boot_ns: ev.start_boot_ns,
+                arg_start: x.arg_start,
+            };
             if x.argv_truncated {
-                if let Some(argv) = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns) {
+                if let Some(argv) = crate::procscan::cmdline_of(ev.pid, image) {
                     x.argv_truncated = argv.len() >= crate::procscan::ARGV_MAX_ARGS
                         || argv.last().is_some_and(|a| a.ends_with("..."));
                     x.argv = argv;
@@ -76,8 +80,7 @@ impl State {
                 .copy_of(ev.pid, &x.exe, x.exe_dev, x.exe_ino, x.exe_size)
                 .map(|p| p.to_string());
             if x.env_truncated && x.ld_preload.is_none() {
-                if let Some(v) = crate::procscan::env_var_of(ev.pid, ev.start_boot_ns, "LD_PRELOAD")
-                {
+                if let Some(v) = crate::procscan::env_var_of(ev.pid, image, "LD_PRELOAD") {
                     x.ld_preload = v;
                     x.env_truncated = false;
                 }
@@ -85,7 +88,8 @@ impl State {
         }
         if let Payload::Comm(c) = &mut ev.payload {
             // What the renamed process now shows as its command line.
-            c.argv = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns).unwrap_or_default();
+            let any = crate::procscan::ImageKey::process(ev.start_boot_ns);
+            c.argv = crate::procscan::cmdline_of(ev.pid, any).unwrap_or_default();
         }
         // A process about to talk to the network shows the command line it
         // was started with, or one it wrote over its arguments since
@@ -109,7 +113,8 @@ impl State {
                             base(l.trim_end_matches(" (deleted)")) == base(&p.image.exe)
                         });
                     if !started.is_empty() && same_program {
-                        *slot = crate::procscan::cmdline_of(ev.pid, ev.start_boot_ns)
+                        let any = crate::procscan::ImageKey::process(ev.start_boot_ns);
+                        *slot = crate::procscan::cmdline_of(ev.pid, any)
                             .filter(|now| !now.is_empty() && now != started);
                     }
                 }

@@ -277,6 +277,11 @@ pub struct ExecEvent {
     /// Size of the executable file (`i_size`): the agent hashes only files
     /// with the size of a system shell, downloader or interpreter.
     pub exe_size: u64,
+    /// Where the new image's arguments start (`mm->arg_start`, also field
+    /// 48 of `/proc/PID/stat`): what the agent reads from /proc to complete
+    /// a cut record is this image's only while it is still this address (a
+    /// process that exec'd again has a new stack).
+    pub arg_start: u64,
 }
 
 /// An exec the BPF LSM hook (`bprm_check_security`) refused under the deny

@@ -717,6 +717,7 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         // argv from the new image's stack.
         let start: u64 = rd(mm, off!(mm_arg_start)).unwrap_or(0);
         let end: u64 = rd(mm, off!(mm_arg_end)).unwrap_or(0);
+        (*e).arg_start = start;
         let mut alen = end.wrapping_sub(start);
         if alen >= ARGV_MAX_BYTES as u64 {
             alen = ARGV_MAX_BYTES as u64 - 1;

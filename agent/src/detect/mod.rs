@@ -324,6 +324,7 @@ mod tests {
                 exe_ino: pid as u64,
                 exe_dev: 1,
                 exe_size: 0,
+                arg_start: 0,
                 exe_memfd: false,
                 exe_deleted: false,
                 script: None,

@@ -272,6 +272,10 @@ pub struct Exec {
     /// JSON line.
     #[serde(skip)]
     pub exe_size: u64,
+    /// Where the image's arguments start (`mm->arg_start`; 0 when unknown):
+    /// what identifies this image in /proc; not in the JSON line.
+    #[serde(skip)]
+    pub arg_start: u64,
     /// The executable is a memfd.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exe_memfd: bool,
