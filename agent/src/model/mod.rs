@@ -33,6 +33,9 @@ pub struct Image {
     /// The system program the executable is a copy of (see
     /// [`event::Exec::copy_of`]).
     pub copy_of: Option<String>,
+    /// Where its arguments start in the process's memory (see
+    /// [`event::Exec::arg_start`]; 0 when unknown).
+    pub arg_start: u64,
 }
 
 impl Image {
@@ -42,6 +45,7 @@ impl Image {
             exe,
             argv,
             copy_of: None,
+            arg_start: 0,
         })
     }
 
