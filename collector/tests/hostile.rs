@@ -17,6 +17,11 @@ use vigil_proto::{
     UploadStatusRequest,
 };
 
+/// All of `data` in chunks of `size` bytes (see [`chunks_of`]).
+fn whole(data: &[u8], size: usize) -> Vec<EvidenceChunk> {
+    chunks_of(&sha256_hex(data), data, 0, size)
+}
+
 /// Chunks of `data` from `offset`, `size` bytes each, the first carrying
 /// the id and the total size.
 fn chunks_of(id: &str, data: &[u8], offset: usize, size: usize) -> Vec<EvidenceChunk> {
@@ -65,6 +70,20 @@ struct Site {
 }
 
 impl Site {
+    /// `chunks` sent as one `UploadEvidence` call by `agent`.
+    async fn send(
+        &self,
+        agent: &str,
+        chunks: Vec<EvidenceChunk>,
+    ) -> Result<vigil_proto::UploadResult, tonic::Status> {
+        self.c
+            .ingest(&self.pki, agent)
+            .await
+            .upload_evidence(tokio_stream::iter(chunks))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Starts a collector with `extra` arguments; agent-2 stores a
     /// detection and a bundle.
     async fn start(backend: Backend, extra: &[&str]) -> Site {
@@ -92,19 +111,7 @@ impl Site {
         };
         site.good_agent_stores("before").await;
         let kept = site.kept.clone();
-        let r = site
-            .c
-            .ingest(&site.pki, "agent-2")
-            .await
-            .upload_evidence(tokio_stream::iter(chunks_of(
-                &sha256_hex(&kept),
-                &kept,
-                0,
-                64 << 10,
-            )))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = site.send("agent-2", whole(&kept, 64 << 10)).await.unwrap();
         assert!(r.complete);
         site
     }
@@ -222,15 +229,7 @@ async fn one_agent_cannot_hold_the_upload_slots(backend: Backend) {
     site.wait_metric(IN_PROGRESS, 2.0).await;
     let third = bundle(1000, 1);
     let err = site
-        .c
-        .ingest(&site.pki, "agent-1")
-        .await
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&third),
-            &third,
-            0,
-            1 << 20,
-        )))
+        .send("agent-1", whole(&third, 1 << 20))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -248,15 +247,7 @@ async fn one_agent_cannot_hold_the_upload_slots(backend: Backend) {
     site.wait_metric(IN_PROGRESS, 3.0).await;
     let other = bundle(2000, 3);
     let err = site
-        .c
-        .ingest(&site.pki, "agent-2")
-        .await
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&other),
-            &other,
-            0,
-            1 << 20,
-        )))
+        .send("agent-2", whole(&other, 1 << 20))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -293,33 +284,15 @@ async fn one_agent_cannot_hold_the_upload_slots(backend: Backend) {
     assert_eq!(st.received, 256 << 10);
     // ... and resumes.
     let r = site
-        .c
-        .ingest(&site.pki, "agent-2")
+        .send(
+            "agent-2",
+            chunks_of(&paused_id, &paused, st.received as usize, 256 << 10),
+        )
         .await
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &paused_id,
-            &paused,
-            st.received as usize,
-            256 << 10,
-        )))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(r.complete);
     // Slots given back: agent-1 uploads again.
-    let r = site
-        .c
-        .ingest(&site.pki, "agent-1")
-        .await
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&third),
-            &third,
-            0,
-            1 << 20,
-        )))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = site.send("agent-1", whole(&third, 1 << 20)).await.unwrap();
     assert!(r.complete);
     assert!(site.refusals("agent_uploads") >= 1.0);
     assert!(site.refusals("uploads") >= 1.0);
@@ -403,45 +376,19 @@ async fn unfinished_uploads_are_bounded_per_agent(backend: Backend) {
     };
     for seed in [10, 11] {
         let (agent, first) = half(seed, "agent-1");
-        let r = site
-            .c
-            .ingest(&site.pki, agent)
-            .await
-            .upload_evidence(tokio_stream::iter(vec![first]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = site.send(agent, vec![first]).await.unwrap();
         assert!(!r.complete);
     }
     let (_, first) = half(12, "agent-1");
-    let err = site
-        .c
-        .ingest(&site.pki, "agent-1")
-        .await
-        .upload_evidence(tokio_stream::iter(vec![first]))
-        .await
-        .unwrap_err();
+    let err = site.send("agent-1", vec![first]).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("per-agent limit"), "{err:?}");
     // agent-2 gets the third place, then the collector is full.
     let (_, first) = half(13, "agent-2");
-    let r = site
-        .c
-        .ingest(&site.pki, "agent-2")
-        .await
-        .upload_evidence(tokio_stream::iter(vec![first]))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = site.send("agent-2", vec![first]).await.unwrap();
     assert!(!r.complete);
     let (_, first) = half(14, "agent-2");
-    let err = site
-        .c
-        .ingest(&site.pki, "agent-2")
-        .await
-        .upload_evidence(tokio_stream::iter(vec![first]))
-        .await
-        .unwrap_err();
+    let err = site.send("agent-2", vec![first]).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("collector-wide limit"), "{err:?}");
     assert_eq!(site.refusals("agent_partials"), 1.0);
@@ -499,17 +446,13 @@ async fn a_revoked_certificate_is_refused_without_a_restart(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let b = bundle(1000, 8);
+    // On the connection opened before the revocation...
     let err = hostile
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&b),
-            &b,
-            0,
-            1 << 20,
-        )))
+        .upload_evidence(tokio_stream::iter(whole(&b, 1 << 20)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    // A new connection too.
+    // ... and on a new one.
     let err = site
         .c
         .ingest(&site.pki, "agent-1")
@@ -622,38 +565,21 @@ async fn one_agent_cannot_fill_the_store(backend: Backend) {
     // Evidence: a 600 KB bundle fits in 1 MB, a second does not; the
     // first sent again is still acknowledged (already stored).
     let first = bundle(600 << 10, 91);
-    let r = hostile
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&first),
-            &first,
-            0,
-            256 << 10,
-        )))
+    let r = site
+        .send("agent-1", whole(&first, 256 << 10))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(r.complete);
     let second = bundle(600 << 10, 92);
-    let err = hostile
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&second),
-            &second,
-            0,
-            256 << 10,
-        )))
+    let err = site
+        .send("agent-1", whole(&second, 256 << 10))
         .await
         .unwrap_err();
     quota_refused(&err, "--max-agent-evidence-bytes");
-    let again = hostile
-        .upload_evidence(tokio_stream::iter(chunks_of(
-            &sha256_hex(&first),
-            &first,
-            0,
-            256 << 10,
-        )))
+    let again = site
+        .send("agent-1", whole(&first, 256 << 10))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(again.complete);
 
     assert_eq!(site.refusals("quota_events"), 2.0);
