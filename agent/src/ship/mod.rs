@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod events;
+pub mod kept;
 pub mod receipts;
 pub mod spool;
 pub mod wire;
@@ -648,68 +649,11 @@ impl Worker {
     }
 
     /// After the collector acknowledged bundle `id`: its archive leaves the
-    /// node, unless acknowledged archives are kept up to
-    /// `keep_shipped_bytes`: then it is marked acknowledged
-    /// (`shipped/<id>`), and the oldest marked ones go first. An archive
-    /// without a mark (not acknowledged yet, never queued) is never touched.
-    /// The archive's signature and receipt go with it (never before it).
+    /// node, or is kept within `keep_shipped_bytes` (see [`kept`]).
     fn prune_shipped(&self, id: &str) {
-        let Some(dir) = &self.archive_dir else {
-            return;
-        };
-        let archive = |id: &str| dir.join(format!("{id}.tar.zst"));
-        let marks = dir.join("shipped");
-        let remove = |id: &str| {
-            let p = archive(id);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {
-                    self.metrics.archives_pruned.inc();
-                    debug!(archive = %p.display(), "shipped archive removed from the node");
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    warn!(archive = %p.display(), error = %e, "could not remove a shipped archive");
-                    return;
-                }
-            }
-            for ext in ["sig", "receipt"] {
-                let _ = std::fs::remove_file(receipts::sidecar(&p, ext));
-            }
-            let _ = std::fs::remove_file(marks.join(id));
-        };
-        if self.keep_shipped_bytes == 0 {
-            remove(id);
-            return;
-        }
-        let marked = vigil_bundle::private::create_missing_dirs(&marks)
-            .and_then(|()| vigil_bundle::private::create_new(&marks.join(id)).map(drop));
-        if let Err(e) = marked {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                warn!(bundle = id, error = %e, "could not mark an archive as shipped");
-            }
-        }
-        let Ok(rd) = std::fs::read_dir(&marks) else {
-            return;
-        };
-        let mut shipped: Vec<(std::time::SystemTime, u64, String)> = rd
-            .flatten()
-            .filter_map(|e| {
-                let id = e.file_name().to_string_lossy().into_owned();
-                if !vigil_proto::is_valid_bundle_id(&id) {
-                    return None;
-                }
-                let m = std::fs::metadata(archive(&id)).ok()?;
-                Some((m.modified().ok()?, m.len(), id))
-            })
-            .collect();
-        shipped.sort();
-        let mut total: u64 = shipped.iter().map(|(_, n, _)| n).sum();
-        for (_, n, id) in shipped {
-            if total <= self.keep_shipped_bytes {
-                break;
-            }
-            remove(&id);
-            total -= n;
+        if let Some(dir) = &self.archive_dir {
+            let removed = kept::Kept::new(dir, self.keep_shipped_bytes).acknowledged(id);
+            self.metrics.archives_pruned.inc_by(removed as u64);
         }
     }
 

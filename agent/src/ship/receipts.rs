@@ -35,6 +35,10 @@ pub struct Receipts {
     ca: Option<String>,
     agent: String,
     max_log_bytes: u64,
+    /// The bundle logged last: an upload acknowledged again (its spool
+    /// entry could not be removed the first time, so it was sent again)
+    /// is logged once.
+    last: std::sync::Mutex<Option<String>>,
 }
 
 /// Why a receipt is not trusted.
@@ -76,6 +80,7 @@ impl Receipts {
             ca,
             agent: agent.to_string(),
             max_log_bytes: MAX_LOG_BYTES,
+            last: Default::default(),
         }
     }
 
@@ -106,13 +111,18 @@ impl Receipts {
     }
 
     /// Appends one line for bundle `id`: its receipt as received and the
-    /// outcome of its check; rotates the log past its bound.
+    /// outcome of its check (nothing when it is the bundle logged last);
+    /// rotates the log past its bound.
     pub fn log(
         &self,
         id: &str,
         receipt: &str,
         checked: &Result<Receipt, ReceiptError>,
     ) -> std::io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() == Some(id) {
+            return Ok(());
+        }
         if std::fs::metadata(&self.log).is_ok_and(|m| m.len() >= self.max_log_bytes) {
             let mut old = self.log.clone().into_os_string();
             old.push(".1");
@@ -133,7 +143,9 @@ impl Receipts {
         let mut bytes = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
         f.write_all(&bytes)?;
-        f.sync_data()
+        f.sync_data()?;
+        *last = Some(id.to_string());
+        Ok(())
     }
 }
 
@@ -238,14 +250,18 @@ mod tests {
     }
 
     #[test]
-    fn the_log_keeps_every_outcome_and_stays_bounded() {
+    fn the_log_keeps_every_outcome_once_and_stays_bounded() {
         let p = pki();
         let dir = tempfile::tempdir().unwrap();
         let mut rs = Receipts::new(dir.path(), "node-7", Ok(p.ca.clone()));
         let id = "ab".repeat(32);
+        let other = "cd".repeat(32);
         let good = receipt(&p.collector, &id, "node-7");
         rs.log(&id, &good, &rs.check(&id, &good)).unwrap();
-        rs.log(&id, "", &rs.check(&id, "")).unwrap();
+        // Acknowledged again (its spool entry outlived the first time):
+        // not logged twice.
+        rs.log(&id, &good, &rs.check(&id, &good)).unwrap();
+        rs.log(&other, "", &rs.check(&other, "")).unwrap();
         let text = std::fs::read_to_string(dir.path().join(LOG_NAME)).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -254,12 +270,13 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["verified"], true);
         assert_eq!(lines[0]["receipt"]["bundle_id"], id.as_str());
+        assert_eq!(lines[1]["bundle_id"], other.as_str());
         assert_eq!(lines[1]["verified"], false);
         assert_eq!(lines[1]["problem"], "the collector sent no receipt");
         // Rotation: one previous generation, the live log starts again.
         rs.max_log_bytes = 1;
         rs.log(&id, &good, &rs.check(&id, &good)).unwrap();
-        rs.log(&id, &good, &rs.check(&id, &good)).unwrap();
+        rs.log(&other, "", &rs.check(&other, "")).unwrap();
         let live = std::fs::read_to_string(dir.path().join(LOG_NAME)).unwrap();
         assert_eq!(live.lines().count(), 1);
         assert!(dir.path().join("receipts.jsonl.1").exists());
