@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 pub const MAX_ENTRIES_PER_WORKLOAD: usize = 20_000;
 /// Most workloads kept.
 pub const MAX_WORKLOADS: usize = 4_096;
+/// Command-line shapes a parent must have started one child program with
+/// while learning for that pair to be known whatever its command line
+/// (see [`Baseline::knows_edge`]).
+pub const VARIED_SHAPES: usize = 3;
 
 /// On-disk format (version 1).
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -121,6 +125,35 @@ impl Baseline {
         self.learned.get(workload).is_some_and(|s| s.contains(key))
     }
 
+    /// Whether the exec edge `edge` (`PARENT>CHILD|ARGV`, shapes) is normal
+    /// for `workload`: learned as it is, or, when `by_program`, its parent
+    /// started this child program with at least [`VARIED_SHAPES`]
+    /// different command lines while learning. A build's compiler run on
+    /// each source file, a test runner on each test: what varied while
+    /// learning is learned at the level of the two programs, so a new
+    /// source file is more of the same, while a pair seen with one command
+    /// line (a web server's one `convert` call) keeps its exact shape.
+    pub fn knows_edge(&self, workload: &str, edge: &str, by_program: bool) -> bool {
+        let Some(set) = self.learned.get(workload) else {
+            return false;
+        };
+        if set.contains(edge) {
+            return true;
+        }
+        if !by_program {
+            return false;
+        }
+        let Some((pair, _)) = edge.split_once('|') else {
+            return false;
+        };
+        let prefix = format!("{pair}|");
+        set.range(prefix.clone()..)
+            .take_while(|k| k.starts_with(&prefix))
+            .take(VARIED_SHAPES)
+            .count()
+            >= VARIED_SHAPES
+    }
+
     /// Entries that did not fit.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -164,6 +197,37 @@ mod tests {
         assert!(Baseline::load(&p, None).is_err());
         std::fs::write(&p, "garbage").unwrap();
         assert!(Baseline::load(&p, None).is_err());
+    }
+
+    #[test]
+    fn an_edge_whose_command_line_varied_while_learning_is_known_by_its_programs() {
+        let mut b = Baseline::new(None);
+        for f in ["main", "util", "parse"] {
+            b.learn("w", format!("/usr/bin/make>/usr/bin/cc|cc -c {f}.c"));
+        }
+        b.learn(
+            "w",
+            "/srv/app>/usr/bin/convert|convert in.png out.jpg".into(),
+        );
+        b.learn("w", "/usr/bin/make>/usr/bin/ccache|ccache -s".into());
+        let new_file = "/usr/bin/make>/usr/bin/cc|cc -c lexer.c";
+        assert!(b.knows_edge("w", new_file, true));
+        assert!(
+            !b.knows_edge("w", new_file, false),
+            "not for programs whose arguments are the behaviour"
+        );
+        assert!(!b.knows_edge("other", new_file, true), "per workload");
+        // Seen with one command line: exact.
+        assert!(!b.knows_edge("w", "/srv/app>/usr/bin/convert|convert x y z", true));
+        assert!(b.knows_edge(
+            "w",
+            "/srv/app>/usr/bin/convert|convert in.png out.jpg",
+            true
+        ));
+        // Two shapes are not enough; a prefix of another program is not it.
+        b.learn("w", "/usr/bin/make>/usr/bin/ccache|ccache -z".into());
+        assert!(!b.knows_edge("w", "/usr/bin/make>/usr/bin/ccache|ccache -M N", true));
+        assert!(!b.knows_edge("w", "/usr/bin/make>/usr/bin/c|c -c lexer.c", true));
     }
 
     #[test]

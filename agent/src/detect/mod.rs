@@ -188,7 +188,14 @@ impl DetectEngine {
                 self.baseline.learn(&workload, edge.clone());
             }
         } else if let Some(edge) = &edge {
-            if !self.baseline.knows(&workload, edge) && !self.baseline.is_empty() {
+            // Programs whose arguments are the behaviour (a shell's
+            // command, an interpreter's code, a downloader's URL) are
+            // known only with command lines seen while learning.
+            let child = ev.process.image.identity();
+            let by_program = !classify::is_shell(child)
+                && !classify::is_interpreter(child)
+                && !classify::is_downloader(child);
+            if !self.baseline.knows_edge(&workload, edge, by_program) && !self.baseline.is_empty() {
                 findings.push(Finding {
                     rule: "baseline_anomaly".into(),
                     source: "builtin",
@@ -305,6 +312,18 @@ mod tests {
         exe: &str,
         preload: Option<&str>,
     ) -> EnrichedEvent {
+        let argv = [exe.rsplit('/').next().unwrap(), "1"];
+        exec_argv(tree, pid, ppid, exe, &argv, preload)
+    }
+
+    fn exec_argv(
+        tree: &mut ProcessTree,
+        pid: u32,
+        ppid: u32,
+        exe: &str,
+        argv: &[&str],
+        preload: Option<&str>,
+    ) -> EnrichedEvent {
         let event = Event {
             boot_ns: pid as u64 * 1_000_000,
             tid: pid,
@@ -319,7 +338,7 @@ mod tests {
                 euid: 0,
                 egid: 0,
                 exe: exe.into(),
-                argv: vec![exe.rsplit('/').next().unwrap().into(), "1".into()],
+                argv: argv.iter().map(|a| a.to_string()).collect(),
                 argv_truncated: false,
                 exe_ino: pid as u64,
                 exe_dev: 1,
@@ -401,5 +420,79 @@ mod tests {
         assert!(engine.observe(&ev, &tree, t0).is_empty());
         let ev = exec(&mut tree, 15, 10, "/usr/bin/sleep", None);
         assert!(engine.observe(&ev, &tree, t0).is_empty());
+    }
+
+    #[test]
+    fn a_tool_run_with_varied_arguments_while_learning_stays_quiet_on_new_ones() {
+        let mut tree = ProcessTree::new(100, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut engine =
+            DetectEngine::new(Baseline::new(Some(t0 + Duration::from_secs(3600))), None, 0);
+        let make = exec(&mut tree, 10, 1, "/usr/bin/make", None);
+        engine.observe(&make, &tree, t0);
+        let app = exec(&mut tree, 20, 1, "/opt/shop/bin/worker", None);
+        engine.observe(&app, &tree, t0);
+        let mut pid = 100;
+        let mut run =
+            |tree: &mut ProcessTree, engine: &mut DetectEngine, ppid, exe, argv: &[&str]| {
+                pid += 1;
+                let ev = exec_argv(tree, pid, ppid, exe, argv, None);
+                engine
+                    .observe(&ev, tree, t0)
+                    .into_iter()
+                    .map(|d| d.rule)
+                    .collect::<Vec<_>>()
+            };
+        // Learning: make compiles three files, the app shells out with
+        // three commands and resizes one image.
+        for f in ["main.c", "util.c", "parse.c"] {
+            run(
+                &mut tree,
+                &mut engine,
+                10,
+                "/usr/bin/gcc",
+                &["gcc", "-c", f],
+            );
+        }
+        for c in ["uptime", "df -h", "date"] {
+            run(&mut tree, &mut engine, 20, "/bin/sh", &["sh", "-c", c]);
+        }
+        run(
+            &mut tree,
+            &mut engine,
+            20,
+            "/usr/bin/convert",
+            &["convert", "a.png", "b.jpg"],
+        );
+        engine.baseline_mut().stop_learning();
+        // A new source file: quiet.
+        assert!(run(
+            &mut tree,
+            &mut engine,
+            10,
+            "/usr/bin/gcc",
+            &["gcc", "-c", "lexer.c"]
+        )
+        .is_empty());
+        // A new shell command, a new convert call: anomalies.
+        let sh = run(&mut tree, &mut engine, 20, "/bin/sh", &["sh", "-c", "id"]);
+        assert!(sh.contains(&"baseline_anomaly".to_string()), "{sh:?}");
+        let cv = run(
+            &mut tree,
+            &mut engine,
+            20,
+            "/usr/bin/convert",
+            &["convert", "-x", "c", "d", "e"],
+        );
+        assert_eq!(cv, ["baseline_anomaly"]);
+        // A program make never started: an anomaly.
+        let ld = run(
+            &mut tree,
+            &mut engine,
+            10,
+            "/usr/bin/ld",
+            &["ld", "-o", "x"],
+        );
+        assert_eq!(ld, ["baseline_anomaly"]);
     }
 }
