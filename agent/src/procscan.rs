@@ -36,12 +36,7 @@ pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyho
             pid,
             ppid: stat.ppid as u32,
             start_boot_ns: stat.starttime * (1_000_000_000 / tps.max(1)),
-            image: std::sync::Arc::new(crate::model::Image {
-                exe,
-                argv,
-                copy_of: None,
-                arg_start: stat.arg_start.unwrap_or(0),
-            }),
+            image: crate::model::Image::new(exe, argv),
             comm: stat.comm.clone(),
             uid,
             euid,

@@ -104,22 +104,17 @@ impl State {
             if self.argv_checked.put(key, ()).is_none() {
                 if let Some(p) = self.tree.get(ev.pid) {
                     let started = &p.image.argv;
-                    // Still the image the tree knows (it did not exec
-                    // again before this event was handled): its arguments
-                    // where that exec put them (checked by the read); where
-                    // the tree knows no address, the same file name.
-                    let image = crate::procscan::ImageKey {
-                        start_boot_ns: ev.start_boot_ns,
-                        arg_start: p.image.arg_start,
-                    };
+                    // Still the program the tree knows (it did not exec
+                    // again before this event was handled): same file name.
                     let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
-                    let same_program = image.arg_start != 0
-                        || std::fs::read_link(format!("/proc/{}/exe", ev.pid)).is_ok_and(|l| {
+                    let same_program = std::fs::read_link(format!("/proc/{}/exe", ev.pid))
+                        .is_ok_and(|l| {
                             let l = l.to_string_lossy();
                             base(l.trim_end_matches(" (deleted)")) == base(&p.image.exe)
                         });
                     if !started.is_empty() && same_program {
-                        *slot = crate::procscan::cmdline_of(ev.pid, image)
+                        let any = crate::procscan::ImageKey::process(ev.start_boot_ns);
+                        *slot = crate::procscan::cmdline_of(ev.pid, any)
                             .filter(|now| !now.is_empty() && now != started);
                     }
                 }

@@ -210,7 +210,6 @@ impl ProcessTree {
                         exe: x.exe.clone(),
                         argv: x.argv.clone(),
                         copy_of: x.copy_of.clone(),
-                        arg_start: x.arg_start,
                     }),
                     comm: ev.comm.clone(),
                     uid: ev.uid,

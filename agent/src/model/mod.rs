@@ -33,9 +33,6 @@ pub struct Image {
     /// The system program the executable is a copy of (see
     /// [`event::Exec::copy_of`]).
     pub copy_of: Option<String>,
-    /// Where its arguments start in the process's memory (see
-    /// [`event::Exec::arg_start`]; 0 when unknown).
-    pub arg_start: u64,
 }
 
 impl Image {
@@ -45,7 +42,6 @@ impl Image {
             exe,
             argv,
             copy_of: None,
-            arg_start: 0,
         })
     }
 
