@@ -105,8 +105,14 @@ pub struct ImageKey {
     /// Where the image's arguments start (`mm->arg_start`, from the exec
     /// record; 0: any image of the process). An exec keeps the process's
     /// start time but gives it a new stack: a process that exec'd again
-    /// since the record was made differs here.
+    /// since the record was made differs here (unless address layout
+    /// randomization is off and its arguments take the same room: hence
+    /// also `exe_ino`). Where /proc does not show it (0: the reader may not
+    /// trace the process), it is not compared.
     pub arg_start: u64,
+    /// Inode of the image's executable (the exec record's; 0: not
+    /// compared): `/proc/PID/exe` must still be that file.
+    pub exe_ino: u64,
 }
 
 impl ImageKey {
@@ -115,17 +121,24 @@ impl ImageKey {
         ImageKey {
             start_boot_ns,
             arg_start: 0,
+            exe_ino: 0,
         }
     }
 
     /// `p` is still this process (its start time in clock ticks matches
     /// within one tick) and, when known, this image.
     fn matches(&self, p: &procfs::process::Process) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
         let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
-        p.stat().is_ok_and(|st| {
+        let same = p.stat().is_ok_and(|st| {
+            let shown = st.arg_start.unwrap_or(0);
             (st.starttime * tick_ns).abs_diff(self.start_boot_ns) <= tick_ns
-                && (self.arg_start == 0 || st.arg_start == Some(self.arg_start))
-        })
+                && (self.arg_start == 0 || shown == 0 || shown == self.arg_start)
+        });
+        // The inode number alone (an overlay shows its own device).
+        same && (self.exe_ino == 0
+            || std::fs::metadata(format!("/proc/{}/exe", p.pid))
+                .is_ok_and(|m| m.ino() == self.exe_ino))
     }
 }
 
@@ -271,9 +284,11 @@ mod tests {
         let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
         let stat = me.stat().expect("stat");
         let start = stat.starttime * tick_ns;
+        use std::os::unix::fs::MetadataExt as _;
         let key = ImageKey {
             start_boot_ns: start,
             arg_start: stat.arg_start.expect("arg_start in /proc/PID/stat"),
+            exe_ino: std::fs::metadata("/bin/sh").unwrap().ino(),
         };
         let argv = cmdline_of(pid, key).expect("live process");
         assert_eq!(argv.last().map(String::as_str), Some("tail-argument"));
@@ -284,6 +299,18 @@ mod tests {
         };
         assert_eq!(cmdline_of(pid, other), None);
         assert_eq!(env_var_of(pid, other, "PATH"), None);
+        // Another executable than the record's is not it either, whatever
+        // the address of its arguments.
+        let file = ImageKey {
+            exe_ino: key.exe_ino + 1,
+            ..key
+        };
+        assert_eq!(cmdline_of(pid, file), None);
+        let by_exe = ImageKey {
+            arg_start: 0,
+            ..key
+        };
+        assert!(cmdline_of(pid, by_exe).is_some());
         // Once it exec'd again, the first image's command line and
         // environment are gone: /proc shows the new image's, which must not
         // be taken for the first's. Any image of the process still reads.
@@ -292,6 +319,7 @@ mod tests {
         wait_cmdline(&me, |c| c.first().is_some_and(|a| a == "sleep"));
         assert_eq!(cmdline_of(pid, key), None);
         assert_eq!(env_var_of(pid, key, "PATH"), None);
+        assert_eq!(cmdline_of(pid, by_exe), None, "another executable now");
         assert_eq!(
             cmdline_of(pid, ImageKey::process(start)),
             Some(vec!["sleep".to_string(), "30".into()])

@@ -67,6 +67,7 @@ impl State {
             let image = crate::procscan::ImageKey {
                 start_boot_ns: ev.start_boot_ns,
                 arg_start: x.arg_start,
+                exe_ino: x.exe_ino,
             };
             if x.argv_truncated {
                 if let Some(argv) = crate::procscan::cmdline_of(ev.pid, image) {

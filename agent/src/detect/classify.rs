@@ -35,6 +35,62 @@ pub fn is_downloader(exe: &str) -> bool {
     DOWNLOADERS.contains(&basename(exe))
 }
 
+const ACTS_BY_ARGUMENTS: &[&str] = &[
+    "ssh",
+    "git",
+    "openssl",
+    "systemctl",
+    "service",
+    "crontab",
+    "at",
+    "chmod",
+    "chown",
+    "chattr",
+    "setcap",
+    "iptables",
+    "ip6tables",
+    "nft",
+    "ip",
+    "useradd",
+    "usermod",
+    "userdel",
+    "groupadd",
+    "passwd",
+    "chpasswd",
+    "visudo",
+    "sudo",
+    "su",
+    "docker",
+    "podman",
+    "kubectl",
+    "crictl",
+    "mount",
+    "insmod",
+    "modprobe",
+    "rm",
+    "shred",
+    "truncate",
+    "dd",
+    "kill",
+    "pkill",
+    "xargs",
+    "env",
+    "nohup",
+    "setsid",
+    "timeout",
+    "nice",
+    "strace",
+    "gdb",
+];
+
+/// A program whose command line is the action itself, beyond a file to
+/// work on (remote commands, services, accounts, firewall, permissions,
+/// deletions, running another program): the baseline never learns it
+/// apart from its arguments.
+pub fn acts_by_arguments(exe: &str) -> bool {
+    ACTS_BY_ARGUMENTS.contains(&basename(exe))
+}
+
 /// A scripting language interpreter (python3.11 counts as python).
 pub fn is_interpreter(exe: &str) -> bool {
     let b = basename(exe);

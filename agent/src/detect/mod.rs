@@ -189,12 +189,14 @@ impl DetectEngine {
             }
         } else if let Some(edge) = &edge {
             // Programs whose arguments are the behaviour (a shell's
-            // command, an interpreter's code, a downloader's URL) are
-            // known only with command lines seen while learning.
+            // command, an interpreter's code, a downloader's URL, a
+            // service or account change) are known only with command
+            // lines seen while learning.
             let child = ev.process.image.identity();
             let by_program = !classify::is_shell(child)
                 && !classify::is_interpreter(child)
-                && !classify::is_downloader(child);
+                && !classify::is_downloader(child)
+                && !classify::acts_by_arguments(child);
             if !self.baseline.knows_edge(&workload, edge, by_program) && !self.baseline.is_empty() {
                 findings.push(Finding {
                     rule: "baseline_anomaly".into(),
@@ -289,10 +291,12 @@ pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
         Some(s) => format!("{} {}", x.exe, s),
         None => x.exe.clone(),
     };
+    // `|` ends the pair (see `Baseline::knows_edge`): escaped in paths.
+    let path = |p: &str| normalize::shape(p).replace('|', "%7C");
     Some(format!(
         "{}>{}|{}",
-        normalize::shape(parent),
-        normalize::shape(&child),
+        path(parent),
+        path(&child),
         normalize::argv_shape(&x.argv)
     ))
 }
@@ -443,9 +447,9 @@ mod tests {
                     .map(|d| d.rule)
                     .collect::<Vec<_>>()
             };
-        // Learning: make compiles three files, the app shells out with
-        // three commands and resizes one image.
-        for f in ["main.c", "util.c", "parse.c"] {
+        // Learning: make compiles four files, the app shells out with
+        // four commands and resizes one image.
+        for f in ["main.c", "util.c", "parse.c", "scan.c"] {
             run(
                 &mut tree,
                 &mut engine,
@@ -454,7 +458,7 @@ mod tests {
                 &["gcc", "-c", f],
             );
         }
-        for c in ["uptime", "df -h", "date"] {
+        for c in ["uptime", "df -h", "date", "free -m"] {
             run(&mut tree, &mut engine, 20, "/bin/sh", &["sh", "-c", c]);
         }
         run(

@@ -82,8 +82,11 @@ impl<'a> Kept<'a> {
             }
             if self.remove(&id) {
                 removed += 1;
-                total -= n;
             }
+            // Counted as gone even when it could not be removed (or
+            // vanished meanwhile): one stuck archive must not take every
+            // newer one with it.
+            total -= n;
         }
         removed
     }
@@ -174,6 +177,30 @@ mod tests {
             unacked.exists() && receipts::sidecar(&unacked, "sig").exists(),
             "older, but never acknowledged: untouched"
         );
+    }
+
+    #[test]
+    fn an_archive_that_cannot_be_removed_does_not_take_newer_ones_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // The oldest "archive" is a directory: removing it as a file fails.
+        let stuck = dir.path().join(format!("{}.tar.zst", id(1)));
+        std::fs::create_dir(&stuck).unwrap();
+        let stuck_len = std::fs::metadata(&stuck).unwrap().len();
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(500);
+        std::fs::File::open(&stuck)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let a = archive(dir.path(), 2, 100, 200);
+        let b = archive(dir.path(), 3, 100, 100);
+        let kept = Kept::new(dir.path(), 250);
+        kept.acknowledged(&id(2));
+        std::fs::create_dir_all(dir.path().join("shipped")).unwrap();
+        std::fs::write(dir.path().join("shipped").join(id(1)), b"").unwrap();
+        assert!(stuck_len + 200 > 250);
+        assert_eq!(kept.acknowledged(&id(3)), 0);
+        assert!(stuck.exists());
+        assert!(a.exists() && b.exists(), "the newer archives stay");
     }
 
     #[test]

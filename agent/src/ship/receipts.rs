@@ -35,10 +35,11 @@ pub struct Receipts {
     ca: Option<String>,
     agent: String,
     max_log_bytes: u64,
-    /// The bundle logged last: an upload acknowledged again (its spool
-    /// entry could not be removed the first time, so it was sent again)
-    /// is logged once.
-    last: std::sync::Mutex<Option<String>>,
+    /// The bundle logged last and whether its receipt verified: an upload
+    /// acknowledged again (its spool entry could not be removed the first
+    /// time, so it was sent again) is logged once, unless its outcome
+    /// changed.
+    last: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 /// Why a receipt is not trusted.
@@ -120,7 +121,8 @@ impl Receipts {
         checked: &Result<Receipt, ReceiptError>,
     ) -> std::io::Result<()> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.as_deref() == Some(id) {
+        let this = (id.to_string(), checked.is_ok());
+        if last.as_ref() == Some(&this) {
             return Ok(());
         }
         if std::fs::metadata(&self.log).is_ok_and(|m| m.len() >= self.max_log_bytes) {
@@ -144,7 +146,7 @@ impl Receipts {
         bytes.push(b'\n');
         f.write_all(&bytes)?;
         f.sync_data()?;
-        *last = Some(id.to_string());
+        *last = Some(this);
         Ok(())
     }
 }
