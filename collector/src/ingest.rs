@@ -27,8 +27,9 @@ use tracing::{debug, info, warn};
 use vigil_bundle::sign::Signature;
 use vigil_proto::ingest_server::Ingest;
 use vigil_proto::{
-    Detection, DetectionBatch, Event, EventBatch, EvidenceChunk, EvidenceInfo, PushAck, Severity,
-    UploadResult, UploadStatusReply, UploadStatusRequest,
+    CommitEvidenceReply, Detection, DetectionBatch, Event, EventBatch, EvidenceChunk,
+    EvidenceCommitment, EvidenceInfo, PushAck, Severity, UploadResult, UploadStatusReply,
+    UploadStatusRequest,
 };
 
 use crate::auth::{self, Gate};
@@ -41,7 +42,7 @@ use crate::origin::{Origin, OriginPolicy};
 use crate::pki::Role;
 use crate::quota::{Kind, QuotaLimits, Quotas};
 use crate::slots::{Slot, UploadSlots};
-use crate::store::{AgentSeen, BatchOutcome, Store, StoreError};
+use crate::store::{AgentSeen, BatchOutcome, Commitment, Store, StoreError};
 
 /// Limits of the Ingest service.
 #[derive(Clone, Debug)]
@@ -741,9 +742,135 @@ impl Ingest for IngestService {
         };
         Ok(Response::new(reply))
     }
+
+    async fn commit_evidence(
+        &self,
+        req: Request<EvidenceCommitment>,
+    ) -> Result<Response<CommitEvidenceReply>, Status> {
+        const M: &str = "CommitEvidence";
+        let agent = self.seen(&req, M).await?;
+        let result = self.commit(&agent, req.into_inner()).await;
+        if let Err(s) = &result {
+            self.metrics.error(M, s);
+            info!(agent, code = ?s.code(), reason = s.message(), "evidence commitment refused");
+        }
+        result.map(Response::new)
+    }
 }
 
+/// Most commitments an agent may hold without their bundle stored: a
+/// sealed bundle is uploaded within its spool's bounds, so more means an
+/// agent announcing bundles it never sends.
+pub const MAX_OPEN_COMMITMENTS: u64 = 10_000;
+
 impl IngestService {
+    /// Checks and records a commitment: a valid id at a real place in the
+    /// chain, a size the collector would accept, and (when present, or
+    /// required) the agent's own signature of the id.
+    async fn commit(
+        &self,
+        agent: &str,
+        c: EvidenceCommitment,
+    ) -> Result<CommitEvidenceReply, Status> {
+        const M: &str = "CommitEvidence";
+        let id = BundleId::parse(&c.bundle_id).map_err(upload_status)?;
+        if c.seq == 0 {
+            return Err(Status::invalid_argument(
+                "a commitment needs the bundle's seq (>= 1)",
+            ));
+        }
+        if !(c.prev_bundle_id.is_empty() || vigil_proto::is_valid_bundle_id(&c.prev_bundle_id)) {
+            return Err(Status::invalid_argument(
+                "prev_bundle_id must be empty or 64 lowercase hex characters",
+            ));
+        }
+        if c.size == 0 || c.size > self.limits.max_bundle_bytes {
+            return Err(upload_status(UploadError::TooLarge {
+                size: c.size,
+                limit: self.limits.max_bundle_bytes,
+            }));
+        }
+        let sig = if c.signature.is_empty() {
+            None
+        } else {
+            Some(
+                Signature::parse(&c.signature)
+                    .map_err(|e| Status::invalid_argument(format!("bundle {id}: {e}")))?,
+            )
+        };
+        // The id is what is signed; there is no manifest yet to bind.
+        self.origin
+            .check(id.as_str(), agent, agent, sig.as_ref())
+            .map_err(upload_status)?;
+        let open = self
+            .store
+            .open_commitments(agent)
+            .await
+            .map_err(|e| internal(M, &e))?;
+        if open >= MAX_OPEN_COMMITMENTS {
+            self.metrics.refused("commitments");
+            return Err(Status::resource_exhausted(format!(
+                "agent {agent} holds {open} commitments whose bundles never arrived (the limit is {MAX_OPEN_COMMITMENTS}): upload them first"
+            )));
+        }
+        let recorded = self
+            .store
+            .record_commitment(
+                agent,
+                &Commitment {
+                    bundle_id: id.to_string(),
+                    seq: c.seq,
+                    prev_bundle_id: c.prev_bundle_id,
+                    size: c.size,
+                },
+                now_ns(),
+            )
+            .await
+            .map_err(|e| internal(M, &e))?;
+        let mut conflicts = self
+            .store
+            .commitments_at(agent, c.seq)
+            .await
+            .map_err(|e| internal(M, &e))?;
+        conflicts.retain(|b| b != id.as_str());
+        if !conflicts.is_empty() {
+            self.metrics.chain_breaks.inc();
+            warn!(agent, bundle = %id, seq = c.seq, conflicts = ?conflicts, "evidence commitment: this agent committed another bundle at the same place in its chain");
+        }
+        debug!(agent, bundle = %id, seq = c.seq, recorded, "evidence commitment");
+        Ok(CommitEvidenceReply {
+            recorded,
+            conflicts,
+        })
+    }
+
+    /// A stored bundle's standing against its agent's commitments (see
+    /// `EvidenceInfo.commitment`).
+    async fn commitment_of(
+        &self,
+        id: &BundleId,
+        agent: &str,
+        seq: u64,
+    ) -> Result<&'static str, Status> {
+        if seq == 0 {
+            return Ok("");
+        }
+        let ids = self
+            .store
+            .commitments_at(agent, seq)
+            .await
+            .map_err(|e| internal("UploadEvidence", &e))?;
+        Ok(if ids.iter().any(|b| b == id.as_str()) {
+            "committed"
+        } else if ids.is_empty() {
+            "uncommitted"
+        } else {
+            self.metrics.chain_breaks.inc();
+            warn!(agent, bundle = %id, seq, committed = ?ids, "evidence: another bundle was committed at this place in the agent's chain: this one changed after it was sealed, or the chain forked");
+            "contradicted"
+        })
+    }
+
     /// Records a complete blob in the store when it is not yet (a crash
     /// between the rename and the record leaves a blob without a record).
     /// Its manifest was checked before the rename; it is read again here.
@@ -848,6 +975,7 @@ impl IngestService {
                 warn!(agent, bundle = %id, manifest_agent = f.agent, "unsigned bundle whose manifest names another agent: kept, marked unsigned");
             }
         }
+        let commitment = self.commitment_of(id, agent, f.seq).await?;
         let stored = now_ns();
         let receipt = self
             .origin
@@ -880,11 +1008,12 @@ impl IngestService {
                 origin: origin.label().to_string(),
                 signature: origin.signature.clone(),
                 receipt: receipt.clone(),
+                commitment: commitment.to_string(),
             })
             .await
             .map_err(|e| internal(M, &e))?;
         self.quotas.add(agent, Kind::Evidence, size);
-        info!(agent, bundle = %id, size, seq = f.seq, chain, origin = origin.label(), "evidence stored");
+        info!(agent, bundle = %id, size, seq = f.seq, chain, origin = origin.label(), commitment, "evidence stored");
         Ok(receipt)
     }
 

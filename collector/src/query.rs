@@ -123,13 +123,27 @@ impl Query for QueryService {
         self.check(&req, M)?;
         let id = BundleId::parse(&req.get_ref().bundle_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let committed = self
+            .store
+            .commitment(id.as_str())
+            .await
+            .map_err(|e| self.store_error(M, e))?;
+        let (committed, committed_unix_nanos, committed_by) = match committed {
+            Some(c) => (true, c.committed_ns, c.agent),
+            None => (false, 0, String::new()),
+        };
         let Some(info) = self
             .store
             .evidence(id.as_str())
             .await
             .map_err(|e| self.store_error(M, e))?
         else {
-            return Ok(Response::new(EvidenceStatusReply::default()));
+            return Ok(Response::new(EvidenceStatusReply {
+                committed,
+                committed_unix_nanos,
+                committed_by,
+                ..Default::default()
+            }));
         };
         let head = self
             .store
@@ -151,6 +165,9 @@ impl Query for QueryService {
             head_bundle_id: head.map(|h| h.bundle_id).unwrap_or_default(),
             info: Some(info),
             forks,
+            committed,
+            committed_unix_nanos,
+            committed_by,
         }))
     }
 

@@ -447,8 +447,13 @@ pub fn provenance(e: &EvidenceInfo) -> String {
         "unsigned" => ", UNSIGNED".to_string(),
         _ => String::new(),
     };
+    let commitment = match e.commitment.as_str() {
+        "contradicted" => ", CONTRADICTS ITS COMMITMENT",
+        "committed" => ", committed",
+        _ => "",
+    };
     format!(
-        "  pid {} ({}), chain #{} {}{origin}",
+        "  pid {} ({}), chain #{} {}{origin}{commitment}",
         e.pid,
         clean(&e.rule),
         e.seq,
@@ -473,6 +478,7 @@ pub fn evidence_json(e: &EvidenceInfo) -> Value {
         "chain": e.chain,
         "manifest_agent": e.manifest_agent,
         "origin": e.origin,
+        "commitment": e.commitment,
         "receipt": e.receipt,
     })
 }

@@ -12,7 +12,10 @@ mod common;
 use common::{sha256_hex, sign, AgentChain, Backend, Collector, Pki};
 use tonic::Code;
 use vigil_bundle::sign::{verify_receipt, Receipt};
-use vigil_proto::{EvidenceChunk, EvidenceStatusReply, EvidenceStatusRequest, UploadResult};
+use vigil_proto::{
+    CommitEvidenceReply, EvidenceChunk, EvidenceCommitment, EvidenceStatusReply,
+    EvidenceStatusRequest, UploadResult,
+};
 
 async fn upload(
     c: &Collector,
@@ -264,7 +267,123 @@ async fn unsigned_evidence_can_be_required(backend: Backend) {
     .unwrap();
 }
 
+/// `agent` commits to `bytes` as bundle `seq` of its chain after `prev`,
+/// signed by `signer`'s key.
+async fn commit(
+    c: &Collector,
+    pki: &Pki,
+    agent: &str,
+    signer: &str,
+    bytes: &[u8],
+    seq: u64,
+    prev: &str,
+) -> Result<CommitEvidenceReply, tonic::Status> {
+    let id = sha256_hex(bytes);
+    c.ingest(pki, agent)
+        .await
+        .commit_evidence(EvidenceCommitment {
+            bundle_id: id.clone(),
+            seq,
+            prev_bundle_id: prev.to_string(),
+            size: bytes.len() as u64,
+            signature: sign(pki.path(), signer, &id),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn signed_upload(c: &Collector, pki: &Pki, agent: &str, bytes: &[u8]) -> UploadResult {
+    let sig = sign(pki.path(), agent, &sha256_hex(bytes));
+    upload(c, pki, agent, bytes, Some(sig)).await.unwrap()
+}
+
+/// A bundle committed when sealed and changed on the node before its
+/// upload arrives under another id at a place the collector already knows:
+/// stored "contradicted", and the committed one is reported never received.
+async fn commitments_expose_a_bundle_changed_before_its_upload(backend: Backend) {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = Collector::start(backend, &pki, data.path(), &[]);
+    let chain = AgentChain::new("agent-1");
+    let b1 = chain.next(1);
+    let id1 = sha256_hex(&b1);
+    let r = commit(&c, &pki, "agent-1", "agent-1", &b1, 1, "")
+        .await
+        .unwrap();
+    assert!(r.recorded && r.conflicts.is_empty(), "{r:?}");
+    let again = commit(&c, &pki, "agent-1", "agent-1", &b1, 1, "")
+        .await
+        .unwrap();
+    assert!(!again.recorded, "a resend is recorded once");
+    let st = status(&c, &pki, &id1).await;
+    assert!(
+        !st.found && st.committed,
+        "committed, not received yet: {st:?}"
+    );
+    assert_eq!(st.committed_by, "agent-1");
+    assert!(signed_upload(&c, &pki, "agent-1", &b1).await.complete);
+    let st = status(&c, &pki, &id1).await;
+    assert_eq!(st.info.unwrap().commitment, "committed");
+
+    // Bundle 2 is committed when sealed; what arrives at seq 2 is another
+    // bundle (the spooled one rewritten, re-sealed from the same chain
+    // state).
+    let before = chain.fork();
+    let b2 = chain.next(2);
+    let id2 = sha256_hex(&b2);
+    commit(&c, &pki, "agent-1", "agent-1", &b2, 2, &id1)
+        .await
+        .unwrap();
+    let b2x = before.next(666);
+    let id2x = sha256_hex(&b2x);
+    assert!(signed_upload(&c, &pki, "agent-1", &b2x).await.complete);
+    let st = status(&c, &pki, &id2x).await;
+    assert_eq!(st.info.unwrap().commitment, "contradicted");
+    let st = status(&c, &pki, &id2).await;
+    assert!(
+        !st.found && st.committed,
+        "the committed one never arrived: {st:?}"
+    );
+    // Committing the rewritten one now is reported as a conflict.
+    let r = commit(&c, &pki, "agent-1", "agent-1", &b2x, 2, &id1)
+        .await
+        .unwrap();
+    assert_eq!(r.conflicts, vec![id2.clone()]);
+
+    // An upload nobody committed to (an older agent, or one cut off from
+    // the collector until then).
+    let b3 = before.next(3);
+    assert!(signed_upload(&c, &pki, "agent-1", &b3).await.complete);
+    let st = status(&c, &pki, &sha256_hex(&b3)).await;
+    assert_eq!(st.info.unwrap().commitment, "uncommitted");
+
+    // Refused: a commitment signed by another agent, a bad id, no seq.
+    let other = AgentChain::new("agent-2").next(9);
+    let e = commit(&c, &pki, "agent-2", "agent-1", &other, 1, "")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = commit(&c, &pki, "agent-2", "agent-2", &other, 0, "")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .ingest(&pki, "agent-2")
+        .await
+        .commit_evidence(EvidenceCommitment {
+            bundle_id: "not-an-id".into(),
+            seq: 1,
+            size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(!status(&c, &pki, &sha256_hex(&other)).await.committed);
+}
+
 on_both_stores!(
     signed_evidence_is_bound_to_its_agent,
     unsigned_evidence_can_be_required,
+    commitments_expose_a_bundle_changed_before_its_upload,
 );

@@ -184,6 +184,8 @@ fn detection_and_bundle_reach_the_collector() {
     assert_eq!(evidence[0]["bundle_id"], id);
     assert_eq!(evidence[0]["pid"].as_u64(), Some(shell_pid));
     assert_eq!(evidence[0]["chain"], "first");
+    // Committed to when sealed, before its upload.
+    assert_eq!(evidence[0]["commitment"], "committed", "{detail}");
     assert!(
         detail["events"]
             .as_array()

@@ -180,6 +180,26 @@ impl Client {
         Ok(())
     }
 
+    /// Commits to a sealed bundle before its upload (see
+    /// `Ingest.CommitEvidence`). `Ok(false)`: the collector predates
+    /// commitments (Unimplemented).
+    pub async fn commit_bundle(
+        &mut self,
+        c: vigil_proto::EvidenceCommitment,
+    ) -> Result<bool, ShipError> {
+        match self.inner.commit_evidence(c).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if !r.conflicts.is_empty() {
+                    tracing::warn!(conflicts = ?r.conflicts, "the collector holds another commitment of this agent at the same place in its chain");
+                }
+                Ok(true)
+            }
+            Err(s) if s.code() == Code::Unimplemented => Ok(false),
+            Err(s) => Err(ShipError::from_status(&s)),
+        }
+    }
+
     /// Uploads one bundle, resuming where the collector stands. Returns
     /// when the collector holds it complete and verified, with the
     /// collector's signed receipt for it ("" from a collector that issues

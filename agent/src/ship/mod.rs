@@ -158,6 +158,8 @@ impl Shipper {
             keep_shipped_bytes: opts.keep_shipped_bytes,
             lane: EventLane::new(metrics.clone()),
             receipts,
+            committed: Default::default(),
+            commit_unsupported: false,
         };
         std::thread::Builder::new()
             .name("vigil-ship".into())
@@ -344,6 +346,12 @@ struct Worker {
     keep_shipped_bytes: u64,
     lane: EventLane,
     receipts: receipts::Receipts,
+    /// Spooled bundles already committed to this run (a restart commits
+    /// again: the collector records a commitment once); bounded by the
+    /// spool.
+    committed: std::collections::HashSet<String>,
+    /// The collector predates commitments: none sent until reconnected.
+    commit_unsupported: bool,
 }
 
 impl Worker {
@@ -441,6 +449,7 @@ impl Worker {
                 Err(e) => {
                     self.metrics.ship_errors.inc();
                     self.client = None;
+                    self.commit_unsupported = false;
                     match &e {
                         ShipError::Auth(_) => {
                             error!(error = %e, retry_in_s = backoff.as_secs(), "shipping to the collector failed: check the agent certificate and the collector's CA")
@@ -505,6 +514,53 @@ impl Worker {
         Ok(self.client.as_mut().expect("just set"))
     }
 
+    /// Commits to every spooled bundle not committed yet (small messages,
+    /// sent before any upload: a bundle sealed while another uploads is
+    /// announced at the next turn). A commitment the collector refuses is
+    /// logged and not retried; the bundle is still uploaded.
+    async fn commit_all(&mut self, items: &[Item]) -> Result<(), ShipError> {
+        if self.commit_unsupported {
+            return Ok(());
+        }
+        for item in items {
+            let ItemKind::Bundle(id) = &item.kind else {
+                continue;
+            };
+            if self.committed.contains(id) {
+                continue;
+            }
+            let (seq, prev) = match vigil_bundle::read_manifest(&item.path) {
+                Ok(m) => (m.seq, m.prev_bundle_sha256.unwrap_or_default()),
+                // Unreadable: the upload finds out and sets it aside.
+                Err(_) => {
+                    self.committed.insert(id.clone());
+                    continue;
+                }
+            };
+            let c = vigil_proto::EvidenceCommitment {
+                bundle_id: id.clone(),
+                seq,
+                prev_bundle_id: prev,
+                size: item.size,
+                signature: self.spool.signature(id).unwrap_or_default(),
+            };
+            match self.client().await?.commit_bundle(c).await {
+                Ok(true) => debug!(bundle = %id, seq, "evidence commitment sent"),
+                Ok(false) => {
+                    info!("the collector does not take evidence commitments (an older collector): bundles are uploaded without");
+                    self.commit_unsupported = true;
+                    return Ok(());
+                }
+                Err(ShipError::Rejected(m)) => {
+                    warn!(bundle = %id, reason = m, "the collector refused the bundle's commitment; it is uploaded anyway");
+                }
+                Err(e) => return Err(e),
+            }
+            self.committed.insert(id.clone());
+        }
+        Ok(())
+    }
+
     /// Sends the whole spool in order; stops at the first transient error.
     async fn ship_all(&mut self) -> Result<(), ShipError> {
         loop {
@@ -512,6 +568,7 @@ impl Worker {
                 .spool
                 .list()
                 .map_err(|e| ShipError::Retry(format!("listing the spool: {e}")))?;
+            self.commit_all(&items).await?;
             let Some(first) = items.first() else {
                 return Ok(());
             };
@@ -527,6 +584,7 @@ impl Worker {
                         .await;
                     match r {
                         Ok(receipt) => {
+                            self.committed.remove(&id);
                             info!(bundle = %id, bytes = item.size, ms = t0.elapsed().as_millis() as u64, "evidence shipped to the collector");
                             self.keep_receipt(&id, &receipt);
                             self.done(&[item], "bundle")?;

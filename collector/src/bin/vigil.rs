@@ -510,10 +510,18 @@ async fn collector_record(
         .map_err(status)?
         .into_inner();
     let Some(info) = st.info.filter(|_| st.found) else {
-        println!(
-            "  {} collector: holds no bundle with this content (sha256 {sha256}): altered after it was uploaded, or not uploaded yet",
-            mark(false)
-        );
+        if st.committed {
+            println!(
+                "  {} collector: agent {} committed to this bundle when it was sealed, but it never arrived",
+                mark(false),
+                c(&st.committed_by)
+            );
+        } else {
+            println!(
+                "  {} collector: holds no bundle with this content (sha256 {sha256}): altered after it was uploaded, or not uploaded yet",
+                mark(false)
+            );
+        }
         return Ok(false);
     };
     let mut ok = true;
@@ -539,6 +547,21 @@ async fn collector_record(
                 c(&info.agent)
             );
         }
+    }
+    match info.commitment.as_str() {
+        "committed" => println!("  {} the agent committed to it when it was sealed", mark(true)),
+        "contradicted" => {
+            ok = false;
+            println!(
+                "  {} the agent committed to another bundle at seq {} when it was sealed: this one changed before its upload, or the chain forked",
+                mark(false),
+                info.seq
+            );
+        }
+        "uncommitted" => println!(
+            "  NOTE no commitment for it reached the collector before its upload (an older agent, or one cut off until then)"
+        ),
+        _ => {}
     }
     if !st.forks.is_empty() || info.chain == "fork" || info.chain == "broken" {
         ok = false;

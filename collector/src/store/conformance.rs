@@ -588,6 +588,7 @@ pub async fn evidence_links_to_its_detection_in_either_order(s: &dyn Store) {
         origin: "signed".into(),
         signature: format!("{{\"sig\":\"{id}\"}}"),
         receipt: "{\"receipt\":1}".into(),
+        commitment: "committed".into(),
     };
     // Detection first, then its bundle.
     let d1 = det(T0, 300, "/bin/sh", "web_shell", Severity::High, web_chain());
@@ -647,6 +648,78 @@ pub async fn evidence_links_to_its_detection_in_either_order(s: &dyn Store) {
     assert_eq!(ids, vec![early, late]);
 }
 
+/// Commitments: recorded once per (agent, id), found by seq and by id,
+/// counted open until their bundle is stored.
+pub async fn commitments_are_recorded_once_and_closed_by_their_bundle(s: &dyn Store) {
+    let c = |id: &str, seq: u64| super::Commitment {
+        bundle_id: id.into(),
+        seq,
+        prev_bundle_id: if seq == 1 {
+            String::new()
+        } else {
+            "ee".repeat(32)
+        },
+        size: 10,
+    };
+    let (a, b, other) = ("a1".repeat(32), "b2".repeat(32), "c3".repeat(32));
+    assert!(s.record_commitment("n1", &c(&a, 1), T0).await.unwrap());
+    assert!(
+        !s.record_commitment("n1", &c(&a, 1), T0 + SEC)
+            .await
+            .unwrap(),
+        "a resend"
+    );
+    assert!(s
+        .record_commitment("n1", &c(&b, 2), T0 + SEC)
+        .await
+        .unwrap());
+    // The same seq again with another id (a rewritten bundle), and the
+    // same seq by another agent.
+    assert!(s
+        .record_commitment("n1", &c(&other, 2), T0 + 2 * SEC)
+        .await
+        .unwrap());
+    assert!(s
+        .record_commitment("n2", &c(&other, 2), T0 + 3 * SEC)
+        .await
+        .unwrap());
+    assert_eq!(
+        s.commitments_at("n1", 2).await.unwrap(),
+        vec![b.clone(), other.clone()]
+    );
+    assert_eq!(
+        s.commitments_at("n2", 2).await.unwrap(),
+        vec![other.clone()]
+    );
+    assert!(s.commitments_at("n1", 3).await.unwrap().is_empty());
+    assert!(s.commitments_at("nobody", 1).await.unwrap().is_empty());
+    let rec = s.commitment(&a).await.unwrap().unwrap();
+    assert_eq!((rec.agent.as_str(), rec.committed_ns), ("n1", T0));
+    assert_eq!(
+        s.commitment(&other).await.unwrap().unwrap().agent,
+        "n1",
+        "the first"
+    );
+    assert!(s.commitment(&"dd".repeat(32)).await.unwrap().is_none());
+    assert_eq!(s.open_commitments("n1").await.unwrap(), 3);
+    s.record_evidence(EvidenceInfo {
+        bundle_id: a.clone(),
+        agent: "n1".into(),
+        size: 10,
+        stored_unix_nanos: T0,
+        seq: 1,
+        commitment: "committed".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.open_commitments("n1").await.unwrap(), 2);
+    assert_eq!(
+        s.evidence(&a).await.unwrap().unwrap().commitment,
+        "committed"
+    );
+}
+
 pub async fn retention_deletes_old_events_only(s: &dyn Store) {
     let old: Vec<Event> = (0..12_000).map(|i| ev(T0 + i, "exec", 5, 1)).collect();
     s.insert_events("a", "old", old, T0).await.unwrap();
@@ -697,6 +770,7 @@ macro_rules! conformance_tests {
             filters_and_search,
             incident_detail_has_detections_evidence_and_events,
             evidence_links_to_its_detection_in_either_order,
+            commitments_are_recorded_once_and_closed_by_their_bundle,
             retention_deletes_old_events_only,
         );
     };

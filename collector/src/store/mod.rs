@@ -90,6 +90,29 @@ pub struct AgentUsage {
     pub evidence_bytes: u64,
 }
 
+/// An agent's commitment to a sealed bundle, made before its upload
+/// (`CommitEvidence`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Commitment {
+    /// The bundle's id.
+    pub bundle_id: String,
+    /// Its place in the agent's chain (>= 1).
+    pub seq: u64,
+    /// Its predecessor's id ("" for seq 1).
+    pub prev_bundle_id: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What the store holds of one commitment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitmentRecord {
+    /// The committing agent.
+    pub agent: String,
+    /// When the collector recorded it (ns since the Unix epoch).
+    pub committed_ns: i64,
+}
+
 /// The index of everything agents sent.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -130,6 +153,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// The record of `agent`'s bundle with the highest seq.
     async fn chain_head(&self, agent: &str) -> Result<Option<EvidenceInfo>, StoreError>;
+
+    /// Records `agent`'s commitment (idempotent: false when this agent
+    /// committed this bundle id before).
+    async fn record_commitment(
+        &self,
+        agent: &str,
+        c: &Commitment,
+        now_ns: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Ids `agent` committed at `seq`, oldest first.
+    async fn commitments_at(&self, agent: &str, seq: u64) -> Result<Vec<String>, StoreError>;
+
+    /// The commitment to bundle `bundle_id`, if an agent made one.
+    async fn commitment(&self, bundle_id: &str) -> Result<Option<CommitmentRecord>, StoreError>;
+
+    /// How many of `agent`'s commitments have no stored bundle (yet).
+    async fn open_commitments(&self, agent: &str) -> Result<u64, StoreError>;
 
     /// Incidents matching the filters, most recently active first.
     async fn list_incidents(

@@ -21,12 +21,13 @@ use vigil_proto::{
 };
 
 use super::{
-    effective_limit, like, merge_list, split_list, AgentSeen, AgentUsage, BatchOutcome, Store,
-    StoreError, StoreStats, INCIDENT_EVENTS_LIMIT, INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
+    effective_limit, like, merge_list, split_list, AgentSeen, AgentUsage, BatchOutcome, Commitment,
+    CommitmentRecord, Store, StoreError, StoreStats, INCIDENT_EVENTS_LIMIT,
+    INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
 };
 use crate::incident::{chain, Grouping};
 
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 
 const SCHEMA: &str = r#"
 CREATE TABLE agents (
@@ -135,10 +136,27 @@ CREATE INDEX evidence_prev ON evidence(agent_id, prev_bundle_id);
 CREATE INDEX evidence_seq ON evidence(agent_id, seq);
 "#;
 
+/// Version 4: commitments to bundles made before their upload, and each
+/// stored bundle's standing against them.
+const MIGRATE_4: &str = r#"
+ALTER TABLE evidence ADD COLUMN commitment TEXT NOT NULL DEFAULT '';
+CREATE TABLE commitments (
+  agent_id BIGINT NOT NULL REFERENCES agents(id),
+  bundle_id TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  prev_bundle_id TEXT NOT NULL,
+  size BIGINT NOT NULL,
+  committed_ns BIGINT NOT NULL,
+  PRIMARY KEY (agent_id, bundle_id)
+);
+CREATE INDEX commitments_seq ON commitments(agent_id, seq);
+CREATE INDEX commitments_bundle ON commitments(bundle_id);
+"#;
+
 /// The columns of an evidence record, in [`evidence_row`] order.
 const EVIDENCE_COLUMNS: &str = "e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
    e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent, e.origin, e.signature,
-   e.receipt";
+   e.receipt, e.commitment";
 
 /// One connection and its prepared statements.
 struct Conn {
@@ -220,14 +238,18 @@ impl PostgresStore {
                 tx.batch_execute(SCHEMA).await?;
                 tx.batch_execute(MIGRATE_2).await?;
                 tx.batch_execute(MIGRATE_3).await?;
+                tx.batch_execute(MIGRATE_4).await?;
                 tx.execute("INSERT INTO schema_version VALUES ($1)", &[&SCHEMA_VERSION])
                     .await?;
             }
-            Some(v @ (1 | 2)) => {
+            Some(v @ (1..=3)) => {
                 if v == 1 {
                     tx.batch_execute(MIGRATE_2).await?;
                 }
-                tx.batch_execute(MIGRATE_3).await?;
+                if v < 3 {
+                    tx.batch_execute(MIGRATE_3).await?;
+                }
+                tx.batch_execute(MIGRATE_4).await?;
                 tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])
                     .await?;
             }
@@ -472,6 +494,7 @@ fn evidence_row(r: &Row) -> EvidenceInfo {
         origin: r.get(12),
         signature: r.get(13),
         receipt: r.get(14),
+        commitment: r.get(15),
     }
 }
 
@@ -622,8 +645,8 @@ impl Store for PostgresStore {
             .stmt(
                 "INSERT INTO evidence (bundle_id, agent_id, size, stored_ns, label, pid, rule,
                    detection_ns, seq, prev_bundle_id, chain, manifest_agent, origin, signature,
-                   receipt)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                   receipt, commitment)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
                  ON CONFLICT DO NOTHING",
             )
             .await?;
@@ -655,6 +678,7 @@ impl Store for PostgresStore {
                 &info.origin,
                 &info.signature,
                 &info.receipt,
+                &info.commitment,
             ],
         )
         .await?;
@@ -681,7 +705,7 @@ impl Store for PostgresStore {
             .stmt(
                 "SELECT e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
                    e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent, e.origin,
-                   e.signature, e.receipt
+                   e.signature, e.receipt, e.commitment
                  FROM evidence e JOIN agents a ON a.id = e.agent_id WHERE e.bundle_id = $1",
             )
             .await?;
@@ -702,6 +726,86 @@ impl Store for PostgresStore {
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn record_commitment(
+        &self,
+        agent: &str,
+        c: &Commitment,
+        now_ns: i64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.writer.lock().await;
+        let st_agent = conn.stmt(AGENT_ID).await?;
+        let st = conn
+            .stmt(
+                "INSERT INTO commitments
+                   (agent_id, bundle_id, seq, prev_bundle_id, size, committed_ns)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let tx = conn.client().await?.transaction().await?;
+        let agent = agent_id(&tx, &st_agent, agent, now_ns).await?;
+        let n = tx
+            .execute(
+                &st,
+                &[
+                    &agent,
+                    &c.bundle_id,
+                    &(c.seq as i64),
+                    &c.prev_bundle_id,
+                    &(c.size as i64),
+                    &now_ns,
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn commitments_at(&self, agent: &str, seq: u64) -> Result<Vec<String>, StoreError> {
+        let mut c = self.reader.lock().await;
+        let rows = c
+            .client()
+            .await?
+            .query(
+                "SELECT m.bundle_id FROM commitments m JOIN agents a ON a.id = m.agent_id
+                 WHERE a.name = $1 AND m.seq = $2 ORDER BY m.committed_ns, m.bundle_id",
+                &[&agent, &(seq as i64)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn commitment(&self, bundle_id: &str) -> Result<Option<CommitmentRecord>, StoreError> {
+        let mut c = self.reader.lock().await;
+        let row = c
+            .client()
+            .await?
+            .query_opt(
+                "SELECT a.name, m.committed_ns FROM commitments m JOIN agents a ON a.id = m.agent_id
+                 WHERE m.bundle_id = $1 ORDER BY m.committed_ns LIMIT 1",
+                &[&bundle_id],
+            )
+            .await?;
+        Ok(row.map(|r| CommitmentRecord {
+            agent: r.get(0),
+            committed_ns: r.get(1),
+        }))
+    }
+
+    async fn open_commitments(&self, agent: &str) -> Result<u64, StoreError> {
+        let mut c = self.reader.lock().await;
+        let row = c
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM commitments m JOIN agents a ON a.id = m.agent_id
+                 WHERE a.name = $1
+                   AND NOT EXISTS (SELECT 1 FROM evidence e WHERE e.bundle_id = m.bundle_id)",
+                &[&agent],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     async fn chain_head(&self, agent: &str) -> Result<Option<EvidenceInfo>, StoreError> {
@@ -794,7 +898,8 @@ impl Store for PostgresStore {
                    coalesce(max(e.detection_ns), 0), coalesce(max(e.seq), 0),
                    coalesce(max(e.prev_bundle_id), ''), coalesce(max(e.chain), ''),
                    coalesce(max(e.manifest_agent), ''), coalesce(max(e.origin), ''),
-                   coalesce(max(e.signature), ''), coalesce(max(e.receipt), '')
+                   coalesce(max(e.signature), ''), coalesce(max(e.receipt), ''),
+                   coalesce(max(e.commitment), '')
                  FROM detection_evidence de JOIN detections d ON d.id = de.detection_id
                  LEFT JOIN evidence e ON e.bundle_id = de.bundle_id
                  LEFT JOIN agents a ON a.id = e.agent_id

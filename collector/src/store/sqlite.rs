@@ -19,12 +19,13 @@ use vigil_proto::{
 };
 
 use super::{
-    effective_limit, like, merge_list, split_list, AgentSeen, AgentUsage, BatchOutcome, Store,
-    StoreError, StoreStats, INCIDENT_EVENTS_LIMIT, INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
+    effective_limit, like, merge_list, split_list, AgentSeen, AgentUsage, BatchOutcome, Commitment,
+    CommitmentRecord, Store, StoreError, StoreStats, INCIDENT_EVENTS_LIMIT,
+    INCIDENT_EVENTS_MARGIN_NS, RETENTION_STEP,
 };
 use crate::incident::{chain, Grouping};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = r#"
 CREATE TABLE agents (
@@ -135,10 +136,27 @@ CREATE INDEX evidence_prev ON evidence(agent_id, prev_bundle_id);
 CREATE INDEX evidence_seq ON evidence(agent_id, seq);
 "#;
 
+/// Version 4: commitments to bundles made before their upload, and each
+/// stored bundle's standing against them.
+const MIGRATE_4: &str = r#"
+ALTER TABLE evidence ADD COLUMN commitment TEXT NOT NULL DEFAULT '';
+CREATE TABLE commitments (
+  agent_id INTEGER NOT NULL REFERENCES agents(id),
+  bundle_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  prev_bundle_id TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  committed_ns INTEGER NOT NULL,
+  PRIMARY KEY (agent_id, bundle_id)
+) WITHOUT ROWID;
+CREATE INDEX commitments_seq ON commitments(agent_id, seq);
+CREATE INDEX commitments_bundle ON commitments(bundle_id);
+"#;
+
 /// The columns of an evidence record, in [`evidence_row`] order.
 const EVIDENCE_COLUMNS: &str = "e.bundle_id, a.name, e.size, e.stored_ns, e.label, e.pid, e.rule,
    e.detection_ns, e.seq, e.prev_bundle_id, e.chain, e.manifest_agent, e.origin, e.signature,
-   e.receipt";
+   e.receipt, e.commitment";
 
 fn evidence_row(r: &rusqlite::Row) -> rusqlite::Result<EvidenceInfo> {
     Ok(EvidenceInfo {
@@ -157,6 +175,7 @@ fn evidence_row(r: &rusqlite::Row) -> rusqlite::Result<EvidenceInfo> {
         origin: r.get(12)?,
         signature: r.get(13)?,
         receipt: r.get(14)?,
+        commitment: r.get(15)?,
     })
 }
 
@@ -208,7 +227,7 @@ impl SqliteStore {
         configure(&writer)?;
         let version: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         match version {
-            0..=2 => {
+            0..=3 => {
                 let tx = writer.transaction()?;
                 if version == 0 {
                     tx.execute_batch(SCHEMA)?;
@@ -216,7 +235,10 @@ impl SqliteStore {
                 if version < 2 {
                     tx.execute_batch(MIGRATE_2)?;
                 }
-                tx.execute_batch(MIGRATE_3)?;
+                if version < 3 {
+                    tx.execute_batch(MIGRATE_3)?;
+                }
+                tx.execute_batch(MIGRATE_4)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
                 tx.commit()?;
             }
@@ -575,8 +597,8 @@ impl Store for SqliteStore {
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO evidence (bundle_id, agent_id, size, stored_ns, label, pid,
                    rule, detection_ns, seq, prev_bundle_id, chain, manifest_agent, origin,
-                   signature, receipt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                   signature, receipt, commitment)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 info.bundle_id,
@@ -593,7 +615,8 @@ impl Store for SqliteStore {
                 info.manifest_agent,
                 info.origin,
                 info.signature,
-                info.receipt
+                info.receipt,
+                info.commitment
             ])?;
             // The detections of the captured event (stored before it).
             if info.detection_unix_nanos != 0 {
@@ -640,6 +663,84 @@ impl Store for SqliteStore {
                 .query_map(params![agent, prev], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(ids)
+        })
+        .await
+    }
+
+    async fn record_commitment(
+        &self,
+        agent: &str,
+        c: &Commitment,
+        now_ns: i64,
+    ) -> Result<bool, StoreError> {
+        let (agent, c) = (agent.to_string(), c.clone());
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            let agent = agent_id(&tx, &agent, now_ns)?;
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO commitments
+                       (agent_id, bundle_id, seq, prev_bundle_id, size, committed_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    agent,
+                    c.bundle_id,
+                    c.seq as i64,
+                    c.prev_bundle_id,
+                    c.size as i64,
+                    now_ns
+                ])?;
+            tx.commit()?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn commitments_at(&self, agent: &str, seq: u64) -> Result<Vec<String>, StoreError> {
+        let agent = agent.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT m.bundle_id FROM commitments m JOIN agents a ON a.id = m.agent_id
+                 WHERE a.name = ?1 AND m.seq = ?2 ORDER BY m.committed_ns, m.bundle_id",
+            )?;
+            let ids = st
+                .query_map(params![agent, seq as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn commitment(&self, bundle_id: &str) -> Result<Option<CommitmentRecord>, StoreError> {
+        let id = bundle_id.to_string();
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT a.name, m.committed_ns FROM commitments m JOIN agents a ON a.id = m.agent_id
+                 WHERE m.bundle_id = ?1 ORDER BY m.committed_ns LIMIT 1",
+            )?
+            .query_row([id], |r| {
+                Ok(CommitmentRecord {
+                    agent: r.get(0)?,
+                    committed_ns: r.get(1)?,
+                })
+            })
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn open_commitments(&self, agent: &str) -> Result<u64, StoreError> {
+        let agent = agent.to_string();
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT count(*) FROM commitments m JOIN agents a ON a.id = m.agent_id
+                     WHERE a.name = ?1
+                       AND NOT EXISTS (SELECT 1 FROM evidence e WHERE e.bundle_id = m.bundle_id)",
+                )?
+                .query_row([agent], |r| r.get(0))?;
+            Ok(n as u64)
         })
         .await
     }
@@ -741,7 +842,8 @@ impl Store for SqliteStore {
                        coalesce(e.rule, ''), coalesce(e.detection_ns, 0), coalesce(e.seq, 0),
                        coalesce(e.prev_bundle_id, ''), coalesce(e.chain, ''),
                        coalesce(e.manifest_agent, ''), coalesce(e.origin, ''),
-                       coalesce(e.signature, ''), coalesce(e.receipt, '')
+                       coalesce(e.signature, ''), coalesce(e.receipt, ''),
+                       coalesce(e.commitment, '')
                      FROM detection_evidence de JOIN detections d ON d.id = de.detection_id
                      LEFT JOIN evidence e ON e.bundle_id = de.bundle_id
                      LEFT JOIN agents a ON a.id = e.agent_id
