@@ -196,6 +196,14 @@ impl Client {
                 Ok(true)
             }
             Err(s) if s.code() == Code::Unimplemented => Ok(false),
+            // Too many of this agent's commitments wait for their bundles:
+            // refused for this one, which is uploaded anyway (retrying
+            // would hold back the very uploads that close them).
+            Err(s) if s.code() == Code::ResourceExhausted => Err(ShipError::Rejected(format!(
+                "{:?}: {}",
+                s.code(),
+                s.message()
+            ))),
             Err(s) => Err(ShipError::from_status(&s)),
         }
     }
