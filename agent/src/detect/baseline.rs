@@ -126,21 +126,27 @@ impl Baseline {
     }
 
     /// Whether the exec edge `edge` (`PARENT>CHILD|ARGV`, shapes) is normal
-    /// for `workload`: learned as it is, or, when `by_program`, its parent
+    /// for `workload`: learned as it is, or, when `by_program()` (asked
+    /// only then), its parent
     /// started this child program with at least [`VARIED_SHAPES`]
     /// different command lines while learning. A build's compiler run on
     /// each source file, a test runner on each test: what varied while
     /// learning is learned at the level of the two programs, so a new
     /// source file is more of the same, while a pair seen with one command
     /// line (a web server's one `convert` call) keeps its exact shape.
-    pub fn knows_edge(&self, workload: &str, edge: &str, by_program: bool) -> bool {
+    pub fn knows_edge(
+        &self,
+        workload: &str,
+        edge: &str,
+        by_program: impl FnOnce() -> bool,
+    ) -> bool {
         let Some(set) = self.learned.get(workload) else {
             return false;
         };
         if set.contains(edge) {
             return true;
         }
-        if !by_program {
+        if !by_program() {
             return false;
         }
         let Some((pair, _)) = edge.split_once('|') else {
@@ -211,25 +217,25 @@ mod tests {
         );
         b.learn("w", "/usr/bin/make>/usr/bin/ccache|ccache -s".into());
         let new_file = "/usr/bin/make>/usr/bin/cc|cc -c lexer.c";
-        assert!(b.knows_edge("w", new_file, true));
+        assert!(b.knows_edge("w", new_file, || true));
         assert!(
-            !b.knows_edge("w", new_file, false),
+            !b.knows_edge("w", new_file, || false),
             "not for programs whose arguments are the behaviour"
         );
-        assert!(!b.knows_edge("other", new_file, true), "per workload");
+        assert!(!b.knows_edge("other", new_file, || true), "per workload");
         // Seen with one command line: exact.
-        assert!(!b.knows_edge("w", "/srv/app>/usr/bin/convert|convert x y z", true));
+        assert!(!b.knows_edge("w", "/srv/app>/usr/bin/convert|convert x y z", || true));
         assert!(b.knows_edge(
             "w",
             "/srv/app>/usr/bin/convert|convert in.png out.jpg",
-            true
+            || true
         ));
         // Three shapes are not enough; a prefix of another program is not
         // it.
         b.learn("w", "/usr/bin/make>/usr/bin/ccache|ccache -z".into());
         b.learn("w", "/usr/bin/make>/usr/bin/ccache|ccache -C".into());
-        assert!(!b.knows_edge("w", "/usr/bin/make>/usr/bin/ccache|ccache -M N", true));
-        assert!(!b.knows_edge("w", "/usr/bin/make>/usr/bin/c|c -c lexer.c", true));
+        assert!(!b.knows_edge("w", "/usr/bin/make>/usr/bin/ccache|ccache -M N", || true));
+        assert!(!b.knows_edge("w", "/usr/bin/make>/usr/bin/c|c -c lexer.c", || true));
     }
 
     #[test]

@@ -192,11 +192,14 @@ impl DetectEngine {
             // command, an interpreter's code, a downloader's URL, a
             // service or account change) are known only with command
             // lines seen while learning.
-            let child = ev.process.image.identity();
-            let by_program = !classify::is_shell(child)
-                && !classify::is_interpreter(child)
-                && !classify::is_downloader(child)
-                && !classify::acts_by_arguments(child);
+            // Judged only for an edge not learned as it is.
+            let by_program = || {
+                let child = ev.process.image.identity();
+                !classify::is_shell(child)
+                    && !classify::is_interpreter(child)
+                    && !classify::is_downloader(child)
+                    && !classify::acts_by_arguments(child)
+            };
             if !self.baseline.knows_edge(&workload, edge, by_program) && !self.baseline.is_empty() {
                 findings.push(Finding {
                     rule: "baseline_anomaly".into(),
@@ -292,7 +295,14 @@ pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
         None => x.exe.clone(),
     };
     // `|` ends the pair (see `Baseline::knows_edge`): escaped in paths.
-    let path = |p: &str| normalize::shape(p).replace('|', "%7C");
+    let path = |p: &str| {
+        let s = normalize::shape(p);
+        if s.contains('|') {
+            s.replace('|', "%7C")
+        } else {
+            s
+        }
+    };
     Some(format!(
         "{}>{}|{}",
         path(parent),

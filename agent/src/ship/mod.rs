@@ -347,8 +347,8 @@ struct Worker {
     lane: EventLane,
     receipts: receipts::Receipts,
     /// Spooled bundles already committed to this run (a restart commits
-    /// again: the collector records a commitment once); bounded by the
-    /// spool.
+    /// again: the collector records a commitment once); only ids still in
+    /// the spool are kept.
     committed: std::collections::HashSet<String>,
     /// The collector predates commitments: none sent until reconnected.
     commit_unsupported: bool,
@@ -522,6 +522,15 @@ impl Worker {
         if self.commit_unsupported {
             return Ok(());
         }
+        // Only what is still spooled (uploaded or set aside: forgotten).
+        let spooled: std::collections::HashSet<&str> = items
+            .iter()
+            .filter_map(|i| match &i.kind {
+                ItemKind::Bundle(id) => Some(id.as_str()),
+                ItemKind::Detection => None,
+            })
+            .collect();
+        self.committed.retain(|id| spooled.contains(id.as_str()));
         for item in items {
             let ItemKind::Bundle(id) = &item.kind else {
                 continue;
@@ -584,7 +593,6 @@ impl Worker {
                         .await;
                     match r {
                         Ok(receipt) => {
-                            self.committed.remove(&id);
                             info!(bundle = %id, bytes = item.size, ms = t0.elapsed().as_millis() as u64, "evidence shipped to the collector");
                             self.keep_receipt(&id, &receipt);
                             self.done(&[item], "bundle")?;
