@@ -334,13 +334,30 @@ fn attach_lsm(
     Ok(())
 }
 
-/// Attaches the connect-refusal programs to the cgroup v2 root (every
+/// Cgroup programs that report connects and unconnected sends made
+/// without the syscalls (io_uring): (feature, programs, hook name). The
+/// connect pair only where BPF LSM does not serve connects (its hook sees
+/// those too).
+const OBSERVER_PROGRAMS: &[(Feature, &[&str], &str)] = &[
+    (
+        Feature::Connect,
+        &["vigil_cg_connect4", "vigil_cg_connect6"],
+        "cgroup/connect4,connect6",
+    ),
+    (
+        Feature::Send,
+        &["vigil_cg_sendmsg4", "vigil_cg_sendmsg6"],
+        "cgroup/sendmsg4,sendmsg6",
+    ),
+];
+
+/// Attaches cgroup sock_addr programs to the cgroup v2 root (every
 /// process is below it) as links, beside any other program there.
-fn attach_deny(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+fn attach_cgroup(ebpf: &mut Ebpf, programs: &[&str]) -> anyhow::Result<()> {
     use aya::programs::{CgroupAttachMode, CgroupSockAddr};
     let root =
         crate::workload_cache::find_cgroup2_root().context("no cgroup v2 hierarchy is mounted")?;
-    for name in DENY_PROGRAMS {
+    for name in programs {
         let cg =
             std::fs::File::open(&root).with_context(|| format!("opening {}", root.display()))?;
         let p: &mut CgroupSockAddr = ebpf
@@ -483,9 +500,28 @@ impl Sensor {
                 });
             }
         }
+        for (feature, programs, hook) in OBSERVER_PROGRAMS {
+            if opts.disabled.contains(feature) || by_lsm.contains(feature) {
+                continue;
+            }
+            let r = attach_cgroup(&mut ebpf, programs);
+            match &r {
+                Ok(()) => debug!(hook, "attached"),
+                Err(e) => warn!(
+                    hook,
+                    error = %format!("{e:#}"),
+                    "hook unavailable: connects and sends made without the syscalls (io_uring) are not seen"
+                ),
+            }
+            hooks.push(HookStatus {
+                hook: (*hook).into(),
+                feature: *feature,
+                error: r.err().map(|e| format!("{e:#}")),
+            });
+        }
         let mut deny = None;
         if opts.deny_connect {
-            let r = attach_deny(&mut ebpf);
+            let r = attach_cgroup(&mut ebpf, DENY_PROGRAMS);
             if let Err(e) = &r {
                 warn!(error = %format!("{e:#}"), "connect refusal unavailable: containment's deny_connect will fail");
             }

@@ -1739,22 +1739,44 @@ unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4], flags: u16) {
             Some(file) => rd(file, off!(file_private_data)).unwrap_or(0),
             None => 0,
         };
-        emit_connect(task, sock, family, port, daddr, ret as i32, flags);
+        emit_connect(
+            task,
+            sock_sk(sock),
+            family,
+            port,
+            daddr,
+            ret as i32,
+            flags,
+            (0, 0),
+        );
     }
 }
 
-/// Reports a connect on an IPv4/IPv6 socket: from the syscall exit (with
-/// its result) or the LSM `socket_connect` hook (an attempt,
-/// [`CONNECT_FLAG_ATTEMPT`]). `port` is in network order.
+/// The `struct sock` of a `struct socket` (0 for none).
+#[inline(always)]
+unsafe fn sock_sk(sock: u64) -> u64 {
+    if sock == 0 {
+        return 0;
+    }
+    unsafe { rd(sock, off!(socket_sk)).unwrap_or(0) }
+}
+
+/// Reports a connect on an IPv4/IPv6 socket `sk` (a `struct sock`, 0 when
+/// unknown): from the syscall exit (with its result), the LSM
+/// `socket_connect` hook or the cgroup observers (an attempt,
+/// [`CONNECT_FLAG_ATTEMPT`]). `port` is in network order. Without `sk`,
+/// `sock_type` and `protocol` are taken as given.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn emit_connect(
     task: u64,
-    sock: u64,
+    sk: u64,
     family: u16,
     port: u16,
     daddr: [u8; 16],
     ret: i32,
     flags: u16,
+    (sock_type, protocol): (u16, u16),
 ) {
     unsafe {
         let Some(s) = scratch() else { return };
@@ -1765,15 +1787,10 @@ unsafe fn emit_connect(
         (*e).ret = ret;
         (*e).daddr = daddr;
         (*e).saddr = [0u8; 16];
-        (*e).protocol = 0;
-        (*e).sock_type = 0;
+        (*e).protocol = protocol;
+        (*e).sock_type = sock_type;
         (*e).sport = 0;
         (*e).flags = flags;
-        let sk: u64 = if sock != 0 {
-            rd(sock, off!(socket_sk)).unwrap_or(0)
-        } else {
-            0
-        };
         if sk != 0 {
             (*e).sock_type = rd(sk, off!(sk_type)).unwrap_or(0);
             (*e).protocol = rd(sk, off!(sk_protocol)).unwrap_or(0);
@@ -1906,12 +1923,13 @@ pub fn vigil_lsm_connect(ctx: LsmContext) -> i32 {
         };
         emit_connect(
             bpf_get_current_task(),
-            sock,
+            sock_sk(sock),
             family,
             port,
             daddr,
             0,
             CONNECT_FLAG_ATTEMPT,
+            (0, 0),
         );
     }
     0
@@ -1957,6 +1975,103 @@ unsafe fn on_listen(task: u64, ret: i64, fd: u64) {
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+// ---- connects that bypass the connect/send syscalls ---------------------------
+// Where BPF LSM is not available, connects and unconnected sends made
+// without the syscalls (io_uring's IORING_OP_CONNECT/SENDMSG, run by the
+// submitting task or one of its io-wq worker threads) still pass the
+// cgroup sock_addr hooks: attached to the cgroup v2 root, these report
+// them as attempts. A connect/send syscall in flight on this thread is left
+// to its exit program (which has the result). Never refuse anything.
+
+/// `V6`: the program is attached to an IPv6 hook (only the fields of its
+/// family may be read: the verifier refuses the others).
+#[inline(always)]
+fn observe_sock_addr<const V6: bool>(ctx: &SockAddrContext, flags: u16) -> i32 {
+    if !ready() {
+        return 1;
+    }
+    let id = bpf_get_current_pid_tgid();
+    if is_agent((id >> 32) as u32) {
+        return 1;
+    }
+    if let Some(st) = unsafe { INFLIGHT.get(&id) } {
+        if st.kind == STASH_CONNECT || st.kind == STASH_SEND {
+            return 1;
+        }
+    }
+    unsafe {
+        // Every context field read once, at its constant offset from the
+        // unmodified context pointer (the verifier refuses loads through a
+        // pointer derived from it).
+        let sa = ctx.sock_addr;
+        let field = |p: *const u32| core::ptr::read_volatile(p);
+        let family = field(core::ptr::addr_of!((*sa).user_family)) as u16;
+        let port = field(core::ptr::addr_of!((*sa).user_port)) as u16;
+        let sock_type = field(core::ptr::addr_of!((*sa).type_)) as u16;
+        let protocol = field(core::ptr::addr_of!((*sa).protocol)) as u16;
+        let mut daddr = [0u8; 16];
+        if V6 {
+            if family != AF_INET6 {
+                return 1;
+            }
+            let ip6 = [
+                field(core::ptr::addr_of!((*sa).user_ip6[0])),
+                field(core::ptr::addr_of!((*sa).user_ip6[1])),
+                field(core::ptr::addr_of!((*sa).user_ip6[2])),
+                field(core::ptr::addr_of!((*sa).user_ip6[3])),
+            ];
+            let mut i = 0;
+            while i < 4 {
+                let b = ip6[i].to_ne_bytes();
+                daddr[i * 4] = b[0];
+                daddr[i * 4 + 1] = b[1];
+                daddr[i * 4 + 2] = b[2];
+                daddr[i * 4 + 3] = b[3];
+                i += 1;
+            }
+        } else {
+            if family != AF_INET {
+                return 1;
+            }
+            let v = field(core::ptr::addr_of!((*sa).user_ip4)).to_ne_bytes();
+            daddr[..4].copy_from_slice(&v);
+        }
+        // The socket's own fields come from the context: the verifier
+        // forbids arithmetic on its `sk` pointer.
+        emit_connect(
+            bpf_get_current_task(),
+            0,
+            family,
+            port,
+            daddr,
+            0,
+            CONNECT_FLAG_ATTEMPT | flags,
+            (sock_type, protocol),
+        );
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn vigil_cg_connect4(ctx: SockAddrContext) -> i32 {
+    observe_sock_addr::<false>(&ctx, 0)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn vigil_cg_connect6(ctx: SockAddrContext) -> i32 {
+    observe_sock_addr::<true>(&ctx, 0)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn vigil_cg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    observe_sock_addr::<false>(&ctx, CONNECT_FLAG_SEND)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn vigil_cg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    observe_sock_addr::<true>(&ctx, CONNECT_FLAG_SEND)
 }
 
 // ---- containment: outbound connects of contained processes ---------------

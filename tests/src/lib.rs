@@ -66,6 +66,7 @@ pub struct Agent {
     /// Metrics address.
     pub metrics_addr: String,
     stderr_lines: mpsc::Receiver<String>,
+    startup_log: Vec<String>,
     /// Events parsed so far: the file is read from where the last read
     /// stopped, so waiting on a large events file costs only its new lines.
     seen: std::sync::Mutex<EventCache>,
@@ -162,8 +163,14 @@ impl Agent {
             events_path,
             metrics_addr,
             stderr_lines: rx,
+            startup_log: log,
             seen: Default::default(),
         }
+    }
+
+    /// The agent's log up to "ready" (hooks attached or refused, and why).
+    pub fn startup_log(&self) -> &[String] {
+        &self.startup_log
     }
 
     /// Every evidence capture outcome written so far.

@@ -458,6 +458,252 @@ fn datagrams_sent_without_connect_are_seen_as_connects() {
     assert_eq!(n, 2, "one per destination");
 }
 
+/// A minimal io_uring (raw syscalls): one request at a time, submitted and
+/// waited for by `io_uring_enter`, never by the connect/send syscalls.
+mod uring {
+    use std::os::fd::RawFd;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct SqringOffsets {
+        head: u32,
+        tail: u32,
+        ring_mask: u32,
+        ring_entries: u32,
+        flags: u32,
+        dropped: u32,
+        array: u32,
+        resv1: u32,
+        user_addr: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct CqringOffsets {
+        head: u32,
+        tail: u32,
+        ring_mask: u32,
+        ring_entries: u32,
+        overflow: u32,
+        cqes: u32,
+        flags: u32,
+        resv1: u32,
+        user_addr: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Params {
+        sq_entries: u32,
+        cq_entries: u32,
+        flags: u32,
+        sq_thread_cpu: u32,
+        sq_thread_idle: u32,
+        features: u32,
+        wq_fd: u32,
+        resv: [u32; 3],
+        sq_off: SqringOffsets,
+        cq_off: CqringOffsets,
+    }
+
+    /// The 64-byte submission entry, as far as connect and sendmsg use it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Sqe {
+        opcode: u8,
+        flags: u8,
+        ioprio: u16,
+        fd: i32,
+        off: u64,
+        addr: u64,
+        len: u32,
+        op_flags: u32,
+        user_data: u64,
+        pad: [u64; 3],
+    }
+
+    pub const OP_SENDMSG: u8 = 9;
+    pub const OP_CONNECT: u8 = 16;
+
+    /// Runs one request (`opcode` on `fd`, with `addr`/`len`/`off` as that
+    /// opcode reads them) and returns its result (`-errno` on failure).
+    pub fn run(opcode: u8, fd: RawFd, addr: u64, len: u32, off: u64) -> i32 {
+        unsafe {
+            let mut p = Params::default();
+            let ring = libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut p as *mut Params) as i32;
+            assert!(
+                ring >= 0,
+                "io_uring_setup: {}",
+                std::io::Error::last_os_error()
+            );
+            let map = |len: usize, off: i64| {
+                let m = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_POPULATE,
+                    ring,
+                    off,
+                );
+                assert_ne!(
+                    m,
+                    libc::MAP_FAILED,
+                    "mmap: {}",
+                    std::io::Error::last_os_error()
+                );
+                m as *mut u8
+            };
+            let sq_len = p.sq_off.array as usize + p.sq_entries as usize * 4;
+            let cq_len = p.cq_off.cqes as usize + p.cq_entries as usize * 16;
+            let sq = map(sq_len, 0);
+            let cq = map(cq_len, 0x800_0000);
+            let sqes = map(p.sq_entries as usize * 64, 0x1000_0000) as *mut Sqe;
+            let at = |base: *mut u8, off: u32| base.add(off as usize) as *mut u32;
+            let tail = *at(sq, p.sq_off.tail);
+            let idx = tail & *at(sq, p.sq_off.ring_mask);
+            sqes.add(idx as usize).write(Sqe {
+                opcode,
+                fd,
+                off,
+                addr,
+                len,
+                user_data: 7,
+                ..Default::default()
+            });
+            *at(sq, p.sq_off.array).add(idx as usize) = idx;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            *at(sq, p.sq_off.tail) = tail.wrapping_add(1);
+            let n = libc::syscall(
+                libc::SYS_io_uring_enter,
+                ring,
+                1u32,
+                1u32,
+                1u32,
+                0usize,
+                0usize,
+            );
+            assert_eq!(n, 1, "io_uring_enter: {}", std::io::Error::last_os_error());
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let head = *at(cq, p.cq_off.head);
+            assert_ne!(head, *at(cq, p.cq_off.tail), "no completion");
+            let cqe =
+                cq.add(p.cq_off.cqes as usize + (head & *at(cq, p.cq_off.ring_mask)) as usize * 16);
+            let res = *(cqe.add(8) as *const i32);
+            libc::munmap(sq as _, sq_len);
+            libc::munmap(cq as _, cq_len);
+            libc::munmap(sqes as _, p.sq_entries as usize * 64);
+            libc::close(ring);
+            res
+        }
+    }
+}
+
+/// Whether the agent attached `hook`. Where it did not, its log must say
+/// the kernel lacks a helper those programs call (the verifier's "unknown
+/// func": older kernels keep some from cgroup programs); any other refusal
+/// fails the test.
+fn attached_or_kernel_lacks_helper(agent: &Agent, hook: &str) -> bool {
+    let series = format!("vigil_hook_attached{{hook=\"{hook}\"}} ");
+    let metrics = agent.metrics();
+    let attached = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in the metrics"));
+    if attached.trim() == "1" {
+        return true;
+    }
+    let why: Vec<&String> = agent
+        .startup_log()
+        .iter()
+        .filter(|l| l.contains(hook))
+        .collect();
+    assert!(
+        why.iter().any(|l| l.contains("unknown func")),
+        "{hook} refused for another reason than a helper this kernel lacks: {why:?}"
+    );
+    eprintln!("NOTICE: {hook} unavailable on this kernel (a helper it lacks): skipped");
+    false
+}
+
+#[test]
+fn connects_and_sends_submitted_through_io_uring_are_seen() {
+    use std::os::fd::AsRawFd;
+    let agent = Agent::start(&[]);
+    let me = std::process::id() as u64;
+    // BPF LSM's socket_connect sees them where it serves connects, else
+    // the cgroup observers; sends always by the observers.
+    let connects = agent
+        .metrics()
+        .contains(r#"vigil_hook_path{feature="connect",path="lsm"} 1"#)
+        || attached_or_kernel_lacks_helper(&agent, "cgroup/connect4,connect6");
+    let sends = attached_or_kernel_lacks_helper(&agent, "cgroup/sendmsg4,sendmsg6");
+    // A TCP connect (IPv4) submitted as IORING_OP_CONNECT.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dst = l.local_addr().unwrap();
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(sock >= 0);
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: dst.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    };
+    let res = uring::run(
+        uring::OP_CONNECT,
+        sock,
+        &sin as *const _ as u64,
+        0,
+        std::mem::size_of::<libc::sockaddr_in>() as u64,
+    );
+    assert_eq!(res, 0, "io_uring connect: {res}");
+    if connects {
+        let evs = connect_events(&agent, dst.port(), 1);
+        let e = &evs[0];
+        assert_eq!(e["protocol"], "tcp", "{e}");
+        assert_eq!(e["daddr"], "127.0.0.1", "{e}");
+        assert_eq!(e.pid(), me);
+    }
+    unsafe { libc::close(sock) };
+    if !sends {
+        return;
+    }
+
+    // A UDP datagram (IPv6) to an address, submitted as IORING_OP_SENDMSG.
+    let target = UdpSocket::bind("[::1]:0").unwrap();
+    let tdst = target.local_addr().unwrap();
+    let u = UdpSocket::bind("[::1]:0").unwrap();
+    let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sin6.sin6_family = libc::AF_INET6 as u16;
+    sin6.sin6_port = tdst.port().to_be();
+    sin6.sin6_addr.s6_addr[15] = 1;
+    let mut payload = *b"beacon";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr() as *mut _,
+        iov_len: payload.len(),
+    };
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut sin6 as *mut _ as *mut _;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let res = uring::run(
+        uring::OP_SENDMSG,
+        u.as_raw_fd(),
+        &msg as *const _ as u64,
+        1,
+        0,
+    );
+    assert_eq!(res, payload.len() as i32, "io_uring sendmsg: {res}");
+    let evs = connect_events(&agent, tdst.port(), 1);
+    let e = &evs[0];
+    assert_eq!(e["protocol"], "udp", "{e}");
+    assert_eq!(e["send_to"], true, "{e}");
+    assert_eq!(e["daddr"], "::1", "{e}");
+    assert_eq!(e.pid(), me);
+}
+
 /// A writable address in `pid` (the start of its stack mapping).
 fn writable_address(pid: u32) -> u64 {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();

@@ -509,7 +509,7 @@ fn test(step_timeout: Duration, fuzz_seconds: u64, cargo_test_args: Vec<String>)
         if let Err(e) = disk::remove_test_executables(
             &[("VIGIL_AGENT_BIN", agent.as_os_str())],
             &cargo_test_args,
-            vm::GUEST_TESTS,
+            &[vm::GUEST_TESTS, &[vm::POWER_CUT_TEST]].concat(),
         ) {
             eprintln!("warning: reclaiming the test executables: {e:#}");
         }

@@ -14,9 +14,11 @@
 //! Each run boots a copy of that image with one kernel. The test driver
 //! (`vm_guest.sh`, on a 9p share with the two .deb files) installs the
 //! packages with dpkg, checks the units, the agent's detection -> evidence ->
-//! collector chain, the in-kernel freeze or exec deny, reboots (QEMU is
-//! started again on the same disk: the guest's own `systemctl reboot`), checks
-//! again, removes and purges. Its results come back on the share; this side
+//! collector chain, the in-kernel freeze or exec deny, then cuts the power
+//! while a collector is under load (`echo b > /proc/sysrq-trigger`: the
+//! guest's page cache is lost, QEMU is started again on the same disk),
+//! checks that this collector still holds everything it acknowledged, checks
+//! the chain again, removes and purges. Its results come back on the share; this side
 //! prints them and `N passed, N failed` per kernel. The guest has no network
 //! device: the agent and the collector talk over the guest's loopback.
 
@@ -140,11 +142,12 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
         })?
     };
 
-    let e2e = if args.e2e {
-        guest_test_binaries()?
-    } else {
-        Vec::new()
-    };
+    // The power-cut test always; the kernel-facing ones unless --no-e2e.
+    let mut wanted_tests = vec![POWER_CUT_TEST];
+    if args.e2e {
+        wanted_tests.extend(GUEST_TESTS);
+    }
+    let e2e = guest_test_binaries(&wanted_tests)?;
 
     let vm_dir = util::target_dir().join("vm");
     let t = Instant::now();
@@ -219,17 +222,24 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
 /// echo and chmod there.
 pub const GUEST_TESTS: &[&str] = &["sensor", "deny_exec"];
 
-/// The [`GUEST_TESTS`] binaries, built if needed: (name, executable).
-fn guest_test_binaries() -> Result<Vec<(&'static str, PathBuf)>> {
+/// The collector's power-cut test (collector/tests/powercut.rs): the guest
+/// runs its load, cuts the power during it, and checks after the reboot.
+pub const POWER_CUT_TEST: &str = "powercut";
+
+/// The binaries of test targets `names` (of vigil-tests and
+/// vigil-collector), built if needed: (name, executable).
+fn guest_test_binaries(names: &[&'static str]) -> Result<Vec<(&'static str, PathBuf)>> {
     let mut cmd = util::cargo();
     cmd.args([
         "test",
         "-p",
         "vigil-tests",
+        "-p",
+        "vigil-collector",
         "--no-run",
         "--message-format=json",
     ]);
-    for t in GUEST_TESTS {
+    for t in names {
         cmd.args(["--test", t]);
     }
     let (status, out) = util::capture(&mut cmd, Duration::from_secs(1800))?;
@@ -241,7 +251,7 @@ fn guest_test_binaries() -> Result<Vec<(&'static str, PathBuf)>> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["reason"] == "compiler-artifact")
         .collect();
-    GUEST_TESTS
+    names
         .iter()
         .map(|t| {
             artifacts
@@ -638,12 +648,15 @@ fn run_kernel(
         fs::copy(deb, share.join("debs").join(name))
             .with_context(|| format!("copying {}", deb.display()))?;
     }
-    if !e2e.is_empty() {
-        fs::create_dir_all(share.join("tests"))?;
-    }
     for (name, bin) in e2e {
-        fs::copy(bin, share.join("tests").join(name))
-            .with_context(|| format!("copying {}", bin.display()))?;
+        // The power-cut test apart: phase 2 runs everything in tests/.
+        let dir = share.join(if *name == POWER_CUT_TEST {
+            "powercut"
+        } else {
+            "tests"
+        });
+        fs::create_dir_all(&dir)?;
+        fs::copy(bin, dir.join(name)).with_context(|| format!("copying {}", bin.display()))?;
     }
     let script = share.join("guest.sh");
     fs::write(&script, GUEST_SCRIPT)?;

@@ -2,9 +2,10 @@
 # The guest side of `cargo xtask vm-test` (xtask/src/vm.rs puts it on the 9p
 # share as /share/guest.sh; the image's vigil-vmtest.service runs it once
 # systemd reached multi-user). It installs the two .deb files the host built,
-# checks the units and the detection -> evidence -> collector chain, reboots
-# once (the disk is the same across the reboot), checks again, removes and
-# purges, then powers the VM off.
+# checks the units and the detection -> evidence -> collector chain, cuts
+# the power once while a collector is under load (the disk is the same across
+# the reboot; the page cache is not), checks that collector and the chain
+# again, removes and purges, then powers the VM off.
 #
 # Every check appends one line to /share/results.txt: `ok NAME`,
 # `FAIL NAME: DETAIL` or `skip NAME: WHY`; the host counts them. Logs of
@@ -188,6 +189,49 @@ server_child_shell() {
     kill "$server" 2>/dev/null || true
 }
 
+# The power-cut test (collector/tests/powercut.rs): a collector of its own
+# (the packaged binary, SQLite, data on this disk) loaded with event and
+# detection batches and bundle uploads, each acknowledgement logged on the
+# share; the power is cut while the load runs (sysrq b: reboot at once, no
+# sync, no unmount: what the kernel had not written is gone). The packaged
+# units are stopped first and everything synced: the cut hits that
+# collector's load only. After the reboot, power_cut_check asks the
+# collector for every item it acknowledged.
+POWER_CUT_DIR=/var/lib/vigil-powercut
+power_cut_env() {
+    env VIGIL_COLLECTOR_BIN=/usr/bin/vigil-collector VIGIL_POWERCUT_DIR="$POWER_CUT_DIR" \
+        VIGIL_POWERCUT_ACKS="$SHARE/powercut/acks.txt" "$@"
+}
+power_cut() {
+    systemctl stop vigil-agent.service vigil-collector.service
+    cp "$SHARE/powercut/powercut" /root/powercut
+    sync
+    (cd /root && power_cut_env ./powercut --ignored --exact power_cut_load \
+        >"$SHARE/powercut/load.log" 2>&1 &)
+    # Enough of each kind, then a few seconds more of load: the cut comes
+    # while calls are in flight and within the kernel's writeback delay
+    # (30 s) of the latest acknowledgements.
+    if wait_for 300 bash -c "[ \"\$(awk '{print \$2}' '$SHARE/powercut/acks.txt' | sort -u | wc -l)\" -eq 3 ] && [ \"\$(wc -l <'$SHARE/powercut/acks.txt')\" -ge 100 ]"; then
+        sleep 3
+        say "power cut after $(wc -l <"$SHARE/powercut/acks.txt") acknowledgements"
+        echo b >/proc/sysrq-trigger
+        sleep 60
+    fi
+    fail "power cut under load" "the load did not get going: $(tail -n 5 "$SHARE/powercut/load.log" | tr '\n' '|')"
+}
+power_cut_check() {
+    local out rc
+    cp "$SHARE/powercut/powercut" /root/powercut
+    out="$(cd /root && power_cut_env timeout 600 ./powercut --ignored --exact power_cut_check --nocapture 2>&1)"
+    rc=$?
+    printf '%s\n' "$out" >"$SHARE/powercut/check.log"
+    if [ "$rc" -eq 0 ]; then
+        ok "power cut under load: $(printf '%s' "$out" | sed -n 's/^power cut: //p' | head -n 1)"
+    else
+        fail "power cut under load" "$(printf '%s' "$out" | grep -m 3 -E 'acknowledged items lost|panicked|Error' | tr '\n' '|')"
+    fi
+}
+
 case "$phase" in
 1)
     debs=("$SHARE"/debs/*.deb)
@@ -277,8 +321,11 @@ case "$phase" in
 
     dump_logs
     echo 2 >"$STATE/phase"
-    say "rebooting"
     sync
+    if [ -x "$SHARE/powercut/powercut" ]; then
+        power_cut
+    fi
+    say "rebooting"
     systemctl --no-block reboot
     exit 0
     ;;
@@ -288,6 +335,9 @@ case "$phase" in
     else
         fail "units active after reboot" "$(systemctl status --no-pager vigil-agent vigil-collector 2>&1 | tail -n 20 | tr '\n' '|')"
         finish
+    fi
+    if [ -f "$SHARE/powercut/acks.txt" ]; then
+        power_cut_check
     fi
     check "configuration kept across the reboot" grep -q '^collector = "https://127.0.0.1:7443"' /etc/vigil/agent.toml
     exec_chain "reboot"

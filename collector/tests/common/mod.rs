@@ -20,7 +20,12 @@ use vigil_proto::query_client::QueryClient;
 
 /// A PKI directory with agents agent-1, agent-2 and analyst "analyst".
 pub struct Pki {
-    pub dir: tempfile::TempDir,
+    dir: Dir,
+}
+
+enum Dir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
 }
 
 impl Pki {
@@ -33,11 +38,33 @@ impl Pki {
             ..Default::default()
         })
         .unwrap();
-        Pki { dir }
+        Pki {
+            dir: Dir::Temp(dir),
+        }
+    }
+
+    /// A PKI kept in `dir` (made there once, reused after): it outlives
+    /// the test process, as a collector's does.
+    pub fn at(dir: &Path) -> Pki {
+        if !dir.join("ca.pem").exists() {
+            pki::init_pki(&InitPki {
+                dir: dir.to_path_buf(),
+                agents: vec!["agent-1".into(), "agent-2".into()],
+                analysts: vec!["analyst".into()],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        Pki {
+            dir: Dir::Kept(dir.to_path_buf()),
+        }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        match &self.dir {
+            Dir::Temp(d) => d.path(),
+            Dir::Kept(d) => d,
+        }
     }
 
     pub fn agent(&self, name: &str) -> ClientFiles {
@@ -97,6 +124,14 @@ macro_rules! on_both_stores {
     };
 }
 
+/// The collector binary: `VIGIL_COLLECTOR_BIN` (a packaged one, where these
+/// tests run on another machine) or the one cargo built with them.
+pub fn collector_bin() -> PathBuf {
+    std::env::var_os("VIGIL_COLLECTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_vigil-collector").into())
+}
+
 /// A running `vigil-collector serve`; killed on drop.
 pub struct Collector {
     pub child: Child,
@@ -137,7 +172,7 @@ impl Collector {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil-collector"));
+        let mut cmd = Command::new(collector_bin());
         // The collector dies with the test thread that started it, even when
         // the test process is killed before any Drop runs.
         // SAFETY: prctl is async-signal-safe.
@@ -171,7 +206,8 @@ impl Collector {
             for _ in lines {}
         });
         let line = rx
-            .recv_timeout(Duration::from_secs(30))
+            // Long enough for an emulated guest (cargo xtask vm-test).
+            .recv_timeout(Duration::from_secs(120))
             .expect("collector did not print its address");
         let addr = line
             .strip_prefix("listening on ")
@@ -354,16 +390,7 @@ impl AgentChain {
 
     /// The next bundle of the chain (core: 4 KiB of noise from `seed`).
     pub fn next(&self, seed: u64) -> Vec<u8> {
-        let detection = serde_json::json!({
-            "time": "2026-11-26T14:08:28Z", "rule": "web_shell", "process": { "pid": 4242 },
-        });
-        seal_in(
-            self.root.path(),
-            &self.agent_id,
-            noise(4096, seed),
-            4242,
-            detection,
-        )
+        next_in_chain(self.root.path(), &self.agent_id, seed)
     }
 
     /// A second chain that continues from where this one is now.
@@ -377,6 +404,16 @@ impl AgentChain {
         .unwrap();
         f
     }
+}
+
+/// The next bundle of `agent_id`'s chain whose state is kept under `root`
+/// (core: 4 KiB of noise from `seed`).
+pub fn next_in_chain(root: &Path, agent_id: &str, seed: u64) -> Vec<u8> {
+    let detection = serde_json::json!({
+        "time": "2026-11-26T14:08:28Z", "rule": "web_shell", "process": { "pid": 4242 },
+    });
+    std::fs::create_dir_all(root).unwrap();
+    seal_in(root, agent_id, noise(4096, seed), 4242, detection)
 }
 
 /// The detached signature of bundle `id` made with `agent`'s certificate
