@@ -19,7 +19,7 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,7 +93,10 @@ impl AckLog {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis();
-        writeln!(self.file, "{ms} {kind} {arg}").unwrap();
+        // One write per line: the log may be cut between two writes.
+        self.file
+            .write_all(format!("{ms} {kind} {arg}\n").as_bytes())
+            .unwrap();
         self.file.sync_data().unwrap();
     }
 }
@@ -111,18 +114,36 @@ fn read_acks(path: &Path) -> Vec<Acked> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => panic!("{}: {e}", path.display()),
     };
-    std::io::BufReader::new(f)
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::BufReader::new(f), &mut text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // A last line without its newline was cut by the crash while being
+    // logged: its item was acknowledged, but which one is not known.
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    complete
         .lines()
-        .map_while(Result::ok)
-        // A line cut by the crash was never a complete acknowledgement.
-        .filter_map(|l| {
+        .map(|l| {
             let mut it = l.splitn(3, ' ');
-            let (ms, kind, arg) = (it.next()?, it.next()?, it.next()?);
-            Some(Acked {
-                millis: ms.parse().ok()?,
-                kind: kind.to_string(),
-                arg: arg.to_string(),
-            })
+            let parsed = (|| {
+                let (ms, kind, arg) = (it.next()?, it.next()?, it.next()?);
+                let valid = match kind {
+                    "events" | "detections" => arg.parse::<u64>().is_ok(),
+                    "bundle" => arg.len() == 64 && arg.bytes().all(|b| b.is_ascii_hexdigit()),
+                    _ => false,
+                };
+                if !valid {
+                    return None;
+                }
+                Some(Acked {
+                    millis: ms.parse().ok()?,
+                    kind: kind.to_string(),
+                    arg: arg.to_string(),
+                })
+            })();
+            parsed.unwrap_or_else(|| panic!("malformed line {l:?} in {}", path.display()))
         })
         .collect()
 }

@@ -1204,20 +1204,22 @@ pub fn vigil_enter_listen(ctx: TracePointContext) -> u32 {
 /// A datagram sent to an address given with the call (an unconnected
 /// socket): reported like a connect. Sends on connected sockets (no
 /// address: every TCP write) cost one compare.
+/// `batch`: a `sendmmsg` (its exit reports the first message only; the
+/// cgroup observers report every message, see [`observe_sock_addr`]).
 #[inline(always)]
-fn stash_send(fd: u64, addr: u64) {
+fn stash_send(fd: u64, addr: u64, batch: bool) {
     if addr == 0 {
         return;
     }
     let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
     if family == AF_INET || family == AF_INET6 {
-        stash(STASH_SEND, [fd, addr, 0, 0]);
+        stash(STASH_SEND, [fd, addr, 0, batch as u64]);
     }
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_sendto")]
 pub fn vigil_enter_sendto(ctx: TracePointContext) -> u32 {
-    stash_send(arg(&ctx, 0), arg(&ctx, 4));
+    stash_send(arg(&ctx, 0), arg(&ctx, 4), false);
     0
 }
 
@@ -1227,7 +1229,7 @@ pub fn vigil_enter_sendto(ctx: TracePointContext) -> u32 {
 pub fn vigil_enter_sendmsg(ctx: TracePointContext) -> u32 {
     let msg = arg(&ctx, 1);
     let name: u64 = unsafe { bpf_probe_read_user(msg as *const u64) }.unwrap_or(0);
-    stash_send(arg(&ctx, 0), name);
+    stash_send(arg(&ctx, 0), name, false);
     0
 }
 
@@ -1235,7 +1237,7 @@ pub fn vigil_enter_sendmsg(ctx: TracePointContext) -> u32 {
 pub fn vigil_enter_sendmmsg(ctx: TracePointContext) -> u32 {
     let msg = arg(&ctx, 1);
     let name: u64 = unsafe { bpf_probe_read_user(msg as *const u64) }.unwrap_or(0);
-    stash_send(arg(&ctx, 0), name);
+    stash_send(arg(&ctx, 0), name, true);
     0
 }
 
@@ -1996,10 +1998,18 @@ fn observe_sock_addr<const V6: bool>(ctx: &SockAddrContext, flags: u16) -> i32 {
     if is_agent((id >> 32) as u32) {
         return 1;
     }
+    // The syscall's exit reports it (for a sendmmsg, only its first
+    // message: the others are reported here, the first one twice within
+    // the de-duplication window, so once).
     if let Some(st) = unsafe { INFLIGHT.get(&id) } {
-        if st.kind == STASH_CONNECT || st.kind == STASH_SEND {
+        if st.kind == STASH_CONNECT || (st.kind == STASH_SEND && st.args[3] == 0) {
             return 1;
         }
+    }
+    // Kernel sockets (NFS, CIFS, iSCSI connect from kernel threads): not
+    // a process's doing. io_uring's workers have their process's memory.
+    if unsafe { rd::<u64>(bpf_get_current_task(), off!(task_mm)) }.unwrap_or(0) == 0 {
+        return 1;
     }
     unsafe {
         // Every context field read once, at its constant offset from the

@@ -206,18 +206,27 @@ power_cut() {
     systemctl stop vigil-agent.service vigil-collector.service
     cp "$SHARE/powercut/powercut" /root/powercut
     sync
-    (cd /root && power_cut_env ./powercut --ignored --exact power_cut_load \
-        >"$SHARE/powercut/load.log" 2>&1 &)
+    (cd /root && exec env VIGIL_COLLECTOR_BIN=/usr/bin/vigil-collector \
+        VIGIL_POWERCUT_DIR="$POWER_CUT_DIR" VIGIL_POWERCUT_ACKS="$SHARE/powercut/acks.txt" \
+        ./powercut --ignored --exact power_cut_load >"$SHARE/powercut/load.log" 2>&1) &
+    local load=$!
     # Enough of each kind, then a few seconds more of load: the cut comes
     # while calls are in flight and within the kernel's writeback delay
     # (30 s) of the latest acknowledgements.
     if wait_for 300 bash -c "[ \"\$(awk '{print \$2}' '$SHARE/powercut/acks.txt' | sort -u | wc -l)\" -eq 3 ] && [ \"\$(wc -l <'$SHARE/powercut/acks.txt')\" -ge 100 ]"; then
         sleep 3
         say "power cut after $(wc -l <"$SHARE/powercut/acks.txt") acknowledgements"
+        # On the share: phase 2 checks only after a cut that happened.
+        echo cut >"$SHARE/powercut/cut"
         echo b >/proc/sysrq-trigger
         sleep 60
+        rm -f "$SHARE/powercut/cut"
+        fail "power cut under load" "sysrq b did not reset the guest"
+    else
+        fail "power cut under load" "the load did not get going: $(tail -n 5 "$SHARE/powercut/load.log" | tr '\n' '|')"
     fi
-    fail "power cut under load" "the load did not get going: $(tail -n 5 "$SHARE/powercut/load.log" | tr '\n' '|')"
+    kill "$load" 2>/dev/null
+    pkill -KILL -f "powercut --ignored" 2>/dev/null || true
 }
 power_cut_check() {
     local out rc
@@ -336,7 +345,7 @@ case "$phase" in
         fail "units active after reboot" "$(systemctl status --no-pager vigil-agent vigil-collector 2>&1 | tail -n 20 | tr '\n' '|')"
         finish
     fi
-    if [ -f "$SHARE/powercut/acks.txt" ]; then
+    if [ -f "$SHARE/powercut/cut" ]; then
         power_cut_check
     fi
     check "configuration kept across the reboot" grep -q '^collector = "https://127.0.0.1:7443"' /etc/vigil/agent.toml
