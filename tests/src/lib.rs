@@ -322,7 +322,13 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("agent did not stop within {limit:?} of SIGINT");
+                let _ = child.wait();
+                let rest: Vec<String> = self.stderr_lines.try_iter().collect();
+                let tail = &rest[rest.len().saturating_sub(40)..];
+                panic!(
+                    "agent did not stop within {limit:?} of SIGINT; the end of its log:\n{}",
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };

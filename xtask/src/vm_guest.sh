@@ -386,8 +386,13 @@ case "$phase" in
             # Emulated (TCG), code runs tens of times slower than on the
             # host: the tests' agents get a longer capture deadline (a
             # safety bound sized for real hardware, 10 s by default).
+            # One test at a time: two test agents can both freeze and capture
+            # a server's shell that one test started, and with 60 s
+            # capture deadlines an agent could then take longer than the
+X TCG
+            # runs one vCPU at a time anyway.
             (cd /root && VIGIL_AGENT_BIN=/usr/bin/vigil-agent VIGIL_TEST_CAPTURE_DEADLINE_MS=60000 \
-                timeout 1500 "./test-$t" --test-threads=2 \
+                timeout 1500 "./test-$t" --test-threads=1 \
                 >"$SHARE/test-$t.log" 2>&1)
             rc=$?
             n=0
