@@ -389,8 +389,9 @@ case "$phase" in
             # One test at a time: two test agents can both freeze and capture
             # a server's shell that one test started, and with 60 s
             # capture deadlines an agent could then take longer than the
-X TCG
-            # runs one vCPU at a time anyway.
+            # tests' 60 s to stop (the probable cause of four such failures
+            # in one run; the agents' logs were not kept then). TCG runs
+            # one vCPU at a time anyway.
             (cd /root && VIGIL_AGENT_BIN=/usr/bin/vigil-agent VIGIL_TEST_CAPTURE_DEADLINE_MS=60000 \
                 timeout 1500 "./test-$t" --test-threads=1 \
                 >"$SHARE/test-$t.log" 2>&1)
