@@ -189,9 +189,45 @@ fn detection_batch(n: u64) -> DetectionBatch {
     }
 }
 
+/// Calls `attempt(n)` for n = 0, 1, ... until `stop`: on success logs
+/// (`kind`, what it returned) and goes on to n + 1; on an error (the
+/// collector is being killed) tries n again.
+fn until_stopped<F, Fut>(
+    kind: &'static str,
+    log: Arc<Mutex<AckLog>>,
+    stop: Arc<AtomicBool>,
+    mut attempt: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<String>> + Send,
+{
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match attempt(n).await {
+                Ok(arg) => {
+                    log.lock().unwrap().record(kind, &arg);
+                    n += 1;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+}
+
+/// A push acknowledged as stored (a duplicate: stored by a call whose
+/// reply was lost).
+fn stored(ack: vigil_proto::PushAck) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        ack.batches + ack.duplicate_batches == 1,
+        "batch not stored: {ack:?}"
+    );
+    Ok(())
+}
+
 /// Load until `stop`: event batches, detection batches and bundle uploads,
 /// one call at a time each, concurrently; each acknowledgement logged.
-/// Errors (the collector is being killed) are retried.
 async fn load(target: Target, chain_root: PathBuf, acks: PathBuf, stop: Arc<AtomicBool>) {
     // Batch numbers start at 0: a log of another load would name batches
     // this one sends again.
@@ -201,111 +237,69 @@ async fn load(target: Target, chain_root: PathBuf, acks: PathBuf, stop: Arc<Atom
         acks.display()
     );
     let log = Arc::new(Mutex::new(AckLog::open(&acks)));
-    let events = {
-        let (t, log, stop) = (target.clone(), log.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let r = async {
-                    let mut c = t.ingest().await?;
-                    let ack = c
-                        .push_events(tokio_stream::iter([event_batch(n)]))
-                        .await?
-                        .into_inner();
-                    // A duplicate: stored by a call whose reply was lost.
-                    anyhow::ensure!(
-                        ack.batches + ack.duplicate_batches == 1,
-                        "batch not stored: {ack:?}"
-                    );
-                    Ok(())
-                }
-                .await;
-                match r {
-                    Ok(()) => {
-                        log.lock().unwrap().record("events", &n.to_string());
-                        n += 1;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
+    let t = target.clone();
+    let events = until_stopped("events", log.clone(), stop.clone(), move |n| {
+        let t = t.clone();
+        async move {
+            let mut c = t.ingest().await?;
+            stored(
+                c.push_events(tokio_stream::iter([event_batch(n)]))
+                    .await?
+                    .into_inner(),
+            )?;
+            Ok(n.to_string())
+        }
+    });
+    let t = target.clone();
+    let detections = until_stopped("detections", log.clone(), stop.clone(), move |n| {
+        let t = t.clone();
+        async move {
+            let mut c = t.ingest().await?;
+            stored(
+                c.push_detections(tokio_stream::iter([detection_batch(n)]))
+                    .await?
+                    .into_inner(),
+            )?;
+            Ok(n.to_string())
+        }
+    });
+    // Bundle n is sealed once (sealing advances the chain) and retried as is.
+    let mut sealed: Option<(u64, Vec<u8>)> = None;
+    let bundles = until_stopped("bundle", log, stop, move |n| {
+        if sealed.as_ref().map(|(m, _)| *m) != Some(n) {
+            sealed = Some((n, next_in_chain(&chain_root, "agent-1", n)));
+        }
+        let bytes = sealed.as_ref().map(|(_, b)| b.clone()).unwrap_or_default();
+        let t = target.clone();
+        async move {
+            let id = sha256_hex(&bytes);
+            let mut c = t.ingest().await?;
+            // After a failed call: from what the collector holds.
+            let held = c
+                .upload_status(UploadStatusRequest {
+                    bundle_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            if !held.complete {
+                let from = held.received as usize;
+                let chunk = EvidenceChunk {
+                    bundle_id: id.clone(),
+                    total_size: bytes.len() as u64,
+                    offset: from as u64,
+                    data: bytes[from..].to_vec(),
+                    label: "power cut test".into(),
+                    signature: Vec::new(),
+                };
+                let r = c
+                    .upload_evidence(tokio_stream::iter([chunk]))
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(r.complete, "upload not complete: {r:?}");
             }
-        })
-    };
-    let detections = {
-        let (t, log, stop) = (target.clone(), log.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let r = async {
-                    let mut c = t.ingest().await?;
-                    let ack = c
-                        .push_detections(tokio_stream::iter([detection_batch(n)]))
-                        .await?
-                        .into_inner();
-                    // A duplicate: stored by a call whose reply was lost.
-                    anyhow::ensure!(
-                        ack.batches + ack.duplicate_batches == 1,
-                        "batch not stored: {ack:?}"
-                    );
-                    Ok(())
-                }
-                .await;
-                match r {
-                    Ok(()) => {
-                        log.lock().unwrap().record("detections", &n.to_string());
-                        n += 1;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })
-    };
-    let bundles = {
-        let (t, log, stop) = (target.clone(), log.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut seed = 0;
-            let mut bytes = next_in_chain(&chain_root, "agent-1", seed);
-            while !stop.load(Ordering::Relaxed) {
-                let id = sha256_hex(&bytes);
-                let r = async {
-                    let mut c = t.ingest().await?;
-                    // After a failed call: from what the collector holds.
-                    let held = c
-                        .upload_status(UploadStatusRequest {
-                            bundle_id: id.clone(),
-                        })
-                        .await?
-                        .into_inner();
-                    if held.complete {
-                        return Ok(());
-                    }
-                    let from = held.received as usize;
-                    let chunk = EvidenceChunk {
-                        bundle_id: id.clone(),
-                        total_size: bytes.len() as u64,
-                        offset: from as u64,
-                        data: bytes[from..].to_vec(),
-                        label: "power cut test".into(),
-                        signature: Vec::new(),
-                    };
-                    let r = c
-                        .upload_evidence(tokio_stream::iter([chunk]))
-                        .await?
-                        .into_inner();
-                    anyhow::ensure!(r.complete, "upload not complete: {r:?}");
-                    Ok(())
-                }
-                .await;
-                match r {
-                    Ok(()) => {
-                        log.lock().unwrap().record("bundle", &id);
-                        seed += 1;
-                        bytes = next_in_chain(&chain_root, "agent-1", seed);
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })
-    };
+            Ok(id)
+        }
+    });
     for t in [events, detections, bundles] {
         t.await.unwrap();
     }
