@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Backend, Btf, Member, Struct, Type};
-use vigil_sensor_common::KernelOffsets;
+use vigil_sensor_common::{KernelOffsets, UringOffsets};
 
 /// Where the running kernel exposes its BTF (kernels built with
 /// `CONFIG_DEBUG_INFO_BTF=y`, 5.8 and newer).
@@ -260,6 +260,120 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     }
     offsets.valid = 1;
     Ok(offsets)
+}
+
+/// Where the io_uring submission program attaches, and what it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UringHook {
+    /// The raw tracepoint: `io_uring_submit_req` (6.4 and newer) or
+    /// `io_uring_submit_sqe` (5.18 to 6.3, the same arguments).
+    pub tracepoint: &'static str,
+    /// The request layout, `valid` set.
+    pub offsets: UringOffsets,
+}
+
+/// The io_uring submission hook on this kernel: a tracepoint whose first
+/// argument is the request (`struct io_kiocb *`), after its arguments were
+/// read, and the members of an open request. Optional: the error says what
+/// is missing (no io_uring, an older tracepoint, another layout).
+pub fn resolve_uring(btf: &Btf) -> Result<UringHook, BtfError> {
+    let tracepoint = ["io_uring_submit_req", "io_uring_submit_sqe"]
+        .into_iter()
+        .find(|tp| first_arg_is(btf, tp, "io_kiocb"))
+        .ok_or_else(|| BtfError::NoStruct {
+            struct_name: "btf_trace_io_uring_submit_req (a tracepoint taking the request first)"
+                .into(),
+        })?;
+    let req = resolve_struct(
+        btf,
+        "io_kiocb",
+        &[
+            Field {
+                path: &["opcode"],
+                want: Want::Int(1),
+            },
+            Field {
+                path: &["cmd"],
+                want: Want::Any,
+            },
+        ],
+    )?;
+    let open = resolve_struct(
+        btf,
+        "io_open",
+        &[
+            Field {
+                path: &["dfd"],
+                want: Want::Int(4),
+            },
+            Field {
+                path: &["filename"],
+                want: Want::Ptr,
+            },
+            Field {
+                path: &["how", "flags"],
+                want: Want::Int(8),
+            },
+        ],
+    )?;
+    let name = resolve_struct(
+        btf,
+        "filename",
+        &[Field {
+            path: &["uptr"],
+            want: Want::Ptr,
+        }],
+    )?;
+    Ok(UringHook {
+        tracepoint,
+        offsets: UringOffsets {
+            req_opcode: req[0],
+            req_cmd: req[1],
+            open_dfd: open[0],
+            open_filename: open[1],
+            open_how_flags: open[2],
+            filename_uptr: name[0],
+            valid: 1,
+        },
+    })
+}
+
+/// Whether raw tracepoint `tp`'s first argument (after the probe's data
+/// pointer) is a pointer to `struct want`, from its `btf_trace_*` typedef.
+fn first_arg_is(btf: &Btf, tp: &str, want: &str) -> bool {
+    let ctx = Ctx {
+        struct_name: tp,
+        member: String::new(),
+    };
+    let arg = || -> Result<Option<String>, BtfError> {
+        let types = btf
+            .resolve_types_by_name(&format!("btf_trace_{tp}"))
+            .map_err(|e| ctx.resolve(e))?;
+        for ty in types {
+            let Type::Ptr(p) = strip(btf, ty, &ctx)? else {
+                continue;
+            };
+            let proto = btf.resolve_chained_type(&p).map_err(|e| ctx.resolve(e))?;
+            let Type::FuncProto(proto) = strip(btf, proto, &ctx)? else {
+                continue;
+            };
+            let Some(param) = proto.parameters.get(1) else {
+                continue;
+            };
+            let ty = btf
+                .resolve_chained_type(param)
+                .map_err(|e| ctx.resolve(e))?;
+            let Type::Ptr(p) = strip(btf, ty, &ctx)? else {
+                continue;
+            };
+            let pointee = btf.resolve_chained_type(&p).map_err(|e| ctx.resolve(e))?;
+            if let Type::Struct(s) = strip(btf, pointee, &ctx)? {
+                return Ok(Some(btf.resolve_name(&s).map_err(|e| ctx.resolve(e))?));
+            }
+        }
+        Ok(None)
+    };
+    matches!(arg(), Ok(Some(name)) if name == want)
 }
 
 /// What the eBPF programs assume about a member's type.
@@ -882,6 +996,41 @@ mod tests {
         assert_ne!(o.sk_type, o.sk_protocol);
         assert!(o.mm_arg_end > o.mm_arg_start);
         assert!(o.cred_egid > o.cred_euid);
+    }
+
+    #[test]
+    fn resolves_the_io_uring_hook_of_the_running_kernel() {
+        let events = [
+            "/sys/kernel/tracing/events/io_uring",
+            "/sys/kernel/debug/tracing/events/io_uring",
+        ]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists());
+        let Some(events) = events else {
+            eprintln!("skipped: no io_uring tracepoints on this kernel");
+            return;
+        };
+        let hook = resolve_uring(kernel_btf()).expect("resolve_uring");
+        // The tracepoint chosen is one this kernel has.
+        assert!(events.join(hook.tracepoint).exists(), "{hook:?}");
+        let o = hook.offsets;
+        assert_eq!(o.valid, 1);
+        // The opcode follows the per-opcode union; `io_open` starts with
+        // its file, then dfd, then the name.
+        assert!(o.req_opcode > o.req_cmd, "{o:?}");
+        assert!(o.open_dfd > 0 && o.open_filename > o.open_dfd, "{o:?}");
+        assert!(o.open_how_flags > o.open_filename, "{o:?}");
+        assert!(!first_arg_is(
+            kernel_btf(),
+            "sched_process_exec",
+            "io_kiocb"
+        ));
+        assert!(first_arg_is(
+            kernel_btf(),
+            "sched_process_exec",
+            "task_struct"
+        ));
     }
 
     #[test]

@@ -184,10 +184,12 @@ impl SensorConfig {
     pub fn options(
         &self,
         offsets: vigil_sensor_common::KernelOffsets,
+        uring: Result<crate::btf::UringHook, String>,
         deny_connect: bool,
     ) -> anyhow::Result<crate::sensor::SensorOptions> {
         Ok(crate::sensor::SensorOptions {
             offsets,
+            uring,
             ring_bytes: self.ring_buffer_bytes,
             wakeup_bytes: self.wakeup_bytes,
             disabled: self.disabled_features()?,

@@ -203,6 +203,18 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 mode: e.mode,
                 ino: e.ino,
                 dev: e.dev,
+                io_uring: false,
+            })
+        }
+        EventKind::UringOpen => {
+            let (path, flags) = path_record(buf, "uring_open")?;
+            Payload::FileOpen(FileOpen {
+                path,
+                flags,
+                mode: 0,
+                ino: 0,
+                dev: 0,
+                io_uring: true,
             })
         }
         EventKind::Chmod => {

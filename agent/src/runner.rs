@@ -45,6 +45,7 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
     }
     let btf = crate::btf::load_kernel_btf(cfg.sensor.btf_path.as_deref())?;
     let offsets = crate::btf::resolve_offsets(&btf)?;
+    let uring = crate::btf::resolve_uring(&btf).map_err(|e| format!("{e}"));
     drop(btf);
 
     let metrics = Arc::new(Metrics::default());
@@ -69,10 +70,11 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
 
     // Attach first, then scan /proc: a process born in between is in the
     // ring buffer, so nothing falls in the gap.
-    let mut sensor = Sensor::load(
-        &cfg.sensor
-            .options(offsets, cfg.contain.denies_connects()?)?,
-    )?;
+    let mut sensor = Sensor::load(&cfg.sensor.options(
+        offsets,
+        uring,
+        cfg.contain.denies_connects()?,
+    )?)?;
     metrics.set_hooks(&sensor.hooks);
     metrics.set_paths(&sensor.paths);
     let (frozen_map, pin) = match sensor.frozen.take() {

@@ -233,6 +233,8 @@ pub struct HookStatus {
 pub struct SensorOptions {
     /// Kernel struct offsets (from BTF).
     pub offsets: KernelOffsets,
+    /// The io_uring submission hook (from BTF), or why there is none.
+    pub uring: Result<crate::btf::UringHook, String>,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
     /// Pending bytes before the kernel wakes the agent.
@@ -327,7 +329,7 @@ fn attach_lsm(
         .with_context(|| format!("program {program} missing"))?
         .try_into()
         .with_context(|| format!("program {program}"))?;
-    p.load(hook, btf)
+    retry_interrupted(|| p.load(hook, btf))
         .with_context(|| format!("loading the LSM program {program}"))?;
     p.attach()
         .with_context(|| format!("attaching {program} to lsm/{hook}"))?;
@@ -351,6 +353,9 @@ const OBSERVER_PROGRAMS: &[(Feature, &[&str], &str)] = &[
     ),
 ];
 
+/// The program that reports file opens submitted through io_uring.
+const URING_PROGRAM: &str = "vigil_uring_submit";
+
 /// Attaches cgroup sock_addr programs to the cgroup v2 root (every
 /// process is below it) as links, beside any other program there.
 fn attach_cgroup(ebpf: &mut Ebpf, programs: &[&str]) -> anyhow::Result<()> {
@@ -365,7 +370,7 @@ fn attach_cgroup(ebpf: &mut Ebpf, programs: &[&str]) -> anyhow::Result<()> {
             .with_context(|| format!("program {name} missing"))?
             .try_into()
             .with_context(|| format!("program {name}"))?;
-        p.load().with_context(|| format!("loading {name}"))?;
+        retry_interrupted(|| p.load()).with_context(|| format!("loading {name}"))?;
         // A link (kernel >= 5.7) is always one of many on its cgroup, and
         // refuses the multi flag; on older kernels this is a plain attach.
         p.attach(cg, CgroupAttachMode::Single)
@@ -417,6 +422,11 @@ impl Sensor {
             .btf(btf.as_ref())
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("CONFIG", &config, true)
+            .override_global(
+                "URING",
+                &opts.uring.as_ref().map(|h| h.offsets).unwrap_or_default(),
+                true,
+            )
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(SENSOR_OBJ)
             .context("loading the eBPF object")?;
@@ -499,6 +509,33 @@ impl Sensor {
                     error: result.err().map(|e| format!("{e:#}")),
                 });
             }
+        }
+        // File opens submitted through io_uring, where the LSM hook that
+        // sees them is not in use.
+        if !opts.disabled.contains(&Feature::FileWrite) && !by_lsm.contains(&Feature::FileWrite) {
+            let (hook, r) = match &opts.uring {
+                Ok(h) => (
+                    format!("raw_tp/{}", h.tracepoint),
+                    attach_raw(&mut ebpf, URING_PROGRAM, h.tracepoint),
+                ),
+                Err(why) => (
+                    "raw_tp/io_uring_submit_req".to_string(),
+                    Err(anyhow::anyhow!("{why}")),
+                ),
+            };
+            match &r {
+                Ok(()) => debug!(hook, "attached"),
+                Err(e) => warn!(
+                    hook,
+                    error = %format!("{e:#}"),
+                    "hook unavailable: file writes opened through io_uring are not seen"
+                ),
+            }
+            hooks.push(HookStatus {
+                hook,
+                feature: Feature::FileWrite,
+                error: r.err().map(|e| format!("{e:#}")),
+            });
         }
         for (feature, programs, hook) in OBSERVER_PROGRAMS {
             if opts.disabled.contains(feature) || by_lsm.contains(feature) {
@@ -745,12 +782,34 @@ impl SensorHandle {
     }
 }
 
+/// Loads a program, again when the verifier was interrupted: it gives up
+/// with EAGAIN when a signal is pending for the loading thread (a stop and
+/// continue, a freezer), which says nothing about the program. libbpf
+/// retries the same way (5 attempts).
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(attempt, "the verifier was interrupted; loading again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> anyhow::Result<()> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(program)
         .with_context(|| format!("program {program} missing from object"))?
         .try_into()?;
-    p.load().with_context(|| format!("loading {program}"))?;
+    retry_interrupted(|| p.load()).with_context(|| format!("loading {program}"))?;
     p.attach(tp)
         .with_context(|| format!("attaching {program} to raw tracepoint {tp}"))?;
     Ok(())
@@ -762,7 +821,7 @@ fn attach_tp(ebpf: &mut Ebpf, program: &str, name: &str, loaded: &mut bool) -> a
         .with_context(|| format!("program {program} missing from object"))?
         .try_into()?;
     if !*loaded {
-        p.load().with_context(|| format!("loading {program}"))?;
+        retry_interrupted(|| p.load()).with_context(|| format!("loading {program}"))?;
         *loaded = true;
     }
     p.attach("syscalls", name)

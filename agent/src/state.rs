@@ -87,6 +87,19 @@ impl State {
                 }
             }
         }
+        if let Payload::FileOpen(f) = &mut ev.payload {
+            if f.io_uring {
+                // Seen before it ran: the file the path names just after,
+                // as the process sees its file system.
+                use std::os::unix::fs::MetadataExt as _;
+                let at = format!("/proc/{}/root{}", ev.pid, f.path);
+                if let Ok(m) = std::fs::metadata(at) {
+                    f.mode = m.mode();
+                    f.ino = m.ino();
+                    f.dev = crate::identity::kernel_dev(m.dev());
+                }
+            }
+        }
         if let Payload::Comm(c) = &mut ev.payload {
             // What the renamed process now shows as its command line.
             let any = crate::procscan::ImageKey::process(ev.start_boot_ns);

@@ -205,6 +205,9 @@ fn payload_fields(p: &Payload) -> (&'static str, Map<String, Value>) {
             put("mode", f.mode.into());
             put("ino", f.ino.into());
             put("dev", f.dev.into());
+            if f.io_uring {
+                put("io_uring", true.into());
+            }
             "file_open"
         }
         Payload::Chmod(c) => {

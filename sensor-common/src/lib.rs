@@ -106,6 +106,13 @@ pub enum EventKind {
     /// history's kind; filtered in the kernel): [`ChmodEvent`] layout,
     /// `mode` 0.
     Unlink = 16,
+    /// A file open for writing submitted through io_uring
+    /// (`IORING_OP_OPENAT`/`OPENAT2`), seen at submission on kernels where
+    /// no BPF LSM `file_open` hook serves file writes: [`ChmodEvent`]
+    /// layout, `mode` holds the open flags (low 32 bits), the path is the
+    /// one given with the directory it starts from. The open has not run
+    /// yet (nor has it succeeded).
+    UringOpen = 17,
 }
 
 /// Number of slots indexed by [`EventKind`] (0 is unused; room to grow).
@@ -131,6 +138,7 @@ impl EventKind {
             14 => Self::BpfLoad,
             15 => Self::ExecMem,
             16 => Self::Unlink,
+            17 => Self::UringOpen,
             _ => return None,
         })
     }
@@ -153,10 +161,11 @@ impl EventKind {
             Self::BpfLoad => "bpf_load",
             Self::ExecMem => "exec_mem",
             Self::Unlink => "unlink",
+            Self::UringOpen => "uring_open",
         }
     }
     /// All kinds, in discriminant order.
-    pub const ALL: [EventKind; 16] = [
+    pub const ALL: [EventKind; 17] = [
         Self::Exec,
         Self::Fork,
         Self::Exit,
@@ -173,6 +182,7 @@ impl EventKind {
         Self::BpfLoad,
         Self::ExecMem,
         Self::Unlink,
+        Self::UringOpen,
     ];
 }
 
@@ -657,6 +667,42 @@ impl KernelOffsets {
     }
 }
 
+/// Where io_uring keeps an open request's arguments, from BTF: read by the
+/// io_uring submission program. Separate from [`KernelOffsets`] because
+/// they are optional: a kernel without them (no io_uring, another layout)
+/// leaves `valid` 0 and the program detached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UringOffsets {
+    /// `io_kiocb.opcode` (one byte).
+    pub req_opcode: u32,
+    /// `io_kiocb.cmd`: where the opcode's own arguments (`io_open`) live.
+    pub req_cmd: u32,
+    /// `io_open.dfd` (int).
+    pub open_dfd: u32,
+    /// `io_open.filename` (`struct filename *`).
+    pub open_filename: u32,
+    /// `io_open.how.flags` (u64).
+    pub open_how_flags: u32,
+    /// `filename.uptr`: the path as the caller gave it (user memory).
+    pub filename_uptr: u32,
+    /// Non-zero once the agent filled the struct.
+    pub valid: u32,
+}
+
+impl UringOffsets {
+    /// All zero (not filled: `valid == 0`).
+    pub const fn zeroed() -> Self {
+        // SAFETY: a struct of u32s; all-zero is a valid value.
+        unsafe { core::mem::zeroed() }
+    }
+}
+
+/// io_uring's `IORING_OP_OPENAT` (stable ABI).
+pub const IORING_OP_OPENAT: u8 = 18;
+/// io_uring's `IORING_OP_OPENAT2` (stable ABI).
+pub const IORING_OP_OPENAT2: u8 = 28;
+
 /// Runtime settings the agent writes into the programs' read-only data.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -814,6 +860,7 @@ pub struct ConnectKey {
 mod user {
     // SAFETY: plain-old-data structs of integers, no padding holes that matter.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::UringOffsets {}
     unsafe impl aya::Pod for super::SensorConfig {}
     unsafe impl aya::Pod for super::FrozenEntry {}
 }

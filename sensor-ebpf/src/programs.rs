@@ -25,6 +25,10 @@ static OFFSETS: KernelOffsets = KernelOffsets::zeroed();
 /// Filled by the agent before load.
 #[unsafe(no_mangle)]
 static CONFIG: SensorConfig = SensorConfig::zeroed();
+/// Filled by the agent from BTF before load where the kernel has them
+/// (otherwise the io_uring program is not attached).
+#[unsafe(no_mangle)]
+static URING: UringOffsets = UringOffsets::zeroed();
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
@@ -138,6 +142,14 @@ macro_rules! off {
         // SAFETY: reading a field of a static; volatile so the loader's value is used.
         #[allow(unused_unsafe)]
         let v = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(OFFSETS.$f)) as u64 };
+        v
+    }};
+}
+
+macro_rules! uring_off {
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(URING.$f)) as u64 };
         v
     }};
 }
@@ -2082,6 +2094,56 @@ pub fn vigil_cg_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn vigil_cg_sendmsg6(ctx: SockAddrContext) -> i32 {
     observe_sock_addr::<true>(&ctx, CONNECT_FLAG_SEND)
+}
+
+// ---- file opens submitted through io_uring ------------------------------------
+
+/// File opens for writing submitted through io_uring, on kernels where BPF
+/// LSM does not serve file writes (its `file_open` hook sees these too):
+/// the raw tracepoint `io_uring_submit_req` (`io_uring_submit_sqe` on 5.18
+/// to 6.3), which fires in the submitting task after the request's
+/// arguments were read and before the open runs. Reported as given (the
+/// path and the directory it starts from); the agent finds the file.
+#[raw_tracepoint(tracepoint = "io_uring_submit_req")]
+pub fn vigil_uring_submit(ctx: RawTracePointContext) -> i32 {
+    if !ready() || uring_off!(valid) == 0 {
+        return 0;
+    }
+    if is_agent((bpf_get_current_pid_tgid() >> 32) as u32) {
+        return 0;
+    }
+    let req: u64 = ctx.arg(0);
+    unsafe {
+        let op: u8 = rd(req, uring_off!(req_opcode)).unwrap_or(0);
+        if op != IORING_OP_OPENAT && op != IORING_OP_OPENAT2 {
+            return 0;
+        }
+        let open = req + uring_off!(req_cmd);
+        let flags: u64 = rd(open, uring_off!(open_how_flags)).unwrap_or(0);
+        if flags & WRITE_FLAGS == 0 {
+            return 0;
+        }
+        let dfd: i32 = rd(open, uring_off!(open_dfd)).unwrap_or(AT_FDCWD as i32);
+        let name: u64 = rd(open, uring_off!(open_filename)).unwrap_or(0);
+        let user: u64 = if name == 0 {
+            0
+        } else {
+            rd(name, uring_off!(filename_uptr)).unwrap_or(0)
+        };
+        if user == 0 {
+            return 0;
+        }
+        on_path_event(
+            EventKind::UringOpen,
+            bpf_get_current_task(),
+            0,
+            dfd as i64,
+            user,
+            flags & 0xffff_ffff,
+            0,
+        );
+    }
+    0
 }
 
 // ---- containment: outbound connects of contained processes ---------------

@@ -74,7 +74,8 @@ impl DetectState {
             Payload::Connect(c) if !c.daddr.is_unspecified() => {
                 self.connects.put(e.pid, (e.boot_ns, c.dport));
             }
-            Payload::FileOpen(f) => {
+            // An io_uring open whose file was not found names no file.
+            Payload::FileOpen(f) if !(f.io_uring && f.ino == 0) => {
                 let connected = self.connected_recently(e.pid, e.boot_ns, CONNECT_WINDOW_NS);
                 const O_TRUNC: u32 = 0o1000;
                 let truncates = f.flags & O_TRUNC != 0;

@@ -1231,6 +1231,7 @@ mod tests {
                 mode: 0o100644,
                 ino: 77,
                 dev: 9,
+                io_uring: false,
             }),
         );
         w.run(ev);
@@ -1264,6 +1265,7 @@ mod tests {
                 mode: 0o100755,
                 ino: 88,
                 dev: 9,
+                io_uring: false,
             }),
         );
         w.run(ev);
@@ -1300,6 +1302,7 @@ mod tests {
                 mode: 0o100644,
                 ino: 99,
                 dev: 9,
+                io_uring: false,
             }),
         );
         w.run(ev);
@@ -1382,6 +1385,7 @@ mod tests {
                     mode: 0o100640,
                     ino: 77,
                     dev: 1,
+                    io_uring: false,
                 }),
             );
             w.run(ev)
@@ -1600,6 +1604,7 @@ mod tests {
                     mode: 0o100644,
                     ino: 5,
                     dev: 1,
+                    io_uring: false,
                 }),
             );
             let f = w.run(ev);
@@ -1613,6 +1618,7 @@ mod tests {
                 mode: 0o100644,
                 ino: 6,
                 dev: 1,
+                io_uring: false,
             }),
         );
         assert!(w.run(ev).is_empty());
@@ -1681,6 +1687,7 @@ mod tests {
                 mode: 0o100644,
                 ino: file.1,
                 dev: file.0,
+                io_uring: false,
             }),
         );
         w.run(ev)

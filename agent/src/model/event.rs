@@ -422,6 +422,11 @@ pub struct FileOpen {
     pub ino: u64,
     /// Device (kernel encoding).
     pub dev: u32,
+    /// Submitted through io_uring and seen before it ran (kernels without
+    /// BPF LSM): `mode`, `ino` and `dev` are what the agent found at the
+    /// path just after (0 when nothing was there).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub io_uring: bool,
 }
 
 /// A process's new name.

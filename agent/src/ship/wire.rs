@@ -159,6 +159,7 @@ fn payload(p: &Payload) -> pb::event::Payload {
             mode: f.mode,
             ino: f.ino,
             dev: f.dev,
+            io_uring: f.io_uring,
         }),
         Payload::Chmod(c) => W::Chmod(pb::ChmodPayload {
             path: c.path.clone(),
@@ -382,6 +383,7 @@ mod tests {
                 mode: 0o100644,
                 ino: 12,
                 dev: 3,
+                io_uring: true,
             }),
             Payload::Chmod(Chmod {
                 path: "/tmp/x".into(),
