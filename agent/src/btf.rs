@@ -266,7 +266,8 @@ pub fn resolve_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UringHook {
     /// The raw tracepoint: `io_uring_submit_req` (6.4 and newer) or
-    /// `io_uring_submit_sqe` (5.18 to 6.3, the same arguments).
+    /// `io_uring_submit_sqe` (6.0 to 6.3, the same first argument; before
+    /// 6.0 the request came second and had no `cmd`).
     pub tracepoint: &'static str,
     /// The request layout, `valid` set.
     pub offsets: UringOffsets,
@@ -320,7 +321,7 @@ pub fn resolve_uring(btf: &Btf) -> Result<UringHook, BtfError> {
         btf,
         "filename",
         &[Field {
-            path: &["uptr"],
+            path: &["name"],
             want: Want::Ptr,
         }],
     )?;
@@ -332,7 +333,7 @@ pub fn resolve_uring(btf: &Btf) -> Result<UringHook, BtfError> {
             open_dfd: open[0],
             open_filename: open[1],
             open_how_flags: open[2],
-            filename_uptr: name[0],
+            filename_name: name[0],
             valid: 1,
         },
     })

@@ -85,7 +85,8 @@ pub struct Metrics {
     pub tree_unknown_pid: Counter,
     /// Highest ring buffer fill seen by the kernel programs, bytes.
     pub ringbuf_max_fill: Gauge,
-    /// File opens suppressed by in-kernel de-duplication.
+    /// File opens suppressed by de-duplication (in the kernel, and by the
+    /// agent for io_uring opens).
     pub file_dedup: Counter,
     /// Connects suppressed by in-kernel de-duplication (same process and
     /// destination within `connect_dedup_secs`).
@@ -316,7 +317,7 @@ impl Metrics {
         );
         r.register(
             "file_dedup",
-            "File opens suppressed by in-kernel de-duplication",
+            "File opens suppressed by de-duplication (in the kernel; by the agent for opens submitted through io_uring)",
             self.file_dedup.clone(),
         );
         r.register(

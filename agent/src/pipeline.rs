@@ -116,7 +116,14 @@ impl Pipeline {
     /// Handles one decoded event: every stage in order.
     pub fn handle_event(&mut self, ev: Event) {
         self.metrics.count_event(ev.kind());
-        let enriched = self.state.enter(ev);
+        let enriched = match self.state.enter(ev) {
+            Ok(e) => e,
+            Err(crate::state::Skip::Repeat) => {
+                self.metrics.file_dedup.inc();
+                return;
+            }
+            Err(crate::state::Skip::NotAFile) => return,
+        };
         for s in &mut self.sinks {
             s.emit(&enriched);
         }

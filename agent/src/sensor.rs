@@ -329,7 +329,7 @@ fn attach_lsm(
         .with_context(|| format!("program {program} missing"))?
         .try_into()
         .with_context(|| format!("program {program}"))?;
-    retry_interrupted(|| p.load(hook, btf))
+    retry_interrupted(program, || p.load(hook, btf))
         .with_context(|| format!("loading the LSM program {program}"))?;
     p.attach()
         .with_context(|| format!("attaching {program} to lsm/{hook}"))?;
@@ -370,7 +370,7 @@ fn attach_cgroup(ebpf: &mut Ebpf, programs: &[&str]) -> anyhow::Result<()> {
             .with_context(|| format!("program {name} missing"))?
             .try_into()
             .with_context(|| format!("program {name}"))?;
-        retry_interrupted(|| p.load()).with_context(|| format!("loading {name}"))?;
+        retry_interrupted(name, || p.load()).with_context(|| format!("loading {name}"))?;
         // A link (kernel >= 5.7) is always one of many on its cgroup, and
         // refuses the multi flag; on older kernels this is a plain attach.
         p.attach(cg, CgroupAttachMode::Single)
@@ -787,6 +787,7 @@ impl SensorHandle {
 /// continue, a freezer), which says nothing about the program. libbpf
 /// retries the same way (5 attempts).
 fn retry_interrupted(
+    program: &str,
     mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
 ) -> Result<(), aya::programs::ProgramError> {
     const ATTEMPTS: usize = 5;
@@ -796,7 +797,11 @@ fn retry_interrupted(
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
             {
-                tracing::debug!(attempt, "the verifier was interrupted; loading again");
+                tracing::debug!(
+                    program,
+                    attempt,
+                    "the verifier was interrupted; loading again"
+                );
                 attempt += 1;
             }
             other => return other,
@@ -809,7 +814,7 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> anyhow::Result<()> {
         .program_mut(program)
         .with_context(|| format!("program {program} missing from object"))?
         .try_into()?;
-    retry_interrupted(|| p.load()).with_context(|| format!("loading {program}"))?;
+    retry_interrupted(program, || p.load()).with_context(|| format!("loading {program}"))?;
     p.attach(tp)
         .with_context(|| format!("attaching {program} to raw tracepoint {tp}"))?;
     Ok(())
@@ -821,7 +826,7 @@ fn attach_tp(ebpf: &mut Ebpf, program: &str, name: &str, loaded: &mut bool) -> a
         .with_context(|| format!("program {program} missing from object"))?
         .try_into()?;
     if !*loaded {
-        retry_interrupted(|| p.load()).with_context(|| format!("loading {program}"))?;
+        retry_interrupted(program, || p.load()).with_context(|| format!("loading {program}"))?;
         *loaded = true;
     }
     p.attach("syscalls", name)

@@ -26,10 +26,26 @@ pub struct State {
     /// exec's at their first connect or listen (bounded; a process pushed
     /// out is compared again at its next one).
     argv_checked: lru::LruCache<(u32, u64), ()>,
+    /// Files (process, start, dev, inode) an io_uring open was reported
+    /// for: reported once, as the kernel does for the other opens.
+    uring_seen: lru::LruCache<(u32, u64, u32, u64), ()>,
 }
 
 /// Processes [`State`] remembers having compared command lines of.
 const ARGV_CHECKED: usize = 8192;
+/// (process, file) pairs of io_uring opens remembered.
+const URING_SEEN: usize = 4096;
+
+/// Why [`State::enter`] kept an event out of the later stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// An io_uring open of a file this process was already reported
+    /// opening (the kernel's per-(process, file) rule for the others).
+    Repeat,
+    /// An io_uring open of something that is not a regular file (a device,
+    /// a FIFO): not a file write, as the kernel decides for the others.
+    NotAFile,
+}
 
 impl State {
     /// State over `tree` (bootstrapped from /proc) and `workloads`.
@@ -42,6 +58,9 @@ impl State {
             argv_checked: lru::LruCache::new(
                 std::num::NonZeroUsize::new(ARGV_CHECKED).expect("non-zero"),
             ),
+            uring_seen: lru::LruCache::new(
+                std::num::NonZeroUsize::new(URING_SEEN).expect("non-zero"),
+            ),
         }
     }
 
@@ -51,8 +70,8 @@ impl State {
     }
 
     /// Applies `ev` to the tree (an exit waits for [`State::leave`]) and
-    /// returns it enriched.
-    pub fn enter(&mut self, mut ev: Event) -> EnrichedEvent {
+    /// returns it enriched, or why it goes no further.
+    pub fn enter(&mut self, mut ev: Event) -> Result<EnrichedEvent, Skip> {
         if let Payload::Exec(x) = &mut ev.payload {
             // A script run by a relative path: made absolute while the
             // process's cwd can still be read.
@@ -89,14 +108,18 @@ impl State {
         }
         if let Payload::FileOpen(f) = &mut ev.payload {
             if f.io_uring {
-                // Seen before it ran: the file the path names just after,
-                // as the process sees its file system.
-                use std::os::unix::fs::MetadataExt as _;
-                let at = format!("/proc/{}/root{}", ev.pid, f.path);
-                if let Ok(m) = std::fs::metadata(at) {
-                    f.mode = m.mode();
-                    f.ino = m.ino();
-                    f.dev = crate::identity::kernel_dev(m.dev());
+                let wall_ns = ev.boot_ns as i128 + self.wall_offset_ns;
+                match uring_target(ev.pid, &f.path, f.flags, wall_ns) {
+                    Target::Changed { mode, ino, dev } => {
+                        const O_TRUNC: u32 = 0o1000;
+                        let key = (ev.pid, ev.start_boot_ns, dev, ino);
+                        if self.uring_seen.put(key, ()).is_some() && f.flags & O_TRUNC == 0 {
+                            return Err(Skip::Repeat);
+                        }
+                        (f.mode, f.ino, f.dev) = (mode, ino, dev);
+                    }
+                    Target::NotAFile => return Err(Skip::NotAFile),
+                    Target::Unconfirmed => {}
                 }
             }
         }
@@ -144,7 +167,7 @@ impl State {
             self.tree
                 .apply(&ev, &mut |pid, cg| workloads.resolve(pid, cg));
         }
-        self.enrich(ev)
+        Ok(self.enrich(ev))
     }
 
     /// After the later stages: an exit leaves the tree.
@@ -200,5 +223,124 @@ impl State {
             .inc_by(st.rejected.saturating_sub(m.tree_rejected.get()));
         m.tree_unknown_pid
             .inc_by(st.unknown_pid.saturating_sub(m.tree_unknown_pid.get()));
+    }
+}
+
+/// What an io_uring open, seen before it ran, opened.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// A regular file created or changed at or after the open.
+    Changed {
+        /// `st_mode`.
+        mode: u32,
+        /// Inode number.
+        ino: u64,
+        /// Device, kernel encoding.
+        dev: u32,
+    },
+    /// Something that is not a regular file.
+    NotAFile,
+    /// Nothing found, or a file the open did not visibly change (it may
+    /// have failed, or its writes are still to come): an attempt.
+    Unconfirmed,
+}
+
+/// How much earlier than the event a file's change time may read and still
+/// count as the open's: file times come from a coarse clock.
+const CHANGE_SLACK_NS: i128 = 1_000_000_000;
+
+/// The file an io_uring open named: `path` (absolute, in the process's
+/// mount namespace) resolved inside the process's root, as the process
+/// would (its absolute symlinks stay in its root; `O_NOFOLLOW` kept), then
+/// judged by its change time against the open's (`wall_ns`).
+fn uring_target(pid: u32, path: &str, open_flags: u32, wall_ns: i128) -> Target {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    if !path.starts_with('/') {
+        return Target::Unconfirmed;
+    }
+    let Ok(root) = std::fs::File::open(format!("/proc/{pid}/root")) else {
+        return Target::Unconfirmed;
+    };
+    let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    if open_flags & libc::O_NOFOLLOW as u32 != 0 {
+        flags |= OFlag::O_NOFOLLOW;
+    }
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let Ok(fd) = openat2(root.as_raw_fd(), path, how) else {
+        return Target::Unconfirmed;
+    };
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
+        return Target::Unconfirmed;
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Target::NotAFile;
+    }
+    let changed = st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128;
+    if changed + CHANGE_SLACK_NS < wall_ns {
+        return Target::Unconfirmed;
+    }
+    Target::Changed {
+        mode: st.st_mode,
+        ino: st.st_ino,
+        dev: crate::identity::kernel_dev(st.st_dev),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_ns() -> i128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128
+    }
+
+    #[test]
+    fn an_io_uring_open_is_judged_by_what_is_at_its_path() {
+        use std::os::unix::fs::MetadataExt as _;
+        let me = std::process::id();
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("new");
+        let before = now_ns();
+        std::fs::write(&new, b"x").unwrap();
+        let ino = std::fs::metadata(&new).unwrap().ino();
+        let p = |f: &std::path::Path| f.to_str().unwrap().to_string();
+        // Created at the open: its inode.
+        match uring_target(me, &p(&new), 0o101, before) {
+            Target::Changed { ino: i, .. } => assert_eq!(i, ino),
+            t => panic!("{t:?}"),
+        }
+        // Not changed since long before the open: an attempt only (the
+        // open may have failed).
+        assert_eq!(
+            uring_target(me, &p(&new), 0o1, before + 60_000_000_000),
+            Target::Unconfirmed
+        );
+        // A device is not a file write; nothing there is an attempt.
+        assert_eq!(uring_target(me, "/dev/null", 0o1, before), Target::NotAFile);
+        assert_eq!(
+            uring_target(me, &p(&dir.path().join("absent")), 0o101, before),
+            Target::Unconfirmed
+        );
+        // A relative path (its base was not found) names nothing.
+        assert_eq!(uring_target(me, "new", 0o1, before), Target::Unconfirmed);
+        // O_NOFOLLOW on a symlink opens no file (the open fails).
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        assert_eq!(
+            uring_target(me, &p(&link), 0o1 | libc::O_NOFOLLOW as u32, before),
+            Target::NotAFile
+        );
+        assert!(matches!(
+            uring_target(me, &p(&link), 0o1, before),
+            Target::Changed { .. }
+        ));
     }
 }

@@ -684,8 +684,8 @@ pub struct UringOffsets {
     pub open_filename: u32,
     /// `io_open.how.flags` (u64).
     pub open_how_flags: u32,
-    /// `filename.uptr`: the path as the caller gave it (user memory).
-    pub filename_uptr: u32,
+    /// `filename.name`: the kernel's copy of the path.
+    pub filename_name: u32,
     /// Non-zero once the agent filled the struct.
     pub valid: u32,
 }

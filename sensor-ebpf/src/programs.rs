@@ -409,9 +409,10 @@ unsafe fn walk_file(s: *mut Scratch, dst: *mut u8, file: u64) -> (u64, u32) {
 /// process is chrooted (its "/etc" is then the host's "/srv/root/etc");
 /// the cwd for AT_FDCWD, else the directory fd. One call site of the walk
 /// (it is inlined). A root that is not chrooted is a mount's root whose
-/// mount point is its namespace's root: two steps, no names.
+/// mount point is its namespace's root: two steps, no names. `KERNEL`:
+/// the path string is in kernel memory (else the caller's).
 #[inline(always)]
-unsafe fn walk_base(
+unsafe fn walk_base<const KERNEL: bool>(
     s: *mut Scratch,
     dst: *mut u8,
     task: u64,
@@ -419,7 +420,11 @@ unsafe fn walk_base(
     user_path: u64,
 ) -> (u64, u32) {
     unsafe {
-        let first: u8 = bpf_probe_read_user(user_path as *const u8).unwrap_or(b'/');
+        let first: u8 = if KERNEL {
+            bpf_probe_read_kernel(user_path as *const u8).unwrap_or(b'/')
+        } else {
+            bpf_probe_read_user(user_path as *const u8).unwrap_or(b'/')
+        };
         // The syscall's `int dfd` arrives as a 64-bit register: compare its
         // low 32 bits, sign-extended.
         let dirfd = dirfd as u32 as i32 as i64;
@@ -451,12 +456,26 @@ unsafe fn walk_base(
 /// Copies a user string of at most USER_PATH_MAX_BYTES; returns bytes incl. NUL.
 #[inline(always)]
 unsafe fn read_user_str(dst: *mut u8, src: u64) -> u64 {
+    unsafe { read_path_str::<false>(dst, src) }
+}
+
+/// [`read_user_str`] from user (`KERNEL` false) or kernel memory.
+#[inline(always)]
+unsafe fn read_path_str<const KERNEL: bool>(dst: *mut u8, src: u64) -> u64 {
     let n = unsafe {
-        bpf_probe_read_user_str(
-            dst as *mut c_void,
-            USER_PATH_MAX_BYTES as u32,
-            src as *const c_void,
-        )
+        if KERNEL {
+            bpf_probe_read_kernel_str(
+                dst as *mut c_void,
+                USER_PATH_MAX_BYTES as u32,
+                src as *const c_void,
+            )
+        } else {
+            bpf_probe_read_user_str(
+                dst as *mut c_void,
+                USER_PATH_MAX_BYTES as u32,
+                src as *const c_void,
+            )
+        }
     };
     if n > 0 {
         n as u64
@@ -1458,7 +1477,7 @@ pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
                         st.args[0],
                     ),
                 };
-                on_path_event(kind, task, ret, dirfd, path, mode, fd)
+                on_path_event::<false>(kind, task, ret, dirfd, path, mode, fd)
             }
             STASH_RENAME => on_rename(task, ret, &st.args),
             // A send's result is a byte count: only an error is kept.
@@ -1542,9 +1561,10 @@ unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
 }
 
 /// A call on one file named by (dirfd, path) or by `fd` (path 0): the
-/// chmod record layout.
+/// chmod record layout. `KERNEL`: `path` is a kernel string (a `struct
+/// filename`'s copy), else the caller's memory.
 #[inline(always)]
-unsafe fn on_path_event(
+unsafe fn on_path_event<const KERNEL: bool>(
     kind: EventKind,
     task: u64,
     ret: i64,
@@ -1571,13 +1591,13 @@ unsafe fn on_path_event(
                 None => (0, 0),
             }
         } else {
-            walk_base(s, t, task, dirfd, path)
+            walk_base::<KERNEL>(s, t, task, dirfd, path)
         };
         let blen = blen & PATH_MASK;
         let ulen = if path == 0 {
             0
         } else {
-            read_user_str(t.add(blen as usize), path) & USER_LEN_MASK
+            read_path_str::<KERNEL>(t.add(blen as usize), path) & USER_LEN_MASK
         };
         (*e).flags = flags;
         (*e).base_len = blen as u32;
@@ -1596,7 +1616,7 @@ unsafe fn on_rename(task: u64, ret: i64, a: &[u64; 4]) {
         let e: *mut RenameEvent = fixed(s);
         fill_header(&mut (*e).hdr, EventKind::Rename, task);
         let t = tail(s);
-        let (blen, flags) = walk_base(s, t, task, a[2] as i64, a[3]);
+        let (blen, flags) = walk_base::<false>(s, t, task, a[2] as i64, a[3]);
         let blen = blen & PATH_MASK;
         let nlen = read_user_str(t.add(blen as usize), a[3]) & USER_LEN_MASK;
         let olen = read_user_str(t.add((blen + nlen) as usize), a[1]) & USER_LEN_MASK;
@@ -2100,7 +2120,7 @@ pub fn vigil_cg_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 /// File opens for writing submitted through io_uring, on kernels where BPF
 /// LSM does not serve file writes (its `file_open` hook sees these too):
-/// the raw tracepoint `io_uring_submit_req` (`io_uring_submit_sqe` on 5.18
+/// the raw tracepoint `io_uring_submit_req` (`io_uring_submit_sqe` on 6.0
 /// to 6.3), which fires in the submitting task after the request's
 /// arguments were read and before the open runs. Reported as given (the
 /// path and the directory it starts from); the agent finds the file.
@@ -2124,21 +2144,23 @@ pub fn vigil_uring_submit(ctx: RawTracePointContext) -> i32 {
             return 0;
         }
         let dfd: i32 = rd(open, uring_off!(open_dfd)).unwrap_or(AT_FDCWD as i32);
+        // The kernel's copy of the path (`filename.name`), not the
+        // caller's memory, which another thread may have changed since.
         let name: u64 = rd(open, uring_off!(open_filename)).unwrap_or(0);
-        let user: u64 = if name == 0 {
+        let path: u64 = if name == 0 {
             0
         } else {
-            rd(name, uring_off!(filename_uptr)).unwrap_or(0)
+            rd(name, uring_off!(filename_name)).unwrap_or(0)
         };
-        if user == 0 {
+        if path == 0 {
             return 0;
         }
-        on_path_event(
+        on_path_event::<true>(
             EventKind::UringOpen,
             bpf_get_current_task(),
             0,
             dfd as i64,
-            user,
+            path,
             flags & 0xffff_ffff,
             0,
         );

@@ -741,24 +741,42 @@ fn connects_and_sends_submitted_through_io_uring_are_seen() {
 
 #[test]
 fn file_writes_opened_through_io_uring_are_seen() {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
     if let Err(e) = uring::available() {
         eprintln!("NOTICE: no io_uring for this process ({e}): skipped");
         return;
     }
-    // A file to open read-only, written before the agent watches.
+    // A file to open read-only, written before any agent watches.
     let dir = tempfile::tempdir().unwrap();
     let ro = marker("uring-ro");
     std::fs::write(dir.path().join(&ro), b"x").unwrap();
     let agent = Agent::start(&[]);
-    let metrics = agent.metrics();
     // BPF LSM's file_open sees them where it serves file writes, else the
-    // io_uring submission tracepoint, on every kernel that has the one
-    // taking the request first (6.4 and newer; 5.18 to 6.3 under its old
-    // name).
-    let by_lsm = metrics.contains(r#"vigil_hook_path{feature="file_write",path="lsm"} 1"#);
+    // io_uring submission tracepoint.
+    let by_lsm = agent
+        .metrics()
+        .contains(r#"vigil_hook_path{feature="file_write",path="lsm"} 1"#);
+    uring_open_checks(&agent, dir.path(), &ro, by_lsm);
+    drop(agent);
+    if by_lsm {
+        // The submission tracepoint too, which kernels without BPF LSM use.
+        let cfg = dir.path().join("agent.toml");
+        std::fs::write(&cfg, "prefer_lsm = false\n").unwrap();
+        let agent = Agent::start(&["-c", cfg.to_str().unwrap()]);
+        uring_open_checks(&agent, dir.path(), &ro, false);
+    }
+}
+
+/// io_uring opens in `dir` (`ro` exists) against `agent`: a read-only one
+/// is not reported; a new file is, with its inode, once per process; a
+/// truncating one again.
+fn uring_open_checks(agent: &Agent, dir: &std::path::Path, ro: &str, by_lsm: bool) {
+    use std::os::unix::fs::MetadataExt;
     if !by_lsm {
+        // The tracepoint taking the request first: 6.4 and newer under
+        // this name, 6.0 to 6.3 under its old one.
+        let metrics = agent.metrics();
+        let attached =
+            |tp: &str| metrics.contains(&format!("vigil_hook_attached{{hook=\"raw_tp/{tp}\"}} 1"));
         let has = |tp: &str| {
             [
                 "/sys/kernel/tracing/events/io_uring",
@@ -767,48 +785,72 @@ fn file_writes_opened_through_io_uring_are_seen() {
             .iter()
             .any(|d| std::path::Path::new(d).join(tp).exists())
         };
-        let attached =
-            |tp: &str| metrics.contains(&format!("vigil_hook_attached{{hook=\"raw_tp/{tp}\"}} 1"));
-        if has("io_uring_submit_req") {
-            assert!(attached("io_uring_submit_req"), "{metrics}");
-        } else if !attached("io_uring_submit_sqe") {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .trim()
+            .split(['.', '-'])
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let at_least_6 = v.next().unwrap_or(0) >= 6;
+        if has("io_uring_submit_req") || (at_least_6 && has("io_uring_submit_sqe")) {
+            assert!(
+                attached("io_uring_submit_req") || attached("io_uring_submit_sqe"),
+                "{metrics}"
+            );
+        } else {
             eprintln!("NOTICE: no io_uring submission hook on this kernel: skipped");
             return;
         }
     }
     let me = std::process::id() as u64;
-    let dirfd = std::fs::File::open(dir.path()).unwrap();
+    let dirfd = std::fs::File::open(dir).unwrap();
     let open = |name: &str, flags: i32| {
         let c = std::ffi::CString::new(name).unwrap();
-        uring::run_with_flags(
+        let fd = uring::run_with_flags(
             uring::OP_OPENAT,
             std::os::fd::AsRawFd::as_raw_fd(&dirfd),
             c.as_ptr() as u64,
             0o644,
             0,
             (flags | libc::O_CLOEXEC) as u32,
-        )
+        );
+        assert!(fd >= 0, "io_uring openat {name}: {fd}");
+        unsafe { libc::close(fd) };
     };
     // Read-only: not a write, not reported.
-    let fd = open(&ro, libc::O_RDONLY);
-    assert!(fd >= 0, "io_uring openat: {fd}");
-    unsafe { libc::close(fd) };
-    // A new file, named relative to a directory descriptor.
+    open(ro, libc::O_RDONLY);
+    // A new file, named relative to a directory descriptor; opened again
+    // (not reported again), then truncated (reported).
     let name = marker("uring");
-    let fd = open(&name, libc::O_CREAT | libc::O_WRONLY);
-    assert!(fd >= 0, "io_uring openat: {fd}");
-    unsafe { libc::close(fd) };
-    let path = dir.path().join(&name);
+    open(&name, libc::O_CREAT | libc::O_WRONLY);
+    open(&name, libc::O_WRONLY);
+    let path = dir.join(&name);
     let ino = std::fs::metadata(&path).unwrap().ino();
-    let p = String::from_utf8_lossy(path.as_os_str().as_bytes()).into_owned();
-    let e = agent.expect_event("io_uring file write", |e| {
-        e.kind() == "file_open" && e.str_of("path") == p && e.pid() == me
-    });
-    assert_eq!(e["ino"], ino, "{e}");
+    let p = path.to_string_lossy().into_owned();
+    let mine = |e: &Value| e.kind() == "file_open" && e.str_of("path") == p && e.pid() == me;
+    // The file's inode: the tracepoint sees an open before it runs, and an
+    // agent that looked before the file existed reports an attempt (no
+    // inode); the next open then carries it.
+    let e = agent.expect_event("io_uring file write", |e| mine(e) && e["ino"] == ino);
     if !by_lsm {
         assert_eq!(e["io_uring"], true, "{e}");
     }
-    let ro = dir.path().join(&ro).to_string_lossy().into_owned();
+    open(&name, libc::O_WRONLY | libc::O_TRUNC);
+    agent.expect_event("io_uring truncation", |e| {
+        mine(e) && e["ino"] == ino && e["flags"].as_u64().unwrap_or(0) & libc::O_TRUNC as u64 != 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let evs = agent.events();
+    let with_inode = evs.iter().filter(|e| mine(e) && e["ino"] == ino).count();
+    let attempts = evs.iter().filter(|e| mine(e) && e["ino"] == 0).count();
+    assert_eq!(
+        with_inode, 2,
+        "a creating open and a truncating one: two events (the second open is a repeat)"
+    );
+    assert!(
+        attempts <= 1,
+        "{attempts} attempts: only a creating open can be one"
+    );
+    let ro = dir.join(ro).to_string_lossy().into_owned();
     assert!(
         !agent
             .events()

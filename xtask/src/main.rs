@@ -265,6 +265,10 @@ enum Cmd {
         /// the guest otherwise runs against the packaged agent.
         #[arg(long)]
         no_e2e: bool,
+        /// Run only the end-to-end tests whose names contain this (a
+        /// libtest filter), e.g. `io_uring`.
+        #[arg(long, value_name = "SUBSTRING")]
+        e2e_filter: Option<String>,
     },
 
     /// The benchmark's local HTTP server (internal: `bench` starts it)
@@ -351,6 +355,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             rebuild_image,
             timeout_mins,
             no_e2e,
+            e2e_filter,
         } => vm::vm_test(&vm::VmTestArgs {
             kernel,
             debug,
@@ -358,6 +363,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             rebuild_image,
             timeout: Duration::from_secs(timeout_mins * 60),
             e2e: !no_e2e,
+            e2e_filter,
         }),
         Cmd::Storm {
             seconds,
@@ -603,6 +609,7 @@ fn test(step_timeout: Duration, fuzz_seconds: u64, cargo_test_args: Vec<String>)
             // CI machine (a run once needed more than 25).
             timeout: Duration::from_secs(35 * 60),
             e2e: true,
+            e2e_filter: None,
         })
     }));
 

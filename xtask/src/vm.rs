@@ -84,6 +84,8 @@ pub struct VmTestArgs {
     /// Also run the kernel-facing end-to-end tests ([`GUEST_TESTS`]) inside
     /// each kernel, against the packaged agent.
     pub e2e: bool,
+    /// Only the end-to-end tests whose names contain this.
+    pub e2e_filter: Option<String>,
 }
 
 /// One bootable kernel of the image.
@@ -165,7 +167,15 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
         println!("==> vm-test: kernel {} ({})", kernel.release, series);
         let t = Instant::now();
         let run_dir = vm_dir.join("run").join(series);
-        let r = run_kernel(&image, kernel, &debs, &e2e, &run_dir, args.timeout);
+        let r = run_kernel(
+            &image,
+            kernel,
+            &debs,
+            &e2e,
+            args.e2e_filter.as_deref(),
+            &run_dir,
+            args.timeout,
+        );
         let r = match r {
             Ok(r) => r,
             Err(e) => RunResult {
@@ -635,6 +645,7 @@ fn run_kernel(
     kernel: &Kernel,
     debs: &[PathBuf],
     e2e: &[(&str, PathBuf)],
+    e2e_filter: Option<&str>,
     run_dir: &Path,
     timeout: Duration,
 ) -> Result<RunResult> {
@@ -657,6 +668,10 @@ fn run_kernel(
         });
         fs::create_dir_all(&dir)?;
         fs::copy(bin, dir.join(name)).with_context(|| format!("copying {}", bin.display()))?;
+    }
+    if let Some(f) = e2e_filter {
+        // Read by the guest script and handed to each test binary.
+        fs::write(share.join("test-filter"), f)?;
     }
     let script = share.join("guest.sh");
     fs::write(&script, GUEST_SCRIPT)?;

@@ -173,7 +173,14 @@ pub fn run_all(ctx: &mut Ctx<'_>) -> Vec<Finding> {
         Payload::Utimes(u) => timestomp(ctx, &u.path, &mut out),
         Payload::Comm(c) => renamed(ctx, c, &mut out),
         Payload::FileOpen(f) => {
-            persistence(&f.path, "wrote", ctx, &mut out);
+            // An io_uring open seen before it ran, whose file did not
+            // visibly change: an attempt.
+            let verb = if f.io_uring && f.ino == 0 {
+                "tried to write"
+            } else {
+                "wrote"
+            };
+            persistence(&f.path, verb, ctx, &mut out);
             log_tampering(ctx, f, &mut out);
             proc_mem_write(ctx, &f.path, &mut out);
         }
