@@ -112,7 +112,7 @@ impl Drop for ClaimGuard {
 }
 
 fn ticks_per_second() -> u64 {
-    procfs::ticks_per_second().max(1)
+    crate::procscan::ticks_per_second().max(1)
 }
 
 /// Start time in clock ticks (as in /proc/PID/stat) from ns since boot.

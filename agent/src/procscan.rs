@@ -10,10 +10,25 @@ use crate::model::workload::Workload;
 use crate::tree::{Process, ProcessTree};
 use crate::workload_cache::WorkloadCache;
 
+/// The kernel's clock tick rate (`/proc` times are in ticks): read once
+/// (it is asked per event). From `sysconf`, not the auxiliary vector.
+pub fn ticks_per_second() -> u64 {
+    static TPS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TPS.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 {
+            t as u64
+        } else {
+            100
+        }
+    })
+}
+
 /// Reads every process in /proc into `tree`. Returns how many were added.
 /// Processes that vanish mid-scan are skipped.
 pub fn bootstrap(tree: &mut ProcessTree, workloads: &mut WorkloadCache) -> anyhow::Result<usize> {
-    let tps = procfs::ticks_per_second();
+    let tps = ticks_per_second();
     let listening = listening_pids();
     let mut n = 0;
     for p in procfs::process::all_processes()? {
@@ -129,7 +144,7 @@ impl ImageKey {
     /// within one tick) and, when known, this image.
     fn matches(&self, p: &procfs::process::Process) -> bool {
         use std::os::unix::fs::MetadataExt as _;
-        let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
+        let tick_ns = 1_000_000_000 / ticks_per_second().max(1);
         let same = p.stat().is_ok_and(|st| {
             let shown = st.arg_start.unwrap_or(0);
             (st.starttime * tick_ns).abs_diff(self.start_boot_ns) <= tick_ns
@@ -281,7 +296,7 @@ mod tests {
         // image (an empty command line): the agent reads it only after the
         // kernel's exec event, when it is in place.
         wait_cmdline(&me, |c| !c.is_empty());
-        let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
+        let tick_ns = 1_000_000_000 / ticks_per_second();
         let stat = me.stat().expect("stat");
         let start = stat.starttime * tick_ns;
         use std::os::unix::fs::MetadataExt as _;

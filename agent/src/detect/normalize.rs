@@ -24,6 +24,8 @@
 //!   `/run/user/`) every alphanumeric run of 6+ characters becomes `*`
 //!   (mktemp draws can be plain lower case).
 
+use std::borrow::Cow;
+
 /// Temporary roots whose first component is random (mktemp).
 const TEMP_ROOTS: &[&str] = &["/tmp/", "/var/tmp/", "/dev/shm/", "/run/user/"];
 
@@ -31,9 +33,10 @@ const TEMP_ROOTS: &[&str] = &["/tmp/", "/var/tmp/", "/dev/shm/", "/run/user/"];
 pub fn shape(text: &str) -> String {
     let masked_tmp = mask_temp_dirs(text);
     let masked = mask_uuids(&masked_tmp);
+    let masked: &str = &masked;
     let mut out = String::with_capacity(masked.len());
     let mut after_dot = false;
-    for tok in split_keep(&masked) {
+    for tok in split_keep(masked) {
         if is_hexish(tok) || is_random(tok) || (after_dot && is_mktemp_suffix(tok)) {
             out.push('H');
         } else {
@@ -65,10 +68,10 @@ fn is_mktemp_suffix(tok: &str) -> bool {
 }
 
 /// UUIDs (`8-4-4-4-12` hex digits) replaced by `U`.
-fn mask_uuids(text: &str) -> String {
+fn mask_uuids(text: &str) -> Cow<'_, str> {
     let b = text.as_bytes();
     if b.len() < 36 || !text.contains('-') {
-        return text.to_string();
+        return Cow::Borrowed(text);
     }
     let is_uuid_at = |i: usize| {
         i + 36 <= b.len()
@@ -91,7 +94,7 @@ fn mask_uuids(text: &str) -> String {
             i += c.len_utf8();
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// A token that looks drawn at random rather than written (see the module
@@ -134,14 +137,15 @@ pub fn argv_shape(argv: &[String]) -> String {
 /// Masks random-looking names under temporary roots (mktemp output such as
 /// `/tmp/scn.gFTWzN/` or `/tmp/ccaKNmKY.o`): every alphanumeric run of 6 or
 /// more characters becomes `*`.
-fn mask_temp_dirs(text: &str) -> String {
+fn mask_temp_dirs(text: &str) -> Cow<'_, str> {
+    let Some(first) = find_temp_root(text) else {
+        // Most text names no temporary root: no copy.
+        return Cow::Borrowed(text);
+    };
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some((i, root)) = TEMP_ROOTS
-        .iter()
-        .filter_map(|r| rest.find(r).map(|i| (i, *r)))
-        .min_by_key(|(i, _)| *i)
-    {
+    let mut next = Some(first);
+    while let Some((i, root)) = next {
         out.push_str(&rest[..i + root.len()]);
         rest = &rest[i + root.len()..];
         // The path continues until whitespace or a shell metacharacter.
@@ -150,9 +154,21 @@ fn mask_temp_dirs(text: &str) -> String {
             .unwrap_or(rest.len());
         out.push_str(&mask_random_runs(&rest[..end]));
         rest = &rest[end..];
+        next = find_temp_root(rest);
     }
     out.push_str(rest);
-    out
+    Cow::Owned(out)
+}
+
+/// The first temporary root in `s` and where it starts: one pass over the
+/// slashes (every root starts with one, and no two start alike).
+fn find_temp_root(s: &str) -> Option<(usize, &'static str)> {
+    s.match_indices('/').find_map(|(i, _)| {
+        TEMP_ROOTS
+            .iter()
+            .find(|r| s[i..].starts_with(**r))
+            .map(|r| (i, *r))
+    })
 }
 
 fn mask_random_runs(path: &str) -> String {
@@ -220,6 +236,23 @@ mod tests {
 
     fn v(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_temporary_root_is_masked_in_order_and_nothing_else() {
+        assert_eq!(
+            shape("cp /var/tmp/abcdefg/x /tmp/qwertyu.c /dev/shm/zzzzzzz /run/user/0/sssssss"),
+            "cp /var/tmp/*/x /tmp/*.c /dev/shm/* /run/user/N/*"
+        );
+        // Not a root: another directory, a root without its slash; a root
+        // anywhere in a path is one (`/srv/tmp/`).
+        assert_eq!(shape("/srv/temp/abcdefg /tmp"), "/srv/temp/abcdefg /tmp");
+        assert_eq!(shape("/srv/tmp/abcdefg"), "/srv/tmp/*");
+        assert_eq!(find_temp_root("a/b/tmpx/y"), None);
+        assert_eq!(
+            find_temp_root("x /var/tmp/y /tmp/z"),
+            Some((2, "/var/tmp/"))
+        );
     }
 
     #[test]
