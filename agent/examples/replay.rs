@@ -1,7 +1,11 @@
-//! Replays a synthetic exec storm through the agent's pipeline after the
+//! Replays a synthetic storm through the agent's pipeline after the
 //! kernel (state, JSON lines output, detection, reaction), as `cargo xtask
-//! bench --workload exec` makes one: per process a fork, an exec and an
-//! exit, under one parent. Prints the agent's CPU per event.
+//! bench` makes one, and prints the agent's CPU per event:
+//!
+//! - `replay N` (or `replay N exec`): N processes, per process a fork, an
+//!   exec and an exit, under one parent (`--workload exec`);
+//! - `replay N write`: one process creating N new files
+//!   (`--workload write`: a `file_open` event per file).
 //!
 //! Wall-clock figures on a shared machine are noisy; instruction counts
 //! are not:
@@ -20,7 +24,7 @@ use vigil_agent::config::AgentConfig;
 use vigil_agent::detect::baseline::Baseline;
 use vigil_agent::detect::DetectEngine;
 use vigil_agent::metrics::Metrics;
-use vigil_agent::model::event::{Event, Exec, Payload, Stdio};
+use vigil_agent::model::event::{Event, Exec, FileOpen, Payload, Stdio};
 use vigil_agent::outputs::{JsonLinesSink, Sink};
 use vigil_agent::pipeline::Pipeline;
 
@@ -31,6 +35,11 @@ fn main() -> anyhow::Result<()> {
     let n: u32 = match std::env::args().nth(1) {
         Some(s) => s.parse()?,
         None => 20_000,
+    };
+    let write = match std::env::args().nth(2).as_deref() {
+        None | Some("exec") => false,
+        Some("write") => true,
+        Some(other) => anyhow::bail!("unknown storm {other:?}: exec or write"),
     };
     let cfg = AgentConfig::default();
     let metrics = Arc::new(Metrics::default());
@@ -86,7 +95,32 @@ fn main() -> anyhow::Result<()> {
     ));
     let started = Instant::now();
     let cpu0 = cpu_ns();
-    for i in 0..n {
+    if write {
+        // The writer: a child of the parent, as a load thread's process.
+        let pid = PARENT + 1;
+        p.handle_event(event(pid, "bash", Payload::Fork { ppid: PARENT }));
+        p.handle_event(event(
+            pid,
+            "xtask",
+            exec(PARENT, "/work/target/debug/xtask", &["xtask", "bench"]),
+        ));
+        for i in 0..n {
+            p.handle_event(event(
+                pid,
+                "xtask",
+                Payload::FileOpen(FileOpen {
+                    path: format!("/dev/shm/vigil-bench/write-0/f{i}"),
+                    // O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC
+                    flags: 0o2001101,
+                    mode: 0o100644,
+                    ino: 100_000 + u64::from(i),
+                    dev: 26,
+                    io_uring: false,
+                }),
+            ));
+        }
+    }
+    for i in (0..n).filter(|_| !write) {
         let pid = PARENT + 1 + i;
         p.handle_event(event(pid, "bash", Payload::Fork { ppid: PARENT }));
         p.handle_event(event(
@@ -104,7 +138,11 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     p.flush();
-    let events = 3 * u64::from(n);
+    let events = if write {
+        u64::from(n) + 2
+    } else {
+        3 * u64::from(n)
+    };
     let cpu = cpu_ns() - cpu0;
     println!(
         "{events} events in {:.2} s: {:.2} us of CPU per event, {} bytes of JSON lines",

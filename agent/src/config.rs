@@ -60,7 +60,10 @@ pub struct SensorConfig {
     /// this many seconds (the kernel counts the repeats in
     /// `vigil_connect_dedup_total`); 0 reports every connect.
     pub connect_dedup_secs: u64,
-    /// Hooks to leave off: "file_write", "chmod", "rename", "connect", "listen".
+    /// Hook groups to leave off, by `Feature::name` ("file_write", "chmod",
+    /// "rename", "connect", "listen", "utimes", "comm", "send",
+    /// "process_access", "module", "bpf", "exec_mem", "unlink"; the process
+    /// hooks are always on).
     pub disable: Vec<String>,
     /// Serve file writes and connects with BPF LSM hooks (`file_open`,
     /// `socket_connect`) where the kernel allows them: one program each, and

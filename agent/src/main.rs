@@ -26,7 +26,9 @@ struct Cli {
     /// Kernel BTF file (default: /sys/kernel/btf/vmlinux).
     #[arg(long, value_name = "PATH")]
     btf: Option<PathBuf>,
-    /// Hook groups to leave off (file_write, chmod, rename, connect); repeatable.
+    /// Hook groups to leave off (file_write, chmod, rename, connect, listen,
+    /// utimes, comm, send, process_access, module, bpf, exec_mem, unlink;
+    /// the process hooks are always on); repeatable.
     #[arg(long, value_name = "GROUP")]
     disable: Vec<String>,
     /// Log format: text or json.

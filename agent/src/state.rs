@@ -203,7 +203,6 @@ impl State {
         let ancestry = self.tree.ancestry(ev.pid);
         let wall_ns = (ev.boot_ns as i128 + self.wall_offset_ns).clamp(0, i64::MAX as i128) as i64;
         EnrichedEvent {
-            time: crate::model::wall_time(wall_ns),
             time_unix_nanos: wall_ns,
             event: Arc::new(ev),
             process,

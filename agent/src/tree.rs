@@ -66,7 +66,9 @@ pub struct TreeStats {
 
 /// The tree. Single owner: the pipeline's consumer task.
 pub struct ProcessTree {
-    procs: HashMap<u32, Process>,
+    /// By pid. Hashed with foldhash (seeded per tree): every event looks
+    /// up its process and each ancestor.
+    procs: HashMap<u32, Process, foldhash::fast::RandomState>,
     /// Exited pids in exit order, with their start time (to skip recycled pids).
     exited: VecDeque<(Instant, u32, u64)>,
     /// Exited processes kept because they still have children in the tree,
@@ -84,7 +86,7 @@ impl ProcessTree {
     /// An empty tree with the given bounds.
     pub fn new(max_processes: usize, grace: Duration) -> Self {
         Self {
-            procs: HashMap::new(),
+            procs: HashMap::default(),
             exited: VecDeque::new(),
             retained: VecDeque::new(),
             max_processes: max_processes.max(16),

@@ -17,7 +17,7 @@ use crate::model::workload::Workload;
 /// Bounded cache of workloads by cgroup id; identical workloads share one
 /// allocation.
 pub struct WorkloadCache {
-    by_cgroup: HashMap<u64, Arc<Workload>>,
+    by_cgroup: HashMap<u64, Arc<Workload>, foldhash::fast::RandomState>,
     interned: HashMap<Workload, Arc<Workload>>,
     cap: usize,
     cgroup2_root: Option<PathBuf>,
@@ -32,7 +32,7 @@ impl WorkloadCache {
     /// A cache holding at most `cap` cgroups (cleared when full).
     pub fn new(cap: usize) -> Self {
         Self {
-            by_cgroup: HashMap::new(),
+            by_cgroup: HashMap::default(),
             interned: HashMap::new(),
             cap: cap.max(16),
             cgroup2_root: find_cgroup2_root(),

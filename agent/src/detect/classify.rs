@@ -367,7 +367,7 @@ const MINERS: &[&str] = &[
 
 /// Known miner program names.
 pub fn is_miner_name(name: &str) -> bool {
-    MINERS.contains(&name.to_ascii_lowercase().as_str())
+    MINERS.iter().any(|m| m.eq_ignore_ascii_case(name))
 }
 
 /// Command-line markers of mining (pool protocols, miner options).
@@ -386,7 +386,14 @@ pub fn miner_argument(argv: &[String]) -> Option<&str> {
     ];
     argv.iter()
         .skip(1)
-        .find(|a| MARKERS.iter().any(|m| a.to_ascii_lowercase().contains(m)))
+        .find(|a| {
+            let a = if a.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(a.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(a.as_str())
+            };
+            MARKERS.iter().any(|m| a.contains(m))
+        })
         .map(|s| s.as_str())
 }
 
@@ -414,6 +421,19 @@ pub fn is_pool_port(port: u16) -> bool {
 pub fn persistence_target(path: &str) -> Option<(&'static str, &'static str)> {
     let b = basename(path);
     let p = path;
+    // Every location below is under one of these, or a dot file, or SSH
+    // keys: most written files are none of them.
+    let candidate = p.starts_with("/etc/")
+        || p.starts_with("/var/spool/cron/")
+        || p.starts_with("/lib/systemd/")
+        || p.starts_with("/usr/lib/systemd/")
+        || p.starts_with("/run/systemd/")
+        || b.starts_with('.')
+        || b.starts_with("authorized_keys")
+        || memchr::memmem::find(p.as_bytes(), b"/.config/").is_some();
+    if !candidate {
+        return None;
+    }
     if p.starts_with("/etc/cron")
         || p.starts_with("/var/spool/cron/")
         || p == "/etc/crontab"
@@ -1197,6 +1217,38 @@ mod tests {
         );
         assert!(persistence_target("/etc/hostname").is_none());
         assert!(persistence_target("/tmp/x.bashrc.bak").is_none());
+        // One path of every location (the quick pre-filter keeps each).
+        for (path, technique) in [
+            ("/etc/crontab", "T1053.003"),
+            ("/var/spool/cron/crontabs/root", "T1053.003"),
+            ("/etc/anacrontab", "T1053.003"),
+            ("/etc/systemd/system/x.service", "T1543.002"),
+            ("/lib/systemd/system/x.service", "T1543.002"),
+            ("/usr/lib/systemd/system/x.service", "T1543.002"),
+            ("/run/systemd/system/x.service", "T1543.002"),
+            ("/home/a/.config/systemd/user/x.service", "T1543.002"),
+            ("/etc/init.d/x", "T1037.004"),
+            ("/etc/rc.local", "T1037.004"),
+            ("/home/a/.zshenv", "T1546.004"),
+            ("/etc/profile.d/x.sh", "T1546.004"),
+            ("/etc/environment", "T1546.004"),
+            ("/home/a/.ssh/authorized_keys2", "T1098.004"),
+            ("/etc/sudoers.d/x", "T1548.003"),
+            ("/etc/shadow", "T1136.001"),
+            ("/home/a/.config/autostart/x.desktop", "T1547.013"),
+            ("/etc/xdg/autostart/x.desktop", "T1547.013"),
+            ("/etc/update-motd.d/99-x", "T1037"),
+            ("home/a/.config/autostart/x.desktop", "T1547.013"),
+        ] {
+            assert_eq!(
+                persistence_target(path).map(|t| t.0),
+                Some(technique),
+                "{path}"
+            );
+        }
+        for path in ["/srv/app/etc/cron.d/x", "/usr/share/doc/x", "/dev/shm/f1"] {
+            assert_eq!(persistence_target(path), None, "{path}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::Instant;
 use lru::LruCache;
 
 use crate::model::event::Payload;
-use crate::model::{boot_ns_now, Detection, EnrichedEvent, Finding, Severity};
+use crate::model::{boot_ns_now, Detection, EnrichedEvent, Finding, PerImage, Severity};
 use crate::tree::ProcessTree;
 use baseline::Baseline;
 use provenance::ProvenanceState;
@@ -124,7 +124,12 @@ pub struct DetectEngine {
     sigma: Option<sigma::SigmaRules>,
     stats: DetectStats,
     wall_offset_ns: i128,
+    /// Exec edges' shapes of executables (parents exec many children).
+    shapes: ExeShapes,
 }
+
+/// Images' executables as exec edges name them (see [`exec_edge`]).
+pub type ExeShapes = PerImage<String>;
 
 impl DetectEngine {
     /// An engine with `baseline` and optional Sigma rules.
@@ -135,6 +140,7 @@ impl DetectEngine {
             sigma,
             stats: DetectStats::default(),
             wall_offset_ns,
+            shapes: PerImage::new(256),
         }
     }
 
@@ -182,7 +188,7 @@ impl DetectEngine {
         self.state.update(ev);
 
         let workload = ev.process.workload.key();
-        let edge = exec_edge(ev, tree);
+        let edge = exec_edge(ev, tree, &mut self.shapes);
         let learning = self.baseline.is_learning(now);
         if learning {
             if let Some(edge) = &edge {
@@ -260,7 +266,7 @@ impl DetectEngine {
         let now_boot = boot_ns_now();
         let now_wall = (now_boot as i128 + self.wall_offset_ns).max(0) as u64;
         Detection {
-            time: ev.time.clone(),
+            time: ev.time(),
             detected_at: humantime::format_rfc3339_nanos(
                 std::time::UNIX_EPOCH + std::time::Duration::from_nanos(now_wall),
             )
@@ -281,35 +287,39 @@ impl DetectEngine {
 }
 
 /// The exec edge: parent exe -> child exe | argv shape, normalized.
-pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree) -> Option<String> {
+/// `shapes` keeps executables' shapes for the images seen last.
+pub fn exec_edge(ev: &EnrichedEvent, tree: &ProcessTree, shapes: &mut ExeShapes) -> Option<String> {
     let Payload::Exec(x) = &ev.event.payload else {
         return None;
     };
     // The creator (the tree keeps it when the process was reparented).
     let parent = tree
         .get(ev.process.ppid)
-        .map(|p| p.image.exe.as_str())
-        .or_else(|| ev.ancestry.first().map(|a| a.image.exe.as_str()))
-        .unwrap_or("");
-    let child = match &x.script {
-        Some(s) => format!("{} {}", x.exe, s),
-        None => x.exe.clone(),
+        .map(|p| &p.image)
+        .or_else(|| ev.ancestry.first().map(|a| &a.image));
+    let parent: &str = match parent {
+        Some(image) => shapes.get(image, |i, shape| *shape = edge_path(&i.exe)),
+        None => "",
     };
-    // `|` ends the pair (see `Baseline::knows_edge`): escaped in paths.
-    let path = |p: &str| {
-        let s = normalize::shape(p);
-        if s.contains('|') {
-            s.replace('|', "%7C")
-        } else {
-            s
-        }
+    let child = match &x.script {
+        Some(s) => edge_path(&format!("{} {}", x.exe, s)),
+        None => edge_path(&x.exe),
     };
     Some(format!(
-        "{}>{}|{}",
-        path(parent),
-        path(&child),
+        "{parent}>{child}|{}",
         normalize::argv_shape(&x.argv)
     ))
+}
+
+/// A path's shape in an exec edge. `|` ends the pair (see
+/// `Baseline::knows_edge`): escaped.
+fn edge_path(p: &str) -> String {
+    let s = normalize::shape(p);
+    if s.contains('|') {
+        s.replace('|', "%7C")
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -375,7 +385,6 @@ mod tests {
         tree.apply(&event, &mut wl);
         let p = tree.get(pid).unwrap();
         EnrichedEvent {
-            time: String::new(),
             time_unix_nanos: 0,
             process: ProcessView {
                 pid,

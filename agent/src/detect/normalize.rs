@@ -187,25 +187,24 @@ fn mask_random_runs(path: &str) -> String {
     out
 }
 
-/// Splits into alternating runs of word chars and separators, keeping both.
-fn split_keep(s: &str) -> Vec<&str> {
-    let mut out = Vec::new();
+/// Splits into alternating runs of word chars (ASCII alphanumerics and
+/// `_`) and separators, keeping both. Runs end only next to an ASCII byte,
+/// so every piece is whole characters.
+fn split_keep(s: &str) -> impl Iterator<Item = &str> {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let b = s.as_bytes();
     let mut start = 0;
-    let mut prev_word: Option<bool> = None;
-    for (i, c) in s.char_indices() {
-        let w = c.is_ascii_alphanumeric() || c == '_';
-        if let Some(p) = prev_word {
-            if p != w {
-                out.push(&s[start..i]);
-                start = i;
-            }
-        }
-        prev_word = Some(w);
-    }
-    if start < s.len() {
-        out.push(&s[start..]);
-    }
-    out
+    std::iter::from_fn(move || {
+        let first = *b.get(start)?;
+        let w = word(first);
+        let end = b[start..]
+            .iter()
+            .position(|&c| word(c) != w)
+            .map_or(b.len(), |n| start + n);
+        let tok = &s[start..end];
+        start = end;
+        Some(tok)
+    })
 }
 
 fn is_hexish(tok: &str) -> bool {

@@ -25,7 +25,7 @@ use lru::LruCache;
 
 use super::classify::{is_decoder, is_downloader};
 use crate::model::event::{Event, Exec, Payload, Stdio};
-use crate::model::{EnrichedEvent, Image};
+use crate::model::{EnrichedEvent, Image, PerImage};
 
 /// A file: (device, inode).
 pub type FileId = (u32, u64);
@@ -113,6 +113,9 @@ pub struct ProvenanceState {
     /// opens a redirection's target just before it execs the program).
     last_open: Vec<Option<Arc<Event>>>,
     hasher: std::collections::hash_map::RandomState,
+    /// The origin of what a program writes by what it is (a downloader, a
+    /// decoder), for the images seen last: a writer writes many files.
+    programs: PerImage<Option<Origin>>,
 }
 
 impl Default for ProvenanceState {
@@ -133,6 +136,7 @@ impl ProvenanceState {
             pipe_readers: LruCache::new(n(4_096)),
             last_open: vec![None; SLOTS],
             hasher: Default::default(),
+            programs: PerImage::new(256),
         }
     }
 
@@ -182,13 +186,20 @@ impl ProvenanceState {
 
     /// The origin of what `pid` (running `image`) writes, if any:
     /// `connected` tells whether it connected out shortly before.
-    fn writer_origin(&self, pid: u32, image: &Arc<Image>, connected: bool) -> Option<Taint> {
-        let own = if is_downloader(&image.exe) || connected {
+    fn writer_origin(&mut self, pid: u32, image: &Arc<Image>, connected: bool) -> Option<Taint> {
+        let program = self.programs.get(image, |image, origin| {
+            *origin = if is_downloader(&image.exe) {
+                Some(Origin::Network)
+            } else if is_decoder(&image.exe, &image.argv) {
+                Some(Origin::Decoded)
+            } else {
+                None
+            };
+        });
+        let own = if connected {
             Some(Origin::Network)
-        } else if is_decoder(&image.exe, &image.argv) {
-            Some(Origin::Decoded)
         } else {
-            None
+            *program
         };
         match own {
             Some(origin) => Some(Taint {

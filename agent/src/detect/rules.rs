@@ -1090,7 +1090,6 @@ mod tests {
             self.tree.apply(&event, &mut wl);
             let p = self.tree.get(pid);
             EnrichedEvent {
-                time: String::new(),
                 time_unix_nanos: 0,
                 process: ProcessView {
                     pid,

@@ -11,6 +11,8 @@
 //! - [`boot_ns_now`]: the clock kernel timestamps are in.
 
 pub mod event;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod workload;
 
 use std::sync::Arc;
@@ -49,6 +51,42 @@ impl Image {
     /// a copy of, else its own path.
     pub fn identity(&self) -> &str {
         self.copy_of.as_deref().unwrap_or(&self.exe)
+    }
+}
+
+/// Something a stage derives from an image (its JSON, its shape), kept
+/// for the images seen last: a direct-mapped cache of `slots` entries
+/// keyed by the shared image itself (the same `Arc`, not an equal image).
+/// An entry holds its image, so no other image can take its address while
+/// it is cached; memory is bounded by `slots`, not by the process tree. A
+/// slot's value is refilled in place when another image takes the slot,
+/// so its buffers are reused (no allocation per new image once warm).
+pub struct PerImage<T> {
+    slots: Vec<Option<(Arc<Image>, T)>>,
+}
+
+impl<T: Default> PerImage<T> {
+    /// A cache of `slots` entries (at least one).
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots: std::iter::repeat_with(|| None).take(slots.max(1)).collect(),
+        }
+    }
+
+    /// What `fill` derives from `image`, made at most once while cached.
+    /// `fill` overwrites the value it is given (a previous image's, or a
+    /// default one).
+    pub fn get(&mut self, image: &Arc<Image>, fill: impl FnOnce(&Image, &mut T)) -> &T {
+        // Heap addresses are at least 8-aligned: the bits above spread.
+        let i = (Arc::as_ptr(image) as usize >> 4) % self.slots.len();
+        let slot = &mut self.slots[i];
+        let fresh = !matches!(slot, Some((cached, _)) if Arc::ptr_eq(cached, image));
+        let (cached, value) = slot.get_or_insert_with(|| (Arc::clone(image), T::default()));
+        if fresh {
+            *cached = Arc::clone(image);
+            fill(image, value);
+        }
+        value
     }
 }
 
@@ -91,10 +129,9 @@ impl Serialize for ProcessView {
 /// An event with its process and ancestry: what sinks receive.
 #[derive(Clone, Debug, Serialize)]
 pub struct EnrichedEvent {
-    /// RFC 3339 wall-clock time of the event.
-    pub time: String,
-    /// The same time, ns since the Unix epoch (for the wire).
-    #[serde(skip)]
+    /// Wall-clock time of the event, ns since the Unix epoch; written as
+    /// `time`, RFC 3339 (see [`EnrichedEvent::time`]).
+    #[serde(rename = "time", serialize_with = "serialize_wall_time")]
     pub time_unix_nanos: i64,
     /// The decoded event (shared with the timeline and the detections
     /// that name it).
@@ -104,6 +141,17 @@ pub struct EnrichedEvent {
     pub process: ProcessView,
     /// Its ancestors, parent first, up to init.
     pub ancestry: Vec<Ancestor>,
+}
+
+impl EnrichedEvent {
+    /// RFC 3339 wall-clock time of the event (see [`wall_time`]).
+    pub fn time(&self) -> String {
+        wall_time(self.time_unix_nanos)
+    }
+}
+
+fn serialize_wall_time<S: serde::Serializer>(ns: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(rfc3339(*ns).as_str())
 }
 
 /// One ancestor in an event's ancestry. Serialized as `{pid, exe, argv}`.
@@ -225,12 +273,55 @@ pub fn wall_offset_ns() -> i128 {
     wall - boot
 }
 
-/// RFC 3339 of `ns` since the Unix epoch.
+/// RFC 3339 of `ns` since the Unix epoch (before it: the epoch), with
+/// nanoseconds: `2026-12-02T10:00:00.000000123Z`, as
+/// `humantime::format_rfc3339_nanos` writes it (checked by a test).
 pub fn wall_time(ns: i64) -> String {
-    humantime::format_rfc3339_nanos(
-        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64),
-    )
-    .to_string()
+    rfc3339(ns).as_str().to_owned()
+}
+
+/// [`wall_time`] without an allocation: every event line carries one.
+pub fn rfc3339(ns: i64) -> Rfc3339 {
+    let ns = ns.max(0) as u64;
+    let (secs, nanos) = (ns / 1_000_000_000, ns % 1_000_000_000);
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (H. Hinnant's algorithm, for days >= 0).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mut b = *b"0000-00-00T00:00:00.000000000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, day_secs / 3_600);
+    put(14, 2, day_secs / 60 % 60);
+    put(17, 2, day_secs % 60);
+    put(20, 9, nanos);
+    Rfc3339(b)
+}
+
+/// A time as RFC 3339 with nanoseconds, in place (see [`rfc3339`]).
+#[derive(Clone, Copy)]
+pub struct Rfc3339([u8; 30]);
+
+impl Rfc3339 {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // ASCII digits and separators only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// Nanoseconds since the Unix epoch of an RFC 3339 time as [`wall_time`]
@@ -291,6 +382,75 @@ mod tests {
     use std::collections::BTreeSet;
     use std::path::Path;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn per_image_derives_once_per_shared_image() {
+        use super::{Image, PerImage};
+        let mut cache = PerImage::new(4);
+        let mut made = 0;
+        let a = Image::new("/a".into(), vec![]);
+        let equal = Image::new("/a".into(), vec![]);
+        let mut get = |c: &mut PerImage<String>, i: &std::sync::Arc<Image>| {
+            c.get(i, |i, v| {
+                made += 1;
+                v.clear();
+                v.push_str(&i.exe);
+            })
+            .clone()
+        };
+        assert_eq!(get(&mut cache, &a), "/a");
+        assert_eq!(get(&mut cache, &a), "/a");
+        // An equal image is another process's: derived anew.
+        assert_eq!(get(&mut cache, &equal), "/a");
+        // Many images through 4 slots: each is right, whatever it evicts.
+        let many: Vec<_> = (0..64)
+            .map(|n| Image::new(format!("/{n}"), vec![]))
+            .collect();
+        for (n, i) in many.iter().enumerate().chain(many.iter().enumerate()) {
+            assert_eq!(get(&mut cache, i), format!("/{n}"));
+        }
+        assert!(made >= 2 + 64, "{made}");
+        // Bounded: the cache holds at most 4 images.
+        assert!(
+            many.iter()
+                .filter(|i| std::sync::Arc::strong_count(i) > 1)
+                .count()
+                <= 4
+        );
+    }
+
+    #[test]
+    fn wall_time_is_humantimes_rfc3339() {
+        let humantime = |ns: i64| {
+            humantime::format_rfc3339_nanos(
+                std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64),
+            )
+            .to_string()
+        };
+        let day = 86_400_000_000_000i64;
+        let mut cases = vec![
+            -5,
+            0,
+            1,
+            999_999_999,
+            1_796_205_600_000_000_123,
+            951_782_400 * 1_000_000_000,         // 2000-02-29
+            4_107_542_400 * 1_000_000_000 - 1,   // 2100-02-28T23:59:59.999999999
+            4_107_542_400 * 1_000_000_000 + day, // 2100-03-02 (no 29th)
+            i64::MAX,
+        ];
+        // Every day of 1969-2100 at a varying time of day.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for d in 0..48_000i64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push(d * day + (x % day as u64) as i64);
+        }
+        for ns in cases {
+            assert_eq!(super::wall_time(ns), humantime(ns), "{ns}");
+        }
+    }
 
     #[test]
     fn event_instant_places_a_stamp_in_the_past() {

@@ -98,6 +98,27 @@ pub struct LoadOptions {
     pub server: Option<ServerAddrs>,
     /// Live processes `churn` keeps (all threads together).
     pub churn_live: usize,
+    /// Spawned programs get this process's environment (under `cargo
+    /// xtask`, cargo's: dozens of variables, and an `LD_LIBRARY_PATH` that
+    /// makes every exec's loader try more directories) instead of only
+    /// [`LOAD_ENV`]'s variables.
+    pub inherit_env: bool,
+}
+
+/// The environment of the programs the load spawns, unless inherited: what
+/// a service's processes typically have.
+pub const LOAD_ENV: &[&str] = &["PATH", "HOME", "LANG"];
+
+/// A command for `program` with the load's environment.
+fn command(program: &Path, inherit_env: bool) -> Command {
+    let mut cmd = Command::new(program);
+    if !inherit_env {
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os().filter(|(k, _)| LOAD_ENV.iter().any(|e| k == e)) {
+            cmd.env(k, v);
+        }
+    }
+    cmd
 }
 
 /// Running load threads.
@@ -223,7 +244,8 @@ fn make_op(
     Ok(match workload {
         Workload::Exec => {
             let program = opts.program.clone();
-            Box::new(move || spawn_wait(Command::new(&program)))
+            let inherit = opts.inherit_env;
+            Box::new(move || spawn_wait(command(&program, inherit)))
         }
         Workload::Connect => {
             let addr = server()?.connect;
@@ -245,7 +267,7 @@ fn make_op(
         Workload::Churn => {
             let sleep =
                 util::which("sleep").context("the churn workload runs `sleep`, not in PATH")?;
-            let mut live = Population::start(&sleep, opts.churn_live / threads)?;
+            let mut live = Population::start(&sleep, opts.churn_live / threads, opts.inherit_env)?;
             Box::new(move || live.replace_oldest())
         }
         Workload::Mixed => {
@@ -259,8 +281,9 @@ fn make_op(
             let cc = util::which("cc").context(
                 "the mixed workload compiles with `cc`, which is not in PATH (apt install gcc)",
             )?;
+            let inherit = opts.inherit_env;
             Box::new(move || {
-                let mut cmd = Command::new(&cc);
+                let mut cmd = command(&cc, inherit);
                 cmd.current_dir(&dir)
                     .args(["-O1", "-c", "unit.c", "-o", "unit.o"]);
                 spawn_wait(cmd)?;
@@ -277,14 +300,16 @@ fn make_op(
 /// dropped.
 struct Population {
     program: PathBuf,
+    inherit_env: bool,
     live: VecDeque<Child>,
 }
 
 impl Population {
     /// Starts `n` processes.
-    fn start(program: &Path, n: usize) -> Result<Self> {
+    fn start(program: &Path, n: usize, inherit_env: bool) -> Result<Self> {
         let mut p = Self {
             program: program.to_path_buf(),
+            inherit_env,
             live: VecDeque::with_capacity(n),
         };
         for _ in 0..n {
@@ -297,7 +322,7 @@ impl Population {
     }
 
     fn spawn(&self) -> std::io::Result<Child> {
-        Command::new(&self.program)
+        command(&self.program, self.inherit_env)
             .arg("3600")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// Program the exec workload spawns.
     #[arg(long, default_value = "/bin/true")]
     pub program: PathBuf,
+    /// The load's programs inherit the benchmark's environment (under
+    /// cargo: cargo's, with dozens of variables and a long
+    /// `LD_LIBRARY_PATH`) instead of only PATH, HOME and LANG.
+    #[arg(long)]
+    pub inherit_env: bool,
     /// Turn on kernel BPF run-time statistics (kernel.bpf_stats_enabled)
     /// during the run and report the kernel time of all the agent's BPF
     /// programs per operation (machine-wide: other activity counts too; the
@@ -112,6 +117,7 @@ pub fn storm_only(seconds: f64, threads: usize, program: &Path) -> Result<()> {
         files: std::env::temp_dir(),
         server: None,
         churn_live: 0,
+        inherit_env: false,
     };
     let storm = Load::start(Workload::Exec, threads, &opts)?;
     let pb = bar(seconds, "storm");
@@ -702,13 +708,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let windows_total = args.workload.len() * args.rounds as usize * arms.len();
 
     println!(
-        "==> bench: workloads {}, {} round(s) of {} windows of {:.0} s ({}); {} load thread(s); results in {}",
+        "==> bench: workloads {}, {} round(s) of {} windows of {:.0} s ({}); {} load thread(s), their programs' environment {}; results in {}",
         args.workload.iter().map(|w| w.name()).collect::<Vec<_>>().join(","),
         args.rounds,
         arms.len(),
         args.window_secs,
         arms.iter().map(Arm::label).collect::<Vec<_>>().join(", "),
         args.threads,
+        if args.inherit_env {
+            format!("inherited ({} variables)", std::env::vars_os().count())
+        } else {
+            load::LOAD_ENV.join(", ")
+        },
         out.display()
     );
     let multi = if console_is_tty() {
@@ -731,6 +742,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             },
             server: server.as_ref().map(|s| s.addrs),
             churn_live: args.churn_live,
+            inherit_env: args.inherit_env,
         },
         probe,
         ship_args: if args.ship {

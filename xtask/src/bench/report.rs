@@ -225,7 +225,7 @@ pub fn window_line(r: &WindowResult) -> String {
 /// The markdown table of a run, with how it was made.
 pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
     let mut t = format!(
-        "`cargo xtask bench --workload {} --rounds {} --window-secs {}{}{}{}{}`, {} CPUs, kernel {}. \
+        "`cargo xtask bench --workload {} --rounds {} --window-secs {}{}{}{}{}{}`, {} CPUs, kernel {}. \
          Ratio: median over rounds of (op/s with the sensor / op/s of the round's no-sensor window), \
          pairs in brackets.\n\n",
         args.workload
@@ -242,6 +242,11 @@ pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
         },
         if args.ship { " --ship" } else { "" },
         if args.bpf_stats { " --bpf-stats" } else { "" },
+        if args.inherit_env {
+            " --inherit-env"
+        } else {
+            ""
+        },
         args.compare
             .iter()
             .map(|c| format!(" --compare '{c}'"))
