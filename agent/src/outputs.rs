@@ -146,7 +146,9 @@ impl Serialize for EventLine<'_> {
     }
 }
 
-/// Writes event lines: byte for byte what [`EventLine`] serializes to
+/// Writes event lines (argv, workloads and the rarer payloads still
+/// through serde_json, the rest by hand): byte for byte what
+/// [`EventLine`] serializes to
 /// (checked for every kind by the tests), made faster on the hot path:
 /// each image's `exe` and `argv` are escaped once for all the lines that
 /// name the process or its descendants, the last workload's JSON is kept,
@@ -161,6 +163,8 @@ pub struct LineWriter {
     workload: Option<(Arc<Workload>, Box<[u8]>)>,
     /// Images' `exe` and `argv` as JSON.
     images: PerImage<ImageJson>,
+    /// The JSON of an image too long to cache.
+    big: ImageJson,
 }
 
 impl Default for LineWriter {
@@ -169,6 +173,7 @@ impl Default for LineWriter {
             scratch: Vec::with_capacity(1024),
             workload: None,
             images: PerImage::new(IMAGE_SLOTS),
+            big: ImageJson::default(),
         }
     }
 }
@@ -240,6 +245,7 @@ impl LineWriter {
             payload => {
                 self.scratch.clear();
                 serde_json::to_writer(&mut self.scratch, payload)?;
+                debug_assert!(self.scratch.starts_with(b"{\"type\":"));
                 if let [b'{', members @ .., b'}'] = &self.scratch[..] {
                     if !members.is_empty() {
                         out.write_all(b",")?;
@@ -252,7 +258,7 @@ impl LineWriter {
         out.write_all(n.format(p.pid).as_bytes())?;
         out.write_all(b",\"ppid\":")?;
         out.write_all(n.format(p.ppid).as_bytes())?;
-        let image = self.images.get(&p.image, ImageJson::fill);
+        let image = self.image_json(&p.image);
         out.write_all(b",\"exe\":")?;
         out.write_all(&image.exe)?;
         out.write_all(b",\"comm\":")?;
@@ -269,7 +275,7 @@ impl LineWriter {
         for (i, a) in ev.ancestry.iter().enumerate() {
             out.write_all(if i == 0 { b"{\"pid\":" } else { b",{\"pid\":" })?;
             out.write_all(n.format(a.pid).as_bytes())?;
-            let image = self.images.get(&a.image, ImageJson::fill);
+            let image = self.image_json(&a.image);
             out.write_all(b",\"exe\":")?;
             out.write_all(&image.exe)?;
             if ancestry_argv {
@@ -278,7 +284,28 @@ impl LineWriter {
             }
             out.write_all(b"}")?;
         }
+        if self.big.argv.capacity() > IMAGE_JSON_MAX * 8 {
+            self.big = ImageJson::default();
+        }
         out.write_all(b"]}\n")
+    }
+
+    /// `image`'s JSON: cached, unless its strings are long (those are made
+    /// for each line in a buffer that is not kept large).
+    fn image_json(&mut self, image: &Arc<Image>) -> &ImageJson {
+        let mut n = image.exe.len();
+        for a in &image.argv {
+            n += a.len() + 3;
+            if n > IMAGE_JSON_MAX {
+                break;
+            }
+        }
+        if n <= IMAGE_JSON_MAX {
+            self.images.get(image, ImageJson::fill)
+        } else {
+            ImageJson::fill(image, &mut self.big);
+            &self.big
+        }
     }
 
     fn workload_json(&mut self, w: &Arc<Workload>) -> std::io::Result<&[u8]> {
@@ -296,6 +323,11 @@ impl LineWriter {
 /// Images whose JSON a [`LineWriter`] keeps: a process, its ancestors and
 /// its siblings' parents, many times over.
 const IMAGE_SLOTS: usize = 256;
+
+/// Images are cached when their strings total at most this many bytes: an
+/// argv may hold 32 KiB, and its JSON up to six times that (`\u00XX`), so
+/// the slots hold at most about 256 x 24 KiB, usually a few KiB in all.
+const IMAGE_JSON_MAX: usize = 4096;
 
 /// An image's `exe` (a JSON string) and `argv` (a JSON array).
 #[derive(Default)]
@@ -424,9 +456,17 @@ mod tests {
     fn the_written_line_is_the_serde_line() {
         use crate::model::fixtures::{enriched, payloads, workloads};
         let mut lines = LineWriter::default();
+        // A process whose command line is too long to cache.
+        let long = Image::new(
+            "/usr/bin/long".into(),
+            vec!["x".repeat(IMAGE_JSON_MAX), "\u{1}\"".into()],
+        );
         for w in workloads() {
-            for p in payloads() {
+            for (i, p) in payloads().into_iter().enumerate() {
                 let mut ev = enriched(p, w.clone());
+                if i % 3 == 0 {
+                    ev.process.image = long.clone();
+                }
                 Arc::make_mut(&mut ev.event).comm = "a\"b\\c\u{1}".into();
                 for argv in [false, true] {
                     let mut want = serde_json::to_vec(&EventLine {

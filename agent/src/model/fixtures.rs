@@ -49,7 +49,7 @@ pub fn enriched(payload: Payload, workload: Workload) -> EnrichedEvent {
             },
             Ancestor {
                 pid: 1,
-                image: Image::new("/sbin/init".into(), Vec::new()),
+                image: Image::new("/sbin/in\"it\\\u{1}".into(), Vec::new()),
             },
         ],
     }
@@ -102,6 +102,10 @@ pub fn payloads() -> Vec<Payload> {
         Payload::Exit {
             exit_code: None,
             signal: Some(9),
+        },
+        Payload::Exit {
+            exit_code: Some(255),
+            signal: Some(31),
         },
         Payload::Connect(Connect {
             protocol: "tcp".into(),
