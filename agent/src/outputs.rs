@@ -137,7 +137,7 @@ impl Serialize for EventLine<'_> {
             ancestry: Ancestry<'a>,
         }
         Line {
-            time: crate::model::rfc3339(self.ev.time_unix_nanos).as_str(),
+            time: rfc3339(self.ev.time_unix_nanos).as_str(),
             event: &self.ev.event,
             process: &self.ev.process,
             ancestry: Ancestry(&self.ev.ancestry, self.ancestry_argv),

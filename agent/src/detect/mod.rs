@@ -21,7 +21,7 @@ use std::time::Instant;
 use lru::LruCache;
 
 use crate::model::event::Payload;
-use crate::model::{boot_ns_now, Detection, EnrichedEvent, Finding, PerImage, Severity};
+use crate::model::{boot_ns_now, wall_time, Detection, EnrichedEvent, Finding, PerImage, Severity};
 use crate::tree::ProcessTree;
 use baseline::Baseline;
 use provenance::ProvenanceState;
@@ -264,13 +264,10 @@ impl DetectEngine {
 
     fn detection(&self, ev: &EnrichedEvent, f: Finding) -> Detection {
         let now_boot = boot_ns_now();
-        let now_wall = (now_boot as i128 + self.wall_offset_ns).max(0) as u64;
+        let now_wall = (now_boot as i128 + self.wall_offset_ns).clamp(0, i64::MAX as i128) as i64;
         Detection {
             time: ev.time(),
-            detected_at: humantime::format_rfc3339_nanos(
-                std::time::UNIX_EPOCH + std::time::Duration::from_nanos(now_wall),
-            )
-            .to_string(),
+            detected_at: wall_time(now_wall),
             latency_ns: now_boot.saturating_sub(ev.event.boot_ns),
             rule: f.rule,
             rule_source: f.source,
