@@ -85,6 +85,8 @@ pub struct Metrics {
     pub tree_unknown_pid: Counter,
     /// Highest ring buffer fill seen by the kernel programs, bytes.
     pub ringbuf_max_fill: Gauge,
+    /// Syscalls whose arguments the kernel holds until their exit.
+    pub syscalls_in_flight: Gauge,
     /// File opens suppressed by de-duplication (in the kernel, and by the
     /// agent for io_uring opens).
     pub file_dedup: Counter,
@@ -314,6 +316,11 @@ impl Metrics {
             "ringbuf_max_fill_bytes",
             "Highest ring buffer fill seen by the kernel programs",
             self.ringbuf_max_fill.clone(),
+        );
+        r.register(
+            "syscalls_in_flight",
+            "Syscalls whose arguments the kernel holds until their exit; stuck above 0 means entries were lost and every syscall exit pays a look-up",
+            self.syscalls_in_flight.clone(),
         );
         r.register(
             "file_dedup",

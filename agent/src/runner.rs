@@ -230,9 +230,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                     save_baseline(&cfg.detect, &mut pipeline);
                     last_save = Instant::now();
                 }
-                if let Ok(stats) = sensor.kernel_stats() {
-                    metrics.update_kernel(&stats);
-                }
+                read_kernel_counters(&sensor, &metrics);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -244,9 +242,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     // buffer and gets resumed by the drains below.
     sensor.stop_freezing();
     drain_all(ring.get_mut(), &mut pipeline);
-    if let Ok(stats) = sensor.kernel_stats() {
-        metrics.update_kernel(&stats);
-    }
+    read_kernel_counters(&sensor, &metrics);
     pipeline.flush();
     save_baseline(&cfg.detect, &mut pipeline);
     // Detaches every program (the ledger map lives on in `ledger`).
@@ -276,6 +272,16 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 }
 
 /// Handles what is in the ring buffer (bounded per call), then flushes.
+/// Folds the kernel's counters and in-flight syscalls into the metrics.
+fn read_kernel_counters(sensor: &crate::sensor::SensorHandle, metrics: &crate::metrics::Metrics) {
+    if let Ok(stats) = sensor.kernel_stats() {
+        metrics.update_kernel(&stats);
+    }
+    if let Ok(n) = sensor.syscalls_in_flight() {
+        metrics.syscalls_in_flight.set(n as i64);
+    }
+}
+
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     drain_up_to(ring, pipeline, DRAIN_BUDGET);
 }

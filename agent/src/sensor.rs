@@ -390,6 +390,7 @@ pub struct Sensor {
     /// The event ring buffer.
     pub ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
+    pending: aya::maps::Array<MapData, u64>,
     alive: aya::maps::Array<MapData, u64>,
     servers: aya::maps::HashMap<MapData, u32, u8>,
     /// One entry per hook.
@@ -417,6 +418,8 @@ impl Sensor {
             freeze_policy,
             deny_policy: opts.deny_policy,
             connect_dedup_ns: opts.connect_dedup_ns,
+            deny_connect: opts.deny_connect as u32,
+            _reserved: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
@@ -476,19 +479,21 @@ impl Sensor {
                         format!("raw_tp/{tp}"),
                         attach_raw(&mut ebpf, hook.program, tp),
                     ),
+                    // The exit first: an entry stashed with no exit to
+                    // take it back would stay in flight for good.
                     Attach::Syscall(sc) => {
                         let r = attach_tp(
                             &mut ebpf,
-                            hook.program,
-                            &format!("sys_enter_{sc}"),
-                            &mut false,
+                            SYS_EXIT_PROGRAM,
+                            &format!("sys_exit_{sc}"),
+                            &mut exit_loaded,
                         )
                         .and_then(|()| {
                             attach_tp(
                                 &mut ebpf,
-                                SYS_EXIT_PROGRAM,
-                                &format!("sys_exit_{sc}"),
-                                &mut exit_loaded,
+                                hook.program,
+                                &format!("sys_enter_{sc}"),
+                                &mut false,
                             )
                         });
                         (format!("syscalls/{sc}"), r)
@@ -653,6 +658,9 @@ impl Sensor {
         for s in opts.freeze_sizes.iter().take(256) {
             sizes.insert(s, 1, 0).context("filling FREEZE_SIZES")?;
         }
+        let pending =
+            aya::maps::Array::try_from(ebpf.take_map("PENDING").context("PENDING map missing")?)
+                .context("PENDING map")?;
         let alive =
             aya::maps::Array::try_from(ebpf.take_map("ALIVE").context("ALIVE map missing")?)
                 .context("ALIVE map")?;
@@ -684,6 +692,7 @@ impl Sensor {
             freeze_enabled,
             ring,
             stats,
+            pending,
             alive,
             servers,
             hooks,
@@ -712,6 +721,7 @@ impl Sensor {
                 _ebpf: self._ebpf,
                 freeze_enabled: self.freeze_enabled,
                 stats: self.stats,
+                pending: self.pending,
                 alive: self.alive,
                 servers: self.servers,
                 hooks: self.hooks,
@@ -726,6 +736,7 @@ pub struct SensorHandle {
     _ebpf: Ebpf,
     freeze_enabled: bool,
     stats: PerCpuArray<MapData, u64>,
+    pending: aya::maps::Array<MapData, u64>,
     alive: aya::maps::Array<MapData, u64>,
     servers: aya::maps::HashMap<MapData, u32, u8>,
     /// One entry per hook.
@@ -779,6 +790,13 @@ impl SensorHandle {
             };
         }
         Ok(out)
+    }
+
+    /// Syscalls whose arguments the kernel holds for their exit: a few at
+    /// any moment. A value that never returns to 0 means entries were lost
+    /// without their exit, and every syscall exit pays a hash look-up again.
+    pub fn syscalls_in_flight(&self) -> anyhow::Result<u64> {
+        Ok(self.pending.get(&0, 0)?)
     }
 }
 

@@ -725,6 +725,12 @@ pub struct SensorConfig {
     /// in between are counted in [`STAT_CONNECT_DEDUP`]. 0 reports every
     /// connect.
     pub connect_dedup_ns: u64,
+    /// 1 when containment may refuse connects: fork and exit then keep the
+    /// `DENY_CONNECT` map (inherited by children, cleared at exit). 0 skips
+    /// its look-ups on every fork and exit.
+    pub deny_connect: u32,
+    /// Zero.
+    pub _reserved: u32,
 }
 
 /// Freeze policy: a shell or downloader (names in the `FREEZE_NAMES` map)
@@ -747,6 +753,8 @@ impl SensorConfig {
             freeze_policy: 0,
             deny_policy: 0,
             connect_dedup_ns: 0,
+            deny_connect: 0,
+            _reserved: 0,
         }
     }
 }

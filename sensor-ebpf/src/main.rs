@@ -13,6 +13,7 @@
 //!   emits.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![allow(clippy::missing_safety_doc)]
 
 // On the host (cargo check/clippy/test of the workspace) this crate is an

@@ -1,12 +1,12 @@
 //! The programs themselves (bpf target only); see the crate docs.
 use core::ffi::c_void;
 
+use aya_ebpf::EbpfContext;
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_probe_read_kernel_str, bpf_probe_read_user_str, bpf_ringbuf_output},
     },
     macros::{cgroup_sock_addr, lsm, map, raw_tracepoint, tracepoint},
@@ -87,6 +87,43 @@ const STASH_UNLINK: u64 = 14;
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0);
+
+/// How many `INFLIGHT` entries their syscall's exit has not taken back
+/// yet. Most syscall exits (every mmap, every read-only open) find nothing
+/// to take: while this is 0 they return without the hash look-up, which
+/// is most of their cost. An entry lost without its exit (evicted,
+/// overwritten) leaves it above 0 for good, which only brings the
+/// look-ups back.
+#[map]
+static PENDING: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Adds `v` (wrapping: `u64::MAX` takes one away) to `PENDING`.
+#[inline(always)]
+fn pending_add(v: u64) {
+    if let Some(p) = PENDING.get_ptr_mut(0) {
+        // An atomic add without fetch (BPF_XADD, every kernel): the bpf
+        // target has no Rust atomics.
+        // SAFETY: a map value, 8-byte aligned, alive while the program runs.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({p} + 0) += {v}",
+                p = in(reg) p,
+                v = in(reg) v,
+                options(nostack),
+            )
+        };
+    }
+}
+
+/// True when no syscall is stashed (see `PENDING`).
+#[inline(always)]
+fn none_pending() -> bool {
+    match PENDING.get_ptr(0) {
+        // SAFETY: a map value.
+        Some(p) => (unsafe { core::ptr::read_volatile(p) }) == 0,
+        None => false,
+    }
+}
 
 /// Processes that listen on an IP socket (set by listen, inherited by fork,
 /// cleared by exec and exit): parents whose children the freeze policy
@@ -207,6 +244,14 @@ fn stat_add(slot: u32, v: u64) {
     }
 }
 
+/// Whether `SERVERS` is kept: only a policy that watches servers'
+/// children reads it, so without one its look-ups on every exec, fork and
+/// exit are skipped.
+#[inline(always)]
+fn servers_kept() -> bool {
+    (cfg!(freeze_policy) | cfg!(deny_policy)) & FREEZE_SERVER_CHILD != 0
+}
+
 #[inline(always)]
 fn ready() -> bool {
     off!(valid) != 0
@@ -233,20 +278,56 @@ fn scratch() -> Option<*mut Scratch> {
 /// pointer whose tgid and start time name the process the record is about).
 #[inline(always)]
 unsafe fn fill_header(h: *mut EventHeader, kind: EventKind, subject: u64) {
+    unsafe { fill_header_for(h, kind, subject_of(subject)) }
+}
+
+/// The process a record is about: its tgid and its leader's start time.
+#[derive(Clone, Copy)]
+struct Subject {
+    tgid: u32,
+    start_boot_ns: u64,
+}
+
+/// [`Subject`] of a task_struct pointer. The current task's tgid comes
+/// from the helper, not from a kernel read.
+#[inline(always)]
+unsafe fn subject_of(task: u64) -> Subject {
+    unsafe {
+        let leader: u64 = rd(task, off!(task_group_leader)).unwrap_or(task);
+        let current = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let tgid = if task == bpf_get_current_task() {
+            current
+        } else {
+            rd(task, off!(task_tgid)).unwrap_or(current)
+        };
+        Subject {
+            tgid,
+            start_boot_ns: rd(leader, off!(task_start_boottime)).unwrap_or(0),
+        }
+    }
+}
+
+/// [`fill_header`] for a subject already read.
+#[inline(always)]
+unsafe fn fill_header_for(h: *mut EventHeader, kind: EventKind, who: Subject) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let leader: u64 = unsafe { rd(subject, off!(task_group_leader)) }.unwrap_or(subject);
     unsafe {
         (*h).kind = kind as u32;
         (*h).size = 0;
         (*h).boot_ns = bpf_ktime_get_boot_ns();
         (*h).pid = pid_tgid as u32;
-        (*h).tgid = rd(subject, off!(task_tgid)).unwrap_or((pid_tgid >> 32) as u32);
+        (*h).tgid = who.tgid;
         (*h).uid = uid_gid as u32;
         (*h).gid = (uid_gid >> 32) as u32;
-        (*h).start_boot_ns = rd(leader, off!(task_start_boottime)).unwrap_or(0);
+        (*h).start_boot_ns = who.start_boot_ns;
         (*h).cgroup_id = bpf_get_current_cgroup_id();
-        (*h).comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
+        // Straight into the record: the helper pads with NULs, and zeroes
+        // the buffer when it fails (no stack copy to clear first).
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            core::ptr::addr_of_mut!((*h).comm) as *mut c_void,
+            TASK_COMM_LEN as u32,
+        );
     }
 }
 
@@ -312,15 +393,13 @@ unsafe fn walk_path(s: *mut Scratch, dst: *mut u8, dentry: u64, vfsmnt: u64) -> 
     let mut vfs = vfsmnt;
     let mnt_off = off!(mount_mnt);
     let mut mnt = vfsmnt.wrapping_sub(mnt_off);
+    // Read once per mount (again after each crossing), not per name.
+    let Ok(mut mnt_root) = (unsafe { rd::<u64>(vfs, off!(vfsmount_mnt_root)) }) else {
+        return (0, flags);
+    };
     let mut i = 0u32;
     while i < PATH_MAX_DEPTH {
         i += 1;
-        let Ok(mnt_root) = (unsafe { rd::<u64>(vfs, off!(vfsmount_mnt_root)) }) else {
-            break;
-        };
-        let Ok(parent) = (unsafe { rd::<u64>(d, off!(dentry_d_parent)) }) else {
-            break;
-        };
         if d == mnt_root {
             // Root of this mount: cross to the mount point in the parent mount.
             let Ok(mparent) = (unsafe { rd::<u64>(mnt, off!(mount_mnt_parent)) }) else {
@@ -335,8 +414,15 @@ unsafe fn walk_path(s: *mut Scratch, dst: *mut u8, dentry: u64, vfsmnt: u64) -> 
             d = mp;
             mnt = mparent;
             vfs = mparent + mnt_off;
+            let Ok(r) = (unsafe { rd::<u64>(vfs, off!(vfsmount_mnt_root)) }) else {
+                break;
+            };
+            mnt_root = r;
             continue;
         }
+        let Ok(parent) = (unsafe { rd::<u64>(d, off!(dentry_d_parent)) }) else {
+            break;
+        };
         let off = unsafe { core::ptr::read_volatile(cursor) };
         if off > (PATH_MAX_BYTES - NAME_MAX_BUF) as u64 {
             flags |= FLAG_PATH_TRUNCATED;
@@ -371,24 +457,34 @@ unsafe fn walk_path(s: *mut Scratch, dst: *mut u8, dentry: u64, vfsmnt: u64) -> 
     (unsafe { core::ptr::read_volatile(cursor) }, flags)
 }
 
-/// The struct file for `fd` in `task`'s fd table.
+/// `task`'s fd table: (the `struct file *` array, its length).
 #[inline(always)]
-unsafe fn fd_file(task: u64, fd: u64) -> Option<u64> {
+unsafe fn fd_table(task: u64) -> Option<(u64, u64)> {
     unsafe {
         let files: u64 = rd(task, off!(task_files)).ok()?;
         let fdt: u64 = rd(files, off!(files_fdt)).ok()?;
         let max: u32 = rd(fdt, off!(fdtable_max_fds)).ok()?;
-        if fd >= max as u64 {
-            return None;
-        }
         let arr: u64 = rd(fdt, off!(fdtable_fd)).ok()?;
-        let file: u64 = rd(arr, fd * 8).ok()?;
-        if file == 0 {
-            None
-        } else {
-            Some(file)
-        }
+        Some((arr, max as u64))
     }
+}
+
+/// The struct file at `fd` of an fd table from [`fd_table`].
+#[inline(always)]
+unsafe fn table_file((arr, max): (u64, u64), fd: u64) -> Option<u64> {
+    if fd >= max {
+        return None;
+    }
+    match unsafe { rd::<u64>(arr, fd * 8) } {
+        Ok(file) if file != 0 => Some(file),
+        _ => None,
+    }
+}
+
+/// The struct file for `fd` in `task`'s fd table.
+#[inline(always)]
+unsafe fn fd_file(task: u64, fd: u64) -> Option<u64> {
+    unsafe { table_file(fd_table(task)?, fd) }
 }
 
 #[inline(always)]
@@ -592,12 +688,14 @@ unsafe fn stdio_kinds(task: u64, e: *mut ExecEvent) {
         let ino = &mut (*e).stdio_ino;
         let dev = &mut (*e).stdio_dev;
         (*e)._reserved = 0;
+        // The table once for the three.
+        let table = fd_table(task).unwrap_or((0, 0));
         for fd in 0..3usize {
             mode[fd] = 0;
             family[fd] = 0;
             ino[fd] = 0;
             dev[fd] = 0;
-            let Some(file) = fd_file(task, fd as u64) else {
+            let Some(file) = table_file(table, fd as u64) else {
                 continue;
             };
             let inode: u64 = rd(file, off!(file_f_inode)).unwrap_or(0);
@@ -702,11 +800,12 @@ unsafe fn on_exec(task: u64, bprm: u64) {
         fill_header(&mut (*e).hdr, EventKind::Exec, task);
         let parent: u64 = rd(task, off!(task_real_parent)).unwrap_or(0);
         (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
-        let parent_serves = SERVERS.get_ptr(&(*e).ppid).is_some();
+        let servers = servers_kept();
+        let parent_serves = servers && SERVERS.get_ptr(&(*e).ppid).is_some();
         // A new program is not the server its parent image was. (Looked up
         // first: an LRU delete takes the map's lock, and most execs are not
         // of servers.)
-        if SERVERS.get_ptr(&tgid).is_some() {
+        if servers && SERVERS.get_ptr(&tgid).is_some() {
             let _ = SERVERS.remove(&tgid);
         }
         let cred: u64 = rd(task, off!(task_cred)).unwrap_or(0);
@@ -968,15 +1067,20 @@ unsafe fn on_fork(child: u64) {
         }
         let Some(s) = scratch() else { return };
         let e: *mut ForkEvent = fixed(s);
-        fill_header(&mut (*e).hdr, EventKind::Fork, child);
+        // A new process (not a thread) leads its own group.
+        let who = Subject {
+            tgid: ctgid,
+            start_boot_ns: rd(child, off!(task_start_boottime)).unwrap_or(0),
+        };
+        fill_header_for(&mut (*e).hdr, EventKind::Fork, who);
         let parent: u64 = rd(child, off!(task_real_parent)).unwrap_or(0);
         (*e).ppid = rd(parent, off!(task_tgid)).unwrap_or(0);
         (*e)._reserved = 0;
         let me = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if SERVERS.get_ptr(&me).is_some() {
+        if servers_kept() && SERVERS.get_ptr(&me).is_some() {
             let _ = SERVERS.insert(&ctgid, &1u8, 0);
         }
-        if DENY_CONNECT.get_ptr(&me).is_some() {
+        if cfg!(deny_connect) != 0 && DENY_CONNECT.get_ptr(&me).is_some() {
             let _ = DENY_CONNECT.insert(&ctgid, &1u8, 0);
         }
         emit(s, EventKind::Fork, core::mem::size_of::<ForkEvent>(), 0);
@@ -1051,10 +1155,10 @@ unsafe fn on_exit(task: u64) {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // Looked up before the delete, which takes a bucket lock: few
         // processes are servers or denied connects.
-        if SERVERS.get_ptr(&tgid).is_some() {
+        if servers_kept() && SERVERS.get_ptr(&tgid).is_some() {
             let _ = SERVERS.remove(&tgid);
         }
-        if DENY_CONNECT.get_ptr(&tgid).is_some() {
+        if cfg!(deny_connect) != 0 && DENY_CONNECT.get_ptr(&tgid).is_some() {
             let _ = DENY_CONNECT.remove(&tgid);
         }
         if is_agent(tgid) {
@@ -1071,9 +1175,18 @@ unsafe fn on_exit(task: u64) {
 
 // ---- syscall entry: filter and stash ------------------------------------------
 
+/// Syscall argument `n` of a `sys_enter_*` record. A tracepoint's record
+/// is the program's context: one direct load, not a helper call (the
+/// verifier bounds the offset by the record).
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+    ctx_u64(ctx, 16 + 8 * n)
+}
+
+#[inline(always)]
+fn ctx_u64(ctx: &TracePointContext, off: usize) -> u64 {
+    // SAFETY: `off` is a constant within the record (args start at 16).
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(off) as *const u64) }
 }
 
 #[inline(always)]
@@ -1087,6 +1200,8 @@ fn stash(kind: u64, args: [u64; 4]) {
     }
     if INFLIGHT.insert(&id, &Stash { kind, args }, 0).is_err() {
         stat_add(STAT_STASH_FULL, 1);
+    } else {
+        pending_add(1);
     }
 }
 
@@ -1444,12 +1559,17 @@ pub fn vigil_enter_pkey_mprotect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
 pub fn vigil_sys_exit(ctx: TracePointContext) -> u32 {
+    if none_pending() {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     let Some(st) = (unsafe { INFLIGHT.get(&id) }).copied() else {
         return 0;
     };
-    let _ = INFLIGHT.remove(&id);
-    let ret: i64 = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+    if INFLIGHT.remove(&id).is_ok() {
+        pending_add(u64::MAX);
+    }
+    let ret = ctx_u64(&ctx, 16) as i64;
     let task = unsafe { bpf_get_current_task() };
     unsafe {
         match st.kind {
@@ -1521,11 +1641,11 @@ unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
         let ino: u64 = rd(inode, off!(inode_i_ino)).unwrap_or(0);
         let sb: u64 = rd(inode, off!(inode_i_sb)).unwrap_or(0);
         let dev: u32 = rd(sb, off!(sb_s_dev)).unwrap_or(0);
-        let leader: u64 = rd(task, off!(task_group_leader)).unwrap_or(task);
+        let who = subject_of(task);
         let key = FileKey {
-            start_boot_ns: rd(leader, off!(task_start_boottime)).unwrap_or(0),
+            start_boot_ns: who.start_boot_ns,
             ino,
-            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            tgid: who.tgid,
             dev,
             generation: rd(inode, off!(inode_i_generation)).unwrap_or(0),
             inode_lo: inode as u32,
@@ -1541,7 +1661,7 @@ unsafe fn emit_open(task: u64, file: u64, open_flags: u64) {
         }
         let Some(s) = scratch() else { return };
         let e: *mut FileOpenEvent = fixed(s);
-        fill_header(&mut (*e).hdr, EventKind::FileOpen, task);
+        fill_header_for(&mut (*e).hdr, EventKind::FileOpen, who);
         (*e).open_flags = open_flags as u32;
         (*e).ino = ino;
         (*e).dev = dev;
@@ -1987,8 +2107,10 @@ unsafe fn on_listen(task: u64, ret: i64, fd: u64) {
         if family != AF_INET && family != AF_INET6 {
             return;
         }
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let _ = SERVERS.insert(&tgid, &1u8, 0);
+        if servers_kept() {
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            let _ = SERVERS.insert(&tgid, &1u8, 0);
+        }
         let Some(s) = scratch() else { return };
         let e: *mut ListenEvent = fixed(s);
         fill_header(&mut (*e).hdr, EventKind::Listen, task);
@@ -2033,7 +2155,10 @@ fn observe_sock_addr<const V6: bool>(ctx: &SockAddrContext, flags: u16) -> i32 {
     // The syscall's exit reports it (for a sendmmsg, only its first
     // message: the others are reported here, the first one twice within
     // the de-duplication window, so once).
-    if let Some(st) = unsafe { INFLIGHT.get(&id) } {
+    if let Some(st) = (!none_pending())
+        .then(|| unsafe { INFLIGHT.get(&id) })
+        .flatten()
+    {
         if st.kind == STASH_CONNECT || (st.kind == STASH_SEND && st.args[3] == 0) {
             return 1;
         }

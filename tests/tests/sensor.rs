@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vigil_tests::{marker, Agent, EventExt};
@@ -199,6 +199,57 @@ fn file_write_is_reported_once_per_process_and_file() {
     agent.expect_event("second writer", |e| {
         e.kind() == "file_open" && e.str_of("path") == p && e.pid() != me
     });
+}
+
+/// The syscall exit program skips its look-up while no syscall is
+/// stashed (`PENDING` is 0): every stash must be taken back by its exit,
+/// or the count stays up. Write opens, chmods, renames and unlinks of
+/// files that matter, each stashed at its entry, from a shell; then the
+/// in-flight gauge must come back to 0 while the events are all there.
+#[test]
+fn every_stashed_syscall_is_taken_back_at_its_exit() {
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let m = marker("inflight");
+    let d = dir.path().display();
+    let status = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{d}' && i=0; while [ $i -lt 200 ]; do echo x > {m}-$i.log; \
+             chmod 700 {m}-$i.log; mv {m}-$i.log {m}-r$i.log; i=$((i+1)); done; \
+             rm {m}-r*.log"
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let last = format!("{d}/{m}-199.log");
+    agent.expect_event("the last write open", |e| {
+        e.kind() == "file_open" && e.str_of("path") == last
+    });
+    let opens = agent
+        .events()
+        .iter()
+        .filter(|e| e.kind() == "file_open" && e.str_of("path").contains(&m))
+        .count();
+    assert_eq!(opens, 200, "every write open reported");
+    // Other tests' processes run syscalls too: wait for a moment with none
+    // in flight (published by the 1 s housekeeping tick).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = agent.metric("vigil_syscalls_in_flight");
+        if n == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} syscalls still in flight long after the load: stashes lost without their exit"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        agent.metrics().contains("vigil_syscalls_in_flight 0"),
+        "the gauge is exposed"
+    );
 }
 
 #[test]

@@ -279,6 +279,18 @@ enum Cmd {
         threads: usize,
     },
 
+    /// One HTTP GET, printed (internal: `bench` scrapes the agent through
+    /// it, from a process that is not the load's)
+    #[command(hide = true)]
+    BenchGet {
+        /// host:port.
+        addr: std::net::SocketAddr,
+        /// Path, e.g. /metrics.
+        path: String,
+        /// Bound on the whole exchange.
+        timeout_ms: u64,
+    },
+
     /// Run only the exec-storm generator (no agent, no build)
     ///
     /// For calibrating the machine or checking the benchmark's plumbing.
@@ -329,6 +341,11 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::BenchServe { threads } => bench::serve(threads),
+        Cmd::BenchGet {
+            addr,
+            path,
+            timeout_ms,
+        } => prom::bench_get(addr, &path, timeout_ms),
         Cmd::Image(args) => image::image(args),
         Cmd::DeployCheck => deploy::deploy_check(),
         Cmd::PodRun => podrun::pod_run(),

@@ -7,6 +7,45 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// [`http_get`] from a child process (`xtask bench-get`), so that the
+/// connect is not this process's: the benchmark's load runs in this
+/// process, and a workload that connected out is one whose file writes
+/// the agent's provenance tracks (as it would not track a service's that
+/// never talks to the agent; Prometheus scrapes from elsewhere).
+pub fn http_get_apart(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let out = std::process::Command::new(exe)
+        .args(["bench-get", &addr.to_string(), path])
+        .arg(timeout.as_millis().to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running xtask bench-get")?;
+    if !out.status.success() {
+        bail!(
+            "GET http://{addr}{path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8(out.stdout).context("bench-get printed non-UTF-8")?;
+    let (code, body) = text
+        .split_once('\n')
+        .context("bench-get printed no status line")?;
+    Ok((
+        code.trim().parse().context("bench-get's status line")?,
+        body.to_string(),
+    ))
+}
+
+/// `xtask bench-get ADDR PATH TIMEOUT_MS`: prints the status code on one
+/// line, then the body.
+pub fn bench_get(addr: SocketAddr, path: &str, timeout_ms: u64) -> Result<()> {
+    let (code, body) = http_get(addr, path, Duration::from_millis(timeout_ms))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{code}")?;
+    out.write_all(body.as_bytes())?;
+    Ok(())
+}
+
 /// `GET path` on `addr`; returns (status code, body). Every step is bounded
 /// by `timeout` (connect, each read/write, and the whole exchange).
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
@@ -211,7 +250,7 @@ impl Scrape {
 
 /// Scrapes `http://addr/metrics`.
 pub fn scrape(addr: SocketAddr, timeout: Duration) -> Result<Scrape> {
-    let (code, body) = http_get(addr, "/metrics", timeout)?;
+    let (code, body) = http_get_apart(addr, "/metrics", timeout)?;
     if code != 200 {
         bail!("GET http://{addr}/metrics answered {code}");
     }

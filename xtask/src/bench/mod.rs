@@ -306,7 +306,9 @@ impl Agent {
             if util::interrupted() {
                 bail!("interrupted");
             }
-            if let Ok((200, _)) = prom::http_get(self.addr, "/metrics", Duration::from_secs(1)) {
+            if let Ok((200, _)) =
+                prom::http_get_apart(self.addr, "/metrics", Duration::from_secs(1))
+            {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > READY_TIMEOUT {
