@@ -319,7 +319,7 @@ impl Metrics {
         );
         r.register(
             "syscalls_in_flight",
-            "Syscalls whose arguments the kernel holds until their exit; stuck above 0 means entries were lost and every syscall exit pays a look-up",
+            "Syscalls whose arguments the kernel holds until their exit; above 0 while nothing blocks in such a syscall means entries were lost and every syscall exit pays a look-up again",
             self.syscalls_in_flight.clone(),
         );
         r.register(

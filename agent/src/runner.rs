@@ -271,7 +271,6 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Handles what is in the ring buffer (bounded per call), then flushes.
 /// Folds the kernel's counters and in-flight syscalls into the metrics.
 fn read_kernel_counters(sensor: &crate::sensor::SensorHandle, metrics: &crate::metrics::Metrics) {
     if let Ok(stats) = sensor.kernel_stats() {
@@ -282,6 +281,7 @@ fn read_kernel_counters(sensor: &crate::sensor::SensorHandle, metrics: &crate::m
     }
 }
 
+/// Handles what is in the ring buffer (bounded per call), then flushes.
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     drain_up_to(ring, pipeline, DRAIN_BUDGET);
 }

@@ -431,6 +431,7 @@ impl Sensor {
                 true,
             )
             .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("INFLIGHT", inflight_entries())
             .load(SENSOR_OBJ)
             .context("loading the eBPF object")?;
 
@@ -798,6 +799,15 @@ impl SensorHandle {
     pub fn syscalls_in_flight(&self) -> anyhow::Result<u64> {
         Ok(self.pending.get(&0, 0)?)
     }
+}
+
+/// `INFLIGHT`'s size. The kernel's LRU hands each CPU up to 128 free
+/// entries of its own, so with a fixed size a host with many CPUs would
+/// evict live stashes (lost events, and `PENDING` kept above 0): 256 per
+/// possible CPU, at least the object's 16384.
+fn inflight_entries() -> u32 {
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+    cpus.saturating_mul(256).max(16384)
 }
 
 /// Loads a program, again when the verifier was interrupted: it gives up

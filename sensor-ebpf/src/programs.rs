@@ -3,7 +3,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_EXIST, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -127,7 +127,7 @@ fn none_pending() -> bool {
 
 /// Processes that listen on an IP socket (set by listen, inherited by fork,
 /// cleared by exec and exit): parents whose children the freeze policy
-/// watches.
+/// watches. Kept only while a policy watches them (`servers_kept`).
 #[map]
 static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
 
@@ -1176,8 +1176,9 @@ unsafe fn on_exit(task: u64) {
 // ---- syscall entry: filter and stash ------------------------------------------
 
 /// Syscall argument `n` of a `sys_enter_*` record. A tracepoint's record
-/// is the program's context: one direct load, not a helper call (the
-/// verifier bounds the offset by the record).
+/// is the program's context: one direct load, not a helper call. An
+/// offset past a syscall's record makes the attach fail (EACCES), it
+/// cannot read beyond it.
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     ctx_u64(ctx, 16 + 8 * n)
@@ -1198,10 +1199,13 @@ fn stash(kind: u64, args: [u64; 4]) {
     if is_agent((id >> 32) as u32) {
         return;
     }
-    if INFLIGHT.insert(&id, &Stash { kind, args }, 0).is_err() {
-        stat_add(STAT_STASH_FULL, 1);
-    } else {
+    let st = Stash { kind, args };
+    // Counted only when new: an entry left over from a lost exit is
+    // replaced without counting it twice.
+    if INFLIGHT.insert(&id, &st, BPF_NOEXIST as u64).is_ok() {
         pending_add(1);
+    } else if INFLIGHT.insert(&id, &st, BPF_EXIST as u64).is_err() {
+        stat_add(STAT_STASH_FULL, 1);
     }
 }
 
