@@ -91,9 +91,9 @@ static INFLIGHT: LruHashMap<u64, Stash> = LruHashMap::with_max_entries(16384, 0)
 /// How many `INFLIGHT` entries their syscall's exit has not taken back
 /// yet. Most syscall exits (every mmap, every read-only open) find nothing
 /// to take: while this is 0 they return without the hash look-up, which
-/// is most of their cost. An entry lost without its exit (evicted,
-/// overwritten) leaves it above 0 for good, which only brings the
-/// look-ups back.
+/// is most of their cost. An entry lost without its exit (evicted by the
+/// LRU) leaves it above 0 for good, which only brings the look-ups back;
+/// one replaced by a later stash of its thread is not counted again.
 #[map]
 static PENDING: Array<u64> = Array::with_max_entries(1, 0);
 
