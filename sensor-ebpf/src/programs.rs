@@ -128,8 +128,15 @@ fn none_pending() -> bool {
 /// Processes that listen on an IP socket (set by listen, inherited by fork,
 /// cleared by exec and exit): parents whose children the freeze policy
 /// watches. Kept only while a policy watches them (`servers_kept`).
+/// Looked up on every exec (twice), fork and exit, mostly for a pid it
+/// does not hold, so each look-up touches a random bucket: 16384 entries
+/// keep the bucket array at 256 KiB (1 MiB at 65536), closer to the
+/// cache. It holds listeners and their forked children that have not run
+/// another program yet; the LRU drops the least used past that, and a
+/// child of a dropped server is then judged after it runs (userspace
+/// detection) instead of frozen at its exec.
 #[map]
-static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(65536, 0);
+static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Program base names the freeze policy stops when a server starts them.
 #[map]
@@ -310,12 +317,18 @@ unsafe fn subject_of(task: u64) -> Subject {
 /// [`fill_header`] for a subject already read.
 #[inline(always)]
 unsafe fn fill_header_for(h: *mut EventHeader, kind: EventKind, who: Subject) {
+    unsafe { fill_header_at(h, kind, who, bpf_ktime_get_boot_ns()) }
+}
+
+/// [`fill_header_for`] with the event's time already read.
+#[inline(always)]
+unsafe fn fill_header_at(h: *mut EventHeader, kind: EventKind, who: Subject, boot_ns: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     unsafe {
         (*h).kind = kind as u32;
         (*h).size = 0;
-        (*h).boot_ns = bpf_ktime_get_boot_ns();
+        (*h).boot_ns = boot_ns;
         (*h).pid = pid_tgid as u32;
         (*h).tgid = who.tgid;
         (*h).uid = uid_gid as u32;
@@ -1105,10 +1118,14 @@ pub fn vigil_task_rename(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 unsafe fn on_rename_task(task: u64, comm: u64) {
     unsafe {
-        let pid: u32 = rd(task, off!(task_pid)).unwrap_or(0);
-        let tgid: u32 = rd(task, off!(task_tgid)).unwrap_or(1);
+        // A task renaming itself (no kernel read: the helpers name the
+        // current task), and the process's main thread.
+        if task != bpf_get_current_task() {
+            return;
+        }
         let me = bpf_get_current_pid_tgid();
-        if pid != tgid || me as u32 != pid || is_agent(tgid) {
+        let tgid = (me >> 32) as u32;
+        if me as u32 != tgid || is_agent(tgid) {
             return;
         }
         // Not kernel threads (no mm), and not the rename every exec does
@@ -1337,12 +1354,55 @@ pub fn vigil_enter_utime(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn vigil_enter_connect(ctx: TracePointContext) -> u32 {
-    let addr = arg(&ctx, 1);
-    let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
-    if family == AF_INET || family == AF_INET6 {
-        stash(STASH_CONNECT, [arg(&ctx, 0), addr, arg(&ctx, 2), 0]);
-    }
+    stash_dest(STASH_CONNECT, arg(&ctx, 0), arg(&ctx, 1), false);
     0
+}
+
+/// An IPv4/IPv6 destination from the caller's `struct sockaddr` at `addr`:
+/// (family, port in network order, address; IPv4 in the first 4 bytes).
+/// The family, port and IPv4 address in one 8-byte read.
+#[inline(always)]
+unsafe fn user_sockaddr(addr: u64) -> Option<(u16, u16, [u8; 16])> {
+    let head: u64 = unsafe { bpf_probe_read_user(addr as *const u64) }.ok()?;
+    let family = head as u16;
+    let port = (head >> 16) as u16;
+    let daddr = if family == AF_INET {
+        let v = ((head >> 32) as u32).to_ne_bytes();
+        [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    } else if family == AF_INET6 {
+        unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.unwrap_or([0; 16])
+    } else {
+        return None;
+    };
+    Some((family, port, daddr))
+}
+
+/// Stashes a connect or send to an IPv4/IPv6 address given with the call:
+/// the destination is read here, at the syscall's entry, once (the exit
+/// would read the caller's memory again, which another thread may have
+/// changed by then). `[fd | batch << 32, family | port << 16, address]`.
+#[inline(always)]
+fn stash_dest(kind: u64, fd: u64, addr: u64, batch: bool) {
+    if addr == 0 {
+        return;
+    }
+    if let Some((family, port, daddr)) = unsafe { user_sockaddr(addr) } {
+        let lo = u64::from_ne_bytes([
+            daddr[0], daddr[1], daddr[2], daddr[3], daddr[4], daddr[5], daddr[6], daddr[7],
+        ]);
+        let hi = u64::from_ne_bytes([
+            daddr[8], daddr[9], daddr[10], daddr[11], daddr[12], daddr[13], daddr[14], daddr[15],
+        ]);
+        stash(
+            kind,
+            [
+                (fd & 0xffff_ffff) | (batch as u64) << 32,
+                family as u64 | (port as u64) << 16,
+                lo,
+                hi,
+            ],
+        );
+    }
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_listen")]
@@ -1358,13 +1418,7 @@ pub fn vigil_enter_listen(ctx: TracePointContext) -> u32 {
 /// cgroup observers report every message, see [`observe_sock_addr`]).
 #[inline(always)]
 fn stash_send(fd: u64, addr: u64, batch: bool) {
-    if addr == 0 {
-        return;
-    }
-    let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
-    if family == AF_INET || family == AF_INET6 {
-        stash(STASH_SEND, [fd, addr, 0, batch as u64]);
-    }
+    stash_dest(STASH_SEND, fd, addr, batch);
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_sendto")]
@@ -1884,16 +1938,16 @@ unsafe fn on_exec_mem(task: u64, ret: i64, a: &[u64; 4]) {
 #[inline(always)]
 unsafe fn on_connect(task: u64, ret: i64, a: &[u64; 4], flags: u16) {
     unsafe {
-        let addr = a[1];
-        let family: u16 = bpf_probe_read_user(addr as *const u16).unwrap_or(0);
-        let port: u16 = bpf_probe_read_user((addr + 2) as *const u16).unwrap_or(0);
-        let daddr = if family == AF_INET {
-            let v: [u8; 4] = bpf_probe_read_user((addr + 4) as *const [u8; 4]).unwrap_or([0; 4]);
-            [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-        } else {
-            bpf_probe_read_user((addr + 8) as *const [u8; 16]).unwrap_or([0; 16])
-        };
-        let sock: u64 = match fd_file(task, a[0]) {
+        // As stashed by `stash_dest`.
+        let family = a[1] as u16;
+        let port = (a[1] >> 16) as u16;
+        let lo = a[2].to_ne_bytes();
+        let hi = a[3].to_ne_bytes();
+        let daddr = [
+            lo[0], lo[1], lo[2], lo[3], lo[4], lo[5], lo[6], lo[7], hi[0], hi[1], hi[2], hi[3],
+            hi[4], hi[5], hi[6], hi[7],
+        ];
+        let sock: u64 = match fd_file(task, a[0] & 0xffff_ffff) {
             Some(file) => rd(file, off!(file_private_data)).unwrap_or(0),
             None => 0,
         };
@@ -1937,11 +1991,27 @@ unsafe fn emit_connect(
     (sock_type, protocol): (u16, u16),
 ) {
     unsafe {
+        // The de-duplication first: most connects of a busy process repeat
+        // one, and need neither the record nor the socket's other fields.
+        let who = subject_of(task);
+        let protocol = if sk != 0 {
+            rd(sk, off!(sk_protocol)).unwrap_or(0)
+        } else {
+            protocol
+        };
+        let dport = u16::from_be(port);
+        // EINPROGRESS (non-blocking) is not a failure.
+        let failed = ret < 0 && ret != -115;
+        let now = bpf_ktime_get_boot_ns();
+        if connect_repeated(who, family, dport, &daddr, protocol as u8, failed, now) {
+            stat_add(STAT_CONNECT_DEDUP, 1);
+            return;
+        }
         let Some(s) = scratch() else { return };
         let e: *mut ConnectEvent = fixed(s);
-        fill_header(&mut (*e).hdr, EventKind::Connect, task);
+        fill_header_at(&mut (*e).hdr, EventKind::Connect, who, now);
         (*e).family = family;
-        (*e).dport = u16::from_be(port);
+        (*e).dport = dport;
         (*e).ret = ret;
         (*e).daddr = daddr;
         (*e).saddr = [0u8; 16];
@@ -1951,7 +2021,6 @@ unsafe fn emit_connect(
         (*e).flags = flags;
         if sk != 0 {
             (*e).sock_type = rd(sk, off!(sk_type)).unwrap_or(0);
-            (*e).protocol = rd(sk, off!(sk_protocol)).unwrap_or(0);
             (*e).sport = rd(sk, off!(sk_num)).unwrap_or(0);
             if family == AF_INET {
                 let v: [u8; 4] = rd(sk, off!(sk_rcv_saddr)).unwrap_or([0; 4]);
@@ -1959,19 +2028,6 @@ unsafe fn emit_connect(
             } else {
                 (*e).saddr = rd(sk, off!(sk_v6_rcv_saddr)).unwrap_or([0; 16]);
             }
-        }
-        // EINPROGRESS (non-blocking) is not a failure.
-        let failed = ret < 0 && ret != -115;
-        if connect_repeated(
-            task,
-            family,
-            (*e).dport,
-            &daddr,
-            (*e).protocol as u8,
-            failed,
-        ) {
-            stat_add(STAT_CONNECT_DEDUP, 1);
-            return;
         }
         emit(
             s,
@@ -1983,44 +2039,44 @@ unsafe fn emit_connect(
 }
 
 /// Whether this process reported a connect to this destination (with the
-/// same outcome) within the de-duplication window; records this one when
-/// not.
+/// same outcome) within the de-duplication window; records this one (at
+/// `now`) when not.
 #[inline(always)]
 unsafe fn connect_repeated(
-    task: u64,
+    who: Subject,
     family: u16,
     dport: u16,
     daddr: &[u8; 16],
     protocol: u8,
     failed: bool,
+    now: u64,
 ) -> bool {
     let window = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(CONFIG.connect_dedup_ns)) };
     if window == 0 {
         return false;
     }
-    unsafe {
-        let leader: u64 = rd(task, off!(task_group_leader)).unwrap_or(task);
-        let key = ConnectKey {
-            start_boot_ns: rd(leader, off!(task_start_boottime)).unwrap_or(0),
-            daddr: *daddr,
-            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            dport,
-            family: family as u8,
-            failed: failed as u8,
-            protocol,
-            pad: [0; 7],
-        };
-        let now = bpf_ktime_get_boot_ns();
-        if let Some(last) = CONNECT_SEEN.get_ptr_mut(&key) {
+    let key = ConnectKey {
+        start_boot_ns: who.start_boot_ns,
+        daddr: *daddr,
+        tgid: who.tgid,
+        dport,
+        family: family as u8,
+        failed: failed as u8,
+        protocol,
+        pad: [0; 7],
+    };
+    if let Some(last) = CONNECT_SEEN.get_ptr_mut(&key) {
+        // SAFETY: a map value, alive while the program runs.
+        unsafe {
             if now.wrapping_sub(*last) < window {
                 return true;
             }
             *last = now;
-            return false;
         }
-        let _ = CONNECT_SEEN.insert(&key, &now, 0);
-        false
+        return false;
     }
+    let _ = CONNECT_SEEN.insert(&key, &now, 0);
+    false
 }
 
 // ---- BPF LSM alternatives (kernels with BPF LSM; chosen at load) ------------
@@ -2163,7 +2219,7 @@ fn observe_sock_addr<const V6: bool>(ctx: &SockAddrContext, flags: u16) -> i32 {
         .then(|| unsafe { INFLIGHT.get(&id) })
         .flatten()
     {
-        if st.kind == STASH_CONNECT || (st.kind == STASH_SEND && st.args[3] == 0) {
+        if st.kind == STASH_CONNECT || (st.kind == STASH_SEND && st.args[0] >> 32 == 0) {
             return 1;
         }
     }
