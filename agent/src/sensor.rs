@@ -431,7 +431,8 @@ impl Sensor {
                 true,
             )
             .map_max_entries("EVENTS", opts.ring_bytes)
-            .map_max_entries("INFLIGHT", inflight_entries())
+            .map_max_entries("INFLIGHT", lru_entries())
+            .map_max_entries("SERVERS", lru_entries())
             .load(SENSOR_OBJ)
             .context("loading the eBPF object")?;
 
@@ -801,11 +802,13 @@ impl SensorHandle {
     }
 }
 
-/// `INFLIGHT`'s size. The kernel's LRU hands each CPU up to 128 free
-/// entries of its own, so with a fixed size a host with many CPUs would
-/// evict live stashes (lost events, and `PENDING` kept above 0): 256 per
-/// possible CPU, at least the object's 16384.
-fn inflight_entries() -> u32 {
+/// The size of the LRU maps whose entries must not be evicted while live
+/// (`INFLIGHT`, `SERVERS`). The kernel's LRU hands each CPU up to 128 free
+/// entries of its own and evicts before it takes another CPU's, so with a
+/// fixed size a host with many CPUs would evict live entries (lost
+/// events and `PENDING` kept above 0; a server's child not frozen): 256
+/// per possible CPU, at least the object's 16384.
+fn lru_entries() -> u32 {
     let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
     cpus.saturating_mul(256).max(16384)
 }

@@ -130,10 +130,11 @@ fn none_pending() -> bool {
 /// watches. Kept only while a policy watches them (`servers_kept`).
 /// Looked up on every exec (twice), fork and exit, mostly for a pid it
 /// does not hold, so each look-up touches a random bucket: 16384 entries
-/// keep the bucket array at 256 KiB (1 MiB at 65536), closer to the
-/// cache. It holds listeners and their forked children that have not run
-/// another program yet; the LRU drops the least used past that, and a
-/// child of a dropped server is then judged after it runs (userspace
+/// (the agent raises it to 256 per possible CPU, as the LRU's per-CPU
+/// free lists need) keep the bucket array at 256 KiB (1 MiB at 65536),
+/// closer to the cache. It holds listeners and their forked children that
+/// have not run another program yet; past that the LRU evicts, and a
+/// child of an evicted server is then judged after it runs (userspace
 /// detection) instead of frozen at its exec.
 #[map]
 static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
@@ -1370,7 +1371,7 @@ unsafe fn user_sockaddr(addr: u64) -> Option<(u16, u16, [u8; 16])> {
         let v = ((head >> 32) as u32).to_ne_bytes();
         [v[0], v[1], v[2], v[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     } else if family == AF_INET6 {
-        unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.unwrap_or([0; 16])
+        unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.ok()?
     } else {
         return None;
     };
@@ -1378,9 +1379,13 @@ unsafe fn user_sockaddr(addr: u64) -> Option<(u16, u16, [u8; 16])> {
 }
 
 /// Stashes a connect or send to an IPv4/IPv6 address given with the call:
-/// the destination is read here, at the syscall's entry, once (the exit
-/// would read the caller's memory again, which another thread may have
-/// changed by then). `[fd | batch << 32, family | port << 16, address]`.
+/// the destination is read here, at the syscall's entry, once, closer to
+/// the kernel's own copy than a read at the exit (which another thread's
+/// write could have changed for the whole call). A destination that
+/// cannot be read here (a page not present: this program cannot fault it
+/// in) is not stashed: the cgroup observer then reports the call from the
+/// kernel's copy, as an attempt. `[fd | batch << 32, family | port << 16,
+/// address]`.
 #[inline(always)]
 fn stash_dest(kind: u64, fd: u64, addr: u64, batch: bool) {
     if addr == 0 {
