@@ -11,7 +11,10 @@
 
 pub mod codec;
 pub mod document;
+pub mod encoded;
 pub mod json;
+
+pub use encoded::EncodedEventBatch;
 
 /// Generated messages and services of package `vigil.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

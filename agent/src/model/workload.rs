@@ -320,22 +320,13 @@ impl Workload {
     /// the kind (only possible for a hand-built or deserialized value) fall
     /// back to the cgroup path, e.g. "systemd:/some/path".
     pub fn key(&self) -> String {
-        let or_cgroup = |v: &Option<String>| v.as_deref().unwrap_or(&self.cgroup).to_string();
-        match self.kind {
-            WorkloadKind::Host => "host".to_string(),
-            WorkloadKind::Container => match &self.container_id {
-                Some(id) => format!("container:{}", short_id(id)),
-                None => format!("container:{}", self.cgroup),
-            },
-            WorkloadKind::Pod => match (&self.pod_uid, &self.container_id) {
-                (Some(uid), Some(id)) => format!("pod:{uid}/{}", short_id(id)),
-                (Some(uid), None) => format!("pod:{uid}"),
-                (None, Some(id)) => format!("container:{}", short_id(id)),
-                (None, None) => format!("pod:{}", self.cgroup),
-            },
-            WorkloadKind::Systemd => format!("systemd:{}", or_cgroup(&self.systemd_unit)),
-            WorkloadKind::Session => format!("session:{}", or_cgroup(&self.systemd_unit)),
-        }
+        self.key_display().to_string()
+    }
+
+    /// [`Workload::key`] without building a string (written straight into
+    /// an output buffer).
+    pub fn key_display(&self) -> impl std::fmt::Display + '_ {
+        KeyDisplay(self)
     }
 
     /// How much this identity says; used to pick between the lines of
@@ -376,6 +367,31 @@ fn normalize_path(path: &str) -> &str {
 }
 
 /// The first 12 characters of a container id (the whole id if shorter).
+/// The formatting of [`Workload::key`].
+struct KeyDisplay<'a>(&'a Workload);
+
+impl<'a> std::fmt::Display for KeyDisplay<'a> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = self.0;
+        let or_cgroup = |v: &'a Option<String>| v.as_deref().unwrap_or(&w.cgroup);
+        match w.kind {
+            WorkloadKind::Host => f.write_str("host"),
+            WorkloadKind::Container => match &w.container_id {
+                Some(id) => write!(f, "container:{}", short_id(id)),
+                None => write!(f, "container:{}", w.cgroup),
+            },
+            WorkloadKind::Pod => match (&w.pod_uid, &w.container_id) {
+                (Some(uid), Some(id)) => write!(f, "pod:{uid}/{}", short_id(id)),
+                (Some(uid), None) => write!(f, "pod:{uid}"),
+                (None, Some(id)) => write!(f, "container:{}", short_id(id)),
+                (None, None) => write!(f, "pod:{}", w.cgroup),
+            },
+            WorkloadKind::Systemd => write!(f, "systemd:{}", or_cgroup(&w.systemd_unit)),
+            WorkloadKind::Session => write!(f, "session:{}", or_cgroup(&w.systemd_unit)),
+        }
+    }
+}
+
 fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }

@@ -6,11 +6,20 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tonic::client::Grpc;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
+use tonic::{GrpcMethod, IntoStreamingRequest};
+use vigil_proto::codec::VigilCodec;
 use vigil_proto::ingest_client::IngestClient;
-use vigil_proto::{Detection, DetectionBatch, EvidenceChunk, UploadStatusRequest};
+use vigil_proto::{
+    Detection, DetectionBatch, EncodedEventBatch, EvidenceChunk, PushAck, UploadStatusRequest,
+};
+
+/// `Ingest.PushEvents`, as the generated client names it.
+const PUSH_EVENTS: &str = "/vigil.v1.Ingest/PushEvents";
 
 /// Bytes per evidence chunk (the collector accepts up to 4 MiB messages).
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -89,6 +98,9 @@ impl PkiFiles {
 /// A connection to the collector's Ingest service.
 pub struct Client {
     inner: IngestClient<Channel>,
+    /// The same connection, for the call whose message is sent as already
+    /// encoded bytes ([`Client::push_events`]).
+    raw: Grpc<Channel>,
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -140,21 +152,25 @@ impl Client {
             }
         })?;
         Ok(Client {
-            inner: IngestClient::new(channel).max_decoding_message_size(16 << 20),
+            inner: IngestClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            raw: Grpc::new(channel).max_decoding_message_size(16 << 20),
         })
     }
 
-    /// Sends one batch of events (`batch_id` de-duplicates a resend).
-    pub async fn push_events(
-        &mut self,
-        batch_id: String,
-        events: Vec<vigil_proto::Event>,
-    ) -> Result<(), ShipError> {
-        self.inner
-            .push_events(tokio_stream::iter(vec![vigil_proto::EventBatch {
-                batch_id,
-                events,
-            }]))
+    /// Sends one batch of events (`batch_id` de-duplicates a resend),
+    /// already encoded: `Ingest.PushEvents` with the body as it is (on the
+    /// wire, an `EventBatch`).
+    pub async fn push_events(&mut self, batch: EncodedEventBatch) -> Result<(), ShipError> {
+        let not_ready = |e: tonic::transport::Error| {
+            ShipError::Retry(format!("connection not ready: {}", error_chain(&e)))
+        };
+        self.raw.ready().await.map_err(not_ready)?;
+        let mut req = tokio_stream::iter([batch]).into_streaming_request();
+        req.extensions_mut()
+            .insert(GrpcMethod::new("vigil.v1.Ingest", "PushEvents"));
+        let codec = VigilCodec::<EncodedEventBatch, PushAck>::default();
+        self.raw
+            .client_streaming(req, PathAndQuery::from_static(PUSH_EVENTS), codec)
             .await
             .map_err(|s| ShipError::from_status(&s))?;
         Ok(())

@@ -4,104 +4,216 @@
 //! empty and it is not backing off, one batch at a time, on the same
 //! connection and with the same back-off.
 //!
-//! The pipeline's [`EventSink`] builds each event's wire form
-//! (`wire::event`) and hands it over a bounded channel (a full channel drops
-//! the event, counted in `vigil_ship_events_dropped_total`). The
-//! [`EventLane`] groups them in batches (at most [`BATCH_EVENTS`] events,
+//! The pipeline's [`EventSink`] writes each event's protobuf once, straight
+//! from the model (`wire::append_event`), into a chunk, and hands the chunk
+//! over at the end of each ring-buffer drain (or at [`CHUNK_BYTES`]). The
+//! hand-over holds at most [`QUEUE_BYTES`]; a chunk that does not fit is
+//! dropped, counted in `vigil_ship_events_dropped_total`. The [`EventLane`]
+//! joins chunks into batches (at most [`BATCH_EVENTS`] events,
 //! [`BATCH_BYTES`] or [`BATCH_DELAY`]), each with a batch id unique to this
 //! agent run so a resend after a lost acknowledgement is stored once, and
-//! sends them in order. While the collector is unreachable it keeps a
-//! bounded backlog in memory ([`BACKLOG_BATCHES`]) and drops the oldest
-//! batch beyond it (counted): events are not spooled to disk.
+//! sends them in order, still encoded (`vigil_proto::EncodedEventBatch`).
+//! While the collector is unreachable it keeps a bounded backlog in memory
+//! ([`BACKLOG_BATCHES`], [`BACKLOG_BYTES`]) and drops the oldest batch
+//! beyond it (counted): events are not spooled to disk.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::mpsc::Sender;
+use prost::bytes::Bytes;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::warn;
-use vigil_proto::Event;
+use vigil_proto::EncodedEventBatch;
 
 use super::client::{Client, ShipError};
 use crate::metrics::{KindLabel, Metrics};
 use crate::model::EnrichedEvent;
 use crate::outputs::Sink;
 
-/// Events waiting for the shipper thread (a second of a busy node's
-/// events; past it they are dropped and counted: the lane is best effort,
-/// and its memory stays small).
-pub const QUEUE: usize = 4_096;
+/// Encoded bytes waiting for the shipper thread (a few seconds of a busy
+/// node's events; past it they are dropped and counted: the lane is best
+/// effort, and its memory stays small).
+pub const QUEUE_BYTES: usize = 4 << 20;
+/// A chunk is handed over once it holds this many bytes, even mid-drain.
+pub const CHUNK_BYTES: usize = 64 << 10;
 /// Most events per batch.
 pub const BATCH_EVENTS: usize = 2_000;
-/// Most encoded bytes per batch (the collector takes 4 MiB messages).
+/// Most encoded bytes per batch (the collector takes 4 MiB messages; a
+/// batch closes at the first chunk that reaches this, so it stays under
+/// `BATCH_BYTES + CHUNK_BYTES` and one event).
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Longest an event waits for its batch to fill.
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// Batches kept while the collector is unreachable or slower than the
 /// node (at most `BACKLOG_BATCHES * BATCH_EVENTS` events) ...
 pub const BACKLOG_BATCHES: usize = 64;
-/// ... and at most this many encoded bytes: the agent's memory (a batch
-/// in memory takes about three times its encoded size; a write storm with
-/// an 8 MiB bound ended at 95 MB of RSS). On an ordinary node, minutes of
+/// ... and at most this many encoded bytes, which is what they take in
+/// memory (the batches are kept encoded). On an ordinary node, minutes of
 /// events.
-pub const BACKLOG_BYTES: usize = 2 << 20;
+pub const BACKLOG_BYTES: usize = 4 << 20;
 
-/// The pipeline's side: a sink that queues each event for the shipper.
+/// Encoded events on their way to the lane: `EventBatch.events` entries.
+pub(super) struct Chunk {
+    body: Vec<u8>,
+    events: usize,
+}
+
+/// The hand-over between the pipeline and the shipper thread, bounded in
+/// bytes ([`QUEUE_BYTES`]).
+pub(super) fn handover() -> (Handover, Intake) {
+    let (tx, rx) = unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Handover {
+            tx,
+            queued: queued.clone(),
+        },
+        Intake { rx, queued },
+    )
+}
+
+/// The pipeline's end of the hand-over.
+#[derive(Clone)]
+pub(super) struct Handover {
+    tx: UnboundedSender<Chunk>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Handover {
+    /// Queues a chunk; gives it back with the reason when it cannot be.
+    fn send(&self, c: Chunk) -> Result<(), (Chunk, &'static str)> {
+        let n = c.body.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err((c, "shipping queue full"));
+        }
+        self.tx.send(c).map_err(|e| {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            (e.0, "shipping thread gone")
+        })
+    }
+}
+
+/// The shipper thread's end of the hand-over.
+pub(super) struct Intake {
+    rx: UnboundedReceiver<Chunk>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Intake {
+    /// The next chunk; `None` once every [`Handover`] is gone.
+    /// Cancel-safe (the chunk is taken only when this returns).
+    pub(super) async fn recv(&mut self) -> Option<Chunk> {
+        let c = self.rx.recv().await?;
+        Some(self.taken(c))
+    }
+
+    /// A chunk if one is waiting.
+    pub(super) fn try_recv(&mut self) -> Option<Chunk> {
+        let c = self.rx.try_recv().ok()?;
+        Some(self.taken(c))
+    }
+
+    fn taken(&self, c: Chunk) -> Chunk {
+        self.queued.fetch_sub(c.body.len(), Ordering::Relaxed);
+        c
+    }
+}
+
+/// The pipeline's side: a sink that encodes each event into the open
+/// chunk and hands chunks over.
 pub struct EventSink {
-    tx: Sender<Event>,
+    handover: Handover,
+    open: Chunk,
     metrics: Arc<Metrics>,
     warned: bool,
 }
 
 impl EventSink {
-    pub(super) fn new(tx: Sender<Event>, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn new(handover: Handover, metrics: Arc<Metrics>) -> Self {
         Self {
-            tx,
+            handover,
+            open: Chunk {
+                body: Vec::new(),
+                events: 0,
+            },
             metrics,
             warned: false,
         }
     }
 
-    fn dropped(&mut self, why: &str) {
-        self.metrics.ship_events_dropped.inc();
-        if !self.warned {
-            warn!(
-                reason = why,
-                "events not shipped to the collector (counted in vigil_ship_events_dropped_total)"
-            );
-            self.warned = true;
+    /// Hands the open chunk over (a new one starts as large as it was).
+    fn hand_over(&mut self) {
+        if self.open.events == 0 {
+            return;
+        }
+        let cap = self.open.body.len().clamp(1 << 10, CHUNK_BYTES);
+        let c = std::mem::replace(
+            &mut self.open,
+            Chunk {
+                body: Vec::with_capacity(cap),
+                events: 0,
+            },
+        );
+        if let Err((c, why)) = self.handover.send(c) {
+            self.metrics.ship_events_dropped.inc_by(c.events as u64);
+            if !self.warned {
+                warn!(
+                    reason = why,
+                    "events not shipped to the collector (counted in vigil_ship_events_dropped_total)"
+                );
+                self.warned = true;
+            }
         }
     }
 }
 
 impl Sink for EventSink {
     fn emit(&mut self, ev: &EnrichedEvent) {
-        match self.tx.try_send(super::wire::event(ev, false)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.dropped("shipping queue full"),
-            Err(TrySendError::Closed(_)) => self.dropped("shipping thread gone"),
+        super::wire::append_event(&mut self.open.body, ev);
+        self.open.events += 1;
+        if self.open.body.len() >= CHUNK_BYTES {
+            self.hand_over();
         }
+    }
+
+    fn flush(&mut self) {
+        self.hand_over();
+    }
+}
+
+impl Drop for EventSink {
+    fn drop(&mut self) {
+        self.hand_over();
     }
 }
 
 /// The shipper thread's side: batches and the backlog.
 pub(super) struct EventLane {
-    open: Vec<Event>,
-    open_bytes: usize,
+    open: Vec<u8>,
+    open_events: usize,
     open_since: Instant,
-    backlog: VecDeque<(String, Vec<Event>, usize)>,
+    backlog: VecDeque<Batch>,
     backlog_bytes: usize,
     run_id: u128,
     next_batch: u64,
     metrics: Arc<Metrics>,
 }
 
+/// A closed batch: its id, its encoded events and how many.
+struct Batch {
+    id: String,
+    body: Bytes,
+    events: usize,
+}
+
 impl EventLane {
     pub(super) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             open: Vec::new(),
-            open_bytes: 0,
+            open_events: 0,
             open_since: Instant::now(),
             backlog: VecDeque::new(),
             backlog_bytes: 0,
@@ -114,21 +226,26 @@ impl EventLane {
         }
     }
 
-    /// Adds an event to the open batch (closed when full).
-    pub(super) fn push(&mut self, ev: Event) {
-        if self.open.is_empty() {
+    /// Adds a chunk of events to the open batch (closed when full).
+    pub(super) fn push(&mut self, c: Chunk) {
+        if self.open_events == 0 {
             self.open_since = Instant::now();
+            self.open.clear();
         }
-        self.open_bytes += prost::Message::encoded_len(&ev);
-        self.open.push(ev);
-        if self.open.len() >= BATCH_EVENTS || self.open_bytes >= BATCH_BYTES {
+        if self.open.is_empty() {
+            self.open = c.body;
+        } else {
+            self.open.extend_from_slice(&c.body);
+        }
+        self.open_events += c.events;
+        if self.open_events >= BATCH_EVENTS || self.open.len() >= BATCH_BYTES {
             self.close();
         }
     }
 
     /// When the open batch is due ([`BATCH_DELAY`] after its first event).
     pub(super) fn due(&self) -> Option<Instant> {
-        (!self.open.is_empty()).then(|| self.open_since + BATCH_DELAY)
+        (self.open_events > 0).then(|| self.open_since + BATCH_DELAY)
     }
 
     /// Closes the open batch if it is due.
@@ -152,28 +269,29 @@ impl EventLane {
     /// while the backlog would be over [`BACKLOG_BATCHES`] or
     /// [`BACKLOG_BYTES`].
     pub(super) fn close(&mut self) {
-        if self.open.is_empty() {
+        if self.open_events == 0 {
             return;
         }
-        let bytes = std::mem::take(&mut self.open_bytes);
+        let body = Bytes::from(std::mem::take(&mut self.open));
+        let events = std::mem::take(&mut self.open_events);
         while !self.backlog.is_empty()
-            && (self.backlog.len() >= BACKLOG_BATCHES || self.backlog_bytes + bytes > BACKLOG_BYTES)
+            && (self.backlog.len() >= BACKLOG_BATCHES
+                || self.backlog_bytes + body.len() > BACKLOG_BYTES)
         {
             self.pop_oldest(true);
         }
         let id = format!("ev-{}-{}", self.run_id, self.next_batch);
         self.next_batch += 1;
-        self.backlog_bytes += bytes;
-        self.backlog
-            .push_back((id, std::mem::take(&mut self.open), bytes));
+        self.backlog_bytes += body.len();
+        self.backlog.push_back(Batch { id, body, events });
     }
 
     /// The oldest batch leaves the backlog (`dropped`: counted as lost).
     fn pop_oldest(&mut self, dropped: bool) {
-        if let Some((_, old, bytes)) = self.backlog.pop_front() {
-            self.backlog_bytes -= bytes;
+        if let Some(old) = self.backlog.pop_front() {
+            self.backlog_bytes -= old.body.len();
             if dropped {
-                self.metrics.ship_events_dropped.inc_by(old.len() as u64);
+                self.metrics.ship_events_dropped.inc_by(old.events as u64);
             }
         }
     }
@@ -181,11 +299,15 @@ impl EventLane {
     /// Sends the oldest batch; it leaves the backlog once acknowledged (or
     /// refused for good: dropped, counted).
     pub(super) async fn send_one(&mut self, client: &mut Client) -> Result<(), ShipError> {
-        let Some((id, events, _)) = self.backlog.front() else {
+        let Some(b) = self.backlog.front() else {
             return Ok(());
         };
-        let n = events.len() as u64;
-        match client.push_events(id.clone(), events.clone()).await {
+        let n = b.events as u64;
+        let batch = EncodedEventBatch {
+            batch_id: b.id.clone(),
+            events: b.body.clone(),
+        };
+        match client.push_events(batch).await {
             Ok(()) => {
                 self.metrics
                     .ship_sent
@@ -225,12 +347,18 @@ impl EventLane {
 mod tests {
     use super::*;
 
-    fn event(argv_bytes: usize) -> Event {
-        Event {
-            kind: "exec".into(),
-            argv: vec!["x".repeat(argv_bytes)],
-            ..Event::default()
+    /// A chunk of `n` events, each with an argv of `argv_bytes`.
+    fn chunk(n: usize, argv_bytes: usize) -> Chunk {
+        let mut body = Vec::new();
+        for _ in 0..n {
+            let ev = vigil_proto::Event {
+                kind: "exec".into(),
+                argv: vec!["x".repeat(argv_bytes)],
+                ..Default::default()
+            };
+            EncodedEventBatch::append_entry(&mut body, &prost::Message::encode_to_vec(&ev));
         }
+        Chunk { body, events: n }
     }
 
     /// The backlog is bounded in batches and in bytes; what it drops is
@@ -240,20 +368,20 @@ mod tests {
         let m = Arc::new(Metrics::default());
         let mut lane = EventLane::new(m.clone());
         for _ in 0..BACKLOG_BATCHES + 3 {
-            lane.push(event(10));
+            lane.push(chunk(2, 10));
             lane.close();
         }
         assert_eq!(lane.held(), BACKLOG_BATCHES);
-        assert_eq!(m.ship_events_dropped.get(), 3);
+        assert_eq!(m.ship_events_dropped.get(), 6);
         assert_eq!(
-            lane.backlog.front().unwrap().0,
+            lane.backlog.front().unwrap().id,
             format!("ev-{}-3", lane.run_id)
         );
         // Big batches: the byte bound drops more.
         let mut lane = EventLane::new(m.clone());
         let before = m.ship_events_dropped.get();
         for _ in 0..20 {
-            lane.push(event(1 << 20)); // a batch of its own: over BATCH_BYTES
+            lane.push(chunk(1, 1 << 20)); // a batch of its own: over BATCH_BYTES
         }
         assert!(
             lane.backlog_bytes <= BACKLOG_BYTES,
@@ -265,7 +393,50 @@ mod tests {
             m.ship_events_dropped.get() - before,
             20 - lane.held() as u64
         );
-        let total: usize = lane.backlog.iter().map(|b| b.2).sum();
+        let total: usize = lane.backlog.iter().map(|b| b.body.len()).sum();
         assert_eq!(total, lane.backlog_bytes);
+    }
+
+    /// Chunks join into one batch until it is full; the batch is the
+    /// events of its chunks, in order.
+    #[test]
+    fn chunks_join_into_batches() {
+        let mut lane = EventLane::new(Arc::new(Metrics::default()));
+        lane.push(chunk(3, 10));
+        lane.push(chunk(BATCH_EVENTS - 4, 1));
+        assert!(!lane.ready());
+        lane.push(chunk(2, 5));
+        assert_eq!(lane.held(), 1);
+        assert_eq!(lane.due(), None);
+        let b = lane.backlog.front().unwrap();
+        assert_eq!(b.events, BATCH_EVENTS + 1);
+        let plain: vigil_proto::EventBatch = prost::Message::decode(
+            &prost::Message::encode_to_vec(&EncodedEventBatch {
+                batch_id: b.id.clone(),
+                events: b.body.clone(),
+            })[..],
+        )
+        .unwrap();
+        assert_eq!(plain.events.len(), BATCH_EVENTS + 1);
+        assert_eq!(plain.events[0].argv[0].len(), 10);
+        assert_eq!(plain.events[BATCH_EVENTS].argv[0].len(), 5);
+    }
+
+    /// The hand-over holds at most QUEUE_BYTES: a chunk past it comes
+    /// back; taking chunks out makes room again.
+    #[test]
+    fn the_handover_is_bounded_in_bytes() {
+        let (tx, mut rx) = handover();
+        let big = || chunk(1, QUEUE_BYTES / 3);
+        assert!(tx.send(big()).is_ok());
+        assert!(tx.send(big()).is_ok());
+        let (back, why) = tx.send(big()).err().unwrap();
+        assert_eq!((back.events, why), (1, "shipping queue full"));
+        assert!(tx.send(chunk(1, 10)).is_ok(), "a small one still fits");
+        assert!(rx.try_recv().is_some());
+        assert!(tx.send(big()).is_ok(), "room again");
+        drop(rx);
+        let (_, why) = tx.send(chunk(1, 1)).err().unwrap();
+        assert_eq!(why, "shipping thread gone");
     }
 }

@@ -36,7 +36,7 @@ use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::metrics::{KindLabel, Metrics};
 use client::{Client, PkiFiles, ShipError};
-use events::{EventLane, EventSink};
+use events::{EventLane, EventSink, Handover, Intake};
 use spool::{Item, ItemKind, Priority, Spool};
 
 /// Detections waiting for the shipper thread.
@@ -90,7 +90,7 @@ enum Msg {
 pub struct Shipper {
     tx: Sender<Msg>,
     /// The best-effort lane's entrance (see [`Shipper::event_sink`]).
-    events: Sender<vigil_proto::Event>,
+    events: Handover,
     /// Detections in the channel: those below high may use only 3/4 of it.
     pending: Arc<std::sync::atomic::AtomicUsize>,
     spool: Arc<Spool>,
@@ -145,7 +145,7 @@ impl Shipper {
         let (items, bytes) = spool.usage();
         info!(collector = %opts.collector, spool = %opts.spool_dir.display(), items, bytes, "shipping to the collector");
         let (tx, rx) = channel(QUEUE);
-        let (events, events_rx) = channel(events::QUEUE);
+        let (events, events_rx) = events::handover();
         let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = Worker {
             url: opts.collector,
@@ -299,8 +299,7 @@ impl Shipper {
 
 impl crate::outputs::Forward for Shipper {
     fn detection(&self, d: &crate::model::Detection) {
-        use prost::Message as _;
-        let wire = wire::detection(d).encode_to_vec();
+        let wire = wire::detection(d);
         Shipper::detection(self, wire, d.severity >= crate::model::Severity::High);
     }
 
@@ -355,7 +354,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Msg>, events: Receiver<vigil_proto::Event>) {
+    fn run(mut self, rx: Receiver<Msg>, events: Intake) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -372,7 +371,7 @@ impl Worker {
     /// The loop: take what arrives (detections into the spool, events into
     /// their batches), then send: the spool first, whole and in order; a
     /// batch of events only when the spool is done. One back-off for both.
-    async fn serve(&mut self, mut rx: Receiver<Msg>, mut events: Receiver<vigil_proto::Event>) {
+    async fn serve(&mut self, mut rx: Receiver<Msg>, mut events: Intake) {
         let mut backoff = BACKOFF_MIN;
         let mut retry_at: Option<Instant> = None;
         // The spool may hold items from the last run.
@@ -394,7 +393,7 @@ impl Worker {
                     Some(m) => {
                         if matches!(m, Msg::Flush(_)) {
                             // The events handed over before it, too.
-                            while let Ok(e) = events.try_recv() {
+                            while let Some(e) = events.try_recv() {
                                 self.lane.push(e);
                             }
                         }
@@ -414,7 +413,7 @@ impl Worker {
             // What else is waiting, bounded (the event lane is best effort).
             while let Ok(m) = rx.try_recv() {
                 if matches!(m, Msg::Flush(_)) {
-                    while let Ok(e) = events.try_recv() {
+                    while let Some(e) = events.try_recv() {
                         self.lane.push(e);
                     }
                 }
@@ -423,8 +422,8 @@ impl Worker {
             }
             for _ in 0..events::BATCH_EVENTS {
                 match events.try_recv() {
-                    Ok(e) => self.lane.push(e),
-                    Err(_) => break,
+                    Some(e) => self.lane.push(e),
+                    None => break,
                 }
             }
             self.lane.close_if_due();
