@@ -54,7 +54,8 @@ pub struct SensorConfig {
     pub poll_interval_ms: u64,
     /// Bytes pending in the ring buffer before the kernel wakes the agent.
     pub wakeup_bytes: u32,
-    /// Ring buffer size in bytes (power of two).
+    /// Ring buffer size in bytes (power of two); 0 sizes it by the number
+    /// of online CPUs (see [`SensorConfig::ring_bytes`]).
     pub ring_buffer_bytes: u32,
     /// Connects of one process to one destination are reported once per
     /// this many seconds (the kernel counts the repeats in
@@ -96,7 +97,7 @@ impl Default for SensorConfig {
             btf_path: None,
             poll_interval_ms: 10,
             wakeup_bytes: 256 * 1024,
-            ring_buffer_bytes: 16 * 1024 * 1024,
+            ring_buffer_bytes: 0,
             connect_dedup_secs: 10,
             disable: Vec::new(),
             prefer_lsm: true,
@@ -115,16 +116,42 @@ impl Default for SensorConfig {
     }
 }
 
+/// Ring buffer bytes per online CPU when `ring_buffer_bytes` is 0 ...
+pub const RING_BYTES_PER_CPU: u32 = 4 << 20;
+/// ... and the bounds of that size.
+pub const RING_BYTES_AUTO: std::ops::RangeInclusive<u32> = (8 << 20)..=(64 << 20);
+
 impl SensorConfig {
+    /// The ring buffer's size: `ring_buffer_bytes`, or when it is 0,
+    /// [`RING_BYTES_PER_CPU`] per online CPU (every CPU produces; one
+    /// thread drains), rounded up to a power of two within
+    /// [`RING_BYTES_AUTO`]: 8 MiB up to 2 CPUs, 16 MiB for 3-4, 32 MiB
+    /// for 5-8, 64 MiB from 9. It is kernel memory, and the agent's mapping of it counts
+    /// twice in its RSS (the data pages are mapped twice, for wrap-around).
+    pub fn ring_bytes(&self) -> u32 {
+        if self.ring_buffer_bytes != 0 {
+            return self.ring_buffer_bytes;
+        }
+        let cpus = aya::util::online_cpus().map_or(2, |c| c.len().max(1)) as u32;
+        Self::ring_bytes_for(cpus)
+    }
+
+    fn ring_bytes_for(cpus: u32) -> u32 {
+        cpus.saturating_mul(RING_BYTES_PER_CPU)
+            .clamp(*RING_BYTES_AUTO.start(), *RING_BYTES_AUTO.end())
+            .next_power_of_two()
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.ring_buffer_bytes.is_power_of_two() && self.ring_buffer_bytes >= 4096,
-            "ring_buffer_bytes must be a power of two of at least 4096, got {}",
+            self.ring_buffer_bytes == 0
+                || (self.ring_buffer_bytes.is_power_of_two() && self.ring_buffer_bytes >= 4096),
+            "ring_buffer_bytes must be 0 (sized by CPUs) or a power of two of at least 4096, got {}",
             self.ring_buffer_bytes
         );
         anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
         anyhow::ensure!(
-            self.freeze.is_empty() || self.ring_buffer_bytes >= 16384,
+            self.freeze.is_empty() || self.ring_bytes() >= 16384,
             "ring_buffer_bytes must be >= 16384 while freeze is on (a frozen exec's record reserves 8320 bytes), got {}",
             self.ring_buffer_bytes
         );
@@ -193,7 +220,7 @@ impl SensorConfig {
         Ok(crate::sensor::SensorOptions {
             offsets,
             uring,
-            ring_bytes: self.ring_buffer_bytes,
+            ring_bytes: self.ring_bytes(),
             wakeup_bytes: self.wakeup_bytes,
             disabled: self.disabled_features()?,
             freeze_policy: self.freeze_policy()?,
@@ -844,6 +871,32 @@ fn policy_bits(key: &str, names: &[String]) -> anyhow::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ring buffer grows with the CPUs that fill it, within bounds,
+    /// as a power of two; a size set in the file is kept.
+    #[test]
+    fn the_ring_buffer_is_sized_by_cpus_unless_set() {
+        let mib = |n: u32| n << 20;
+        for (cpus, want) in [
+            (1, 8),
+            (2, 8),
+            (3, 16),
+            (4, 16),
+            (5, 32),
+            (8, 32),
+            (9, 64),
+            (512, 64),
+        ] {
+            assert_eq!(SensorConfig::ring_bytes_for(cpus), mib(want), "{cpus} CPUs");
+        }
+        let mut c = SensorConfig::default();
+        assert!(RING_BYTES_AUTO.contains(&c.ring_bytes()));
+        c.ring_buffer_bytes = 16384;
+        assert_eq!(c.ring_bytes(), 16384);
+        assert!(c.validate().is_ok());
+        c.ring_buffer_bytes = 0;
+        assert!(c.validate().is_ok());
+    }
 
     /// Every optional setting set, so that serialization shows every key.
     fn everything_set() -> AgentConfig {

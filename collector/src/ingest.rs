@@ -350,13 +350,13 @@ pub fn check_event(i: usize, e: &mut Event) -> Result<(), Status> {
     check_argv("event", i, "argv", &e.argv)?;
     check_ancestry("event", i, &e.ancestry)?;
     check_process("event", i, e.process.as_ref())?;
-    if e.json.is_empty() {
+    let built = e.json.is_empty();
+    if built {
         // A structured event (agents >= 0.2): stored as its JSON document,
         // the form old agents send, so every reader sees one form.
-        let doc = vigil_proto::document::event(e).ok_or_else(|| {
+        e.json = vigil_proto::document::event_json(e).ok_or_else(|| {
             Status::invalid_argument(format!("event {i}: neither json nor a structured payload"))
         })?;
-        e.json = doc.to_string();
         e.payload = None;
         e.process = None;
         e.ancestry.clear();
@@ -364,7 +364,11 @@ pub fn check_event(i: usize, e: &mut Event) -> Result<(), Status> {
     bound(e.json.len() <= bounds::JSON, "event", i, || {
         format!("json has {} bytes (at most {})", e.json.len(), bounds::JSON)
     })?;
-    check_json("event", i, &e.json)?;
+    if !built {
+        // Only what the agent sent is parsed: a document built here is
+        // JSON by construction.
+        check_json("event", i, &e.json)?;
+    }
     check_workload(&mut e.workload_key, &e.json);
     Ok(())
 }
@@ -441,15 +445,15 @@ pub fn check_detection(i: usize, d: &mut Detection) -> Result<(), Status> {
     if let Some(ev) = &d.event {
         check_strings("detection", i, &[("event comm", &ev.comm)])?;
     }
-    if d.json.is_empty() {
+    let built = d.json.is_empty();
+    if built {
         // A structured detection (agents >= 0.2): stored as its JSON
         // document, like an old agent's (the indexed fields stay).
-        let doc = vigil_proto::document::detection(d).ok_or_else(|| {
+        d.json = vigil_proto::document::detection_json(d).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "detection {i}: neither json nor a structured triggering event"
             ))
         })?;
-        d.json = doc.to_string();
         d.event = None;
         d.process = None;
         d.repeat = None;
@@ -457,7 +461,9 @@ pub fn check_detection(i: usize, d: &mut Detection) -> Result<(), Status> {
     bound(d.json.len() <= bounds::JSON, "detection", i, || {
         format!("json has {} bytes (at most {})", d.json.len(), bounds::JSON)
     })?;
-    check_json("detection", i, &d.json)?;
+    if !built {
+        check_json("detection", i, &d.json)?;
+    }
     check_workload(&mut d.workload_key, &d.json);
     Ok(())
 }

@@ -1372,7 +1372,7 @@ fn bad_config_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ring_buffer_bytes must be a power of two"),
+        err.contains("ring_buffer_bytes must be 0 (sized by CPUs) or a power of two"),
         "{err}"
     );
     std::fs::write(&cfg, "no_such_option = true\n").unwrap();
