@@ -237,8 +237,6 @@ fn make_op(
     opts: &LoadOptions,
     cleanup: &mut Vec<PathBuf>,
 ) -> Result<Op> {
-    /// Files each write-storm thread creates before reusing their names.
-    const WRITE_FILES_PER_THREAD: u64 = 100_000;
     let server = || {
         opts.server
             .context("this workload needs the local server (internal error)")
@@ -259,12 +257,9 @@ fn make_op(
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             cleanup.push(dir.clone());
-            // Names cycle: a long window would otherwise fill the tmpfs's
-            // inodes (millions of files, then only errors). Past the first
-            // cycle each create truncates a file of the last one.
             let mut n = 0u64;
             Box::new(move || {
-                n = n % WRITE_FILES_PER_THREAD + 1;
+                n += 1;
                 let mut f = std::fs::File::create(dir.join(format!("f{n}")))?;
                 f.write_all(&[b'x'; 64])
             })
