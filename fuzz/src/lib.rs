@@ -107,6 +107,9 @@ pub fn ingest(data: &[u8]) {
                 if vigil_collector::ingest::check_detection(i, d).is_err() {
                     return;
                 }
+                // What passed is stored as JSON: the document written for
+                // a structured message must be JSON too.
+                assert_json(&d.json);
             }
             let _ = store
                 .insert_detections("fuzz-agent", &batch.batch_id, items, now_ns())
@@ -123,6 +126,7 @@ pub fn ingest(data: &[u8]) {
                 if vigil_collector::ingest::check_event(i, e).is_err() {
                     return;
                 }
+                assert_json(&e.json);
             }
             let _ = store
                 .insert_events("fuzz-agent", &batch.batch_id, items, now_ns())
@@ -152,11 +156,22 @@ pub fn agent_json(data: &[u8]) {
         return;
     };
     if let Ok(e) = vigil_proto::Event::from_agent_json(line) {
-        let _ = vigil_proto::document::event(&e);
+        if let Some(text) = vigil_proto::document::event_json(&e) {
+            assert_json(&text);
+        }
     }
     if let Ok(d) = vigil_proto::Detection::from_agent_json(line) {
-        let _ = vigil_proto::document::detection(&d);
+        if let Some(text) = vigil_proto::document::detection_json(&d) {
+            assert_json(&text);
+        }
     }
+}
+
+/// `text` is one JSON object.
+fn assert_json(text: &str) {
+    let v: serde_json::Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert!(v.is_object(), "{text}");
 }
 
 /// A Sigma rule file's text (loaded, and evaluated once when it loads) and

@@ -60,8 +60,8 @@ pub fn payloads() -> Vec<Payload> {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let exec = Exec {
         ppid: 40,
-        euid: 0,
-        egid: 0,
+        euid: 2,
+        egid: 3,
         exe: "/usr/bin/curl".into(),
         // As the tree's image of the process (a fixture's exec is
         // the process's current image).
@@ -107,6 +107,11 @@ pub fn payloads() -> Vec<Payload> {
             exit_code: Some(255),
             signal: Some(31),
         },
+        // Optional fields set to zero: present, not left out.
+        Payload::Exit {
+            exit_code: Some(0),
+            signal: Some(0),
+        },
         Payload::Connect(Connect {
             protocol: "tcp".into(),
             daddr: ip("203.0.113.9"),
@@ -125,6 +130,16 @@ pub fn payloads() -> Vec<Payload> {
             sport: 0,
             ret: None,
             send_to: true,
+            rewritten_argv: None,
+        }),
+        Payload::Connect(Connect {
+            protocol: "tcp".into(),
+            daddr: ip("10.0.0.1"),
+            dport: 80,
+            saddr: ip("10.0.0.2"),
+            sport: 40000,
+            ret: Some(0),
+            send_to: false,
             rewritten_argv: None,
         }),
         Payload::FileOpen(FileOpen {

@@ -366,7 +366,6 @@ fn normalize_path(path: &str) -> &str {
     }
 }
 
-/// The first 12 characters of a container id (the whole id if shorter).
 /// The formatting of [`Workload::key`].
 struct KeyDisplay<'a>(&'a Workload);
 
@@ -392,6 +391,7 @@ impl<'a> std::fmt::Display for KeyDisplay<'a> {
     }
 }
 
+/// The first 12 characters of a container id (the whole id if shorter).
 fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }

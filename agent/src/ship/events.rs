@@ -36,13 +36,17 @@ use crate::outputs::Sink;
 /// node's events; past it they are dropped and counted: the lane is best
 /// effort, and its memory stays small).
 pub const QUEUE_BYTES: usize = 4 << 20;
-/// A chunk is handed over once it holds this many bytes, even mid-drain.
+/// A chunk is handed over once it holds this many bytes ...
 pub const CHUNK_BYTES: usize = 64 << 10;
+/// ... or this many events, even mid-drain.
+pub const CHUNK_EVENTS: usize = BATCH_EVENTS / 4;
+/// Chunks the shipper thread takes in per turn of its loop.
+pub const CHUNKS_PER_TURN: usize = 64;
 /// Most events per batch.
 pub const BATCH_EVENTS: usize = 2_000;
-/// Most encoded bytes per batch (the collector takes 4 MiB messages; a
-/// batch closes at the first chunk that reaches this, so it stays under
-/// `BATCH_BYTES + CHUNK_BYTES` and one event).
+/// Most encoded bytes per batch (the collector takes 4 MiB messages): a
+/// chunk that would take the batch past this or [`BATCH_EVENTS`] starts
+/// the next one (a single chunk is at most `CHUNK_BYTES` and one event).
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Longest an event waits for its batch to fill.
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
@@ -50,8 +54,8 @@ pub const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// node (at most `BACKLOG_BATCHES * BATCH_EVENTS` events) ...
 pub const BACKLOG_BATCHES: usize = 64;
 /// ... and at most this many encoded bytes, which is what they take in
-/// memory (the batches are kept encoded). On an ordinary node, minutes of
-/// events.
+/// memory (the batches are kept encoded, trimmed to their length). On an
+/// ordinary node, minutes of events.
 pub const BACKLOG_BYTES: usize = 4 << 20;
 
 /// Encoded events on their way to the lane: `EventBatch.events` entries.
@@ -174,7 +178,7 @@ impl Sink for EventSink {
     fn emit(&mut self, ev: &EnrichedEvent) {
         super::wire::append_event(&mut self.open.body, ev);
         self.open.events += 1;
-        if self.open.body.len() >= CHUNK_BYTES {
+        if self.open.body.len() >= CHUNK_BYTES || self.open.events >= CHUNK_EVENTS {
             self.hand_over();
         }
     }
@@ -226,8 +230,15 @@ impl EventLane {
         }
     }
 
-    /// Adds a chunk of events to the open batch (closed when full).
+    /// Adds a chunk of events to the open batch (closed when full; closed
+    /// first if the chunk would take it past a bound).
     pub(super) fn push(&mut self, c: Chunk) {
+        if self.open_events > 0
+            && (self.open_events + c.events > BATCH_EVENTS
+                || self.open.len() + c.body.len() > BATCH_BYTES)
+        {
+            self.close();
+        }
         if self.open_events == 0 {
             self.open_since = Instant::now();
             self.open.clear();
@@ -272,7 +283,10 @@ impl EventLane {
         if self.open_events == 0 {
             return;
         }
-        let body = Bytes::from(std::mem::take(&mut self.open));
+        let mut open = std::mem::take(&mut self.open);
+        // Held as counted: the batch's bytes, not the buffer's doubling.
+        open.shrink_to_fit();
+        let body = Bytes::from(open);
         let events = std::mem::take(&mut self.open_events);
         while !self.backlog.is_empty()
             && (self.backlog.len() >= BACKLOG_BATCHES
@@ -397,19 +411,20 @@ mod tests {
         assert_eq!(total, lane.backlog_bytes);
     }
 
-    /// Chunks join into one batch until it is full; the batch is the
+    /// Chunks join into one batch up to its bounds: a chunk that would
+    /// take it past BATCH_EVENTS starts the next batch; the batch is the
     /// events of its chunks, in order.
     #[test]
-    fn chunks_join_into_batches() {
+    fn chunks_join_into_batches_within_bounds() {
         let mut lane = EventLane::new(Arc::new(Metrics::default()));
         lane.push(chunk(3, 10));
         lane.push(chunk(BATCH_EVENTS - 4, 1));
         assert!(!lane.ready());
         lane.push(chunk(2, 5));
-        assert_eq!(lane.held(), 1);
-        assert_eq!(lane.due(), None);
+        assert_eq!(lane.held(), 1, "the first batch closed before the chunk");
+        assert!(lane.due().is_some(), "the chunk opened the next one");
         let b = lane.backlog.front().unwrap();
-        assert_eq!(b.events, BATCH_EVENTS + 1);
+        assert_eq!(b.events, BATCH_EVENTS - 1);
         let plain: vigil_proto::EventBatch = prost::Message::decode(
             &prost::Message::encode_to_vec(&EncodedEventBatch {
                 batch_id: b.id.clone(),
@@ -417,9 +432,59 @@ mod tests {
             })[..],
         )
         .unwrap();
-        assert_eq!(plain.events.len(), BATCH_EVENTS + 1);
+        assert_eq!(plain.events.len(), BATCH_EVENTS - 1);
         assert_eq!(plain.events[0].argv[0].len(), 10);
-        assert_eq!(plain.events[BATCH_EVENTS].argv[0].len(), 5);
+        assert_eq!(plain.events[BATCH_EVENTS - 2].argv[0].len(), 1);
+        // Reaching the bound exactly closes the batch.
+        lane.push(chunk(BATCH_EVENTS - 2, 1));
+        assert_eq!(lane.held(), 2);
+        assert_eq!(lane.backlog[1].events, BATCH_EVENTS);
+        assert_eq!(lane.due(), None);
+        // Bytes: a chunk that would pass BATCH_BYTES starts a new batch.
+        lane.push(chunk(1, BATCH_BYTES / 2));
+        lane.push(chunk(1, BATCH_BYTES / 2));
+        assert_eq!(lane.held(), 3);
+        assert!(lane
+            .backlog
+            .iter()
+            .all(|b| b.body.len() <= BATCH_BYTES + CHUNK_BYTES));
+    }
+
+    /// The sink hands over what it encoded, in chunks within their bounds,
+    /// at each flush; what cannot be handed over is counted as dropped.
+    #[test]
+    fn the_sink_hands_over_chunks_and_counts_what_does_not_fit() {
+        use crate::model::fixtures::{enriched, payloads, workloads};
+        let m = Arc::new(Metrics::default());
+        let (tx, mut rx) = handover();
+        let mut sink = EventSink::new(tx.clone(), m.clone());
+        let ev = enriched(payloads().remove(0), workloads().remove(0));
+        let one = super::super::wire::event(&ev, false).len() + 8;
+        let n = 2 * CHUNK_EVENTS + 7;
+        for _ in 0..n {
+            sink.emit(&ev);
+        }
+        sink.flush();
+        sink.flush();
+        let mut got = 0;
+        while let Some(c) = rx.try_recv() {
+            assert!(c.events <= CHUNK_EVENTS && c.body.len() < CHUNK_BYTES + one);
+            got += c.events;
+        }
+        assert_eq!(got, n);
+        assert_eq!(m.ship_events_dropped.get(), 0);
+        assert_eq!(tx.queued.load(Ordering::Relaxed), 0, "all taken");
+        // A nearly full hand-over: the next chunk does not fit.
+        assert!(tx.send(chunk(1, QUEUE_BYTES - 64)).is_ok());
+        sink.emit(&ev);
+        sink.emit(&ev);
+        sink.flush();
+        assert_eq!(m.ship_events_dropped.get(), 2);
+        // The shipper thread gone.
+        drop(rx);
+        sink.emit(&ev);
+        drop(sink);
+        assert_eq!(m.ship_events_dropped.get(), 3, "handed over at drop");
     }
 
     /// The hand-over holds at most QUEUE_BYTES: a chunk past it comes

@@ -420,7 +420,7 @@ impl Worker {
                 self.take(m).await;
                 spool_due = true;
             }
-            for _ in 0..events::BATCH_EVENTS {
+            for _ in 0..events::CHUNKS_PER_TURN {
                 match events.try_recv() {
                     Some(e) => self.lane.push(e),
                     None => break,
@@ -464,16 +464,16 @@ impl Worker {
         }
     }
 
-    /// One batch of events, bounded in time.
+    /// One batch of events, bounded in time. Cancel-safe: a batch leaves
+    /// the lane only once acknowledged, so one cut off by the timeout is
+    /// sent again (same id: stored once).
     async fn send_events(&mut self, timeout: Duration) -> Result<(), ShipError> {
         let sent = tokio::time::timeout(timeout, async {
-            let mut lane = std::mem::replace(&mut self.lane, EventLane::new(self.metrics.clone()));
-            let r = match self.client().await {
-                Ok(c) => lane.send_one(c).await,
-                Err(e) => Err(e),
-            };
-            self.lane = lane;
-            r
+            self.connect().await?;
+            match self.client.as_mut() {
+                Some(c) => self.lane.send_one(c).await,
+                None => Err(ShipError::Retry("not connected".into())),
+            }
         })
         .await;
         sent.unwrap_or_else(|_| Err(ShipError::Retry("sending events timed out".into())))
@@ -507,10 +507,16 @@ impl Worker {
     }
 
     async fn client(&mut self) -> Result<&mut Client, ShipError> {
+        self.connect().await?;
+        Ok(self.client.as_mut().expect("just set"))
+    }
+
+    /// Connects unless connected.
+    async fn connect(&mut self) -> Result<(), ShipError> {
         if self.client.is_none() {
             self.client = Some(Client::connect(&self.url, &self.files).await?);
         }
-        Ok(self.client.as_mut().expect("just set"))
+        Ok(())
     }
 
     /// Commits to every spooled bundle not committed yet (small messages,

@@ -414,6 +414,13 @@ mod tests {
         m
     }
 
+    /// The document's text holds what the line holds and nothing more: a
+    /// key written twice would be lost in the parsed value but not here
+    /// (same escaping and number forms; only the key order differs).
+    fn same_text(text: &str, line: &serde_json::Value) {
+        assert_eq!(text.len(), line.to_string().len(), "{text}");
+    }
+
     /// The collector's document of the wire form is the agent's event line,
     /// for every kind, workload and ancestry form.
     #[test]
@@ -430,6 +437,7 @@ mod tests {
                     let wire: pb::Event = decode(&event(&ev, argv));
                     let doc = pb::document::event(&wire).unwrap();
                     assert_eq!(doc, line, "{}", line["type"]);
+                    same_text(&pb::document::event_json(&wire).unwrap(), &line);
                 }
             }
         }
@@ -477,6 +485,7 @@ mod tests {
             assert_eq!(wire.severity(), severity(d.severity));
             let doc = pb::document::detection(&wire).unwrap();
             assert_eq!(doc, line, "{}", line["event"]["type"]);
+            same_text(&pb::document::detection_json(&wire).unwrap(), &line);
         }
     }
 
