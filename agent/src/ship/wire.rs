@@ -17,8 +17,10 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use crate::model::event::{Event, Payload, Stdio};
 use crate::model::{Ancestor, Detection, EnrichedEvent, ProcessView, Severity, Workload};
 
-/// One `Event`, encoded; ancestors carry their argv when `ancestry_argv`
-/// (as the event lines do).
+/// One `Event`, encoded on its own; ancestors carry their argv when
+/// `ancestry_argv` (as the event lines can). The tests' reference form:
+/// the agent ships events through [`append_event`].
+#[cfg(test)]
 pub fn event(ev: &EnrichedEvent, ancestry_argv: bool) -> Vec<u8> {
     let mut buf = Vec::with_capacity(512);
     event_fields(&mut Pb(&mut buf), ev, ancestry_argv);
