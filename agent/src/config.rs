@@ -50,8 +50,16 @@ pub struct SensorConfig {
     /// Kernel BTF file (default /sys/kernel/btf/vmlinux).
     pub btf_path: Option<PathBuf>,
     /// How often the agent drains the ring buffer when the kernel has not
-    /// woken it, in milliseconds.
+    /// woken it, in milliseconds (a safety net: the kernel wakes it for the
+    /// first record after a drain).
     pub poll_interval_ms: u64,
+    /// The kernel wakes the agent for the first event after a drain; the
+    /// agent waits at least this long after a drain before it takes the
+    /// next wakeup, in milliseconds. Bounds wakeups under load (at most
+    /// 1000 / this many drains a second) and, at light load, about how long
+    /// an event waits in the ring buffer (so detection latency). 0: every
+    /// wakeup is taken at once.
+    pub min_wakeup_interval_ms: u64,
     /// Bytes pending in the ring buffer before the kernel wakes the agent.
     pub wakeup_bytes: u32,
     /// Ring buffer size in bytes (power of two); 0 sizes it by the number
@@ -95,7 +103,8 @@ impl Default for SensorConfig {
     fn default() -> Self {
         Self {
             btf_path: None,
-            poll_interval_ms: 10,
+            poll_interval_ms: 100,
+            min_wakeup_interval_ms: 4,
             wakeup_bytes: 256 * 1024,
             ring_buffer_bytes: 0,
             connect_dedup_secs: 10,
@@ -150,6 +159,12 @@ impl SensorConfig {
             self.ring_buffer_bytes
         );
         anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
+        anyhow::ensure!(
+            self.min_wakeup_interval_ms <= self.poll_interval_ms,
+            "min_wakeup_interval_ms ({}) must be at most poll_interval_ms ({})",
+            self.min_wakeup_interval_ms,
+            self.poll_interval_ms
+        );
         anyhow::ensure!(
             self.freeze.is_empty() || self.ring_bytes() >= 16384,
             "ring_buffer_bytes must be >= 16384 while freeze is on (a frozen exec's record reserves 8320 bytes), got {}",
@@ -500,6 +515,7 @@ impl CaptureConfig {
             deadline: Duration::from_millis(self.deadline_ms),
             budget: self.budget(),
             max_disk_bytes: self.max_disk_mib << 20,
+            peer_pin_dir: None,
             actions,
         })
     }
@@ -697,6 +713,7 @@ impl OutputsConfig {
 pub const FLAT_KEYS: &[(&str, &str, &str)] = &[
     ("btf_path", "sensor", "btf_path"),
     ("poll_interval_ms", "sensor", "poll_interval_ms"),
+    ("min_wakeup_interval_ms", "sensor", "min_wakeup_interval_ms"),
     ("wakeup_bytes", "sensor", "wakeup_bytes"),
     ("ring_buffer_bytes", "sensor", "ring_buffer_bytes"),
     ("connect_dedup_secs", "sensor", "connect_dedup_secs"),

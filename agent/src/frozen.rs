@@ -367,6 +367,19 @@ pub fn pin_name() -> String {
     format!("frozen.{me}.{start}")
 }
 
+/// The ledger pinned in `pin_dir` by the agent `pid` (start time
+/// `start_ticks`), if that process is another agent. Such an agent has a
+/// freeze watchdog of its own: if two agents stopped each other, both would
+/// stay stopped, each waiting for its own stopped watchdog. So an agent
+/// never stops another (it still reports what the other does).
+pub fn peer_ledger(pin_dir: &Path, pid: i32, start_ticks: u64) -> Option<PathBuf> {
+    if pid as u32 == std::process::id() {
+        return None;
+    }
+    let path = pin_dir.join(format!("frozen.{pid}.{start_ticks}"));
+    path.exists().then_some(path)
+}
+
 /// Whether the pin file `name` belongs to an agent that still runs (other
 /// than this process).
 fn owner_alive(name: &str) -> bool {

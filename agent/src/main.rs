@@ -237,8 +237,12 @@ fn main() -> std::process::ExitCode {
     // runtime set goes, then the threads start.
     let result = vigil_agent::runner::prepare(cfg).and_then(|prepared| {
         vigil_agent::privilege::drop_to_runtime_set().context("dropping privileges after load")?;
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // One thread runs the agent's loop and polls the kernel's readiness
+        // itself: a wakeup is one thread switch (a multi-thread runtime's
+        // `block_on` takes two, a worker waking this thread). The loop is
+        // the only busy task; the metrics listener's scrapes share it, and
+        // the capture, shipper and freeze watchdog have their own threads.
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the runtime")?

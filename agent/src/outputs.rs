@@ -37,8 +37,13 @@ pub trait Forward: Send + Sync + std::fmt::Debug {
 pub trait Sink: Send {
     /// Takes one event. Errors are the sink's to count and report.
     fn emit(&mut self, ev: &EnrichedEvent);
-    /// Called after each batch.
+    /// Called after each batch (and on the agent's poll tick).
     fn flush(&mut self) {}
+    /// Called once at shutdown, after the last batch: everything held goes
+    /// out.
+    fn finish(&mut self) {
+        self.flush();
+    }
 }
 
 /// Writes values as JSON lines (events, detections).

@@ -142,7 +142,10 @@ impl Pipeline {
     /// At shutdown: what is still tallied is reported.
     pub fn finish(&mut self) {
         self.react.finish();
-        self.flush();
+        for s in &mut self.sinks {
+            s.finish();
+        }
+        self.react.flush();
     }
 
     /// End of a batch: flush the outputs.

@@ -57,6 +57,9 @@ pub struct ResponseOptions {
     /// Bytes the capture directory may hold: captures of detections below
     /// high stop at 80 % of it, high and critical ones at 100 %.
     pub max_disk_bytes: u64,
+    /// Where agents pin their freeze ledgers: a process with a live
+    /// ledger there is another agent, never stopped for a capture.
+    pub peer_pin_dir: Option<PathBuf>,
     /// Where containment actions taken after a capture are reported.
     pub actions: Option<Arc<crate::contain::ActionLog>>,
 }
@@ -348,6 +351,7 @@ impl Responder {
     ) -> anyhow::Result<Self> {
         let mut cfg = CaptureConfig::under(&opts.dir, &opts.agent_id);
         cfg.core.max_total_bytes = opts.max_core_bytes;
+        cfg.freeze.peer_pin_dir = opts.peer_pin_dir.clone();
         let (capturer, resumed) = Capturer::new(cfg)
             .map_err(|e| anyhow::anyhow!("capture directory {}: {e}", opts.dir.display()))?;
         if !resumed.is_empty() {

@@ -160,16 +160,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_else(|_| "vigil-agent".into()),
             };
-            let responder = Responder::start(
-                cfg.capture.response(
-                    agent_id,
-                    cfg.outputs.evidence_json.clone(),
-                    forward.clone(),
-                    actions.clone(),
-                )?,
-                ledger.clone(),
-                metrics.clone(),
+            let mut response = cfg.capture.response(
+                agent_id,
+                cfg.outputs.evidence_json.clone(),
+                forward.clone(),
+                actions.clone(),
             )?;
+            // Other agents pin their ledgers where this one does.
+            response.peer_pin_dir = Some(cfg.sensor.bpf_pin_dir.clone());
+            let responder = Responder::start(response, ledger.clone(), metrics.clone())?;
             pipeline = pipeline.with_responder(responder);
         }
     }
@@ -197,12 +196,12 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             .into_iter()
             .filter(|&p| p != std::process::id()),
     );
-    // SAFETY: `ring` owns its fd and moves into the AsyncFd, which drops the
-    // registration before the fd is closed.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?;
+    let mut ring = Ring::armed(ring)?;
     let mut poll = tokio::time::interval(Duration::from_millis(cfg.sensor.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let rest = Duration::from_millis(cfg.sensor.min_wakeup_interval_ms);
+    let rest_over = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(rest_over);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -213,14 +212,25 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = ring.woken(), if ring.is_armed() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut pipeline);
-                guard.clear_ready();
+                if drain(guard.get_inner_mut(), &mut pipeline) {
+                    guard.clear_ready();
+                } else {
+                    // Records left behind: no wakeup comes for those.
+                    guard.retain_ready();
+                }
+                drop(guard);
                 metrics.health.drained();
+                if !rest.is_zero() {
+                    ring.rest();
+                    rest_over.as_mut().reset(tokio::time::Instant::now() + rest);
+                }
             }
+            () = &mut rest_over, if !ring.is_armed() => ring.arm()?,
             _ = poll.tick() => {
                 drain(ring.get_mut(), &mut pipeline);
+                pipeline.flush();
                 metrics.health.drained();
             }
             _ = housekeeping.tick() => {
@@ -281,9 +291,71 @@ fn read_kernel_counters(sensor: &crate::sensor::SensorHandle, metrics: &crate::m
     }
 }
 
+/// The ring buffer as the drain loop holds it. Armed: registered with the
+/// runtime, waiting for the kernel's wakeup (which comes for the first
+/// record written after a drain emptied it, or past `wakeup_bytes`).
+/// Resting, for `min_wakeup_interval_ms` after a drain: not registered, so
+/// the wakeups the kernel sends meanwhile wake no thread; arming again
+/// reports at once what came in (epoll checks readiness when an fd is
+/// added). Under load that is one wakeup per rest instead of one per
+/// record, and a record waits at most about a rest.
+enum Ring {
+    Armed(AsyncFd<RingBuf<MapData>>),
+    Resting(RingBuf<MapData>),
+    /// Only between `rest` and a failed `arm`.
+    Gone,
+}
+
+impl Ring {
+    fn armed(ring: RingBuf<MapData>) -> anyhow::Result<Self> {
+        // SAFETY: `ring` owns its fd and moves into the AsyncFd, which drops
+        // the registration before the fd is closed (or hands `ring` back,
+        // deregistered, in `rest`).
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map(Ring::Armed)
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))
+    }
+
+    fn is_armed(&self) -> bool {
+        matches!(self, Ring::Armed(_))
+    }
+
+    fn get_mut(&mut self) -> &mut RingBuf<MapData> {
+        match self {
+            Ring::Armed(fd) => fd.get_mut(),
+            Ring::Resting(r) => r,
+            Ring::Gone => unreachable!("the ring buffer is always put back"),
+        }
+    }
+
+    /// Until the kernel's wakeup (pending forever while resting).
+    async fn woken(
+        &mut self,
+    ) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>> {
+        match self {
+            Ring::Armed(fd) => fd.readable_mut().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    fn rest(&mut self) {
+        if let Ring::Armed(fd) = std::mem::replace(self, Ring::Gone) {
+            *self = Ring::Resting(fd.into_inner());
+        }
+    }
+
+    fn arm(&mut self) -> anyhow::Result<()> {
+        if let Ring::Resting(r) = std::mem::replace(self, Ring::Gone) {
+            *self = Ring::armed(r)?;
+        }
+        Ok(())
+    }
+}
+
 /// Handles what is in the ring buffer (bounded per call), then flushes.
-fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
-    drain_up_to(ring, pipeline, DRAIN_BUDGET);
+/// False when the budget ran out before the ring buffer was empty.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) -> bool {
+    drain_up_to(ring, pipeline, DRAIN_BUDGET)
 }
 
 /// At shutdown: everything left (the ring buffer is bounded, so is this).
@@ -291,16 +363,21 @@ fn drain_all(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline) {
     drain_up_to(ring, pipeline, usize::MAX);
 }
 
-fn drain_up_to(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, budget: usize) {
+fn drain_up_to(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, budget: usize) -> bool {
     let mut n = 0;
+    let mut emptied = false;
     while n < budget {
-        let Some(item) = ring.next() else { break };
+        let Some(item) = ring.next() else {
+            emptied = true;
+            break;
+        };
         pipeline.handle_record(&item);
         n += 1;
     }
     if n > 0 {
         pipeline.flush();
     }
+    emptied
 }
 
 fn build_detection(cfg: &crate::config::DetectConfig) -> anyhow::Result<DetectEngine> {

@@ -3,7 +3,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::{
-    bindings::{BPF_EXIST, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_EXIST, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -364,12 +364,17 @@ unsafe fn emit(s: *mut Scratch, kind: EventKind, fixed_len: usize, tail_len: u64
                 *p = avail;
             }
         }
+        // Past `wakeup_bytes` pending: wake the agent now. Below it: the
+        // ring buffer's own rule (0), which wakes the agent only for a
+        // record written while it had caught up, i.e. the first record
+        // after a drain; the agent bounds how often that happens
+        // (`min_wakeup_interval_ms`), so a record never waits for a timer.
         let wake: u32 = cfg!(wakeup_bytes);
         let flags = if avail >= wake as u64 {
-            BPF_RB_FORCE_WAKEUP
+            BPF_RB_FORCE_WAKEUP as u64
         } else {
-            BPF_RB_NO_WAKEUP
-        } as u64;
+            0
+        };
         let r = bpf_ringbuf_output(
             core::ptr::addr_of!(EVENTS) as *mut c_void,
             base as *mut c_void,

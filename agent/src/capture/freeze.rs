@@ -65,6 +65,16 @@ pub enum FreezeError {
         /// The OS error.
         source: io::Error,
     },
+    /// The process is another vigil agent (its freeze ledger is pinned):
+    /// two agents that stop each other would both stay stopped, neither
+    /// left to resume the other.
+    #[error("process {pid} is another vigil agent (its freeze ledger {ledger} is pinned): not stopped, so that two agents never stop each other")]
+    PeerAgent {
+        /// The pid.
+        pid: i32,
+        /// The other agent's pinned ledger.
+        ledger: PathBuf,
+    },
     /// Reading or writing the stopped list.
     #[error("stopped list {path}: {source}")]
     StateFile {
@@ -82,12 +92,17 @@ pub struct FreezeOptions {
     /// thread in uninterruptible sleep (D) stops only when it leaves it; the
     /// capture then goes on and reports the threads that did not stop.
     pub stop_timeout: Duration,
+    /// Where agents pin their freeze ledgers (`sensor.bpf_pin_dir`): a
+    /// process with a live ledger there is another agent and is never
+    /// stopped (see [`crate::frozen::peer_ledger`]). None: no such check.
+    pub peer_pin_dir: Option<PathBuf>,
 }
 
 impl Default for FreezeOptions {
     fn default() -> Self {
         FreezeOptions {
             stop_timeout: Duration::from_secs(2),
+            peer_pin_dir: None,
         }
     }
 }
@@ -183,6 +198,11 @@ impl Freezer {
         if exiting(pid) {
             // A zombie has no memory left to capture.
             return Err(FreezeError::Gone { pid });
+        }
+        if let Some(dir) = &self.inner.options.peer_pin_dir {
+            if let Some(ledger) = crate::frozen::peer_ledger(dir, pid, start_time) {
+                return Err(FreezeError::PeerAgent { pid, ledger });
+            }
         }
         let already_stopped = all_stopped(pid).0;
         self.list_add(pid, start_time)?;
@@ -512,6 +532,44 @@ mod tests {
         child.wait().unwrap();
         // Nothing left in the stopped list.
         assert!(resume_leftovers(dir.path()).unwrap().is_empty());
+    }
+
+    /// Another agent (a process with a live freeze ledger pinned where
+    /// this agent pins its own) is never stopped: two agents stopping each
+    /// other would both stay stopped. A ledger of another start time (the
+    /// pid recycled) or another pid does not count.
+    #[test]
+    fn capture_freeze_never_stops_another_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = tempfile::tempdir().unwrap();
+        let f = Freezer::new(
+            dir.path(),
+            FreezeOptions {
+                peer_pin_dir: Some(pins.path().to_path_buf()),
+                ..FreezeOptions::default()
+            },
+        )
+        .unwrap();
+        let mut child = spawn_sleeper(1, "PEER");
+        let pid = child.id() as i32;
+        let start = procutil::start_time(pid).unwrap();
+        std::fs::write(pins.path().join(format!("frozen.{pid}.{}", start + 1)), "").unwrap();
+        std::fs::write(pins.path().join(format!("frozen.{}.{start}", pid + 1)), "").unwrap();
+        f.freeze(pid).unwrap().resume().unwrap();
+        std::fs::write(pins.path().join(format!("frozen.{pid}.{start}")), "").unwrap();
+        let Err(e) = f.freeze(pid) else {
+            panic!("another agent was stopped")
+        };
+        assert!(
+            matches!(e, FreezeError::PeerAgent { pid: p, .. } if p == pid),
+            "{e}"
+        );
+        assert!(e.to_string().contains("another vigil agent"), "{e}");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(thread_states(pid).iter().all(|s| *s != 'T'), "not stopped");
+        assert!(f.listed().is_empty());
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! The pipeline's [`EventSink`] writes each event's protobuf once, straight
 //! from the model (`wire::append_event`), into a chunk, and hands the chunk
-//! over at the end of each ring-buffer drain (or at [`CHUNK_BYTES`]). The
+//! over at the end of a ring-buffer drain at most every [`HANDOVER_EVERY`]
+//! (each hand-over wakes the shipper thread), or at [`CHUNK_BYTES`]. The
 //! hand-over holds at most [`QUEUE_BYTES`]; a chunk that does not fit is
 //! dropped, counted in `vigil_ship_events_dropped_total`. The [`EventLane`]
 //! joins chunks into batches (at most [`BATCH_EVENTS`] events,
@@ -36,6 +37,10 @@ use crate::outputs::Sink;
 /// node's events; past it they are dropped and counted: the lane is best
 /// effort, and its memory stays small).
 pub const QUEUE_BYTES: usize = 4 << 20;
+/// A drain's end hands the chunk over only this long after the last
+/// hand-over (the agent's poll tick flushes too, so an idle node's last
+/// events wait no longer than this and a tick).
+pub const HANDOVER_EVERY: Duration = Duration::from_millis(50);
 /// A chunk is handed over once it holds this many bytes ...
 pub const CHUNK_BYTES: usize = 64 << 10;
 /// ... or this many events, even mid-drain.
@@ -133,6 +138,8 @@ pub struct EventSink {
     open: Chunk,
     metrics: Arc<Metrics>,
     warned: bool,
+    last_handover: Instant,
+    every: Duration,
 }
 
 impl EventSink {
@@ -145,6 +152,8 @@ impl EventSink {
             },
             metrics,
             warned: false,
+            last_handover: Instant::now(),
+            every: HANDOVER_EVERY,
         }
     }
 
@@ -153,6 +162,7 @@ impl EventSink {
         if self.open.events == 0 {
             return;
         }
+        self.last_handover = Instant::now();
         let cap = self.open.body.len().clamp(1 << 10, CHUNK_BYTES);
         let c = std::mem::replace(
             &mut self.open,
@@ -184,6 +194,12 @@ impl Sink for EventSink {
     }
 
     fn flush(&mut self) {
+        if self.last_handover.elapsed() >= self.every {
+            self.hand_over();
+        }
+    }
+
+    fn finish(&mut self) {
         self.hand_over();
     }
 }
@@ -451,7 +467,8 @@ mod tests {
     }
 
     /// The sink hands over what it encoded, in chunks within their bounds,
-    /// at each flush; what cannot be handed over is counted as dropped.
+    /// at a flush [`HANDOVER_EVERY`] after the last hand-over and at
+    /// finish; what cannot be handed over is counted as dropped.
     #[test]
     fn the_sink_hands_over_chunks_and_counts_what_does_not_fit() {
         use crate::model::fixtures::{enriched, payloads, workloads};
@@ -460,12 +477,23 @@ mod tests {
         let mut sink = EventSink::new(tx.clone(), m.clone());
         let ev = enriched(payloads().remove(0), workloads().remove(0));
         let one = super::super::wire::event(&ev, false).len() + 8;
+        // A drain's end within HANDOVER_EVERY of the last hand-over keeps
+        // the chunk open; one after it hands it over.
+        sink.every = Duration::from_secs(3600);
+        sink.emit(&ev);
+        sink.flush();
+        assert!(rx.try_recv().is_none(), "kept open");
+        sink.every = Duration::ZERO;
+        sink.flush();
+        assert_eq!(rx.try_recv().map(|c| c.events), Some(1));
         let n = 2 * CHUNK_EVENTS + 7;
+        sink.every = Duration::from_secs(3600);
         for _ in 0..n {
             sink.emit(&ev);
         }
-        sink.flush();
-        sink.flush();
+        // Full chunks went at once; the rest at the end.
+        sink.finish();
+        sink.finish();
         let mut got = 0;
         while let Some(c) = rx.try_recv() {
             assert!(c.events <= CHUNK_EVENTS && c.body.len() < CHUNK_BYTES + one);
@@ -478,7 +506,7 @@ mod tests {
         assert!(tx.send(chunk(1, QUEUE_BYTES - 64)).is_ok());
         sink.emit(&ev);
         sink.emit(&ev);
-        sink.flush();
+        sink.finish();
         assert_eq!(m.ship_events_dropped.get(), 2);
         // The shipper thread gone.
         drop(rx);
