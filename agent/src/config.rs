@@ -160,12 +160,6 @@ impl SensorConfig {
         );
         anyhow::ensure!(self.poll_interval_ms > 0, "poll_interval_ms must be > 0");
         anyhow::ensure!(
-            self.min_wakeup_interval_ms <= self.poll_interval_ms,
-            "min_wakeup_interval_ms ({}) must be at most poll_interval_ms ({})",
-            self.min_wakeup_interval_ms,
-            self.poll_interval_ms
-        );
-        anyhow::ensure!(
             self.freeze.is_empty() || self.ring_bytes() >= 16384,
             "ring_buffer_bytes must be >= 16384 while freeze is on (a frozen exec's record reserves 8320 bytes), got {}",
             self.ring_buffer_bytes
@@ -245,6 +239,7 @@ impl SensorConfig {
             freeze_sizes: crate::identity::Identities::scan().sizes_of(&self.freeze_names),
             connect_dedup_ns: self.connect_dedup_secs.saturating_mul(1_000_000_000),
             pin_dir: self.bpf_pin_dir.clone(),
+            captures: false,
             deny_connect,
         })
     }

@@ -367,17 +367,28 @@ pub fn pin_name() -> String {
     format!("frozen.{me}.{start}")
 }
 
-/// The ledger pinned in `pin_dir` by the agent `pid` (start time
-/// `start_ticks`), if that process is another agent. Such an agent has a
-/// freeze watchdog of its own: if two agents stopped each other, both would
-/// stay stopped, each waiting for its own stopped watchdog. So an agent
-/// never stops another (it still reports what the other does).
-pub fn peer_ledger(pin_dir: &Path, pid: i32, start_ticks: u64) -> Option<PathBuf> {
+/// Why `pid` (start time `start_ticks`) is another vigil agent, if it is:
+/// its freeze ledger is pinned in `pin_dir` (every agent that captures pins
+/// one, where bpffs allows it), or it runs this agent's very executable
+/// file (the same device and inode; for kernels that refuse pinning). Such
+/// an agent has a freeze watchdog of its own: if two agents stopped each
+/// other, both would stay stopped, each waiting for its own stopped
+/// watchdog. So an agent never stops another (it still reports what the
+/// other does).
+pub fn peer_agent(pin_dir: &Path, pid: i32, start_ticks: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
     if pid as u32 == std::process::id() {
         return None;
     }
     let path = pin_dir.join(format!("frozen.{pid}.{start_ticks}"));
-    path.exists().then_some(path)
+    if path.exists() {
+        return Some(format!("its freeze ledger {} is pinned", path.display()));
+    }
+    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    match (id("/proc/self/exe"), id(&format!("/proc/{pid}/exe"))) {
+        (Some(me), Some(it)) if me == it => Some("it runs this agent's executable".into()),
+        _ => None,
+    }
 }
 
 /// Whether the pin file `name` belongs to an agent that still runs (other

@@ -58,7 +58,8 @@ pub struct ResponseOptions {
     /// high stop at 80 % of it, high and critical ones at 100 %.
     pub max_disk_bytes: u64,
     /// Where agents pin their freeze ledgers: a process with a live
-    /// ledger there is another agent, never stopped for a capture.
+    /// ledger there (or running this agent's executable) is another agent,
+    /// never stopped for a capture.
     pub peer_pin_dir: Option<PathBuf>,
     /// Where containment actions taken after a capture are reported.
     pub actions: Option<Arc<crate::contain::ActionLog>>,

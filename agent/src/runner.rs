@@ -70,11 +70,11 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
 
     // Attach first, then scan /proc: a process born in between is in the
     // ring buffer, so nothing falls in the gap.
-    let mut sensor = Sensor::load(&cfg.sensor.options(
-        offsets,
-        uring,
-        cfg.contain.denies_connects()?,
-    )?)?;
+    let mut options = cfg
+        .sensor
+        .options(offsets, uring, cfg.contain.denies_connects()?)?;
+    options.captures = cfg.capture.enabled;
+    let mut sensor = Sensor::load(&options)?;
     metrics.set_hooks(&sensor.hooks);
     metrics.set_paths(&sensor.paths);
     let (frozen_map, pin) = match sensor.frozen.take() {
@@ -196,10 +196,17 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             .into_iter()
             .filter(|&p| p != std::process::id()),
     );
-    let mut ring = Ring::armed(ring)?;
+    let mut ring = Ring::Resting(ring);
+    ring.arm()
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?;
     let mut poll = tokio::time::interval(Duration::from_millis(cfg.sensor.poll_interval_ms));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let rest = Duration::from_millis(cfg.sensor.min_wakeup_interval_ms);
+    // A rest as long as the poll interval is the poll interval.
+    let rest = Duration::from_millis(
+        cfg.sensor
+            .min_wakeup_interval_ms
+            .min(cfg.sensor.poll_interval_ms),
+    );
     let rest_over = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(rest_over);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -214,20 +221,28 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.woken(), if ring.is_armed() => {
                 let mut guard = guard?;
-                if drain(guard.get_inner_mut(), &mut pipeline) {
+                let emptied = drain(guard.get_inner_mut(), &mut pipeline);
+                if emptied {
                     guard.clear_ready();
                 } else {
-                    // Records left behind: no wakeup comes for those.
+                    // Records left behind (the drain's budget): no wakeup
+                    // comes for those, so the next turn drains again.
                     guard.retain_ready();
                 }
                 drop(guard);
                 metrics.health.drained();
-                if !rest.is_zero() {
+                if emptied && !rest.is_zero() {
                     ring.rest();
                     rest_over.as_mut().reset(tokio::time::Instant::now() + rest);
                 }
             }
-            () = &mut rest_over, if !ring.is_armed() => ring.arm()?,
+            () = &mut rest_over, if !ring.is_armed() => {
+                if let Err(e) = ring.arm() {
+                    // Still drained by the poll tick; tried again later.
+                    tracing::warn!(error = %e, "registering the ring buffer with the runtime failed; draining every poll_interval_ms until it works");
+                    rest_over.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
             _ = poll.tick() => {
                 drain(ring.get_mut(), &mut pipeline);
                 pipeline.flush();
@@ -294,28 +309,20 @@ fn read_kernel_counters(sensor: &crate::sensor::SensorHandle, metrics: &crate::m
 /// The ring buffer as the drain loop holds it. Armed: registered with the
 /// runtime, waiting for the kernel's wakeup (which comes for the first
 /// record written after a drain emptied it, or past `wakeup_bytes`).
-/// Resting, for `min_wakeup_interval_ms` after a drain: not registered, so
-/// the wakeups the kernel sends meanwhile wake no thread; arming again
-/// reports at once what came in (epoll checks readiness when an fd is
-/// added). Under load that is one wakeup per rest instead of one per
-/// record, and a record waits at most about a rest.
+/// Resting, for `min_wakeup_interval_ms` after a drain that emptied it:
+/// not registered, so the wakeups the kernel sends meanwhile wake no
+/// thread; arming again reports at once what came in (epoll checks
+/// readiness when an fd is added). Under load that is one wakeup per rest
+/// instead of one per record, and a record waits at most about a rest.
+/// The poll tick drains in either state.
 enum Ring {
     Armed(AsyncFd<RingBuf<MapData>>),
     Resting(RingBuf<MapData>),
-    /// Only between `rest` and a failed `arm`.
+    /// Only inside `rest` and `arm`.
     Gone,
 }
 
 impl Ring {
-    fn armed(ring: RingBuf<MapData>) -> anyhow::Result<Self> {
-        // SAFETY: `ring` owns its fd and moves into the AsyncFd, which drops
-        // the registration before the fd is closed (or hands `ring` back,
-        // deregistered, in `rest`).
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map(Ring::Armed)
-            .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))
-    }
-
     fn is_armed(&self) -> bool {
         matches!(self, Ring::Armed(_))
     }
@@ -344,9 +351,23 @@ impl Ring {
         }
     }
 
-    fn arm(&mut self) -> anyhow::Result<()> {
-        if let Ring::Resting(r) = std::mem::replace(self, Ring::Gone) {
-            *self = Ring::armed(r)?;
+    /// Registers a resting ring buffer; on failure it stays resting.
+    fn arm(&mut self) -> std::io::Result<()> {
+        match std::mem::replace(self, Ring::Gone) {
+            Ring::Resting(r) => {
+                // SAFETY: `r` owns its fd and moves into the AsyncFd, which
+                // drops the registration before the fd is closed (or hands
+                // `r` back, deregistered, in `rest`).
+                match unsafe { AsyncFd::register_with_interest(r, tokio::io::Interest::READABLE) } {
+                    Ok(fd) => *self = Ring::Armed(fd),
+                    Err(e) => {
+                        let (r, e) = e.into_parts();
+                        *self = Ring::Resting(r);
+                        return Err(e);
+                    }
+                }
+            }
+            other => *self = other,
         }
         Ok(())
     }

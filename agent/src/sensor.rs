@@ -256,6 +256,10 @@ pub struct SensorOptions {
     /// bpffs directory where the frozen-process ledger is pinned (so that
     /// a freeze outlives an agent crash in a record the next start reads).
     pub pin_dir: PathBuf,
+    /// This agent stops processes for captures: its ledger is pinned even
+    /// with no freeze policy, which is how other agents know it for an
+    /// agent and never stop it (see [`crate::frozen::peer_agent`]).
+    pub captures: bool,
     /// Attach the connect-refusal programs (containment `deny_connect`).
     pub deny_connect: bool,
     /// Use the BPF LSM programs for file writes and connects where the
@@ -674,13 +678,15 @@ impl Sensor {
         // bpffs pinning is refused, `frozen::resume_leftovers` finds those
         // processes in /proc instead (stopped before their first
         // instruction), so freezing stays on either way.
-        let pin = if freeze_policy == 0 {
+        // Pinned too when only captures stop processes: the pin tells other
+        // agents this one is an agent, never to be stopped.
+        let pin = if freeze_policy == 0 && !opts.captures {
             None
         } else {
             match pin_ledger(&frozen_map, &opts.pin_dir) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "the frozen-process ledger cannot be pinned; after a crash, leftovers are found in /proc instead");
+                    warn!(error = %format!("{e:#}"), "the frozen-process ledger cannot be pinned; after a crash, leftovers are found in /proc instead, and another agent on this node does not know this one for an agent");
                     None
                 }
             }

@@ -1359,6 +1359,42 @@ fn shuts_down_cleanly_on_sigint() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Two agents on one node: the second loads its programs under the first's
+/// eyes (a high detection, so a capture), and the first does not stop it:
+/// two agents stopping each other would both stay stopped, each watchdog
+/// inside a stopped process. The refusal is in the evidence line; both stop
+/// on SIGINT.
+#[test]
+fn two_agents_on_one_node_never_stop_each_other() {
+    let mut first = Agent::start(&[]);
+    let mut second = Agent::start(&[]);
+    let pid = u64::from(second.pid());
+    let of_second = |e: &Value| e["detection"]["process"]["pid"].as_u64() == Some(pid);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        let ev = first.evidence();
+        assert!(
+            !ev.iter()
+                .any(|e| of_second(e) && e.get("evidence").is_some()),
+            "the first agent captured (so stopped) the second: {ev:?}"
+        );
+        if let Some(e) = ev.into_iter().find(|e| of_second(e)) {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no capture outcome for the second agent's program loads"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let why = refused["error"].as_str().unwrap_or_default();
+    assert!(why.contains("another vigil agent"), "{refused}");
+    for agent in [&mut second, &mut first] {
+        let (status, _) = agent.stop();
+        assert!(status.success(), "exit status {status:?}");
+    }
+}
+
 #[test]
 fn bad_config_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -65,15 +65,14 @@ pub enum FreezeError {
         /// The OS error.
         source: io::Error,
     },
-    /// The process is another vigil agent (its freeze ledger is pinned):
-    /// two agents that stop each other would both stay stopped, neither
-    /// left to resume the other.
-    #[error("process {pid} is another vigil agent (its freeze ledger {ledger} is pinned): not stopped, so that two agents never stop each other")]
+    /// The process is another vigil agent: two agents that stop each
+    /// other would both stay stopped, neither left to resume the other.
+    #[error("process {pid} is another vigil agent ({why}): not stopped, so that two agents never stop each other")]
     PeerAgent {
         /// The pid.
         pid: i32,
-        /// The other agent's pinned ledger.
-        ledger: PathBuf,
+        /// How it is known for one.
+        why: String,
     },
     /// Reading or writing the stopped list.
     #[error("stopped list {path}: {source}")]
@@ -93,8 +92,9 @@ pub struct FreezeOptions {
     /// capture then goes on and reports the threads that did not stop.
     pub stop_timeout: Duration,
     /// Where agents pin their freeze ledgers (`sensor.bpf_pin_dir`): a
-    /// process with a live ledger there is another agent and is never
-    /// stopped (see [`crate::frozen::peer_ledger`]). None: no such check.
+    /// process with a live ledger there, or running this agent's
+    /// executable, is another agent and is never stopped (see
+    /// [`crate::frozen::peer_agent`]). None: no such check.
     pub peer_pin_dir: Option<PathBuf>,
 }
 
@@ -200,8 +200,8 @@ impl Freezer {
             return Err(FreezeError::Gone { pid });
         }
         if let Some(dir) = &self.inner.options.peer_pin_dir {
-            if let Some(ledger) = crate::frozen::peer_ledger(dir, pid, start_time) {
-                return Err(FreezeError::PeerAgent { pid, ledger });
+            if let Some(why) = crate::frozen::peer_agent(dir, pid, start_time) {
+                return Err(FreezeError::PeerAgent { pid, why });
             }
         }
         let already_stopped = all_stopped(pid).0;
@@ -534,10 +534,10 @@ mod tests {
         assert!(resume_leftovers(dir.path()).unwrap().is_empty());
     }
 
-    /// Another agent (a process with a live freeze ledger pinned where
-    /// this agent pins its own) is never stopped: two agents stopping each
-    /// other would both stay stopped. A ledger of another start time (the
-    /// pid recycled) or another pid does not count.
+    /// Another agent is never stopped: a process with a live freeze ledger
+    /// pinned where this agent pins its own, or one running this very
+    /// executable. A ledger of another start time (the pid recycled) or
+    /// another pid does not count.
     #[test]
     fn capture_freeze_never_stops_another_agent() {
         let dir = tempfile::tempdir().unwrap();
@@ -550,8 +550,16 @@ mod tests {
             },
         )
         .unwrap();
-        let mut child = spawn_sleeper(1, "PEER");
-        let pid = child.id() as i32;
+        let not_stopped = |pid: i32| {
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(thread_states(pid).iter().all(|s| *s != 'T'), "not stopped");
+        };
+        // Another program: known by its pinned ledger only.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = other.id() as i32;
         let start = procutil::start_time(pid).unwrap();
         std::fs::write(pins.path().join(format!("frozen.{pid}.{}", start + 1)), "").unwrap();
         std::fs::write(pins.path().join(format!("frozen.{}.{start}", pid + 1)), "").unwrap();
@@ -561,15 +569,27 @@ mod tests {
             panic!("another agent was stopped")
         };
         assert!(
-            matches!(e, FreezeError::PeerAgent { pid: p, .. } if p == pid),
+            matches!(&e, FreezeError::PeerAgent { pid: p, why } if *p == pid && why.contains("pinned")),
             "{e}"
         );
         assert!(e.to_string().contains("another vigil agent"), "{e}");
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(thread_states(pid).iter().all(|s| *s != 'T'), "not stopped");
+        not_stopped(pid);
+        other.kill().unwrap();
+        other.wait().unwrap();
+        // This very executable (the test binary re-run as a sleeper).
+        let mut same = spawn_sleeper(1, "PEER");
+        let pid = same.id() as i32;
+        let Err(e) = f.freeze(pid) else {
+            panic!("another agent was stopped")
+        };
+        assert!(
+            matches!(&e, FreezeError::PeerAgent { why, .. } if why.contains("executable")),
+            "{e}"
+        );
+        not_stopped(pid);
         assert!(f.listed().is_empty());
-        child.kill().unwrap();
-        child.wait().unwrap();
+        same.kill().unwrap();
+        same.wait().unwrap();
     }
 
     #[test]
