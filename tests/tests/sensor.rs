@@ -1363,32 +1363,51 @@ fn shuts_down_cleanly_on_sigint() {
 /// eyes (a high detection, so a capture), and the first does not stop it:
 /// two agents stopping each other would both stay stopped, each watchdog
 /// inside a stopped process. The refusal is in the evidence line; both stop
-/// on SIGINT.
+/// on SIGINT. (Where the agent is the system's binary, e.g. /usr/bin from
+/// the .deb in the VM test, its program loads are not a detection: nothing
+/// is asked, and the test checks that and the stops.)
 #[test]
 fn two_agents_on_one_node_never_stop_each_other() {
-    let mut first = Agent::start(&[]);
+    let out = tempfile::tempdir().unwrap();
+    let dets = out.path().join("detections.jsonl");
+    let mut first = Agent::start(&["--detections-json", dets.to_str().unwrap()]);
     let mut second = Agent::start(&[]);
     let pid = u64::from(second.pid());
-    let of_second = |e: &Value| e["detection"]["process"]["pid"].as_u64() == Some(pid);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let of_second = |e: &Value| e["process"]["pid"].as_u64() == Some(pid);
+    let detected = || {
+        std::fs::read_to_string(&dets)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|d| of_second(&d) && d["rule"] == "bpf_program_load")
+    };
+    let started = Instant::now();
     let refused = loop {
         let ev = first.evidence();
         assert!(
             !ev.iter()
-                .any(|e| of_second(e) && e.get("evidence").is_some()),
+                .any(|e| of_second(&e["detection"]) && e.get("evidence").is_some()),
             "the first agent captured (so stopped) the second: {ev:?}"
         );
-        if let Some(e) = ev.into_iter().find(|e| of_second(e)) {
-            break e;
+        if let Some(e) = ev.into_iter().find(|e| of_second(&e["detection"])) {
+            break Some(e);
         }
-        assert!(
-            Instant::now() < deadline,
-            "no capture outcome for the second agent's program loads"
-        );
+        let waited = started.elapsed();
+        if waited > Duration::from_secs(60) || (waited > Duration::from_secs(10) && !detected()) {
+            break None;
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let why = refused["error"].as_str().unwrap_or_default();
-    assert!(why.contains("another vigil agent"), "{refused}");
+    match refused {
+        Some(e) => {
+            let why = e["error"].as_str().unwrap_or_default();
+            assert!(why.contains("another vigil agent"), "{e}");
+        }
+        None => assert!(
+            !detected(),
+            "the second agent's program loads were detected, but no capture outcome came"
+        ),
+    }
     for agent in [&mut second, &mut first] {
         let (status, _) = agent.stop();
         assert!(status.success(), "exit status {status:?}");
