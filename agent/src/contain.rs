@@ -79,6 +79,9 @@ pub struct Policy {
     min_severity: Option<Severity>,
     action: Action,
     dry_run: bool,
+    /// Where other agents pin their freeze ledgers: a process known there
+    /// (or running this agent's executable) is never contained.
+    peer_pin_dir: Option<std::path::PathBuf>,
 }
 
 /// What containment decided for one event.
@@ -110,6 +113,26 @@ impl Policy {
             min_severity,
             action,
             dry_run,
+            peer_pin_dir: None,
+        })
+    }
+
+    /// Never contains another vigil agent: one known by its ledger pinned
+    /// in `pin_dir` or by running this agent's executable (see
+    /// [`crate::frozen::peer_agent`]). Two agents on a node (a package
+    /// beside a DaemonSet, two versions during an upgrade) each see the
+    /// other load its programs; neither may kill the other.
+    pub fn sparing_peers(mut self, pin_dir: std::path::PathBuf) -> Self {
+        self.peer_pin_dir = Some(pin_dir);
+        self
+    }
+
+    /// Why `pid` (started at `start_ticks`, when known) is never
+    /// contained, if it is not: it is another vigil agent.
+    pub fn spared(&self, pid: u32, start_ticks: Option<u64>) -> Option<String> {
+        let dir = self.peer_pin_dir.as_deref()?;
+        crate::frozen::peer_agent(dir, pid as i32, start_ticks.unwrap_or(0)).map(|why| {
+            format!("process {pid} is another vigil agent ({why}): never contained by this one")
         })
     }
 
@@ -415,6 +438,30 @@ pub fn execute_now(d: &Decision, pid: u32, start_ticks: Option<u64>) -> Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another agent (its ledger pinned where this one pins) is spared;
+    /// the same pid with another start time (recycled) is not, nor anyone
+    /// when the policy spares no peers.
+    #[test]
+    fn another_agent_is_spared() {
+        let pins = tempfile::tempdir().unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = other.id();
+        let start = crate::capture::procutil::start_time(pid as i32).unwrap();
+        std::fs::write(pins.path().join(format!("frozen.{pid}.{start}")), "").unwrap();
+        let p = Policy::new(&[], Some(Severity::High), Action::Kill, false).unwrap();
+        assert_eq!(p.spared(pid, Some(start)), None);
+        let p = p.sparing_peers(pins.path().to_path_buf());
+        let why = p.spared(pid, Some(start)).expect("spared");
+        assert!(why.contains("another vigil agent"), "{why}");
+        assert_eq!(p.spared(pid, Some(start + 1)), None);
+        assert_eq!(p.spared(pid, None), None);
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
 
     #[test]
     fn off_unless_configured() {

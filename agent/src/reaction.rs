@@ -137,18 +137,33 @@ impl Reaction {
             // contained (or waiting for its capture to contain it) asks
             // nothing more.
             let key = (enriched.event.pid, enriched.event.start_boot_ns);
+            let start_ticks = (enriched.event.start_boot_ns > 0)
+                .then(|| crate::frozen::boot_ns_to_ticks(enriched.event.start_boot_ns));
             let contain = match &mut self.contain {
                 Some(c) if alive && !c.done.contains(&key) => {
                     let d = c.policy.decide(&dets);
                     if d.is_some() {
                         c.done.put(key, ());
                     }
-                    d
+                    // Another agent is reported, never contained: refused
+                    // here, so that neither the capture nor a later step
+                    // kills it.
+                    d.and_then(|d| match c.policy.spared(enriched.event.pid, start_ticks) {
+                        Some(why) => {
+                            let mut rec = crate::contain::Record::new(
+                                &d,
+                                enriched.event.pid,
+                                crate::contain::Outcome::Refused,
+                            );
+                            rec.error = Some(why);
+                            c.log.record(&rec);
+                            None
+                        }
+                        None => Some(d),
+                    })
                 }
                 _ => None,
             };
-            let start_ticks = (enriched.event.start_boot_ns > 0)
-                .then(|| crate::frozen::boot_ns_to_ticks(enriched.event.start_boot_ns));
             // Connects are refused at once, before any capture; the process
             // runs on and is captured like any other.
             let denying = contain

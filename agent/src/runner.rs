@@ -140,6 +140,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         // from the capture worker alike.
         let actions = match cfg.contain.policy()? {
             Some(policy) => {
+                let policy = policy.sparing_peers(cfg.sensor.bpf_pin_dir.clone());
                 let log = crate::contain::ActionLog::open(
                     cfg.outputs.actions_json.as_deref(),
                     metrics.clone(),

@@ -1,6 +1,7 @@
 //! Ingest throughput against a running collector: events/s (agent-shaped
-//! JSON events in batches over parallel streams) and evidence MB/s (upload
-//! and fetch of one bundle).
+//! exec events in batches over parallel streams, in the structured form
+//! agents from 0.2 on send, or `--form json`, the JSON text older agents
+//! send) and evidence MB/s (upload and fetch of one bundle).
 //!
 //! ```sh
 //! vigil-collector init-pki --dir /tmp/pki --agent bench
@@ -16,9 +17,22 @@ use clap::Parser;
 use sha2::{Digest, Sha256};
 use vigil_collector::client;
 use vigil_collector::pki::{ClientFiles, Role};
+use vigil_proto::event::Payload;
 use vigil_proto::ingest_client::IngestClient;
 use vigil_proto::query_client::QueryClient;
-use vigil_proto::{Event, EventBatch, EvidenceChunk, FetchEvidenceRequest};
+use vigil_proto::{
+    Ancestor, Event, EventBatch, EvidenceChunk, ExecPayload, FetchEvidenceRequest, Process,
+    Workload,
+};
+
+/// How the bench's events travel.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Form {
+    /// Structured fields (agents >= 0.2): what an agent sends today.
+    Structured,
+    /// One JSON line per event (agents before 0.2).
+    Json,
+}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -40,6 +54,79 @@ struct Args {
     bundle_mib: usize,
     #[arg(long, default_value_t = 1 << 20)]
     chunk: usize,
+    /// The events' form.
+    #[arg(long, value_enum, default_value = "structured")]
+    form: Form,
+    /// Events only: no evidence upload and fetch.
+    #[arg(long)]
+    events_only: bool,
+}
+
+/// The exec event of [`event`] in the structured form an agent sends.
+fn structured(i: usize) -> Event {
+    let pid = 10_000 + (i % 5000) as u32;
+    let argv: Vec<String> = vec![
+        "curl".into(),
+        "-s".into(),
+        format!("https://example.invalid/{i}"),
+    ];
+    let exe = "/usr/bin/curl".to_string();
+    Event {
+        time_unix_nanos: 1_795_000_000_000_000_000 + i as i64,
+        kind: "exec".into(),
+        pid,
+        ppid: pid - 1,
+        exe: exe.clone(),
+        argv: argv.clone(),
+        workload_key: "systemd:app.service".into(),
+        uid: 1000,
+        boot_ns: 1_000_000_000 + i as u64,
+        tid: pid,
+        gid: 1000,
+        start_boot_ns: 999_000_000 + i as u64,
+        cgroup_id: 4242,
+        comm: "curl".into(),
+        process: Some(Process {
+            pid,
+            ppid: pid - 1,
+            exe: exe.clone(),
+            comm: "curl".into(),
+            argv: argv.clone(),
+            uid: 1000,
+            euid: 1000,
+            workload: Some(Workload {
+                kind: "systemd".into(),
+                cgroup: "/system.slice/app.service".into(),
+                systemd_unit: "app.service".into(),
+                ..Workload::default()
+            }),
+        }),
+        ancestry: vec![
+            Ancestor {
+                pid: pid - 1,
+                exe: "/usr/bin/bash".into(),
+                argv: vec!["bash".into(), "-c".into(), "run".into()],
+            },
+            Ancestor {
+                pid: 1,
+                exe: "/sbin/init".into(),
+                argv: vec!["/sbin/init".into()],
+            },
+        ],
+        ancestry_argv: true,
+        payload: Some(Payload::Exec(ExecPayload {
+            ppid: pid - 1,
+            euid: 1000,
+            egid: 1000,
+            exe,
+            argv,
+            exe_ino: 131_313,
+            exe_dev: 2049,
+            stdio: vec!["pipe".into(), "pipe".into(), "file".into()],
+            ..ExecPayload::default()
+        })),
+        ..Event::default()
+    }
 }
 
 fn event(i: usize) -> Event {
@@ -63,14 +150,20 @@ async fn main() -> Result<()> {
     // Events.
     let per_stream = a.events / a.streams;
     let mut prepared = Vec::new();
-    let mut json_bytes = 0usize;
+    let mut wire_bytes = 0usize;
     for s in 0..a.streams {
         let mut batches = Vec::new();
         for (b, start) in (0..per_stream).step_by(a.batch).enumerate() {
             let events: Vec<Event> = (start..(start + a.batch).min(per_stream))
-                .map(|i| event(s * per_stream + i))
+                .map(|i| match a.form {
+                    Form::Structured => structured(s * per_stream + i),
+                    Form::Json => event(s * per_stream + i),
+                })
                 .collect();
-            json_bytes += events.iter().map(|e| e.json.len()).sum::<usize>();
+            wire_bytes += events
+                .iter()
+                .map(prost::Message::encoded_len)
+                .sum::<usize>();
             batches.push(EventBatch {
                 batch_id: format!("{}-{s}-{b}", std::process::id()),
                 events,
@@ -97,12 +190,18 @@ async fn main() -> Result<()> {
     }
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "events: {accepted} in {secs:.2} s = {:.0} events/s ({:.1} MB/s of JSON, {} streams, batches of {})",
+        "events ({:?}): {accepted} in {secs:.2} s = {:.0} events/s ({:.1} MB/s of protobuf, {} B per event, {} streams, batches of {})",
+        a.form,
         accepted as f64 / secs,
-        json_bytes as f64 / secs / 1e6,
+        wire_bytes as f64 / secs / 1e6,
+        wire_bytes / accepted.max(1) as usize,
         a.streams,
         a.batch
     );
+
+    if a.events_only {
+        return Ok(());
+    }
 
     // Evidence.
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;

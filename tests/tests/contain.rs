@@ -252,3 +252,48 @@ fn deny_connect_cuts_the_process_and_its_children_off() {
     assert_eq!(a["action"], "deny_connect", "{a}");
     assert_eq!(a["result"], "done", "{a}");
 }
+
+/// Another vigil agent is reported, never contained: the first agent's
+/// policy names the second's program loads (`bpf_program_load`), with
+/// capture off (killed at once) and on (killed by the capture); the
+/// second runs on and stops cleanly, and the action is refused. Where the
+/// agent is the system's binary its loads are no detection: then only the
+/// clean stop is checked.
+#[test]
+fn another_agent_is_never_contained() {
+    let _g = serial();
+    for capture in ["capture = false", ""] {
+        let out = tempfile::tempdir().unwrap();
+        let dets = out.path().join("detections.jsonl");
+        let (mut first, dir) = agent_with(&format!(
+            "contain_rules = [\"bpf_program_load\"]\n{capture}\ndetections_json = \"{}\"",
+            dets.display()
+        ));
+        let mut second = Agent::start(&[]);
+        let pid = second.pid();
+        let detected = || {
+            std::fs::read_to_string(&dets)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|d| {
+                    d["process"]["pid"].as_u64() == Some(pid as u64)
+                        && d["rule"] == "bpf_program_load"
+                })
+        };
+        let t0 = Instant::now();
+        while !detected() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if detected() {
+            let a = action_for(&dir, pid);
+            assert_eq!(a["result"], "refused", "{capture}: {a}");
+            let why = a["error"].as_str().unwrap_or_default();
+            assert!(why.contains("another vigil agent"), "{capture}: {a}");
+        }
+        let (status, _) = second.stop();
+        assert!(status.success(), "{capture}: the second agent: {status:?}");
+        let (status, _) = first.stop();
+        assert!(status.success(), "{capture}: the first agent: {status:?}");
+    }
+}

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what the sensor costs the workloads users judge
 //! sensors by. For each workload ([`load::Workload`]) it runs rounds of
 //! windows, one per arm: no sensor, vigil, and each `--compare` command,
-//! alternating on the same machine in the same run, and reports the
+//! alternating on the same machine in the same run (each round starting
+//! one arm later than the one before), and reports the
 //! operation rate of each arm against the no-sensor window of its round,
 //! the sensor's CPU and memory, vigil's kernel time per operation, events
 //! received and dropped per kind, and detection latency (from a probe that
@@ -772,7 +773,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut results = Vec::new();
     for &workload in &args.workload {
         for round in 1..=args.rounds {
-            for arm in &arms {
+            // Each round starts one arm later, so that no arm always runs
+            // first or right after the heaviest one (what a window leaves
+            // behind, e.g. a sensor's teardown or its output's writeback,
+            // falls on every arm in turn).
+            let first = (round as usize - 1) % arms.len();
+            for arm in arms.iter().cycle().skip(first).take(arms.len()) {
                 let r = run_window(&ctx, results.len() + 1, workload, round, arm)?;
                 ctx.multi
                     .suspend(|| println!("{}", report::window_line(&r)));
