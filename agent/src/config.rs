@@ -239,7 +239,6 @@ impl SensorConfig {
             freeze_sizes: crate::identity::Identities::scan().sizes_of(&self.freeze_names),
             connect_dedup_ns: self.connect_dedup_secs.saturating_mul(1_000_000_000),
             pin_dir: self.bpf_pin_dir.clone(),
-            captures: false,
             deny_connect,
         })
     }

@@ -127,11 +127,14 @@ impl Policy {
         self
     }
 
-    /// Why `pid` (started at `start_ticks`, when known) is never
-    /// contained, if it is not: it is another vigil agent.
+    /// Why `pid` (started at `start_ticks`; read from /proc when unknown)
+    /// is never contained, if it is not: it is another vigil agent.
     pub fn spared(&self, pid: u32, start_ticks: Option<u64>) -> Option<String> {
         let dir = self.peer_pin_dir.as_deref()?;
-        crate::frozen::peer_agent(dir, pid as i32, start_ticks.unwrap_or(0)).map(|why| {
+        let start = start_ticks
+            .or_else(|| crate::capture::procutil::start_time(pid as i32).ok())
+            .unwrap_or(0);
+        crate::frozen::peer_agent(dir, pid as i32, start).map(|why| {
             format!("process {pid} is another vigil agent ({why}): never contained by this one")
         })
     }
@@ -458,7 +461,8 @@ mod tests {
         let why = p.spared(pid, Some(start)).expect("spared");
         assert!(why.contains("another vigil agent"), "{why}");
         assert_eq!(p.spared(pid, Some(start + 1)), None);
-        assert_eq!(p.spared(pid, None), None);
+        // Its start time unknown (no event said it): read from /proc.
+        assert!(p.spared(pid, None).is_some());
         other.kill().unwrap();
         other.wait().unwrap();
     }

@@ -368,15 +368,17 @@ pub fn pin_name() -> String {
 }
 
 /// Why `pid` (start time `start_ticks`) is another vigil agent, if it is:
-/// its freeze ledger is pinned in `pin_dir` (every agent that captures pins
-/// one, where bpffs allows it), or it runs this agent's very executable
-/// file (the same device and inode; for kernels that refuse pinning). Such
-/// an agent has a freeze watchdog of its own: if two agents stopped each
-/// other, both would stay stopped, each waiting for its own stopped
-/// watchdog. So an agent never stops another (it still reports what the
-/// other does).
+/// its freeze ledger is pinned in `pin_dir` (every agent pins one before it
+/// loads its programs, where bpffs allows it), or it runs this agent's very
+/// executable file (the same path, device and inode; for kernels that
+/// refuse pinning). Such an agent has a freeze watchdog of its own: if two
+/// agents stopped each other, both would stay stopped, each waiting for its
+/// own stopped watchdog; and one must not kill the other (two agents on a
+/// node during an upgrade or a migration). So an agent never stops or
+/// contains another (it still reports what the other does).
 pub fn peer_agent(pin_dir: &Path, pid: i32, start_ticks: u64) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
+    use std::sync::OnceLock;
     if pid as u32 == std::process::id() {
         return None;
     }
@@ -384,11 +386,25 @@ pub fn peer_agent(pin_dir: &Path, pid: i32, start_ticks: u64) -> Option<String> 
     if path.exists() {
         return Some(format!("its freeze ledger {} is pinned", path.display()));
     }
-    let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    match (id("/proc/self/exe"), id(&format!("/proc/{pid}/exe"))) {
-        (Some(me), Some(it)) if me == it => Some("it runs this agent's executable".into()),
-        _ => None,
+    // The link's text first: only a process whose executable has this
+    // agent's path gets its file looked up (a file on a hung or hostile
+    // mount is never touched).
+    static MINE: OnceLock<Option<(PathBuf, u64, u64)>> = OnceLock::new();
+    let (exe, dev, ino) = MINE
+        .get_or_init(|| {
+            let link = std::fs::read_link("/proc/self/exe").ok()?;
+            let m = std::fs::metadata("/proc/self/exe").ok()?;
+            Some((link, m.dev(), m.ino()))
+        })
+        .as_ref()?;
+    let theirs = format!("/proc/{pid}/exe");
+    if std::fs::read_link(&theirs).ok().as_ref() != Some(exe) {
+        return None;
     }
+    std::fs::metadata(&theirs)
+        .ok()
+        .filter(|m| (m.dev(), m.ino()) == (*dev, *ino))
+        .map(|_| "it runs this agent's executable".into())
 }
 
 /// Whether the pin file `name` belongs to an agent that still runs (other

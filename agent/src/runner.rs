@@ -70,10 +70,9 @@ pub fn prepare(cfg: AgentConfig) -> anyhow::Result<Prepared> {
 
     // Attach first, then scan /proc: a process born in between is in the
     // ring buffer, so nothing falls in the gap.
-    let mut options = cfg
+    let options = cfg
         .sensor
         .options(offsets, uring, cfg.contain.denies_connects()?)?;
-    options.captures = cfg.capture.enabled;
     let mut sensor = Sensor::load(&options)?;
     metrics.set_hooks(&sensor.hooks);
     metrics.set_paths(&sensor.paths);

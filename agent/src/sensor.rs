@@ -253,13 +253,12 @@ pub struct SensorOptions {
     pub freeze_sizes: Vec<u64>,
     /// Window of the in-kernel connect de-duplication, ns (0: off).
     pub connect_dedup_ns: u64,
-    /// bpffs directory where the frozen-process ledger is pinned (so that
-    /// a freeze outlives an agent crash in a record the next start reads).
+    /// bpffs directory where the frozen-process ledger is pinned, always
+    /// and before any program is loaded: a freeze outlives an agent crash
+    /// in a record the next start reads, and other agents know this one
+    /// for an agent, never to be stopped or contained (see
+    /// [`crate::frozen::peer_agent`]).
     pub pin_dir: PathBuf,
-    /// This agent stops processes for captures: its ledger is pinned even
-    /// with no freeze policy, which is how other agents know it for an
-    /// agent and never stop it (see [`crate::frozen::peer_agent`]).
-    pub captures: bool,
     /// Attach the connect-refusal programs (containment `deny_connect`).
     pub deny_connect: bool,
     /// Use the BPF LSM programs for file writes and connects where the
@@ -439,6 +438,24 @@ impl Sensor {
             .map_max_entries("SERVERS", lru_entries())
             .load(SENSOR_OBJ)
             .context("loading the eBPF object")?;
+        // The ledger is pinned before any program is loaded: another agent
+        // that sees this one load its programs (a `bpf_program_load`
+        // detection) finds the pin and never stops or contains it. The pin
+        // also lets a restarted agent read what a dead one froze; where
+        // bpffs pinning is refused, `frozen::resume_leftovers` finds those
+        // processes in /proc instead (stopped before their first
+        // instruction), and other agents know this one only by its
+        // executable. A start-up that fails from here removes the pin.
+        let pin = PinGuard(match ebpf.map("FROZEN") {
+            Some(map) => match pin_ledger(map, &opts.pin_dir) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "the frozen-process ledger cannot be pinned; after a crash, leftovers are found in /proc instead, and another agent on this node knows this one only by its executable");
+                    None
+                }
+            },
+            None => bail!("FROZEN map missing"),
+        });
 
         let mut hooks = Vec::new();
         // Process hooks first: whatever acts once another hook is attached
@@ -674,29 +691,12 @@ impl Sensor {
             aya::maps::HashMap::try_from(ebpf.take_map("SERVERS").context("SERVERS map missing")?)
                 .context("SERVERS map")?;
         let frozen_map = ebpf.take_map("FROZEN").context("FROZEN map missing")?;
-        // The pin lets a restarted agent read what a dead one froze; where
-        // bpffs pinning is refused, `frozen::resume_leftovers` finds those
-        // processes in /proc instead (stopped before their first
-        // instruction), so freezing stays on either way.
-        // Pinned too when only captures stop processes: the pin tells other
-        // agents this one is an agent, never to be stopped.
-        let pin = if freeze_policy == 0 && !opts.captures {
-            None
-        } else {
-            match pin_ledger(&frozen_map, &opts.pin_dir) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), "the frozen-process ledger cannot be pinned; after a crash, leftovers are found in /proc instead, and another agent on this node does not know this one for an agent");
-                    None
-                }
-            }
-        };
         let freeze_enabled = freeze_policy != 0;
         let frozen_map: crate::frozen::FrozenMap =
             aya::maps::HashMap::try_from(frozen_map).context("FROZEN map")?;
         let mut sensor = Self {
             _ebpf: ebpf,
-            frozen: Some((frozen_map, pin)),
+            frozen: Some((frozen_map, pin.keep())),
             freeze_enabled,
             ring,
             stats,
@@ -869,6 +869,24 @@ fn attach_tp(ebpf: &mut Ebpf, program: &str, name: &str, loaded: &mut bool) -> a
     p.attach("syscalls", name)
         .with_context(|| format!("attaching {program} to tracepoint syscalls/{name}"))?;
     Ok(())
+}
+
+/// A pin removed when dropped, unless kept: a start-up that fails leaves
+/// no pin naming a live agent.
+struct PinGuard(Option<PathBuf>);
+
+impl PinGuard {
+    fn keep(mut self) -> Option<PathBuf> {
+        self.0.take()
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Pins the ledger map as `pin_dir/frozen.<pid>.<start>` (mounting bpffs

@@ -102,18 +102,19 @@ fn structured(i: usize) -> Event {
             }),
         }),
         ancestry: vec![
+            // Events carry no argv in their ancestry (detections do).
             Ancestor {
                 pid: pid - 1,
                 exe: "/usr/bin/bash".into(),
-                argv: vec!["bash".into(), "-c".into(), "run".into()],
+                argv: Vec::new(),
             },
             Ancestor {
                 pid: 1,
                 exe: "/sbin/init".into(),
-                argv: vec!["/sbin/init".into()],
+                argv: Vec::new(),
             },
         ],
-        ancestry_argv: true,
+        ancestry_argv: false,
         payload: Some(Payload::Exec(ExecPayload {
             ppid: pid - 1,
             euid: 1000,

@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: what the sensor costs the workloads users judge
 //! sensors by. For each workload ([`load::Workload`]) it runs rounds of
 //! windows, one per arm: no sensor, vigil, and each `--compare` command,
-//! alternating on the same machine in the same run (each round starting
-//! one arm later than the one before), and reports the
+//! alternating on the same machine in the same run (in a balanced order
+//! per round, `round_order`), and reports the
 //! operation rate of each arm against the no-sensor window of its round,
 //! the sensor's CPU and memory, vigil's kernel time per operation, events
 //! received and dropped per kind, and detection latency (from a probe that
@@ -773,12 +773,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut results = Vec::new();
     for &workload in &args.workload {
         for round in 1..=args.rounds {
-            // Each round starts one arm later, so that no arm always runs
-            // first or right after the heaviest one (what a window leaves
-            // behind, e.g. a sensor's teardown or its output's writeback,
-            // falls on every arm in turn).
-            let first = (round as usize - 1) % arms.len();
-            for arm in arms.iter().cycle().skip(first).take(arms.len()) {
+            for arm in round_order(arms.len(), round as usize - 1)
+                .into_iter()
+                .map(|i| &arms[i])
+            {
                 let r = run_window(&ctx, results.len() + 1, workload, round, arm)?;
                 ctx.multi
                     .suspend(|| println!("{}", report::window_line(&r)));
@@ -940,6 +938,32 @@ fn start_sensor(
     };
     spinner.finish_and_clear();
     Ok((sensor, started.elapsed().as_secs_f64(), detections))
+}
+
+/// The order of `n` arms in round `r` (from 0): a Williams design, so that
+/// over `n` rounds (`2n` for an odd `n`) every arm runs in every position
+/// and right after every other arm equally often. What a window leaves
+/// behind (a sensor's teardown, its output's writeback, a warm cache)
+/// then falls on every arm alike, and no arm always runs first.
+fn round_order(n: usize, r: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    // 0, 1, n-1, 2, n-2, ...
+    let base = (0..n).map(|j| {
+        if j % 2 == 1 {
+            j.div_ceil(2)
+        } else {
+            (n - j / 2) % n
+        }
+    });
+    let cycle = if n.is_multiple_of(2) { n } else { 2 * n };
+    let r = r % cycle;
+    let mut row: Vec<usize> = base.map(|b| (b + r % n) % n).collect();
+    if r >= n {
+        row.reverse();
+    }
+    row
 }
 
 /// The agent's configuration in the benchmark (not the machine's
@@ -1149,6 +1173,45 @@ fn settle(addr: SocketAddr) -> Option<Scrape> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Over a full cycle of rounds, every arm runs in every position and
+    /// right after every other arm equally often; the first round starts
+    /// with `none`.
+    #[test]
+    fn rounds_are_balanced() {
+        assert!(round_order(0, 3).is_empty());
+        assert_eq!(round_order(1, 5), vec![0]);
+        assert_eq!(round_order(4, 0), vec![0, 1, 3, 2]);
+        for n in 2..=6usize {
+            let cycle = if n.is_multiple_of(2) { n } else { 2 * n };
+            let rows: Vec<Vec<usize>> = (0..cycle).map(|r| round_order(n, r)).collect();
+            let mut at = vec![vec![0; n]; n];
+            let mut after = vec![vec![0; n]; n];
+            for row in &rows {
+                let mut sorted = row.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n={n}: {row:?}");
+                for (pos, &arm) in row.iter().enumerate() {
+                    at[arm][pos] += 1;
+                }
+                for w in row.windows(2) {
+                    after[w[0]][w[1]] += 1;
+                }
+            }
+            let per_position = cycle / n;
+            assert!(
+                at.iter().flatten().all(|&c| c == per_position),
+                "n={n}: {at:?}"
+            );
+            let per_pair = (cycle * (n - 1)) / (n * (n - 1));
+            for (i, row) in after.iter().enumerate() {
+                for (j, &c) in row.iter().enumerate() {
+                    assert_eq!(c, if i == j { 0 } else { per_pair }, "n={n}: {after:?}");
+                }
+            }
+            assert_eq!(round_order(n, cycle), rows[0], "n={n}: a cycle repeats");
+        }
+    }
 
     #[test]
     fn a_record_ends_its_section() {

@@ -227,7 +227,7 @@ pub fn markdown(rows: &[Row], args: &BenchArgs, machine: &Machine) -> String {
     let mut t = format!(
         "`cargo xtask bench --workload {} --rounds {} --window-secs {}{}{}{}{}{}`, {} CPUs, kernel {}. \
          Ratio: median over rounds of (op/s with the sensor / op/s of the round's no-sensor window), \
-         pairs in brackets; each round starts one arm later.\n\n",
+         pairs in brackets; arms in a balanced order per round (Williams design).\n\n",
         args.workload
             .iter()
             .map(|w| w.name())
