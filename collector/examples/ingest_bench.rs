@@ -62,7 +62,7 @@ struct Args {
     events_only: bool,
 }
 
-/// The exec event of [`event`] in the structured form an agent sends.
+/// Exec event `i` in the structured form an agent sends.
 fn structured(i: usize) -> Event {
     let pid = 10_000 + (i % 5000) as u32;
     let argv: Vec<String> = vec![
@@ -130,15 +130,10 @@ fn structured(i: usize) -> Event {
     }
 }
 
-fn event(i: usize) -> Event {
-    let pid = 10_000 + (i % 5000) as u32;
-    let json = format!(
-        r#"{{"time":"2026-11-26T14:08:28.{:09}Z","type":"exec","pid":{pid},"tid":{pid},"uid":1000,"comm":"curl","cgroup_id":4242,"ppid":{},"exe":"/usr/bin/curl","argv":["curl","-s","https://example.invalid/{i}"],"euid":1000,"egid":1000,"exe_ino":131313,"exe_dev":2049,"process":{{"pid":{pid},"ppid":{},"exe":"/usr/bin/curl","argv":["curl","-s","https://example.invalid/{i}"],"uid":1000,"euid":1000,"workload":{{"kind":"systemd","cgroup":"/system.slice/app.service","systemd_unit":"app.service"}}}},"ancestry":[{{"pid":{},"exe":"/usr/bin/bash","argv":["bash","-c","run"]}},{{"pid":1,"exe":"/sbin/init","argv":["/sbin/init"]}}]}}"#,
-        i % 1_000_000_000,
-        pid - 1,
-        pid - 1,
-        pid - 1
-    );
+/// The same event as one JSON line, the form agents before 0.2 send (the
+/// document the collector builds from the structured form).
+fn json_form(i: usize) -> Event {
+    let json = vigil_proto::document::event_json(&structured(i)).expect("a structured event");
     Event::from_agent_json(&json).expect("valid event")
 }
 
@@ -158,7 +153,7 @@ async fn main() -> Result<()> {
             let events: Vec<Event> = (start..(start + a.batch).min(per_stream))
                 .map(|i| match a.form {
                     Form::Structured => structured(s * per_stream + i),
-                    Form::Json => event(s * per_stream + i),
+                    Form::Json => json_form(s * per_stream + i),
                 })
                 .collect();
             wire_bytes += events

@@ -48,6 +48,16 @@ pub fn free_port() -> u16 {
 }
 
 /// A unique marker string for this test run.
+/// Whether the `--detections-json` file at `path` holds a detection of
+/// `rule` for process `pid`.
+pub fn detected(path: &Path, pid: u32, rule: &str) -> bool {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|d| d["process"]["pid"].as_u64() == Some(u64::from(pid)) && d["rule"] == rule)
+}
+
 pub fn marker(tag: &str) -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -271,16 +271,7 @@ fn another_agent_is_never_contained() {
         ));
         let mut second = Agent::start(&[]);
         let pid = second.pid();
-        let detected = || {
-            std::fs::read_to_string(&dets)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .any(|d| {
-                    d["process"]["pid"].as_u64() == Some(pid as u64)
-                        && d["rule"] == "bpf_program_load"
-                })
-        };
+        let detected = || vigil_tests::detected(&dets, pid, "bpf_program_load");
         let t0 = Instant::now();
         while !detected() && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(100));

@@ -1372,15 +1372,9 @@ fn two_agents_on_one_node_never_stop_each_other() {
     let dets = out.path().join("detections.jsonl");
     let mut first = Agent::start(&["--detections-json", dets.to_str().unwrap()]);
     let mut second = Agent::start(&[]);
-    let pid = u64::from(second.pid());
-    let of_second = |e: &Value| e["process"]["pid"].as_u64() == Some(pid);
-    let detected = || {
-        std::fs::read_to_string(&dets)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .any(|d| of_second(&d) && d["rule"] == "bpf_program_load")
-    };
+    let pid = second.pid();
+    let of_second = |e: &Value| e["process"]["pid"].as_u64() == Some(u64::from(pid));
+    let detected = || vigil_tests::detected(&dets, pid, "bpf_program_load");
     let started = Instant::now();
     let refused = loop {
         let ev = first.evidence();
